@@ -1,0 +1,40 @@
+# kubetune developer targets. Every target that needs Python creates the venv first,
+# so `make test` alone works on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test lint crds controlplane controlplane-up controlplane-down clean
+
+setup: $(STAMP)
+
+# Reinstall when the project's requirements change; otherwise a no-op.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[operator,trainer,dev]'
+	touch $(STAMP)
+
+test: $(STAMP) controlplane
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check operator trainer-image
+	$(BIN)/mypy
+
+crds: $(STAMP)
+	$(BIN)/python -m kubetune_operator.api.crds crds charts/kubetune/crds
+
+controlplane:
+	hack/controlplane.sh build
+
+controlplane-up: controlplane
+	hack/controlplane.sh up
+
+controlplane-down:
+	hack/controlplane.sh down
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,256 @@
+"""The FineTuneJob custom resource: one fine-tuning run, from dataset to served model."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import ConfigDict, Field, StringConstraints
+
+from kubetune_operator.api.common import (
+    AGE_COLUMN,
+    Condition,
+    CrdInfo,
+    Image,
+    LocalObjectRef,
+    ModelRef,
+    Name,
+    PrinterColumn,
+    PvcLocation,
+    Resources,
+    S3Location,
+    Text,
+)
+from kubetune_operator.api.modeldeployment import Runtime
+from kubetune_trainer.config import (
+    CamelModel,
+    EarlyStopping,
+    Hyperparameters,
+    Method,
+    PreserveGeneralSkills,
+    Tuning,
+)
+
+JobPhase = Literal["Pending", "WaitingForDataset", "Queued", "Running", "Succeeded", "Failed", "Suspended"]
+
+_EXACTLY_ONE = "[{}].filter(x, x).size() == 1"
+
+
+class Validation(CamelModel):
+    """Where validation examples come from: a separate Dataset or a split of the
+    training set, not both."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.dataset) != has(self.split)",
+                    "message": "validation needs exactly one of dataset or split, not both",
+                }
+            ]
+        }
+    )
+
+    dataset: LocalObjectRef | None = Field(None, description="A Dataset holding the validation examples.")
+    split: float | None = Field(
+        None, gt=0, lt=1, description="Fraction of the training set held out, strictly between 0 and 1."
+    )
+
+
+class OutputStorage(CamelModel):
+    """Where the adapter or weights are written. Exactly one."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": _EXACTLY_ONE.format("has(self.pvc), has(self.s3)"),
+                    "message": "outputModel.storage needs exactly one of pvc or s3",
+                }
+            ]
+        }
+    )
+
+    pvc: PvcLocation | None = Field(None, description="A folder on a PersistentVolumeClaim (also holds checkpoints).")
+    s3: S3Location | None = Field(None, description="An S3 prefix.")
+
+
+class OutputModel(CamelModel):
+    """The tuned model."""
+
+    name: Name = Field(description="Name of the tuned model; the adapter's served name.")
+    storage: OutputStorage = Field(description="Where the output goes.")
+
+
+class Deploy(CamelModel):
+    """Serve the tuned model when training succeeds, through a ModelDeployment."""
+
+    enabled: bool = Field(False, description="Create a ModelDeployment when the job Succeeds.")
+    replicas: int = Field(1, ge=0, le=1000, description="Server pods.")
+    runtime: Runtime | None = Field(None, description="The vLLM server settings. Default: the ModelDeployment defaults.")
+
+
+# Rules on the whole spec. CEL sees camelCase field names.
+_LORA_ONLY = ("loraRank", "loraAlpha", "loraDropout", "targetModules")
+SPEC_RULES: tuple[dict[str, str], ...] = (
+    *(
+        {
+            "rule": f"self.tuning == 'lora' || !has(self.hyperparameters) || !has(self.hyperparameters.{f})",
+            "message": f"hyperparameters.{f} applies only to tuning: lora",
+            "fieldPath": f".hyperparameters.{f}",
+        }
+        for f in _LORA_ONLY
+    ),
+    {
+        "rule": "self.method == 'dpo' || !has(self.hyperparameters) || !has(self.hyperparameters.beta)",
+        "message": "hyperparameters.beta applies only to method: dpo",
+        "fieldPath": ".hyperparameters.beta",
+    },
+    {
+        "rule": "self.method == 'sft' || !has(self.preserveGeneralSkills) || !self.preserveGeneralSkills.enabled",
+        "message": "preserveGeneralSkills applies only to method: sft",
+        "fieldPath": ".preserveGeneralSkills",
+    },
+    {
+        "rule": "!has(self.earlyStopping) || has(self.validation)",
+        "message": "earlyStopping needs validation data (validation.dataset or validation.split)",
+        "fieldPath": ".earlyStopping",
+    },
+)
+
+class TrainingResources(Resources):
+    """Compute for the training pods."""
+
+    nodes: int = Field(1, ge=1, le=64, description="Training nodes (pods); more than one trains data-parallel.")
+
+
+class FineTuneJobSpec(CamelModel):
+    """One fine-tuning run: a base model, a Dataset, a method and its settings."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": list(SPEC_RULES)})
+
+    display_name: Annotated[str, StringConstraints(max_length=253)] | None = Field(
+        None, description="A name for people; editable."
+    )
+    base_model: ModelRef = Field(description="The model to tune. Immutable.")
+    method: Method = Field(
+        "sft", description="sft (supervised fine-tuning) or dpo (preference tuning). Immutable."
+    )
+    tuning: Tuning = Field("lora", description="lora (adapters) or full (all parameters). Immutable.")
+    preserve_general_skills: PreserveGeneralSkills | None = Field(
+        None,
+        description="Keep the base model's general behaviour by a KL term towards it (sft only). Immutable.",
+    )
+    dataset: LocalObjectRef = Field(description="The training Dataset. Immutable.")
+    validation: Validation | None = Field(None, description="Validation data. Immutable.")
+    hyperparameters: Hyperparameters = Field(
+        default_factory=Hyperparameters,
+        json_schema_extra={"default": {}},
+        description="Training hyperparameters. Immutable.",
+    )
+    early_stopping: EarlyStopping | None = Field(
+        None, description="Stop when the validation loss stops improving. Immutable."
+    )
+    output_model: OutputModel = Field(description="Where the tuned model goes. Immutable.")
+    resources: TrainingResources = Field(
+        default_factory=TrainingResources,
+        json_schema_extra={"default": {}},
+        description="Compute for the training pods.",
+    )
+    queue_name: Name | None = Field(None, description="Kueue LocalQueue; the Job is admitted by Kueue.")
+    deploy: Deploy | None = Field(None, description="Serve the result; editable.")
+    image: Image | None = Field(None, description="Trainer image. Default: the operator's trainer image.")
+    suspend: bool = Field(False, description="Suspend the training Job; false resumes it. Editable.")
+
+
+class Progress(CamelModel):
+    """Training progress, read from the trainer's metrics."""
+
+    step: int | None = Field(None, ge=0, description="Optimizer steps done.")
+    total_steps: int | None = Field(None, ge=0, description="Optimizer steps planned.")
+    epoch: float | None = Field(None, ge=0, description="Epochs done (fractional).")
+    percent: int | None = Field(None, ge=0, le=100, description="step / totalSteps, in percent.")
+    eta_seconds: int | None = Field(None, ge=0, description="Estimated seconds left.")
+
+
+class TrainingMetrics(CamelModel):
+    """Losses, read from the trainer's metrics and its final summary."""
+
+    train_loss: float | None = Field(None, description="Latest training loss.")
+    eval_loss: float | None = Field(None, description="Latest validation loss.")
+    best_eval_loss: float | None = Field(None, description="Lowest validation loss so far.")
+    best_step: int | None = Field(None, ge=0, description="Step of the lowest validation loss.")
+
+
+class OutputModelStatus(CamelModel):
+    """Where the tuned model was written."""
+
+    uri: Annotated[str, StringConstraints(max_length=2048)] | None = Field(
+        None, description="pvc://claim/path or s3://bucket/prefix of the adapter or weights."
+    )
+
+
+class DeploymentRef(CamelModel):
+    """The ModelDeployment serving the result."""
+
+    name: Name | None = Field(None, description="Name of the ModelDeployment.")
+
+
+class FineTuneJobStatus(CamelModel):
+    """Where the run stands."""
+
+    phase: JobPhase = Field(
+        "Pending", description="Pending, WaitingForDataset, Queued, Running, Succeeded, Failed or Suspended."
+    )
+    message: Text | None = Field(None, description="A one-line summary of the phase, with the reason on failure.")
+    job_name: Name | None = Field(None, description="Name of the training Job.")
+    dataset_sha256: str | None = Field(None, max_length=64, description="SHA-256 of the dataset this run trains on.")
+    start_time: str | None = Field(None, description="When training started (RFC 3339).")
+    completion_time: str | None = Field(None, description="When the run ended (RFC 3339).")
+    progress: Progress | None = Field(None, description="Training progress.")
+    metrics: TrainingMetrics | None = Field(None, description="Training and validation losses.")
+    output_model: OutputModelStatus | None = Field(None, description="Where the tuned model was written.")
+    deployment: DeploymentRef | None = Field(None, description="The ModelDeployment serving the result.")
+    conditions: list[Condition] = Field(default_factory=list, description="Ready and other conditions.")
+    observed_generation: int | None = Field(None, ge=0, description="The .metadata.generation last acted on.")
+
+
+# The fields that define a training run cannot change after creation; suspend,
+# displayName, resources, queueName and deploy stay editable.
+IMMUTABLE_FIELDS = (
+    "baseModel",
+    "method",
+    "tuning",
+    "preserveGeneralSkills",
+    "dataset",
+    "validation",
+    "hyperparameters",
+    "earlyStopping",
+    "outputModel",
+)
+TRANSITION_RULES: tuple[dict[str, str], ...] = tuple(
+    {
+        "rule": f"has(self.{f}) == has(oldSelf.{f}) && (!has(self.{f}) || self.{f} == oldSelf.{f})",
+        "message": f"{f} is immutable: create a new FineTuneJob to train with other settings",
+        "fieldPath": f".{f}",
+    }
+    for f in IMMUTABLE_FIELDS
+)
+
+FINE_TUNE_JOB = CrdInfo(
+    kind="FineTuneJob",
+    plural="finetunejobs",
+    singular="finetunejob",
+    short_names=("ftj",),
+    description="A fine-tuning run of a VLM or LLM: SFT (LoRA or full), DPO or skill-preserving SFT.",
+    spec=FineTuneJobSpec,
+    status=FineTuneJobStatus,
+    printer_columns=(
+        PrinterColumn("Phase", ".status.phase", "string", "Where the run stands."),
+        PrinterColumn("Progress", ".status.progress.percent", "integer", "Percent of training steps done."),
+        PrinterColumn("Train Loss", ".status.metrics.trainLoss", "number", "Latest training loss."),
+        PrinterColumn("Eval Loss", ".status.metrics.evalLoss", "number", "Latest validation loss."),
+        PrinterColumn("Model", ".spec.baseModel.name", "string", "Base model.", priority=1),
+        AGE_COLUMN,
+    ),
+    spec_transition_rules=TRANSITION_RULES,
+)

@@ -1,0 +1,224 @@
+"""The job description the operator hands to the trainer (``job.json``).
+
+This module is the contract between ``kubetune_operator`` and ``kubetune_trainer``:
+the FineTuneJob custom resource embeds the types below, so a field is named and
+described once. It imports no torch, so the operator can use it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+Method = Literal["sft", "dpo"]
+Tuning = Literal["lora", "full"]
+Task = Literal["sft", "dpo"]
+
+# Defaults a hosted service picks for a small VLM. LoRA and DPO settings have no
+# schema default because the CRD forbids them where they do not apply; the trainer
+# fills them in with Hyperparameters.resolved().
+DEFAULT_LORA_RANK = 8
+DEFAULT_LORA_ALPHA = 32
+DEFAULT_LORA_DROPOUT = 0.05
+DEFAULT_DPO_BETA = 0.1
+
+
+class CamelModel(BaseModel):
+    """Base for every contract type: camelCase in JSON/YAML, unknown keys rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_assignment=True,
+    )
+
+
+class Hyperparameters(CamelModel):
+    """Training hyperparameters. Omitted fields take the documented defaults."""
+
+    epochs: int = Field(3, ge=1, le=1000, description="Passes over the training set.")
+    batch_size: int = Field(
+        4, ge=1, le=4096, description="Examples per device per optimizer micro-step."
+    )
+    learning_rate: float = Field(
+        1e-4, gt=0, le=1, description="Peak learning rate of the linear schedule (after warmup)."
+    )
+    lora_rank: int | None = Field(
+        None, ge=1, le=1024, description="LoRA rank r. Only with tuning: lora. Default 8."
+    )
+    lora_alpha: int | None = Field(
+        None, ge=1, le=4096, description="LoRA scaling alpha. Only with tuning: lora. Default 32."
+    )
+    lora_dropout: float | None = Field(
+        None, ge=0, lt=1, description="Dropout on the LoRA path. Only with tuning: lora. Default 0.05."
+    )
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
+        None,
+        max_length=256,
+        description=(
+            "Module names (or name suffixes) that get LoRA adapters. Only with tuning: lora. "
+            "Default: every linear layer of the language model; the vision tower stays frozen "
+            "unless its modules are named here."
+        ),
+    )
+    max_context_length: int = Field(
+        2048,
+        ge=16,
+        le=1048576,
+        description=(
+            "Longest tokenized example, image tokens included. Longer examples are truncated "
+            "without cutting through image tokens, or dropped with a counted warning."
+        ),
+    )
+    warmup_ratio: float = Field(
+        0.05, ge=0, le=1, description="Fraction of the training steps spent warming up the learning rate."
+    )
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, le=4096, description="Micro-steps accumulated into one optimizer step."
+    )
+    max_pixels: int = Field(
+        401408,
+        ge=784,
+        le=100_000_000,
+        description="Images are resized so that width x height is at most this, keeping the aspect ratio.",
+    )
+    beta: float | None = Field(
+        None, gt=0, le=100, description="DPO temperature beta. Only with method: dpo. Default 0.1."
+    )
+    seed: int = Field(42, ge=0, le=2**31 - 1, description="Seed for initialisation, shuffling and the validation split.")
+    logging_steps: int = Field(10, ge=1, le=1_000_000, description="Optimizer steps between log lines and metric updates.")
+    eval_steps: int | None = Field(
+        None,
+        ge=1,
+        le=1_000_000,
+        description="Evaluate every N optimizer steps as well as at the end of each epoch. Default: once per epoch.",
+    )
+    save_steps: int | None = Field(
+        None,
+        ge=1,
+        le=1_000_000,
+        description="Write a resumable checkpoint every N optimizer steps as well as at each evaluation.",
+    )
+
+    def resolved(self, method: Method, tuning: Tuning) -> Self:
+        """A copy with the method- and tuning-specific defaults filled in."""
+        updates: dict[str, object] = {}
+        if tuning == "lora":
+            updates["lora_rank"] = self.lora_rank or DEFAULT_LORA_RANK
+            updates["lora_alpha"] = self.lora_alpha or DEFAULT_LORA_ALPHA
+            updates["lora_dropout"] = (
+                DEFAULT_LORA_DROPOUT if self.lora_dropout is None else self.lora_dropout
+            )
+        if method == "dpo":
+            updates["beta"] = self.beta or DEFAULT_DPO_BETA
+        return self.model_copy(update=updates)
+
+
+class PreserveGeneralSkills(CamelModel):
+    """Keep the base model's general behaviour while tuning (sft only): adds
+    lambda * T^2 * KL(base || tuned) over the assistant tokens to the loss."""
+
+    enabled: bool = Field(False, description="Add the distillation term towards the frozen base model.")
+    lambda_: float = Field(
+        0.5, alias="lambda", ge=0, le=1000, description="Weight of the KL term; 0 turns it off."
+    )
+    temperature: float = Field(2.0, gt=0, le=100, description="Softmax temperature T of both distributions.")
+
+
+class EarlyStopping(CamelModel):
+    """Stop when the validation loss has not improved for `patience` evaluations;
+    the best checkpoint is the one exported."""
+
+    patience: int = Field(3, ge=1, le=1000, description="Evaluations without improvement before stopping.")
+
+
+class DatasetLimits(CamelModel):
+    """Bounds a dataset must keep to be Ready."""
+
+    min_examples: int = Field(3, ge=1, description="Fewest examples accepted.")
+    max_examples: int = Field(3_000_000, ge=1, description="Most examples accepted.")
+    max_images_per_example: int = Field(64, ge=0, le=10_000, description="Most images in one example.")
+    max_image_bytes: int = Field(
+        10 * 1024 * 1024, ge=1, description="Largest encoded image, in bytes (files, downloads and data: URIs)."
+    )
+    allow_remote_images: bool = Field(
+        False,
+        description=(
+            "Allow http(s) image URLs. Even then, loopback, link-local, private and cloud "
+            "metadata addresses are refused."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> Self:
+        if self.min_examples > self.max_examples:
+            raise ValueError("minExamples must not exceed maxExamples")
+        return self
+
+
+class TrainValidation(CamelModel):
+    """Where validation examples come from: a separate file or a seeded split."""
+
+    dataset: str | None = Field(None, description="Path of a validation JSONL file.")
+    split: float | None = Field(
+        None, gt=0, lt=1, description="Fraction of the training set held out for validation."
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Self:
+        if (self.dataset is None) == (self.split is None):
+            raise ValueError("validation needs exactly one of dataset or split")
+        return self
+
+
+class TrainingConfig(CamelModel):
+    """Everything `kubetune train --config job.json` needs; the same file runs in the
+    cluster's GPU pod and on a laptop."""
+
+    base_model: str = Field(min_length=1, description="Local path or model hub id of the base model.")
+    method: Method = "sft"
+    tuning: Tuning = "lora"
+    preserve_general_skills: PreserveGeneralSkills = Field(default_factory=PreserveGeneralSkills)
+    dataset: str = Field(min_length=1, description="Path of the training JSONL file.")
+    dataset_sha256: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="When set, the trainer refuses a dataset file whose SHA-256 differs.",
+    )
+    image_root: str | None = Field(
+        None, description="Relative image paths resolve here. Default: the dataset's folder."
+    )
+    validation: TrainValidation | None = None
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    early_stopping: EarlyStopping | None = None
+    output_dir: str = Field(min_length=1, description="Where the adapter or weights, report.json and loss.png go.")
+    checkpoint_dir: str | None = Field(
+        None, description="Where resumable checkpoints go. Default: <outputDir>/checkpoints."
+    )
+    resume: bool = Field(True, description="Resume from the latest checkpoint in checkpointDir if one exists.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the model repository to run.")
+    metrics_port: int = Field(9090, ge=0, le=65535, description="Prometheus /metrics port; 0 disables it.")
+    termination_log: str = Field(
+        "/dev/termination-log",
+        description="Where the final JSON summary is written, if that path is writable.",
+    )
+
+    @model_validator(mode="after")
+    def _method_rules(self) -> Self:
+        if self.method != "sft" and self.preserve_general_skills.enabled:
+            raise ValueError("preserveGeneralSkills applies only to method: sft")
+        hp = self.hyperparameters
+        if self.tuning != "lora" and any(
+            v is not None for v in (hp.lora_rank, hp.lora_alpha, hp.lora_dropout, hp.target_modules)
+        ):
+            raise ValueError("loraRank, loraAlpha, loraDropout and targetModules apply only to tuning: lora")
+        if self.method != "dpo" and hp.beta is not None:
+            raise ValueError("beta applies only to method: dpo")
+        return self
+
+    @property
+    def effective_checkpoint_dir(self) -> str:
+        return self.checkpoint_dir or f"{self.output_dir.rstrip('/')}/checkpoints"
