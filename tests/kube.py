@@ -19,7 +19,9 @@ CRDS = ROOT / "crds"
 class Kubectl:
     kubeconfig: Path
 
-    def run(self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
             ["kubectl", "--kubeconfig", str(self.kubeconfig), *args],
             input=input,
@@ -29,10 +31,14 @@ class Kubectl:
             check=False,
         )
         if check and proc.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
+            raise AssertionError(
+                f"kubectl {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}"
+            )
         return proc
 
-    def apply(self, manifest: dict[str, Any] | str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def apply(
+        self, manifest: dict[str, Any] | str, *args: str, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         text = manifest if isinstance(manifest, str) else yaml.safe_dump(manifest)
         return self.run("apply", "-f", "-", *args, input=text, check=check)
 
@@ -42,12 +48,14 @@ class Kubectl:
     def new_namespace(self, prefix: str, labels: dict[str, str] | None = None) -> str:
         name = f"{prefix}-{uuid.uuid4().hex[:6]}"
         self.apply(
-            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels or {}}}
+            {
+                "apiVersion": "v1",
+                "kind": "Namespace",
+                "metadata": {"name": name, "labels": labels or {}},
+            }
         )
         return name
 
     def install_crds(self) -> None:
         self.run("apply", "--server-side", "--force-conflicts", "-f", str(CRDS))
-        self.run(
-            "wait", "--for=condition=Established", "--timeout=60s", "-f", str(CRDS)
-        )
+        self.run("wait", "--for=condition=Established", "--timeout=60s", "-f", str(CRDS))

@@ -62,7 +62,9 @@ def test_crds_are_established(kubectl: Kubectl) -> None:
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
-def test_examples_are_accepted_with_strict_field_validation(kubectl: Kubectl, ns: str, path: Path) -> None:
+def test_examples_are_accepted_with_strict_field_validation(
+    kubectl: Kubectl, ns: str, path: Path
+) -> None:
     kubectl.run("apply", "-n", ns, "--validate=strict", "--server-side", "-f", str(path))
 
 
@@ -76,7 +78,11 @@ def test_unknown_fields_are_rejected_by_strict_validation(kubectl: Kubectl, ns: 
 INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("lora-with-full", _ftj(tuning="full", hyperparameters={"loraRank": 8}), "loraRank"),
     ("alpha-with-full", _ftj(tuning="full", hyperparameters={"loraAlpha": 16}), "loraAlpha"),
-    ("targets-with-full", _ftj(tuning="full", hyperparameters={"targetModules": ["q_proj"]}), "targetModules"),
+    (
+        "targets-with-full",
+        _ftj(tuning="full", hyperparameters={"targetModules": ["q_proj"]}),
+        "targetModules",
+    ),
     ("beta-with-sft", _ftj(hyperparameters={"beta": 0.1}), "beta"),
     (
         "preserve-with-dpo",
@@ -93,13 +99,22 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("max-pixels-small", _ftj(hyperparameters={"maxPixels": 100}), "maxPixels"),
     ("patience-zero", _ftj(validation={"split": 0.1}, earlyStopping={"patience": 0}), "patience"),
     ("early-stop-no-validation", _ftj(earlyStopping={"patience": 2}), "earlyStopping"),
-    ("temperature-zero", _ftj(preserveGeneralSkills={"enabled": True, "temperature": 0}), "temperature"),
+    (
+        "temperature-zero",
+        _ftj(preserveGeneralSkills={"enabled": True, "temperature": 0}),
+        "temperature",
+    ),
     ("lambda-negative", _ftj(preserveGeneralSkills={"enabled": True, "lambda": -1}), "lambda"),
     ("gpus-negative", _ftj(resources={"gpus": -1}), "gpus"),
     ("bad-method", _ftj(method="ppo"), "method"),
     (
         "s3-uri",
-        _ftj(outputModel={"name": "o", "storage": {"s3": {"uri": "http://bucket/x", "secretRef": {"name": "s"}}}}),
+        _ftj(
+            outputModel={
+                "name": "o",
+                "storage": {"s3": {"uri": "http://bucket/x", "secretRef": {"name": "s"}}},
+            }
+        ),
         "uri",
     ),
     (
@@ -115,11 +130,21 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         ),
         "storage",
     ),
-    ("path-escapes", _ftj(outputModel={"name": "o", "storage": {"pvc": {"claimName": "m", "path": "../x"}}}), "path"),
-    ("no-dataset", {**_ftj(), "spec": {k: v for k, v in _ftj()["spec"].items() if k != "dataset"}}, "dataset"),
+    (
+        "path-escapes",
+        _ftj(outputModel={"name": "o", "storage": {"pvc": {"claimName": "m", "path": "../x"}}}),
+        "path",
+    ),
+    (
+        "no-dataset",
+        {**_ftj(), "spec": {k: v for k, v in _ftj()["spec"].items() if k != "dataset"}},
+        "dataset",
+    ),
     (
         "two-sources",
-        _kds(source={"configMap": {"name": "cm", "key": "k"}, "http": {"url": "https://x/y.jsonl"}}),
+        _kds(
+            source={"configMap": {"name": "cm", "key": "k"}, "http": {"url": "https://x/y.jsonl"}}
+        ),
         "source",
     ),
     ("no-source", _kds(source={}), "source"),
@@ -130,7 +155,11 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("gpu-util-zero", _mdep(runtime={"gpuMemoryUtilization": 0}), "gpuMemoryUtilization"),
     ("gpu-util-above-one", _mdep(runtime={"gpuMemoryUtilization": 1.2}), "gpuMemoryUtilization"),
     ("replicas-negative", _mdep(replicas=-1), "replicas"),
-    ("adapter-two-sources", _mdep(adapters=[{"name": "a", "fineTuneJob": "j", "source": {"pvc": {"claimName": "m"}}}]), "adapter"),
+    (
+        "adapter-two-sources",
+        _mdep(adapters=[{"name": "a", "fineTuneJob": "j", "source": {"pvc": {"claimName": "m"}}}]),
+        "adapter",
+    ),
 ]
 
 
@@ -140,7 +169,11 @@ def test_invalid_specs_are_rejected_naming_the_field(
 ) -> None:
     proc = kubectl.apply(doc, "-n", ns, check=False)
     assert proc.returncode != 0, f"{case} was accepted"
-    assert "is invalid" in proc.stderr or "Invalid value" in proc.stderr or "Required value" in proc.stderr
+    assert (
+        "is invalid" in proc.stderr
+        or "Invalid value" in proc.stderr
+        or "Required value" in proc.stderr
+    )
     assert field in proc.stderr, proc.stderr
 
 
@@ -168,7 +201,11 @@ def test_run_defining_fields_are_immutable_and_others_editable(kubectl: Kubectl,
     editable["spec"].update(suspend=True, displayName="renamed", deploy={"enabled": True})
     kubectl.apply(editable, "-n", ns)
     spec = kubectl.get("ftj", "immutable", "-n", ns)["spec"]
-    assert (spec["suspend"], spec["displayName"], spec["deploy"]["enabled"]) == (True, "renamed", True)
+    assert (spec["suspend"], spec["displayName"], spec["deploy"]["enabled"]) == (
+        True,
+        "renamed",
+        True,
+    )
 
 
 def test_defaults_are_applied_by_the_server(kubectl: Kubectl, ns: str) -> None:
@@ -185,23 +222,43 @@ def test_status_is_written_only_through_the_status_subresource(kubectl: Kubectl,
     patch = json.dumps({"status": {"phase": "Running", "progress": {"percent": 40}}})
     kubectl.run("patch", "ftj", "status", "-n", ns, "--type=merge", "-p", patch)
     assert "status" not in kubectl.get("ftj", "status", "-n", ns)
-    kubectl.run("patch", "ftj", "status", "-n", ns, "--type=merge", "-p", patch, "--subresource=status")
+    kubectl.run(
+        "patch", "ftj", "status", "-n", ns, "--type=merge", "-p", patch, "--subresource=status"
+    )
     obj = kubectl.get("ftj", "status", "-n", ns)
     assert obj["status"]["phase"] == "Running"
     # A spec write through the status subresource is ignored, as in a real cluster.
     kubectl.run(
-        "patch", "ftj", "status", "-n", ns, "--type=merge", "--subresource=status",
-        "-p", json.dumps({"spec": {"displayName": "sneaky"}}),
+        "patch",
+        "ftj",
+        "status",
+        "-n",
+        ns,
+        "--type=merge",
+        "--subresource=status",
+        "-p",
+        json.dumps({"spec": {"displayName": "sneaky"}}),
     )
     assert "displayName" not in kubectl.get("ftj", "status", "-n", ns)["spec"]
 
 
 def test_printer_columns_show_in_kubectl_get(kubectl: Kubectl, ns: str) -> None:
     kubectl.apply(_ftj("columns"), "-n", ns)
-    status = {"phase": "Running", "progress": {"percent": 42}, "metrics": {"trainLoss": 1.25, "evalLoss": 1.5}}
+    status = {
+        "phase": "Running",
+        "progress": {"percent": 42},
+        "metrics": {"trainLoss": 1.25, "evalLoss": 1.5},
+    }
     kubectl.run(
-        "patch", "ftj", "columns", "-n", ns, "--type=merge", "--subresource=status",
-        "-p", json.dumps({"status": status}),
+        "patch",
+        "ftj",
+        "columns",
+        "-n",
+        ns,
+        "--type=merge",
+        "--subresource=status",
+        "-p",
+        json.dumps({"status": status}),
     )
     out = kubectl.run("get", "ftj", "columns", "-n", ns).stdout.splitlines()
     assert out[0].split() == ["NAME", "PHASE", "PROGRESS", "TRAIN", "LOSS", "EVAL", "LOSS", "AGE"]

@@ -46,7 +46,11 @@ def test_schemas_are_structural_and_every_field_is_described(info: Any) -> None:
 def test_names_columns_and_status_subresource() -> None:
     by_kind = {info.kind: crd(info) for info in ALL}
     columns = {
-        kind: [c["name"] for c in c_["spec"]["versions"][0]["additionalPrinterColumns"] if "priority" not in c]
+        kind: [
+            c["name"]
+            for c in c_["spec"]["versions"][0]["additionalPrinterColumns"]
+            if "priority" not in c
+        ]
         for kind, c_ in by_kind.items()
     }
     assert columns == {

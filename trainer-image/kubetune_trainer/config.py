@@ -53,7 +53,10 @@ class Hyperparameters(CamelModel):
         None, ge=1, le=4096, description="LoRA scaling alpha. Only with tuning: lora. Default 32."
     )
     lora_dropout: float | None = Field(
-        None, ge=0, lt=1, description="Dropout on the LoRA path. Only with tuning: lora. Default 0.05."
+        None,
+        ge=0,
+        lt=1,
+        description="Dropout on the LoRA path. Only with tuning: lora. Default 0.05.",
     )
     target_modules: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
         None,
@@ -74,7 +77,10 @@ class Hyperparameters(CamelModel):
         ),
     )
     warmup_ratio: float = Field(
-        0.05, ge=0, le=1, description="Fraction of the training steps spent warming up the learning rate."
+        0.05,
+        ge=0,
+        le=1,
+        description="Fraction of the training steps spent warming up the learning rate.",
     )
     gradient_accumulation_steps: int = Field(
         1, ge=1, le=4096, description="Micro-steps accumulated into one optimizer step."
@@ -88,8 +94,15 @@ class Hyperparameters(CamelModel):
     beta: float | None = Field(
         None, gt=0, le=100, description="DPO temperature beta. Only with method: dpo. Default 0.1."
     )
-    seed: int = Field(42, ge=0, le=2**31 - 1, description="Seed for initialisation, shuffling and the validation split.")
-    logging_steps: int = Field(10, ge=1, le=1_000_000, description="Optimizer steps between log lines and metric updates.")
+    seed: int = Field(
+        42,
+        ge=0,
+        le=2**31 - 1,
+        description="Seed for initialisation, shuffling and the validation split.",
+    )
+    logging_steps: int = Field(
+        10, ge=1, le=1_000_000, description="Optimizer steps between log lines and metric updates."
+    )
     eval_steps: int | None = Field(
         None,
         ge=1,
@@ -121,18 +134,24 @@ class PreserveGeneralSkills(CamelModel):
     """Keep the base model's general behaviour while tuning (sft only): adds
     lambda * T^2 * KL(base || tuned) over the assistant tokens to the loss."""
 
-    enabled: bool = Field(False, description="Add the distillation term towards the frozen base model.")
+    enabled: bool = Field(
+        False, description="Add the distillation term towards the frozen base model."
+    )
     lambda_: float = Field(
         0.5, alias="lambda", ge=0, le=1000, description="Weight of the KL term; 0 turns it off."
     )
-    temperature: float = Field(2.0, gt=0, le=100, description="Softmax temperature T of both distributions.")
+    temperature: float = Field(
+        2.0, gt=0, le=100, description="Softmax temperature T of both distributions."
+    )
 
 
 class EarlyStopping(CamelModel):
     """Stop when the validation loss has not improved for `patience` evaluations;
     the best checkpoint is the one exported."""
 
-    patience: int = Field(3, ge=1, le=1000, description="Evaluations without improvement before stopping.")
+    patience: int = Field(
+        3, ge=1, le=1000, description="Evaluations without improvement before stopping."
+    )
 
 
 class DatasetLimits(CamelModel):
@@ -140,9 +159,13 @@ class DatasetLimits(CamelModel):
 
     min_examples: int = Field(3, ge=1, description="Fewest examples accepted.")
     max_examples: int = Field(3_000_000, ge=1, description="Most examples accepted.")
-    max_images_per_example: int = Field(64, ge=0, le=10_000, description="Most images in one example.")
+    max_images_per_example: int = Field(
+        64, ge=0, le=10_000, description="Most images in one example."
+    )
     max_image_bytes: int = Field(
-        10 * 1024 * 1024, ge=1, description="Largest encoded image, in bytes (files, downloads and data: URIs)."
+        10 * 1024 * 1024,
+        ge=1,
+        description="Largest encoded image, in bytes (files, downloads and data: URIs).",
     )
     allow_remote_images: bool = Field(
         False,
@@ -178,7 +201,9 @@ class TrainingConfig(CamelModel):
     """Everything `kubetune train --config job.json` needs; the same file runs in the
     cluster's GPU pod and on a laptop."""
 
-    base_model: str = Field(min_length=1, description="Local path or model hub id of the base model.")
+    base_model: str = Field(
+        min_length=1, description="Local path or model hub id of the base model."
+    )
     method: Method = "sft"
     tuning: Tuning = "lora"
     preserve_general_skills: PreserveGeneralSkills = Field(default_factory=PreserveGeneralSkills)
@@ -194,13 +219,21 @@ class TrainingConfig(CamelModel):
     validation: TrainValidation | None = None
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     early_stopping: EarlyStopping | None = None
-    output_dir: str = Field(min_length=1, description="Where the adapter or weights, report.json and loss.png go.")
+    output_dir: str = Field(
+        min_length=1, description="Where the adapter or weights, report.json and loss.png go."
+    )
     checkpoint_dir: str | None = Field(
         None, description="Where resumable checkpoints go. Default: <outputDir>/checkpoints."
     )
-    resume: bool = Field(True, description="Resume from the latest checkpoint in checkpointDir if one exists.")
-    trust_remote_code: bool = Field(False, description="Allow model code from the model repository to run.")
-    metrics_port: int = Field(9090, ge=0, le=65535, description="Prometheus /metrics port; 0 disables it.")
+    resume: bool = Field(
+        True, description="Resume from the latest checkpoint in checkpointDir if one exists."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Allow model code from the model repository to run."
+    )
+    metrics_port: int = Field(
+        9090, ge=0, le=65535, description="Prometheus /metrics port; 0 disables it."
+    )
     termination_log: str = Field(
         "/dev/termination-log",
         description="Where the final JSON summary is written, if that path is writable.",
@@ -214,7 +247,9 @@ class TrainingConfig(CamelModel):
         if self.tuning != "lora" and any(
             v is not None for v in (hp.lora_rank, hp.lora_alpha, hp.lora_dropout, hp.target_modules)
         ):
-            raise ValueError("loraRank, loraAlpha, loraDropout and targetModules apply only to tuning: lora")
+            raise ValueError(
+                "loraRank, loraAlpha, loraDropout and targetModules apply only to tuning: lora"
+            )
         if self.method != "dpo" and hp.beta is not None:
             raise ValueError("beta applies only to method: dpo")
         return self

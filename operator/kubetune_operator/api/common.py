@@ -31,9 +31,17 @@ RelativePath = Annotated[
         pattern=r"^$|^(?:[^/.][^/]*|\.|\.[^/.][^/]*|\.\.[^/]+)(?:/(?:[^/.][^/]*|\.|\.[^/.][^/]*|\.\.[^/]+))*/?$",
     ),
 ]
-S3Uri = Annotated[str, StringConstraints(max_length=2048, pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$")]
+S3Uri = Annotated[
+    str,
+    StringConstraints(max_length=2048, pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$"),
+]
 HttpUrl = Annotated[str, StringConstraints(max_length=4096, pattern=r"^https?://[^\s/]+(/\S*)?$")]
-Quantity = Annotated[str, StringConstraints(max_length=64, pattern=r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")]
+Quantity = Annotated[
+    str,
+    StringConstraints(
+        max_length=64, pattern=r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
+    ),
+]
 Image = Annotated[str, StringConstraints(min_length=1, max_length=1024)]
 
 
@@ -53,14 +61,18 @@ class PvcLocation(CamelModel):
     """A path on a PersistentVolumeClaim in the same namespace."""
 
     claim_name: Name = Field(description="Name of the PersistentVolumeClaim.")
-    path: RelativePath = Field("", description="Path inside the volume; no leading '/' and no '..'.")
+    path: RelativePath = Field(
+        "", description="Path inside the volume; no leading '/' and no '..'."
+    )
 
 
 class S3Location(CamelModel):
     """An S3 (or S3-compatible) object or prefix."""
 
     uri: S3Uri = Field(description="s3://bucket/key URI.")
-    endpoint: HttpUrl | None = Field(None, description="Endpoint of an S3-compatible store (MinIO, Ceph...). Default: AWS.")
+    endpoint: HttpUrl | None = Field(
+        None, description="Endpoint of an S3-compatible store (MinIO, Ceph...). Default: AWS."
+    )
     secret_ref: SecretRef = Field(
         description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and optionally AWS_REGION)."
     )
@@ -69,7 +81,9 @@ class S3Location(CamelModel):
 class Condition(CamelModel):
     """The Kubernetes condition convention (metav1.Condition)."""
 
-    type: Annotated[str, StringConstraints(max_length=316)] = Field(description="Condition type, e.g. Ready.")
+    type: Annotated[str, StringConstraints(max_length=316)] = Field(
+        description="Condition type, e.g. Ready."
+    )
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: Annotated[str, StringConstraints(max_length=1024)] = Field(
         "", description="One CamelCase word a program can match."
@@ -77,7 +91,9 @@ class Condition(CamelModel):
     message: Annotated[str, StringConstraints(max_length=32768)] = Field(
         "", description="What happened, for a person."
     )
-    last_transition_time: str | None = Field(None, description="When the status last changed (RFC 3339).")
+    last_transition_time: str | None = Field(
+        None, description="When the status last changed (RFC 3339)."
+    )
     observed_generation: int | None = Field(
         None, ge=0, description="The .metadata.generation this condition was set for."
     )
@@ -86,8 +102,12 @@ class Condition(CamelModel):
 class Toleration(CamelModel):
     """A pod toleration (core/v1 Toleration)."""
 
-    key: str | None = Field(None, max_length=316, description="Taint key; empty with operator Exists matches all.")
-    operator: Literal["Exists", "Equal"] | None = Field(None, description="Exists or Equal (default Equal).")
+    key: str | None = Field(
+        None, max_length=316, description="Taint key; empty with operator Exists matches all."
+    )
+    operator: Literal["Exists", "Equal"] | None = Field(
+        None, description="Exists or Equal (default Equal)."
+    )
     value: str | None = Field(None, max_length=63, description="Taint value for operator Equal.")
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
         None, description="Taint effect to tolerate; empty matches all."
@@ -135,7 +155,9 @@ class HuggingFaceModel(CamelModel):
     revision: Annotated[str, StringConstraints(max_length=256)] | None = Field(
         None, description="Branch, tag or commit. Default: main."
     )
-    token_secret_ref: SecretRef | None = Field(None, description="Secret with HF_TOKEN for gated or private models.")
+    token_secret_ref: SecretRef | None = Field(
+        None, description="Secret with HF_TOKEN for gated or private models."
+    )
 
 
 class ModelSource(CamelModel):
@@ -154,7 +176,9 @@ class ModelSource(CamelModel):
 
     pvc: PvcLocation | None = Field(None, description="A model folder on a PersistentVolumeClaim.")
     s3: S3Location | None = Field(None, description="A model folder (prefix) in S3.")
-    hugging_face: HuggingFaceModel | None = Field(None, description="The hub repository named by baseModel.name.")
+    hugging_face: HuggingFaceModel | None = Field(
+        None, description="The hub repository named by baseModel.name."
+    )
 
 
 class ModelRef(CamelModel):
@@ -163,9 +187,12 @@ class ModelRef(CamelModel):
     name: Annotated[str, StringConstraints(min_length=1, max_length=256)] = Field(
         description="Model id, e.g. Qwen/Qwen2.5-VL-3B-Instruct; also the served model name."
     )
-    source: ModelSource | None = Field(None, description="Where the weights are. Default: the model hub, by name.")
+    source: ModelSource | None = Field(
+        None, description="Where the weights are. Default: the model hub, by name."
+    )
     trust_remote_code: bool = Field(
-        False, description="Run model code shipped in the model repository. Off unless you trust it."
+        False,
+        description="Run model code shipped in the model repository. Off unless you trust it.",
     )
 
 
@@ -181,5 +208,7 @@ class Resources(CamelModel):
     node_selector: dict[str, Annotated[str, StringConstraints(max_length=63)]] | None = Field(
         None, max_length=64, description="Node labels the pods must match."
     )
-    tolerations: list[Toleration] | None = Field(None, max_length=64, description="Taints the pods tolerate.")
+    tolerations: list[Toleration] | None = Field(
+        None, max_length=64, description="Taints the pods tolerate."
+    )
     priority_class_name: Name | None = Field(None, description="PriorityClass of the pods.")

@@ -29,9 +29,25 @@ Schema = dict[str, Any]
 # JSON-schema keys with no meaning (or another meaning) in a Kubernetes schema.
 _DROPPED = {"title", "additionalProperties", "format", "$defs", "propertyNames"}
 _ALLOWED = {
-    "type", "description", "properties", "required", "items", "enum", "default",
-    "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength", "maxLength",
-    "pattern", "minItems", "maxItems", "minProperties", "maxProperties", "nullable",
+    "type",
+    "description",
+    "properties",
+    "required",
+    "items",
+    "enum",
+    "default",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "minLength",
+    "maxLength",
+    "pattern",
+    "minItems",
+    "maxItems",
+    "minProperties",
+    "maxProperties",
+    "nullable",
     "additionalProperties",
 }
 
@@ -58,16 +74,16 @@ def _convert(node: Schema, defs: dict[str, Schema], where: str) -> Schema:
         rest = {k: v for k, v in node.items() if k != "anyOf"}
         nullable = len(branches) < len(node["anyOf"])
         if len(branches) == 1:
-            out = _convert({**branches[0], **rest}, defs, where)
+            merged = _convert({**branches[0], **rest}, defs, where)
         elif sorted(b.get("type", "") for b in branches) == ["integer", "string"]:
-            out = _convert({**rest, "x-kubernetes-int-or-string": True}, defs, where)
+            merged = _convert({**rest, "x-kubernetes-int-or-string": True}, defs, where)
         else:
             raise SchemaError(f"{where}: a union of {branches} has no structural form")
         if nullable:
-            out["nullable"] = True
-            if out.get("default", 0) is None:
-                del out["default"]
-        return out
+            merged["nullable"] = True
+            if merged.get("default", 0) is None:
+                del merged["default"]
+        return merged
 
     out: Schema = {}
     for key, value in node.items():
@@ -97,7 +113,10 @@ def _convert(node: Schema, defs: dict[str, Schema], where: str) -> Schema:
         # Map keys from an enum: Kubernetes schemas cannot say that, CEL can.
         keys = node["propertyNames"]["enum"]
         out.setdefault("x-kubernetes-validations", []).append(
-            {"rule": f"self.all(k, k in {keys!r})", "message": f"keys must be among {', '.join(keys)}"}
+            {
+                "rule": f"self.all(k, k in {keys!r})",
+                "message": f"keys must be among {', '.join(keys)}",
+            }
         )
     if "enum" in out and "type" not in out:
         out["type"] = "string"
@@ -141,7 +160,10 @@ def crd(info: CrdInfo) -> Schema:
         "kind": "CustomResourceDefinition",
         "metadata": {
             "name": f"{info.plural}.{GROUP}",
-            "labels": {"app.kubernetes.io/name": "kubetune", "app.kubernetes.io/part-of": "kubetune"},
+            "labels": {
+                "app.kubernetes.io/name": "kubetune",
+                "app.kubernetes.io/part-of": "kubetune",
+            },
         },
         "spec": {
             "group": GROUP,
@@ -176,7 +198,10 @@ def crd(info: CrdInfo) -> Schema:
                             "description": info.description,
                             "required": ["spec"],
                             "properties": {
-                                "apiVersion": {"type": "string", "description": "kubetune.io/v1alpha1"},
+                                "apiVersion": {
+                                    "type": "string",
+                                    "description": "kubetune.io/v1alpha1",
+                                },
                                 "kind": {"type": "string", "description": info.kind},
                                 "metadata": {"type": "object"},
                                 "spec": spec,

@@ -35,22 +35,24 @@ class ConfigMapSource(CamelModel):
     """A small JSONL file kept in a ConfigMap (handy for tries; no storage needed)."""
 
     name: Name = Field(description="Name of the ConfigMap.")
-    key: Annotated[str, StringConstraints(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")] = Field(
-        description="Key holding the JSONL text."
-    )
+    key: Annotated[
+        str, StringConstraints(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")
+    ] = Field(description="Key holding the JSONL text.")
 
 
 class HuggingFaceSource(CamelModel):
     """A file in a model hub dataset repository."""
 
-    repo: Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^[\w.-]+(/[\w.-]+)?$")] = Field(
-        description="Repository id, e.g. org/name."
-    )
+    repo: Annotated[
+        str, StringConstraints(min_length=1, max_length=256, pattern=r"^[\w.-]+(/[\w.-]+)?$")
+    ] = Field(description="Repository id, e.g. org/name.")
     file: RelativePath = Field(description="Path of the JSONL file in the repository.")
     revision: Annotated[str, StringConstraints(max_length=256)] | None = Field(
         None, description="Branch, tag or commit. Default: main."
     )
-    token_secret_ref: SecretRef | None = Field(None, description="Secret with HF_TOKEN for private repositories.")
+    token_secret_ref: SecretRef | None = Field(
+        None, description="Secret with HF_TOKEN for private repositories."
+    )
 
 
 class DatasetSource(CamelModel):
@@ -68,11 +70,17 @@ class DatasetSource(CamelModel):
         }
     )
 
-    pvc: PvcLocation | None = Field(None, description="The JSONL file on a PersistentVolumeClaim; path is the file.")
+    pvc: PvcLocation | None = Field(
+        None, description="The JSONL file on a PersistentVolumeClaim; path is the file."
+    )
     s3: S3Location | None = Field(None, description="The JSONL object in S3.")
     http: HttpSource | None = Field(None, description="The JSONL file at an http(s) URL.")
-    config_map: ConfigMapSource | None = Field(None, description="The JSONL text in a ConfigMap key.")
-    hugging_face: HuggingFaceSource | None = Field(None, description="The JSONL file in a hub dataset repository.")
+    config_map: ConfigMapSource | None = Field(
+        None, description="The JSONL text in a ConfigMap key."
+    )
+    hugging_face: HuggingFaceSource | None = Field(
+        None, description="The JSONL file in a hub dataset repository."
+    )
 
 
 class DatasetSpec(CamelModel):
@@ -112,20 +120,32 @@ class LineError(CamelModel):
 class DatasetStatus(CamelModel):
     """What validation found."""
 
-    phase: DatasetPhase = Field("Pending", description="Pending, Validating, Ready, Invalid or Failed.")
+    phase: DatasetPhase = Field(
+        "Pending", description="Pending, Validating, Ready, Invalid or Failed."
+    )
     message: Text | None = Field(None, description="A one-line summary of the phase.")
     examples: int | None = Field(None, ge=0, description="Examples in the file.")
     images: int | None = Field(None, ge=0, description="Image references in the file.")
     text_only_examples: int | None = Field(None, ge=0, description="Examples without images.")
     sha256: str | None = Field(None, max_length=64, description="SHA-256 of the validated file.")
-    error_count: int | None = Field(None, ge=0, description="Problems that make the dataset Invalid.")
-    warning_count: int | None = Field(None, ge=0, description="Problems that do not block training.")
+    error_count: int | None = Field(
+        None, ge=0, description="Problems that make the dataset Invalid."
+    )
+    warning_count: int | None = Field(
+        None, ge=0, description="Problems that do not block training."
+    )
     errors: list[LineError] = Field(
-        default_factory=list, max_length=20, description="The first 20 errors, with their line numbers."
+        default_factory=list,
+        max_length=20,
+        description="The first 20 errors, with their line numbers.",
     )
     validation_job: Name | None = Field(None, description="Name of the validation Job.")
-    conditions: list[Condition] = Field(default_factory=list, description="Ready and other conditions.")
-    observed_generation: int | None = Field(None, ge=0, description="The .metadata.generation last acted on.")
+    conditions: list[Condition] = Field(
+        default_factory=list, description="Ready and other conditions."
+    )
+    observed_generation: int | None = Field(
+        None, ge=0, description="The .metadata.generation last acted on."
+    )
 
 
 DATASET = CrdInfo(
@@ -137,7 +157,9 @@ DATASET = CrdInfo(
     spec=DatasetSpec,
     status=DatasetStatus,
     printer_columns=(
-        PrinterColumn("Phase", ".status.phase", "string", "Pending, Validating, Ready, Invalid or Failed."),
+        PrinterColumn(
+            "Phase", ".status.phase", "string", "Pending, Validating, Ready, Invalid or Failed."
+        ),
         PrinterColumn("Examples", ".status.examples", "integer", "Examples in the file."),
         PrinterColumn("Images", ".status.images", "integer", "Image references in the file."),
         PrinterColumn("Errors", ".status.errorCount", "integer", "Problems found.", priority=1),

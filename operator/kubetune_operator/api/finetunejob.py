@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, StringConstraints
 
@@ -30,7 +30,9 @@ from kubetune_trainer.config import (
     Tuning,
 )
 
-JobPhase = Literal["Pending", "WaitingForDataset", "Queued", "Running", "Succeeded", "Failed", "Suspended"]
+JobPhase = Literal[
+    "Pending", "WaitingForDataset", "Queued", "Running", "Succeeded", "Failed", "Suspended"
+]
 
 _EXACTLY_ONE = "[{}].filter(x, x).size() == 1"
 
@@ -50,9 +52,14 @@ class Validation(CamelModel):
         }
     )
 
-    dataset: LocalObjectRef | None = Field(None, description="A Dataset holding the validation examples.")
+    dataset: LocalObjectRef | None = Field(
+        None, description="A Dataset holding the validation examples."
+    )
     split: float | None = Field(
-        None, gt=0, lt=1, description="Fraction of the training set held out, strictly between 0 and 1."
+        None,
+        gt=0,
+        lt=1,
+        description="Fraction of the training set held out, strictly between 0 and 1.",
     )
 
 
@@ -70,7 +77,9 @@ class OutputStorage(CamelModel):
         }
     )
 
-    pvc: PvcLocation | None = Field(None, description="A folder on a PersistentVolumeClaim (also holds checkpoints).")
+    pvc: PvcLocation | None = Field(
+        None, description="A folder on a PersistentVolumeClaim (also holds checkpoints)."
+    )
     s3: S3Location | None = Field(None, description="An S3 prefix.")
 
 
@@ -86,12 +95,14 @@ class Deploy(CamelModel):
 
     enabled: bool = Field(False, description="Create a ModelDeployment when the job Succeeds.")
     replicas: int = Field(1, ge=0, le=1000, description="Server pods.")
-    runtime: Runtime | None = Field(None, description="The vLLM server settings. Default: the ModelDeployment defaults.")
+    runtime: Runtime | None = Field(
+        None, description="The vLLM server settings. Default: the ModelDeployment defaults."
+    )
 
 
 # Rules on the whole spec. CEL sees camelCase field names.
 _LORA_ONLY = ("loraRank", "loraAlpha", "loraDropout", "targetModules")
-SPEC_RULES: tuple[dict[str, str], ...] = (
+SPEC_RULES: tuple[dict[str, Any], ...] = (
     *(
         {
             "rule": f"self.tuning == 'lora' || !has(self.hyperparameters) || !has(self.hyperparameters.{f})",
@@ -117,16 +128,21 @@ SPEC_RULES: tuple[dict[str, str], ...] = (
     },
 )
 
+
 class TrainingResources(Resources):
     """Compute for the training pods."""
 
-    nodes: int = Field(1, ge=1, le=64, description="Training nodes (pods); more than one trains data-parallel.")
+    nodes: int = Field(
+        1, ge=1, le=64, description="Training nodes (pods); more than one trains data-parallel."
+    )
 
 
 class FineTuneJobSpec(CamelModel):
     """One fine-tuning run: a base model, a Dataset, a method and its settings."""
 
-    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": list(SPEC_RULES)})
+    model_config = ConfigDict(
+        json_schema_extra={"x-kubernetes-validations": [dict(r) for r in SPEC_RULES]}
+    )
 
     display_name: Annotated[str, StringConstraints(max_length=253)] | None = Field(
         None, description="A name for people; editable."
@@ -135,7 +151,9 @@ class FineTuneJobSpec(CamelModel):
     method: Method = Field(
         "sft", description="sft (supervised fine-tuning) or dpo (preference tuning). Immutable."
     )
-    tuning: Tuning = Field("lora", description="lora (adapters) or full (all parameters). Immutable.")
+    tuning: Tuning = Field(
+        "lora", description="lora (adapters) or full (all parameters). Immutable."
+    )
     preserve_general_skills: PreserveGeneralSkills | None = Field(
         None,
         description="Keep the base model's general behaviour by a KL term towards it (sft only). Immutable.",
@@ -156,10 +174,16 @@ class FineTuneJobSpec(CamelModel):
         json_schema_extra={"default": {}},
         description="Compute for the training pods.",
     )
-    queue_name: Name | None = Field(None, description="Kueue LocalQueue; the Job is admitted by Kueue.")
+    queue_name: Name | None = Field(
+        None, description="Kueue LocalQueue; the Job is admitted by Kueue."
+    )
     deploy: Deploy | None = Field(None, description="Serve the result; editable.")
-    image: Image | None = Field(None, description="Trainer image. Default: the operator's trainer image.")
-    suspend: bool = Field(False, description="Suspend the training Job; false resumes it. Editable.")
+    image: Image | None = Field(
+        None, description="Trainer image. Default: the operator's trainer image."
+    )
+    suspend: bool = Field(
+        False, description="Suspend the training Job; false resumes it. Editable."
+    )
 
 
 class Progress(CamelModel):
@@ -199,19 +223,32 @@ class FineTuneJobStatus(CamelModel):
     """Where the run stands."""
 
     phase: JobPhase = Field(
-        "Pending", description="Pending, WaitingForDataset, Queued, Running, Succeeded, Failed or Suspended."
+        "Pending",
+        description="Pending, WaitingForDataset, Queued, Running, Succeeded, Failed or Suspended.",
     )
-    message: Text | None = Field(None, description="A one-line summary of the phase, with the reason on failure.")
+    message: Text | None = Field(
+        None, description="A one-line summary of the phase, with the reason on failure."
+    )
     job_name: Name | None = Field(None, description="Name of the training Job.")
-    dataset_sha256: str | None = Field(None, max_length=64, description="SHA-256 of the dataset this run trains on.")
+    dataset_sha256: str | None = Field(
+        None, max_length=64, description="SHA-256 of the dataset this run trains on."
+    )
     start_time: str | None = Field(None, description="When training started (RFC 3339).")
     completion_time: str | None = Field(None, description="When the run ended (RFC 3339).")
     progress: Progress | None = Field(None, description="Training progress.")
     metrics: TrainingMetrics | None = Field(None, description="Training and validation losses.")
-    output_model: OutputModelStatus | None = Field(None, description="Where the tuned model was written.")
-    deployment: DeploymentRef | None = Field(None, description="The ModelDeployment serving the result.")
-    conditions: list[Condition] = Field(default_factory=list, description="Ready and other conditions.")
-    observed_generation: int | None = Field(None, ge=0, description="The .metadata.generation last acted on.")
+    output_model: OutputModelStatus | None = Field(
+        None, description="Where the tuned model was written."
+    )
+    deployment: DeploymentRef | None = Field(
+        None, description="The ModelDeployment serving the result."
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list, description="Ready and other conditions."
+    )
+    observed_generation: int | None = Field(
+        None, ge=0, description="The .metadata.generation last acted on."
+    )
 
 
 # The fields that define a training run cannot change after creation; suspend,
@@ -246,7 +283,9 @@ FINE_TUNE_JOB = CrdInfo(
     status=FineTuneJobStatus,
     printer_columns=(
         PrinterColumn("Phase", ".status.phase", "string", "Where the run stands."),
-        PrinterColumn("Progress", ".status.progress.percent", "integer", "Percent of training steps done."),
+        PrinterColumn(
+            "Progress", ".status.progress.percent", "integer", "Percent of training steps done."
+        ),
         PrinterColumn("Train Loss", ".status.metrics.trainLoss", "number", "Latest training loss."),
         PrinterColumn("Eval Loss", ".status.metrics.evalLoss", "number", "Latest validation loss."),
         PrinterColumn("Model", ".spec.baseModel.name", "string", "Base model.", priority=1),

@@ -34,13 +34,19 @@ class Runtime(CamelModel):
     image: Image = Field(DEFAULT_VLLM_IMAGE, description="vLLM server image.")
     max_model_len: int | None = Field(None, ge=16, le=10_000_000, description="--max-model-len.")
     gpu_memory_utilization: float = Field(
-        0.9, gt=0, le=1, description="--gpu-memory-utilization: fraction of GPU memory vLLM may use."
+        0.9,
+        gt=0,
+        le=1,
+        description="--gpu-memory-utilization: fraction of GPU memory vLLM may use.",
     )
-    limit_mm_per_prompt: dict[Literal["image", "video", "audio"], Annotated[int, Field(ge=0, le=1000)]] | None = Field(
-        None, description="--limit-mm-per-prompt, e.g. {image: 4}."
-    )
+    limit_mm_per_prompt: (
+        dict[Literal["image", "video", "audio"], Annotated[int, Field(ge=0, le=1000)]] | None
+    ) = Field(None, description="--limit-mm-per-prompt, e.g. {image: 4}.")
     max_pixels: int | None = Field(
-        None, ge=784, le=100_000_000, description="Largest image area the processor keeps (width x height)."
+        None,
+        ge=784,
+        le=100_000_000,
+        description="Largest image area the processor keeps (width x height).",
     )
     extra_args: list[Annotated[str, StringConstraints(max_length=1024)]] | None = Field(
         None, max_length=64, description="More vLLM server arguments, passed as they are."
@@ -61,7 +67,9 @@ class AdapterSource(CamelModel):
         }
     )
 
-    pvc: PvcLocation | None = Field(None, description="The adapter folder on a PersistentVolumeClaim.")
+    pvc: PvcLocation | None = Field(
+        None, description="The adapter folder on a PersistentVolumeClaim."
+    )
     s3: S3Location | None = Field(None, description="The adapter folder (prefix) in S3.")
 
 
@@ -81,27 +89,35 @@ class Adapter(CamelModel):
 
     name: Name = Field(description="Model name clients ask for in the OpenAI API.")
     source: AdapterSource | None = Field(None, description="Where the adapter folder is.")
-    fine_tune_job: Name | None = Field(None, description="A Succeeded FineTuneJob whose output to serve.")
+    fine_tune_job: Name | None = Field(
+        None, description="A Succeeded FineTuneJob whose output to serve."
+    )
 
 
 class ModelDeploymentSpec(CamelModel):
     """Serve a base model and LoRA adapters from vLLM's OpenAI-compatible server."""
 
     base_model: ModelRef = Field(description="The base model.")
-    adapters: list[Adapter] = Field(default_factory=list, max_length=64, description="LoRA adapters to serve.")
+    adapters: list[Adapter] = Field(
+        default_factory=list, max_length=64, description="LoRA adapters to serve."
+    )
     runtime: Runtime = Field(
         default_factory=Runtime, json_schema_extra={"default": {}}, description="The vLLM server."
     )
     replicas: int = Field(1, ge=0, le=1000, description="Server pods.")
     resources: Resources = Field(
-        default_factory=Resources, json_schema_extra={"default": {}}, description="Compute per server pod."
+        default_factory=Resources,
+        json_schema_extra={"default": {}},
+        description="Compute per server pod.",
     )
 
 
 class ModelDeploymentStatus(CamelModel):
     """Where the model is served and how many replicas are up."""
 
-    phase: DeploymentPhase = Field("Pending", description="Pending, Progressing, Available or Failed.")
+    phase: DeploymentPhase = Field(
+        "Pending", description="Pending, Progressing, Available or Failed."
+    )
     message: Text | None = Field(None, description="A one-line summary of the phase.")
     endpoint: Annotated[str, StringConstraints(max_length=1024)] | None = Field(
         None, description="OpenAI-compatible base URL inside the cluster."
@@ -110,8 +126,12 @@ class ModelDeploymentStatus(CamelModel):
         default_factory=list, description="Model names the endpoint answers to."
     )
     ready_replicas: int | None = Field(None, ge=0, description="Server pods ready.")
-    conditions: list[Condition] = Field(default_factory=list, description="Ready and other conditions.")
-    observed_generation: int | None = Field(None, ge=0, description="The .metadata.generation last acted on.")
+    conditions: list[Condition] = Field(
+        default_factory=list, description="Ready and other conditions."
+    )
+    observed_generation: int | None = Field(
+        None, ge=0, description="The .metadata.generation last acted on."
+    )
 
 
 MODEL_DEPLOYMENT = CrdInfo(
@@ -123,7 +143,9 @@ MODEL_DEPLOYMENT = CrdInfo(
     spec=ModelDeploymentSpec,
     status=ModelDeploymentStatus,
     printer_columns=(
-        PrinterColumn("Phase", ".status.phase", "string", "Pending, Progressing, Available or Failed."),
+        PrinterColumn(
+            "Phase", ".status.phase", "string", "Pending, Progressing, Available or Failed."
+        ),
         PrinterColumn("Endpoint", ".status.endpoint", "string", "OpenAI-compatible base URL."),
         PrinterColumn("Ready", ".status.readyReplicas", "integer", "Server pods ready."),
         AGE_COLUMN,

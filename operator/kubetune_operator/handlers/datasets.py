@@ -1,0 +1,134 @@
+"""Dataset → validation Job → status."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, cast
+
+import kopf
+
+from kubetune_operator.handlers.common import context, now
+from kubetune_operator.kube import Manifest, owner_name
+from kubetune_operator.observability import PHASES, RECONCILE_SECONDS
+from kubetune_operator.resources.common import LABEL_DATASET
+from kubetune_operator.resources.status import dataset_result, job_state, set_condition
+from kubetune_operator.resources.training_job import service_account
+from kubetune_operator.resources.validation_job import validation_job, validation_job_name
+
+PLURAL = "datasets"
+DONE = ("Ready", "Invalid", "Failed")
+
+
+def dataset_status(ds: Manifest, job: Manifest | None, pods: list[Manifest]) -> Manifest:
+    """The Dataset's status from its validation Job (pure)."""
+    generation = ds["metadata"].get("generation")
+    previous = ds.get("status") or {}
+    status: Manifest
+    if job is None:
+        status = {"phase": "Pending", "message": "creating the validation Job"}
+    else:
+        state = job_state(job, pods)
+        if state.summary is not None and "valid" in state.summary:
+            status = dataset_result(state.summary)
+        elif state.phase == "Failed":
+            status = {
+                "phase": "Failed",
+                "message": f"validation could not run: {state.reason}: {state.message}",
+            }
+        else:
+            status = {"phase": "Validating", "message": "validating the dataset"}
+        status["validationJob"] = job["metadata"]["name"]
+    ready = status["phase"] == "Ready"
+    reason = {"Ready": "Validated", "Invalid": "InvalidData", "Failed": "ValidationFailed"}.get(
+        status["phase"], "Validating"
+    )
+    status["conditions"] = set_condition(
+        previous.get("conditions") or [],
+        "Ready",
+        ready if status["phase"] in DONE else None,
+        reason,
+        status["message"],
+        generation,
+        now(),
+    )
+    status["observedGeneration"] = generation
+    if status["phase"] not in ("Ready", "Invalid"):
+        # Counts from an earlier generation would describe another file.
+        status.update(
+            examples=None,
+            images=None,
+            textOnlyExamples=None,
+            sha256=None,
+            errorCount=None,
+            warningCount=None,
+            errors=[],
+        )
+    return status
+
+
+def reconcile(namespace: str, name: str) -> None:
+    ctx = context()
+    started = time.monotonic()
+    ds = ctx.api.get_object(PLURAL, namespace, name)
+    if ds is None or ds["metadata"].get("deletionTimestamp"):
+        PHASES.record("Dataset", namespace, name, None)
+        return
+    generation = ds["metadata"].get("generation", 1)
+    current = validation_job_name(name, generation)
+    job = ctx.api.get_job(namespace, current)
+    if job is None and not _settled(ds):
+        ctx.api.ensure_service_account(service_account(namespace))
+        ctx.api.create_job(validation_job(ds, ctx.settings.trainer_image))
+        job = ctx.api.get_job(namespace, current)
+    # Jobs of earlier generations validated a spec that no longer exists.
+    for old in ctx.api.list_jobs(namespace, f"{LABEL_DATASET}={name}"):
+        if old["metadata"]["name"] != current and owner_name(old, "Dataset") == name:
+            ctx.api.delete_job(namespace, old["metadata"]["name"])
+    pods = ctx.api.job_pods(namespace, current) if job is not None else []
+    before = (ds.get("status") or {}).get("phase")
+
+    def compute(obj: Manifest) -> Manifest | None:
+        if obj["metadata"].get("generation") != generation or _settled(obj):
+            return None
+        return dataset_status(obj, job, pods)
+
+    updated = ctx.api.update_status(PLURAL, namespace, name, compute)
+    after = ((updated or {}).get("status") or {}).get("phase")
+    PHASES.record("Dataset", namespace, name, after)
+    if updated is not None and after != before and after in DONE:
+        message = updated["status"].get("message", "")
+        kopf.event(
+            cast(kopf.Body, updated),
+            type="Normal" if after == "Ready" else "Warning",
+            reason=after,
+            message=message,
+        )
+    RECONCILE_SECONDS.labels("Dataset").observe(time.monotonic() - started)
+
+
+def _settled(ds: Manifest) -> bool:
+    status = ds.get("status") or {}
+    return (
+        status.get("observedGeneration") == ds["metadata"].get("generation")
+        and status.get("phase") in DONE
+    )
+
+
+@kopf.on.create("kubetune.io", "v1alpha1", PLURAL)
+@kopf.on.update("kubetune.io", "v1alpha1", PLURAL, field="spec")
+@kopf.on.resume("kubetune.io", "v1alpha1", PLURAL)
+def dataset_changed(namespace: str | None, name: str, **_: Any) -> None:
+    if namespace:
+        reconcile(namespace, name)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={LABEL_DATASET: kopf.PRESENT})
+def validation_job_event(body: kopf.Body, namespace: str | None, **_: Any) -> None:
+    owner = owner_name(body, "Dataset")
+    if owner is not None and namespace:
+        reconcile(namespace, owner)
+
+
+@kopf.on.delete("kubetune.io", "v1alpha1", PLURAL, optional=True)
+def dataset_deleted(namespace: str | None, name: str, **_: Any) -> None:
+    PHASES.record("Dataset", namespace, name, None)

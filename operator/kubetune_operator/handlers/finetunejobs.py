@@ -1,0 +1,310 @@
+"""FineTuneJob → (Datasets Ready) → job.json ConfigMap + training Job → status, with
+progress and losses read from the trainer while it runs."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, cast
+
+import kopf
+
+from kubetune_operator.api.dataset import DatasetSpec
+from kubetune_operator.api.finetunejob import FineTuneJobSpec
+from kubetune_operator.handlers.common import context, now
+from kubetune_operator.kube import Manifest, scrape
+from kubetune_operator.observability import PHASES, RECONCILE_SECONDS
+from kubetune_operator.resources import training_job as tj
+from kubetune_operator.resources.common import LABEL_FINETUNEJOB
+from kubetune_operator.resources.metrics import (
+    metrics_from_samples,
+    parse_samples,
+    progress_from_samples,
+)
+from kubetune_operator.resources.status import JobState, job_state, set_condition
+
+log = logging.getLogger(__name__)
+
+PLURAL = "finetunejobs"
+FINAL = ("Succeeded", "Failed")
+# Phases in which something may change without an event the operator sees: metrics
+# move, and a missed watch event would otherwise leave status stale.
+ACTIVE = ("Pending", "WaitingForDataset", "Queued", "Running", "Suspended")
+
+
+def _dataset_gate(ds: Manifest | None, role: str, name: str) -> tuple[str, str, str] | None:
+    """None when the Dataset is Ready; else the (phase, reason, message) the job waits or fails with."""
+    if ds is None:
+        return "WaitingForDataset", "DatasetNotFound", f"{role} Dataset {name!r} does not exist yet"
+    status = ds.get("status") or {}
+    phase = status.get("phase", "Pending")
+    current = status.get("observedGeneration") == ds["metadata"].get("generation")
+    if phase == "Ready" and current:
+        return None
+    if phase == "Invalid" and current:
+        return (
+            "Failed",
+            "DatasetInvalid",
+            f"{role} Dataset {name!r} is invalid: {status.get('message', '')}",
+        )
+    if phase == "Failed" and current:
+        return (
+            "Failed",
+            "DatasetFailed",
+            f"{role} Dataset {name!r} could not be validated: {status.get('message', '')}",
+        )
+    return (
+        "WaitingForDataset",
+        "DatasetNotReady",
+        f"waiting for {role} Dataset {name!r} to be validated",
+    )
+
+
+def status_from_job(ftj: Manifest, state: JobState, output_uri: str) -> Manifest:
+    """The FineTuneJob's status fields for a given training Job state (pure)."""
+    spec = ftj["spec"]
+    phase = state.phase
+    if phase == "Suspended" and spec.get("queueName") and not spec.get("suspend"):
+        phase = "Queued"
+    message = {
+        "Queued": f"queued in {spec.get('queueName')!r}; waiting for Kueue to admit the Job"
+    }.get(phase, state.message)
+    status: Manifest = {"phase": phase, "message": message, "startTime": state.start_time}
+    summary = state.summary or {}
+    if phase in FINAL:
+        status["completionTime"] = state.completion_time or now()
+        final = {
+            k: summary.get(k)
+            for k in ("trainLoss", "evalLoss", "bestEvalLoss", "bestStep")
+            if summary.get(k) is not None
+        }
+        if final:
+            status["metrics"] = final
+    if phase == "Succeeded":
+        status["outputModel"] = {"uri": summary.get("outputUri") or output_uri}
+        steps = summary.get("steps")
+        if steps is not None:
+            status["progress"] = {
+                "step": steps,
+                "totalSteps": summary.get("totalSteps", steps),
+                "percent": 100,
+                "etaSeconds": 0,
+            }
+    return status
+
+
+def _write(ftj: Manifest, fields: Manifest, reason: str) -> Manifest | None:
+    """Write phase-changing status fields with the Ready condition and observedGeneration."""
+    ctx = context()
+    meta = ftj["metadata"]
+    generation = meta.get("generation")
+
+    def compute(obj: Manifest) -> Manifest | None:
+        current = obj.get("status") or {}
+        if current.get("phase") in FINAL and current.get("observedGeneration") == generation:
+            return None  # phases only move forward
+        patch = dict(fields)
+        phase = patch["phase"]
+        ready = True if phase == "Succeeded" else False if phase == "Failed" else None
+        patch["conditions"] = set_condition(
+            current.get("conditions") or [],
+            "Ready",
+            ready,
+            reason,
+            patch.get("message") or phase,
+            generation,
+            now(),
+        )
+        patch["observedGeneration"] = generation
+        if all(current.get(k) == v for k, v in patch.items() if k != "conditions") and current.get(
+            "conditions"
+        ):
+            same = [c for c in current["conditions"] if c.get("type") == "Ready"]
+            if (
+                same
+                and same[0].get("status") == patch["conditions"][-1]["status"]
+                and same[0].get("reason") == reason
+            ):
+                return None
+        return patch
+
+    before = (ftj.get("status") or {}).get("phase")
+    updated = ctx.api.update_status(PLURAL, meta["namespace"], meta["name"], compute)
+    after = ((updated or {}).get("status") or {}).get("phase")
+    PHASES.record("FineTuneJob", meta["namespace"], meta["name"], after)
+    if updated is not None and after != before:
+        kind = "Warning" if after == "Failed" else "Normal"
+        kopf.event(
+            cast(kopf.Body, updated),
+            type=kind,
+            reason=reason,
+            message=str(updated["status"].get("message") or after)[:1024],
+        )
+    return updated
+
+
+def reconcile(namespace: str, name: str) -> None:
+    started = time.monotonic()
+    try:
+        _reconcile(namespace, name)
+    finally:
+        RECONCILE_SECONDS.labels("FineTuneJob").observe(time.monotonic() - started)
+
+
+def _reconcile(namespace: str, name: str) -> None:
+    ctx = context()
+    api = ctx.api
+    ftj = api.get_object(PLURAL, namespace, name)
+    if ftj is None or ftj["metadata"].get("deletionTimestamp"):
+        PHASES.record("FineTuneJob", namespace, name, None)
+        return
+    status = ftj.get("status") or {}
+    if status.get("phase") in FINAL and status.get("observedGeneration") == ftj["metadata"].get(
+        "generation"
+    ):
+        return
+    spec = FineTuneJobSpec.model_validate(ftj["spec"])
+    job = api.get_job(namespace, tj.job_name(name))
+    if job is None:
+        ds = api.get_object("datasets", namespace, spec.dataset.name)
+        val_ds = None
+        gates = [_dataset_gate(ds, "training", spec.dataset.name)]
+        if spec.validation is not None and spec.validation.dataset is not None:
+            val_ds = api.get_object("datasets", namespace, spec.validation.dataset.name)
+            gates.append(_dataset_gate(val_ds, "validation", spec.validation.dataset.name))
+        blocked = next((g for g in gates if g is not None), None)
+        if blocked is not None:
+            phase, reason, message = blocked
+            _write(ftj, {"phase": phase, "message": message}, reason)
+            return
+        assert ds is not None
+        inputs = tj.Inputs(
+            finetunejob=ftj,
+            dataset=DatasetSpec.model_validate(ds["spec"]),
+            dataset_sha256=ds["status"].get("sha256"),
+            validation_dataset=DatasetSpec.model_validate(val_ds["spec"])
+            if val_ds is not None
+            else None,
+        )
+        plan = tj.plan(inputs, ctx.settings.trainer_image)
+        api.ensure_service_account(tj.service_account(namespace))
+        api.ensure_config_map(tj.config_map(plan))
+        api.create_job(tj.training_job(plan))
+        job = api.get_job(namespace, tj.job_name(name))
+        _write(
+            ftj,
+            {
+                "phase": "Pending",
+                "message": "training Job created",
+                "jobName": tj.job_name(name),
+                "datasetSha256": inputs.dataset_sha256,
+                "outputModel": {"uri": plan.output_uri},
+            },
+            "JobCreated",
+        )
+        ftj = api.get_object(PLURAL, namespace, name) or ftj
+    if job is None:
+        return
+    _sync_suspend(spec, job)
+    pods = api.job_pods(namespace, job["metadata"]["name"])
+    state = job_state(job, pods)
+    uri = ((ftj.get("status") or {}).get("outputModel") or {}).get("uri", "")
+    fields = status_from_job(ftj, state, uri)
+    fields["jobName"] = job["metadata"]["name"]
+    _write(ftj, fields, state.reason or state.phase)
+    if state.phase == "Running":
+        _scrape_into_status(ftj, state)
+
+
+def _sync_suspend(spec: FineTuneJobSpec, job: Manifest) -> None:
+    """spec.suspend drives the Job's suspend; with a queue, Kueue unsuspends it, so the
+    operator only ever suspends."""
+    suspended = bool(job["spec"].get("suspend"))
+    meta = job["metadata"]
+    if spec.suspend and not suspended:
+        context().api.set_job_suspended(meta["namespace"], meta["name"], True)
+        job["spec"]["suspend"] = True
+    elif not spec.suspend and suspended and not spec.queue_name:
+        context().api.set_job_suspended(meta["namespace"], meta["name"], False)
+        job["spec"]["suspend"] = False
+
+
+def _scrape_into_status(ftj: Manifest, state: JobState) -> None:
+    ctx = context()
+    if not state.pod_ip or not state.metrics_port:
+        return
+    text = scrape(state.pod_ip, state.metrics_port, ctx.settings.scrape_timeout)
+    if text is None:
+        return
+    samples = parse_samples(text)
+    progress, metrics = progress_from_samples(samples), metrics_from_samples(samples)
+    if progress is None and metrics is None:
+        return
+    meta = ftj["metadata"]
+
+    def compute(obj: Manifest) -> Manifest | None:
+        if (obj.get("status") or {}).get("phase") != "Running":
+            return None
+        patch: Manifest = {}
+        if progress is not None:
+            patch["progress"] = progress.model_dump(by_alias=True, exclude_none=True)
+        if metrics is not None:
+            patch["metrics"] = metrics.model_dump(by_alias=True, exclude_none=True)
+        return patch
+
+    ctx.api.update_status(PLURAL, meta["namespace"], meta["name"], compute)
+
+
+@kopf.on.create("kubetune.io", "v1alpha1", PLURAL)
+@kopf.on.update("kubetune.io", "v1alpha1", PLURAL, field="spec")
+@kopf.on.resume("kubetune.io", "v1alpha1", PLURAL)
+def finetunejob_changed(namespace: str | None, name: str, **_: Any) -> None:
+    if namespace:
+        reconcile(namespace, name)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={LABEL_FINETUNEJOB: kopf.PRESENT})
+@kopf.on.event("", "v1", "pods", labels={LABEL_FINETUNEJOB: kopf.PRESENT})
+def training_object_event(body: kopf.Body, namespace: str | None, **_: Any) -> None:
+    # Both the Job and its pods carry the FineTuneJob's name as a label.
+    owner = (body.get("metadata", {}).get("labels") or {}).get(LABEL_FINETUNEJOB)
+    if owner and namespace:
+        reconcile(namespace, owner)
+
+
+@kopf.on.event("kubetune.io", "v1alpha1", "datasets")
+def dataset_event(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> None:
+    phase = (body.get("status") or {}).get("phase")
+    if phase not in ("Ready", "Invalid", "Failed") or not namespace:
+        return
+    for ftj in context().api.list_objects(PLURAL, namespace):
+        spec = ftj.get("spec", {})
+        uses = {
+            spec.get("dataset", {}).get("name"),
+            ((spec.get("validation") or {}).get("dataset") or {}).get("name"),
+        }
+        if name in uses and (ftj.get("status") or {}).get("phase") in (
+            None,
+            "Pending",
+            "WaitingForDataset",
+        ):
+            reconcile(namespace, ftj["metadata"]["name"])
+
+
+@kopf.on.delete("kubetune.io", "v1alpha1", PLURAL, optional=True)
+def finetunejob_deleted(namespace: str | None, name: str, **_: Any) -> None:
+    PHASES.record("FineTuneJob", namespace, name, None)
+
+
+def resync(namespaces: tuple[str, ...]) -> None:
+    """Reconcile every active FineTuneJob: reads the trainers' metrics while they run.
+    A periodic loop rather than a kopf timer, because kopf puts a finalizer on objects
+    with timers, and a FineTuneJob must stay deletable while the operator is away."""
+    api = context().api
+    for ftj in api.list_all(PLURAL, namespaces):
+        if (ftj.get("status") or {}).get("phase") in ACTIVE:
+            meta = ftj["metadata"]
+            try:
+                reconcile(meta["namespace"], meta["name"])
+            except Exception:
+                log.exception("resync of %s/%s failed", meta["namespace"], meta["name"])

@@ -1,0 +1,60 @@
+"""Operator start-up: kopf settings and the shared API client."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import kopf
+
+from kubetune_operator.handlers import finetunejobs
+from kubetune_operator.handlers.common import Context, configure
+from kubetune_operator.kube import Api, load_config
+from kubetune_operator.settings import Settings
+
+log = logging.getLogger(__name__)
+
+PREFIX = "kubetune.io"
+
+
+def apply_kopf_settings(settings: kopf.OperatorSettings) -> None:
+    # kopf's bookkeeping goes into kubetune.io/ annotations only: never into spec, and
+    # not into status, which the CRD schema would prune. Argo CD ignores annotations
+    # that Git does not set, so it shows no drift.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=PREFIX, key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = f"{PREFIX}/finalizer"
+    settings.posting.level = logging.INFO
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.batching.error_delays = [1, 2, 5, 10, 30]
+    # Handler retries after an exception: a transient API error heals on the next try.
+    settings.execution.max_workers = 16
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    apply_kopf_settings(settings)
+    load_config()
+    ours = Settings.from_env()
+    configure(Context(api=Api.connect(), settings=ours))
+    memo["resync"] = asyncio.create_task(_resync_forever(ours))
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    task = memo.get("resync")
+    if task is not None:
+        task.cancel()
+
+
+async def _resync_forever(settings: Settings) -> None:
+    while True:
+        await asyncio.sleep(settings.scrape_interval)
+        try:
+            await asyncio.to_thread(finetunejobs.resync, settings.namespaces)
+        except Exception:
+            log.exception("periodic resync failed")

@@ -1,0 +1,215 @@
+"""The operator's few Kubernetes API calls, with the error handling they share:
+create-if-missing (idempotence across restarts) and status writes guarded by
+resourceVersion and retried on conflict."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from kubetune_operator.api.common import GROUP, VERSION
+from kubetune_operator.observability import API_ERRORS
+
+log = logging.getLogger(__name__)
+
+Manifest = dict[str, Any]
+CONFLICT_RETRIES = 8
+
+
+def load_config() -> None:
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+
+
+@dataclass
+class Api:
+    core: client.CoreV1Api
+    batch: client.BatchV1Api
+    custom: client.CustomObjectsApi
+    serializer: client.ApiClient
+
+    @classmethod
+    def connect(cls) -> Api:
+        api_client = client.ApiClient()
+        return cls(
+            client.CoreV1Api(api_client),
+            client.BatchV1Api(api_client),
+            client.CustomObjectsApi(api_client),
+            api_client,
+        )
+
+    def as_dict(self, obj: Any) -> Manifest:
+        out: Manifest = self.serializer.sanitize_for_serialization(obj)
+        return out
+
+    # kubetune objects -------------------------------------------------------------
+
+    def get_object(self, plural: str, namespace: str, name: str) -> Manifest | None:
+        return _or_none(
+            lambda: self.custom.get_namespaced_custom_object(
+                GROUP, VERSION, namespace, plural, name
+            )
+        )
+
+    def list_objects(self, plural: str, namespace: str) -> list[Manifest]:
+        items: list[Manifest] = _counted(
+            lambda: self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, plural)
+        )["items"]
+        return items
+
+    def list_all(self, plural: str, namespaces: tuple[str, ...]) -> list[Manifest]:
+        """Objects in the given namespaces (globs allowed), or in all when none are given."""
+        if namespaces and not any(set(ns) & set("*?[") for ns in namespaces):
+            return [obj for ns in namespaces for obj in self.list_objects(plural, ns)]
+        items: list[Manifest] = _counted(
+            lambda: self.custom.list_cluster_custom_object(GROUP, VERSION, plural)
+        )["items"]
+        if not namespaces:
+            return items
+        return [
+            o
+            for o in items
+            if any(fnmatch.fnmatch(o["metadata"]["namespace"], ns) for ns in namespaces)
+        ]
+
+    def create_object(self, plural: str, namespace: str, body: Manifest) -> None:
+        _create(
+            lambda: self.custom.create_namespaced_custom_object(
+                GROUP, VERSION, namespace, plural, body
+            )
+        )
+
+    def update_status(
+        self,
+        plural: str,
+        namespace: str,
+        name: str,
+        compute: Callable[[Manifest], Manifest | None],
+    ) -> Manifest | None:
+        """Read the object, let `compute` derive a status patch from it, and write that
+        patch only if nobody wrote in between; on a conflict, read and derive again."""
+        for _ in range(CONFLICT_RETRIES):
+            obj = self.get_object(plural, namespace, name)
+            if obj is None or obj["metadata"].get("deletionTimestamp"):
+                return None
+            patch = compute(obj)
+            if not patch:
+                return obj
+            body = {
+                "metadata": {"resourceVersion": obj["metadata"]["resourceVersion"]},
+                "status": patch,
+            }
+            try:
+                updated: Any = self.custom.patch_namespaced_custom_object_status(
+                    GROUP, VERSION, namespace, plural, name, body
+                )
+                return dict(updated)
+            except ApiException as exc:
+                if exc.status != 409:
+                    API_ERRORS.labels(str(exc.status)).inc()
+                    raise
+        raise RuntimeError(f"{plural}/{name}: status kept changing under {CONFLICT_RETRIES} writes")
+
+    # Jobs, pods and their companions ----------------------------------------------
+
+    def get_job(self, namespace: str, name: str) -> Manifest | None:
+        job = _or_none(lambda: self.batch.read_namespaced_job(name, namespace))
+        return None if job is None else self.as_dict(job)
+
+    def create_job(self, body: Manifest) -> None:
+        payload: Any = body
+        _create(lambda: self.batch.create_namespaced_job(body["metadata"]["namespace"], payload))
+
+    def set_job_suspended(self, namespace: str, name: str, suspend: bool) -> None:
+        _counted(
+            lambda: self.batch.patch_namespaced_job(name, namespace, {"spec": {"suspend": suspend}})
+        )
+
+    def list_jobs(self, namespace: str, selector: str) -> list[Manifest]:
+        jobs = _counted(lambda: self.batch.list_namespaced_job(namespace, label_selector=selector))
+        return [self.as_dict(j) for j in jobs.items]
+
+    def delete_job(self, namespace: str, name: str) -> None:
+        _or_none(
+            lambda: self.batch.delete_namespaced_job(
+                name, namespace, propagation_policy="Background"
+            )
+        )
+
+    def job_pods(self, namespace: str, job: str) -> list[Manifest]:
+        pods = _counted(
+            lambda: self.core.list_namespaced_pod(
+                namespace, label_selector=f"batch.kubernetes.io/job-name={job}"
+            )
+        )
+        return [self.as_dict(p) for p in pods.items]
+
+    def ensure_config_map(self, body: Manifest) -> None:
+        payload: Any = body  # the client serialises plain dicts as they are
+        _create(
+            lambda: self.core.create_namespaced_config_map(body["metadata"]["namespace"], payload)
+        )
+
+    def ensure_service_account(self, body: Manifest) -> None:
+        namespace = body["metadata"]["namespace"]
+        name = body["metadata"]["name"]
+        if _or_none(lambda: self.core.read_namespaced_service_account(name, namespace)) is None:
+            payload: Any = body
+            _create(lambda: self.core.create_namespaced_service_account(namespace, payload))
+
+
+def scrape(ip: str, port: int, timeout: float) -> str | None:
+    """The trainer's /metrics text, or None while it does not answer."""
+    try:
+        with urllib.request.urlopen(f"http://{ip}:{port}/metrics", timeout=timeout) as resp:
+            text: str = resp.read(1 << 20).decode("utf-8", "replace")
+            return text
+    except OSError as exc:
+        log.debug("metrics of %s:%s not readable: %s", ip, port, exc)
+        return None
+
+
+def _counted(call: Callable[[], Any]) -> Any:
+    try:
+        return call()
+    except ApiException as exc:
+        API_ERRORS.labels(str(exc.status)).inc()
+        raise
+
+
+def _or_none(call: Callable[[], Any]) -> Any:
+    try:
+        return call()
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        API_ERRORS.labels(str(exc.status)).inc()
+        raise
+
+
+def _create(call: Callable[[], Any]) -> None:
+    """Create, treating AlreadyExists as done: names are deterministic, so a restarted
+    operator that repeats a create finds its own object."""
+    try:
+        call()
+    except ApiException as exc:
+        if exc.status != 409:
+            API_ERRORS.labels(str(exc.status)).inc()
+            raise
+
+
+def owner_name(obj: Mapping[str, Any], kind: str) -> str | None:
+    for ref in obj.get("metadata", {}).get("ownerReferences") or []:
+        if ref.get("kind") == kind:
+            name: str = ref["name"]
+            return name
+    return None

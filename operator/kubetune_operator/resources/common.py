@@ -1,0 +1,74 @@
+"""Pieces every object kubetune creates shares: labels, owner references, the
+restricted security context and the names of things."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+from kubetune_operator.api.common import API_VERSION
+
+Manifest = dict[str, Any]
+
+MANAGED_BY = "kubetune-operator"
+LABEL_FINETUNEJOB = "kubetune.io/finetunejob"
+LABEL_DATASET = "kubetune.io/dataset"
+LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+METRICS_PORT_NAME = "metrics"
+TRAINER_SERVICE_ACCOUNT = "kubetune-trainer"
+# Kubernetes caps the termination message at 4096 bytes; the trainer keeps under it.
+TERMINATION_LOG = "/dev/termination-log"
+
+
+def labels(component: str, instance: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "kubetune",
+        "app.kubernetes.io/instance": instance,
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        **(extra or {}),
+    }
+
+
+def owner_reference(owner: Mapping[str, Any]) -> Manifest:
+    """An ownerReference that makes the garbage collector delete the child with its owner."""
+    meta = owner["metadata"]
+    return {
+        "apiVersion": owner.get("apiVersion", API_VERSION),
+        "kind": owner["kind"],
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def child_name(owner: str, suffix: str) -> str:
+    """A DNS-1123 name for a child object; long owner names are shortened with a hash so
+    that the name stays unique and within 63 characters (Job names end up in labels)."""
+    name = f"{owner}-{suffix}"
+    if len(name) <= 63:
+        return name
+    digest = hashlib.sha256(owner.encode()).hexdigest()[:8]
+    return f"{owner[: 63 - len(suffix) - 10].rstrip('-.')}-{digest}-{suffix}"
+
+
+def pod_security_context() -> Manifest:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": 1000,
+        "runAsGroup": 1000,
+        "fsGroup": 1000,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def container_security_context() -> Manifest:
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }

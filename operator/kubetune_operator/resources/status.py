@@ -1,0 +1,212 @@
+"""Status as a pure function of what the cluster shows: conditions, the Dataset's
+validation result, and where a training Job stands."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+Manifest = dict[str, Any]
+
+MAX_STATUS_ERRORS = 20
+IMAGE_PULL_FAILURES = {"ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName"}
+CONFIG_FAILURES = {"CreateContainerConfigError", "CreateContainerError"}
+
+
+def set_condition(
+    conditions: Sequence[Mapping[str, Any]],
+    type_: str,
+    status: bool | None,
+    reason: str,
+    message: str,
+    generation: int | None,
+    now: str,
+) -> list[Manifest]:
+    """Conditions with `type_` set; lastTransitionTime moves only when the status does."""
+    value = "Unknown" if status is None else ("True" if status else "False")
+    out: list[Manifest] = []
+    previous = None
+    for c in conditions:
+        if c.get("type") == type_:
+            previous = c
+        else:
+            out.append(dict(c))
+    since = previous["lastTransitionTime"] if previous and previous.get("status") == value else now
+    new: Manifest = {
+        "type": type_,
+        "status": value,
+        "reason": reason,
+        "message": message[:32768],
+        "lastTransitionTime": since,
+    }
+    if generation is not None:
+        new["observedGeneration"] = generation
+    out.append(new)
+    return out
+
+
+def parse_termination_message(text: str | None) -> Manifest | None:
+    """The trainer's JSON summary, or None when the message is not one (for example the
+    log tail that FallbackToLogsOnError puts there after a crash)."""
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def dataset_result(summary: Mapping[str, Any]) -> Manifest:
+    """Dataset status fields from `kubetune validate --summary-file`."""
+    errors = [
+        {"line": int(e.get("line", 0)), "message": str(e.get("message", ""))[:4096]}
+        for e in summary.get("errors", [])[:MAX_STATUS_ERRORS]
+        if isinstance(e, Mapping)
+    ]
+    valid = bool(summary.get("valid"))
+    error_count = int(summary.get("errorCount", len(errors)))
+    examples = int(summary.get("examples", 0))
+    return {
+        "phase": "Ready" if valid else "Invalid",
+        "message": (
+            f"{examples} examples, {int(summary.get('images', 0))} images"
+            if valid
+            else f"{error_count} errors; first: line {errors[0]['line']}: {errors[0]['message']}"
+            if errors
+            else f"{error_count} errors"
+        ),
+        "examples": examples,
+        "images": int(summary.get("images", 0)),
+        "textOnlyExamples": int(summary.get("textOnlyExamples", 0)),
+        "sha256": summary.get("sha256"),
+        "errorCount": error_count,
+        "warningCount": int(summary.get("warningCount", len(summary.get("warnings", [])))),
+        "errors": errors,
+    }
+
+
+@dataclass(frozen=True)
+class JobState:
+    """Where a batch/v1 Job and its newest pod stand."""
+
+    phase: str  # Pending | Running | Succeeded | Failed | Suspended
+    reason: str = ""
+    message: str = ""
+    summary: Manifest | None = None
+    pod_ip: str | None = None
+    metrics_port: int | None = None
+    start_time: str | None = None
+    completion_time: str | None = None
+    extra: Manifest = field(default_factory=dict)
+
+
+def _condition(job: Mapping[str, Any], type_: str) -> Mapping[str, Any] | None:
+    for c in job.get("status", {}).get("conditions") or []:
+        if c.get("type") == type_ and c.get("status") == "True":
+            return c
+    return None
+
+
+def newest_pod(pods: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    if not pods:
+        return None
+    return max(
+        pods, key=lambda p: (p["metadata"].get("creationTimestamp") or "", p["metadata"]["name"])
+    )
+
+
+def _terminated(pod: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    for cs in (pod or {}).get("status", {}).get("containerStatuses") or []:
+        if "terminated" in (cs.get("state") or {}):
+            return cs["state"]["terminated"]
+    return {}
+
+
+def _waiting(pod: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    for cs in (pod or {}).get("status", {}).get("containerStatuses") or []:
+        if "waiting" in (cs.get("state") or {}):
+            return cs["state"]["waiting"]
+    return {}
+
+
+def _metrics_port(pod: Mapping[str, Any]) -> int | None:
+    for container in pod.get("spec", {}).get("containers", []):
+        for port in container.get("ports") or []:
+            if port.get("name") == "metrics":
+                return int(port["containerPort"])
+    return None
+
+
+def _failure_message(
+    job_reason: str, job_message: str, pod: Mapping[str, Any] | None
+) -> tuple[str, str]:
+    term = _terminated(pod)
+    summary = parse_termination_message(term.get("message"))
+    if term.get("reason") == "OOMKilled":
+        return "OOMKilled", (
+            "the trainer ran out of memory (OOMKilled); raise resources.memory, or lower "
+            "hyperparameters.batchSize, maxContextLength or maxPixels"
+        )
+    if summary and summary.get("error"):
+        return job_reason or "TrainerError", str(summary["error"])
+    if term.get("exitCode"):
+        tail = (term.get("message") or "").strip().splitlines()[-3:]
+        detail = f": {' / '.join(tail)}" if tail else ""
+        return job_reason or "Error", f"the trainer exited with code {term['exitCode']}{detail}"
+    if job_reason == "DeadlineExceeded":
+        return job_reason, "the Job ran past its activeDeadlineSeconds"
+    return job_reason or "Failed", job_message or "the training Job failed"
+
+
+def job_state(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -> JobState:
+    status = job.get("status", {})
+    pod = newest_pod(pods)
+    start, end = status.get("startTime"), status.get("completionTime")
+    if _condition(job, "Complete"):
+        term = _terminated(pod)
+        return JobState(
+            "Succeeded",
+            "Completed",
+            "training finished",
+            parse_termination_message(term.get("message")),
+            start_time=start,
+            completion_time=end or term.get("finishedAt"),
+        )
+    failed = _condition(job, "Failed")
+    if failed:
+        reason, message = _failure_message(failed.get("reason", ""), failed.get("message", ""), pod)
+        return JobState(
+            "Failed",
+            reason,
+            message,
+            parse_termination_message(_terminated(pod).get("message")),
+            start_time=start,
+            completion_time=failed.get("lastTransitionTime"),
+        )
+    if job.get("spec", {}).get("suspend"):
+        return JobState(
+            "Suspended", "JobSuspended", "the training Job is suspended", start_time=start
+        )
+    waiting = _waiting(pod)
+    if waiting.get("reason") in IMAGE_PULL_FAILURES | CONFIG_FAILURES:
+        return JobState(
+            "Failed",
+            waiting["reason"],
+            waiting.get("message") or waiting["reason"],
+            start_time=start,
+        )
+    if pod is not None and pod.get("status", {}).get("phase") == "Running":
+        return JobState(
+            "Running",
+            "Training",
+            "training",
+            pod_ip=pod["status"].get("podIP"),
+            metrics_port=_metrics_port(pod),
+            start_time=start,
+        )
+    return JobState(
+        "Pending", "PodPending", "waiting for the training pod to start", start_time=start
+    )

@@ -1,0 +1,239 @@
+"""The training Job of a FineTuneJob: job.json in a ConfigMap, and a batch/v1 Job that
+runs `kubetune train --config` on GPU nodes.
+
+Follow a FineTuneJob from YAML to trainer: api/finetunejob.py (the spec) →
+training_config() here (spec → TrainingConfig) → training_job() (the Job) →
+kubetune_trainer.cli `train`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from kubetune_operator.api.dataset import DatasetSpec
+from kubetune_operator.api.finetunejob import FineTuneJobSpec
+from kubetune_operator.resources.common import (
+    LABEL_FINETUNEJOB,
+    LABEL_KUEUE_QUEUE,
+    METRICS_PORT_NAME,
+    TERMINATION_LOG,
+    TRAINER_SERVICE_ACCOUNT,
+    Manifest,
+    child_name,
+    container_security_context,
+    labels,
+    owner_reference,
+    pod_security_context,
+)
+from kubetune_operator.resources.storage import (
+    Mounted,
+    base_model_input,
+    dataset_input,
+    output_location,
+)
+from kubetune_trainer.config import TrainingConfig, TrainValidation
+
+CONFIG_DIR = "/etc/kubetune"
+CONFIG_KEY = "job.json"
+TRAIN_DATA = "/data/train"
+VALIDATION_DATA = "/data/validation"
+BASE_MODEL = "/models/base"
+OUTPUT = "/output"
+METRICS_PORT = 9090
+# Retries cover preemption and node loss; each retry resumes from the last checkpoint.
+BACKOFF_LIMIT = 3
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What the training Job is built from: the FineTuneJob and the Ready Datasets it names."""
+
+    finetunejob: Mapping[str, Any]
+    dataset: DatasetSpec
+    dataset_sha256: str | None
+    validation_dataset: DatasetSpec | None = None
+
+
+def job_name(finetunejob: str) -> str:
+    return child_name(finetunejob, "train")
+
+
+def config_map_name(finetunejob: str) -> str:
+    return child_name(finetunejob, "job")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The FineTuneJob laid out for one pod: what it mounts, the job.json it reads, and
+    where its output will be."""
+
+    finetunejob: Mapping[str, Any]
+    spec: FineTuneJobSpec
+    mounted: Mounted
+    config: TrainingConfig
+    output_uri: str
+    image: str
+
+
+def plan(inputs: Inputs, default_image: str) -> Plan:
+    spec = FineTuneJobSpec.model_validate(inputs.finetunejob["spec"])
+    image = spec.image or default_image
+    mounted = Mounted(path=CONFIG_DIR)
+    train = dataset_input("train-data", inputs.dataset, TRAIN_DATA, image)
+    mounted.merge(train)
+    validation: TrainValidation | None = None
+    if spec.validation is not None and spec.validation.split is not None:
+        validation = TrainValidation(split=spec.validation.split)
+    elif spec.validation is not None and inputs.validation_dataset is not None:
+        val = dataset_input("validation-data", inputs.validation_dataset, VALIDATION_DATA, image)
+        mounted.merge(val)
+        validation = TrainValidation(dataset=val.path)
+    base = base_model_input(spec.base_model, BASE_MODEL, image)
+    mounted.merge(base)
+    output, uri = output_location(spec.output_model.storage, OUTPUT)
+    mounted.merge(output)
+    optional: dict[str, Any] = {}
+    if spec.preserve_general_skills is not None:
+        optional["preserve_general_skills"] = spec.preserve_general_skills
+    config = TrainingConfig(
+        **optional,
+        base_model=base.path,
+        method=spec.method,
+        tuning=spec.tuning,
+        dataset=train.path,
+        dataset_sha256=inputs.dataset_sha256,
+        image_root=train.image_root,
+        validation=validation,
+        hyperparameters=spec.hyperparameters,
+        early_stopping=spec.early_stopping,
+        output_dir=output.path,
+        trust_remote_code=spec.base_model.trust_remote_code,
+        metrics_port=METRICS_PORT,
+        termination_log=TERMINATION_LOG,
+    )
+    return Plan(inputs.finetunejob, spec, mounted, config, uri, image)
+
+
+def config_map(plan: Plan) -> Manifest:
+    """job.json: the FineTuneJob spec as the trainer's TrainingConfig."""
+    ftj = plan.finetunejob
+    meta = ftj["metadata"]
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": config_map_name(meta["name"]),
+            "namespace": meta["namespace"],
+            "labels": labels("training", meta["name"], {LABEL_FINETUNEJOB: meta["name"]}),
+            "ownerReferences": [owner_reference(ftj)],
+        },
+        "data": {
+            CONFIG_KEY: plan.config.model_dump_json(by_alias=True, exclude_none=True, indent=2)
+        },
+    }
+
+
+def _resources(spec: FineTuneJobSpec) -> Manifest:
+    res = spec.resources
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    if res.gpus:
+        requests[res.gpu_resource] = limits[res.gpu_resource] = str(res.gpus)
+    if res.cpu:
+        requests["cpu"] = res.cpu
+    if res.memory:
+        requests["memory"] = limits["memory"] = res.memory
+    return {k: v for k, v in (("requests", requests), ("limits", limits)) if v}
+
+
+def training_job(plan: Plan) -> Manifest:
+    ftj = plan.finetunejob
+    meta = ftj["metadata"]
+    spec, mounted, image = plan.spec, plan.mounted, plan.image
+    extra = {LABEL_FINETUNEJOB: meta["name"]}
+    if spec.queue_name:
+        extra[LABEL_KUEUE_QUEUE] = spec.queue_name
+    job_labels = labels("training", meta["name"], extra)
+    pod_labels = {k: v for k, v in job_labels.items() if k != LABEL_KUEUE_QUEUE}
+    pod_spec: Manifest = {
+        "restartPolicy": "Never",
+        "serviceAccountName": TRAINER_SERVICE_ACCOUNT,
+        "automountServiceAccountToken": False,
+        "securityContext": pod_security_context(),
+        "initContainers": mounted.init_containers,
+        "containers": [
+            {
+                "name": "trainer",
+                "image": image,
+                "command": ["kubetune"],
+                "args": ["train", "--config", f"{CONFIG_DIR}/{CONFIG_KEY}"],
+                "env": [
+                    {"name": "HOME", "value": "/tmp"},
+                    {"name": "HF_HOME", "value": "/tmp/hf"},
+                    {"name": "PYTHONUNBUFFERED", "value": "1"},
+                    *mounted.env,
+                ],
+                "ports": [
+                    {"name": METRICS_PORT_NAME, "containerPort": METRICS_PORT, "protocol": "TCP"}
+                ],
+                "resources": _resources(spec),
+                "terminationMessagePath": TERMINATION_LOG,
+                "terminationMessagePolicy": "FallbackToLogsOnError",
+                "volumeMounts": [
+                    {"name": "job-config", "mountPath": CONFIG_DIR, "readOnly": True},
+                    {"name": "tmp", "mountPath": "/tmp"},
+                    {"name": "dshm", "mountPath": "/dev/shm"},
+                    *mounted.mounts,
+                ],
+                "securityContext": container_security_context(),
+            }
+        ],
+        "volumes": [
+            {"name": "job-config", "configMap": {"name": config_map_name(meta["name"])}},
+            {"name": "tmp", "emptyDir": {}},
+            # Data loader workers share tensors through /dev/shm, which is tiny by default.
+            {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+            *mounted.volumes,
+        ],
+    }
+    res = spec.resources
+    if res.node_selector:
+        pod_spec["nodeSelector"] = dict(res.node_selector)
+    if res.tolerations:
+        pod_spec["tolerations"] = [
+            t.model_dump(by_alias=True, exclude_none=True) for t in res.tolerations
+        ]
+    if res.priority_class_name:
+        pod_spec["priorityClassName"] = res.priority_class_name
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": job_name(meta["name"]),
+            "namespace": meta["namespace"],
+            "labels": job_labels,
+            "ownerReferences": [owner_reference(ftj)],
+        },
+        "spec": {
+            "backoffLimit": BACKOFF_LIMIT,
+            # Kueue admits a queued Job by unsuspending it; a suspended FineTuneJob too.
+            "suspend": bool(spec.queue_name) or spec.suspend,
+            "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
+        },
+    }
+
+
+def service_account(namespace: str) -> Manifest:
+    """The trainer's identity: no API permissions are bound to it and no token is mounted."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": {
+            "name": TRAINER_SERVICE_ACCOUNT,
+            "namespace": namespace,
+            "labels": labels("trainer", namespace),
+        },
+        "automountServiceAccountToken": False,
+    }

@@ -1,0 +1,250 @@
+"""The objects the operator builds and the status it derives, without a cluster."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from kubetune_operator.api.dataset import DatasetSpec
+from kubetune_operator.resources import training_job as tj
+from kubetune_operator.resources.common import child_name
+from kubetune_operator.resources.metrics import (
+    metrics_from_samples,
+    parse_samples,
+    progress_from_samples,
+)
+from kubetune_operator.resources.status import dataset_result, job_state, set_condition
+from kubetune_operator.resources.validation_job import validation_job
+from kubetune_trainer.config import TrainingConfig
+
+IMAGE = "registry.local/kubetune/trainer:test"
+
+
+def _ftj(**spec: Any) -> dict[str, Any]:
+    base = {
+        "baseModel": {"name": "org/model"},
+        "dataset": {"name": "train"},
+        "outputModel": {"name": "out", "storage": {"pvc": {"claimName": "models", "path": "runs/out"}}},
+    }
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "run", "namespace": "team", "uid": "u-1", "generation": 1},
+        "spec": {**base, **spec},
+    }
+
+
+PVC_DATA = DatasetSpec.model_validate(
+    {"source": {"pvc": {"claimName": "datasets", "path": "shapes/train.jsonl"}}, "imageRoot": "shapes"}
+)
+SHA = "a" * 64
+
+
+def _plan(**spec: Any) -> tj.Plan:
+    return tj.plan(tj.Inputs(finetunejob=_ftj(**spec), dataset=PVC_DATA, dataset_sha256=SHA), IMAGE)
+
+
+def test_spec_maps_to_the_trainer_config() -> None:
+    plan = _plan(validation={"split": 0.2}, hyperparameters={"epochs": 2, "loraRank": 16})
+    cfg = plan.config
+    assert cfg.base_model == "org/model"
+    assert cfg.dataset == "/data/train/shapes/train.jsonl"
+    assert cfg.image_root == "/data/train/shapes"
+    assert cfg.dataset_sha256 == SHA
+    assert cfg.validation is not None and cfg.validation.split == 0.2
+    assert cfg.hyperparameters.epochs == 2 and cfg.hyperparameters.lora_rank == 16
+    assert cfg.output_dir == "/output/runs/out"
+    assert cfg.effective_checkpoint_dir == "/output/runs/out/checkpoints"
+    assert plan.output_uri == "pvc://models/runs/out"
+    assert cfg.trust_remote_code is False
+
+
+def test_config_map_holds_a_loadable_job_json() -> None:
+    cm = tj.config_map(_plan())
+    cfg = TrainingConfig.model_validate_json(cm["data"]["job.json"])
+    assert cfg.dataset == "/data/train/shapes/train.jsonl"
+    assert json.loads(cm["data"]["job.json"])["baseModel"] == "org/model"
+    assert cm["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+
+
+def test_training_job_is_restricted_and_owned() -> None:
+    job = tj.training_job(_plan(resources={"gpus": 2, "memory": "64Gi", "cpu": "8"}))
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["command"] == ["kubetune"]
+    assert container["args"] == ["train", "--config", "/etc/kubetune/job.json"]
+    assert container["resources"]["limits"] == {"nvidia.com/gpu": "2", "memory": "64Gi"}
+    assert container["resources"]["requests"]["cpu"] == "8"
+    sc = container["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}
+    assert sc["readOnlyRootFilesystem"] is True
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["serviceAccountName"] == "kubetune-trainer" and pod["automountServiceAccountToken"] is False
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts["/data/train"]["readOnly"] is True
+    assert not mounts["/output"].get("readOnly")
+    assert job["metadata"]["labels"]["kubetune.io/finetunejob"] == "run"
+    assert job["metadata"]["ownerReferences"][0] == {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "name": "run",
+        "uid": "u-1",
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+    assert job["spec"]["suspend"] is False
+    assert job["spec"]["backoffLimit"] >= 1
+    assert {"name": "metrics", "containerPort": 9090, "protocol": "TCP"} in container["ports"]
+
+
+def test_scheduling_fields_and_queue() -> None:
+    job = tj.training_job(
+        _plan(
+            queueName="gpu-queue",
+            image="my/trainer:1",
+            resources={
+                "gpuResource": "amd.com/gpu",
+                "nodeSelector": {"gpu": "h100"},
+                "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                "priorityClassName": "training",
+            },
+        )
+    )
+    pod = job["spec"]["template"]["spec"]
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    assert job["spec"]["suspend"] is True
+    assert pod["containers"][0]["image"] == "my/trainer:1"
+    assert pod["containers"][0]["resources"]["limits"] == {"amd.com/gpu": "1"}
+    assert pod["nodeSelector"] == {"gpu": "h100"}
+    assert pod["tolerations"] == [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert pod["priorityClassName"] == "training"
+
+
+def test_credentials_come_only_from_secret_references() -> None:
+    plan = _plan(
+        baseModel={"name": "org/private", "source": {"huggingFace": {"tokenSecretRef": {"name": "hf"}}}},
+        outputModel={"name": "o", "storage": {"s3": {"uri": "s3://bucket/run", "secretRef": {"name": "s3"}}}},
+    )
+    env = tj.training_job(plan)["spec"]["template"]["spec"]["containers"][0]["env"]
+    secret_vars = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in env if "valueFrom" in e}
+    assert secret_vars == {"HF_TOKEN": "hf", "AWS_ACCESS_KEY_ID": "s3", "AWS_SECRET_ACCESS_KEY": "s3", "AWS_REGION": "s3"}
+    assert all("value" not in e for e in env if e["name"] in secret_vars)
+
+
+def test_remote_datasets_are_fetched_by_an_init_container() -> None:
+    http = DatasetSpec.model_validate({"source": {"http": {"url": "https://example.com/train.jsonl"}}})
+    plan = tj.plan(tj.Inputs(finetunejob=_ftj(), dataset=http, dataset_sha256=SHA), IMAGE)
+    init = tj.training_job(plan)["spec"]["template"]["spec"]["initContainers"]
+    assert [c["command"][:2] for c in init] == [["kubetune", "fetch"]]
+    assert plan.config.dataset == "/data/train/data.jsonl"
+
+
+def test_validation_job_runs_kubetune_validate_on_the_source() -> None:
+    ds = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "Dataset",
+        "metadata": {"name": "shapes", "namespace": "team", "uid": "d-1", "generation": 3},
+        "spec": {"source": {"configMap": {"name": "cm", "key": "train.jsonl"}}, "task": "dpo", "limits": {"maxImagesPerExample": 2}},
+    }
+    job = validation_job(ds, IMAGE)
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert job["metadata"]["name"] == "shapes-validate-3"
+    assert container["args"][:5] == ["validate", "/data/train.jsonl", "--task", "dpo", "--json"]
+    assert container["args"][container["args"].index("--max-images-per-example") + 1] == "2"
+    assert container["terminationMessagePath"] == "/dev/termination-log"
+    assert job["spec"]["backoffLimit"] == 0
+    assert job["metadata"]["labels"]["kubetune.io/dataset"] == "shapes"
+
+
+def test_child_names_stay_short_and_distinct() -> None:
+    a, b = child_name("x" * 80, "train"), child_name("x" * 79 + "y", "train")
+    assert len(a) <= 63 and len(b) <= 63 and a != b and a.endswith("-train")
+    assert child_name("run", "train") == "run-train"
+
+
+METRICS = """\
+# HELP kubetune_train_loss Training loss.
+# TYPE kubetune_train_loss gauge
+kubetune_train_loss 1.25
+kubetune_eval_loss 1.5
+kubetune_train_step 30
+kubetune_train_total_steps 120
+kubetune_epoch 0.75
+kubetune_eta_seconds 90
+kubetune_best_eval_loss 1.4
+kubetune_best_step 20
+python_gc_objects_collected_total{generation="0"} 10
+"""
+
+
+def test_metrics_text_becomes_progress_and_losses() -> None:
+    samples = parse_samples(METRICS)
+    progress = progress_from_samples(samples)
+    metrics = metrics_from_samples(samples)
+    assert progress is not None and metrics is not None
+    assert (progress.step, progress.total_steps, progress.percent, progress.eta_seconds) == (30, 120, 25, 90)
+    assert (metrics.train_loss, metrics.eval_loss, metrics.best_eval_loss, metrics.best_step) == (1.25, 1.5, 1.4, 20)
+    assert parse_samples("not prometheus {{{") == {}
+    assert progress_from_samples({}) is None
+
+
+def _job(conditions: list[dict[str, str]] | None = None, suspend: bool = False) -> dict[str, Any]:
+    return {"spec": {"suspend": suspend}, "status": {"conditions": conditions or [], "startTime": "t0"}}
+
+
+def _pod(phase: str, state: dict[str, Any], created: str = "1") -> dict[str, Any]:
+    return {
+        "metadata": {"name": f"p{created}", "creationTimestamp": created},
+        "spec": {"containers": [{"ports": [{"name": "metrics", "containerPort": 9999}]}]},
+        "status": {"phase": phase, "podIP": "10.0.0.7", "containerStatuses": [{"state": state}]},
+    }
+
+
+@pytest.mark.parametrize(
+    ("job", "pods", "phase", "reason"),
+    [
+        (_job(), [], "Pending", "PodPending"),
+        (_job(), [_pod("Running", {"running": {}})], "Running", "Training"),
+        (_job(suspend=True), [], "Suspended", "JobSuspended"),
+        (_job([{"type": "Complete", "status": "True"}]), [_pod("Succeeded", {"terminated": {"exitCode": 0, "message": '{"trainLoss": 0.5}'}})], "Succeeded", "Completed"),
+        (_job([{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]), [_pod("Failed", {"terminated": {"exitCode": 137, "reason": "OOMKilled"}})], "Failed", "OOMKilled"),
+        (_job([{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]), [_pod("Failed", {"terminated": {"exitCode": 1, "message": "Traceback\nValueError: boom"}})], "Failed", "BackoffLimitExceeded"),
+        (_job([{"type": "Failed", "status": "True", "reason": "DeadlineExceeded"}]), [], "Failed", "DeadlineExceeded"),
+        (_job(), [_pod("Pending", {"waiting": {"reason": "ImagePullBackOff", "message": "no such image"}})], "Failed", "ImagePullBackOff"),
+    ],
+)
+def test_job_state(job: dict[str, Any], pods: list[dict[str, Any]], phase: str, reason: str) -> None:
+    state = job_state(job, pods)
+    assert (state.phase, state.reason) == (phase, reason)
+    if phase == "Running":
+        assert (state.pod_ip, state.metrics_port) == ("10.0.0.7", 9999)
+    if reason == "BackoffLimitExceeded":
+        assert "exited with code 1" in state.message and "ValueError: boom" in state.message
+    if phase == "Succeeded":
+        assert state.summary == {"trainLoss": 0.5}
+
+
+def test_dataset_result_keeps_twenty_errors_with_lines() -> None:
+    summary = {
+        "valid": False,
+        "examples": 50,
+        "errorCount": 30,
+        "errors": [{"line": i, "message": f"bad {i}"} for i in range(1, 31)],
+        "sha256": SHA,
+    }
+    status = dataset_result(summary)
+    assert status["phase"] == "Invalid" and status["errorCount"] == 30
+    assert len(status["errors"]) == 20 and status["errors"][0] == {"line": 1, "message": "bad 1"}
+    assert "line 1: bad 1" in status["message"]
+    assert dataset_result({"valid": True, "examples": 5, "images": 4})["phase"] == "Ready"
+
+
+def test_condition_transition_time_moves_only_on_change() -> None:
+    first = set_condition([], "Ready", False, "Waiting", "w", 1, "t1")
+    same = set_condition(first, "Ready", False, "Still", "w", 2, "t2")
+    flipped = set_condition(same, "Ready", True, "Done", "d", 2, "t3")
+    assert same[0]["lastTransitionTime"] == "t1" and same[0]["observedGeneration"] == 2
+    assert flipped[0]["lastTransitionTime"] == "t3" and flipped[0]["status"] == "True"

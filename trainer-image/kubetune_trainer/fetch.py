@@ -1,0 +1,118 @@
+"""`kubetune fetch`: copy a Dataset file or a model folder from http(s), S3 or a model
+hub into the pod, for the sources a volume cannot mount. Credentials come from the
+environment, which the operator fills only from Secret references."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+
+class FetchError(Exception):
+    pass
+
+
+def _atomic_target(out: Path) -> tuple[int, str]:
+    # Write beside the target and rename, so that a failed fetch never leaves half a file.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
+
+
+def fetch_http(url: str, out: Path, timeout: float = 60) -> None:
+    fd, tmp = _atomic_target(out)
+    try:
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310
+            shutil.copyfileobj(resp, f, 1 << 20)
+        os.replace(tmp, out)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise FetchError(f"cannot download {url}: {exc}") from exc
+
+
+def fetch_hugging_face(repo: str, file: str, revision: str, out: Path) -> None:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        cached = hf_hub_download(repo_id=repo, filename=file, revision=revision, repo_type="dataset")
+    except Exception as exc:
+        raise FetchError(f"cannot download {file} from dataset repository {repo}@{revision}: {exc}") from exc
+    fd, tmp = _atomic_target(out)
+    os.close(fd)
+    shutil.copyfile(cached, tmp)
+    os.replace(tmp, out)
+
+
+def fetch_s3(uri: str, out: Path) -> None:
+    """An object to a file, or every object under a prefix (ending in '/') to a folder."""
+    try:
+        import boto3
+    except ImportError as exc:
+        raise FetchError("S3 sources need boto3 in the trainer image") from exc
+    parsed = urlparse(uri)
+    bucket, key = parsed.netloc, parsed.path.lstrip("/")
+    s3 = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL"))
+    try:
+        if not key.endswith("/") and key:
+            fd, tmp = _atomic_target(out)
+            os.close(fd)
+            s3.download_file(bucket, key, tmp)
+            os.replace(tmp, out)
+            return
+        paginator = s3.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket, Prefix=key):
+            for obj in page.get("Contents", []):
+                rel = obj["Key"][len(key) :]
+                if not rel or rel.endswith("/"):
+                    continue
+                target = (out / rel).resolve()
+                if not target.is_relative_to(out.resolve()):
+                    raise FetchError(f"object key {obj['Key']!r} would land outside {out}")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                s3.download_file(bucket, obj["Key"], str(target))
+    except FetchError:
+        raise
+    except Exception as exc:
+        raise FetchError(f"cannot download {uri}: {exc}") from exc
+
+
+def fetch(source: dict[str, Any], out: Path) -> None:
+    if "http" in source:
+        fetch_http(source["http"]["url"], out)
+    elif "huggingFace" in source:
+        hf = source["huggingFace"]
+        fetch_hugging_face(hf["repo"], hf["file"], hf.get("revision") or "main", out)
+    elif "s3" in source:
+        fetch_s3(source["s3"]["uri"], out)
+    else:
+        raise FetchError(f"unknown source {sorted(source)}: expected http, huggingFace or s3")
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        source = json.loads(args.source)
+        if not isinstance(source, dict):
+            raise ValueError("not an object")
+    except ValueError as exc:
+        print(f"kubetune fetch: --source is not a JSON object: {exc}", file=sys.stderr)
+        return 2
+    try:
+        fetch(source, Path(args.out))
+    except FetchError as exc:
+        print(f"kubetune fetch: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("fetch", help="copy a dataset or model from http(s), S3 or a model hub into the pod")
+    p.add_argument("--source", required=True, help='JSON: {"http": {"url"}} | {"s3": {"uri"}} | {"huggingFace": {"repo", "file", "revision"}}')
+    p.add_argument("--out", required=True, help="file (or folder, for an S3 prefix) to write")
+    p.set_defaults(func=_run)
