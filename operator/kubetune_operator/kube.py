@@ -8,7 +8,7 @@ import fnmatch
 import logging
 import urllib.request
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kubernetes import client, config
@@ -36,6 +36,7 @@ class Api:
     batch: client.BatchV1Api
     custom: client.CustomObjectsApi
     serializer: client.ApiClient
+    known_accounts: set[tuple[str, str]] = field(default_factory=set)
 
     @classmethod
     def connect(cls) -> Api:
@@ -94,11 +95,17 @@ class Api:
         namespace: str,
         name: str,
         compute: Callable[[Manifest], Manifest | None],
+        current: Manifest | None = None,
     ) -> Manifest | None:
-        """Read the object, let `compute` derive a status patch from it, and write that
-        patch only if nobody wrote in between; on a conflict, read and derive again."""
-        for _ in range(CONFLICT_RETRIES):
-            obj = self.get_object(plural, namespace, name)
+        """Let `compute` derive a status patch from the object (`current`, or a fresh
+        read), and write that patch only if nobody wrote in between; on a conflict, read
+        and derive again."""
+        for attempt in range(CONFLICT_RETRIES):
+            obj = (
+                current
+                if attempt == 0 and current is not None
+                else self.get_object(plural, namespace, name)
+            )
             if obj is None or obj["metadata"].get("deletionTimestamp"):
                 return None
             patch = compute(obj)
@@ -125,9 +132,13 @@ class Api:
         job = _or_none(lambda: self.batch.read_namespaced_job(name, namespace))
         return None if job is None else self.as_dict(job)
 
-    def create_job(self, body: Manifest) -> None:
+    def create_job(self, body: Manifest) -> Manifest | None:
+        """The created Job, or None when it already existed."""
         payload: Any = body
-        _create(lambda: self.batch.create_namespaced_job(body["metadata"]["namespace"], payload))
+        job = _create(
+            lambda: self.batch.create_namespaced_job(body["metadata"]["namespace"], payload)
+        )
+        return None if job is None else self.as_dict(job)
 
     def set_job_suspended(self, namespace: str, name: str, suspend: bool) -> None:
         _counted(
@@ -162,9 +173,13 @@ class Api:
     def ensure_service_account(self, body: Manifest) -> None:
         namespace = body["metadata"]["namespace"]
         name = body["metadata"]["name"]
+        if (namespace, name) in self.known_accounts:
+            return
         if _or_none(lambda: self.core.read_namespaced_service_account(name, namespace)) is None:
             payload: Any = body
             _create(lambda: self.core.create_namespaced_service_account(namespace, payload))
+        # Pods name it; if someone deletes it later, pod creation says so in the Job.
+        self.known_accounts.add((namespace, name))
 
 
 def scrape(ip: str, port: int, timeout: float) -> str | None:
@@ -196,15 +211,16 @@ def _or_none(call: Callable[[], Any]) -> Any:
         raise
 
 
-def _create(call: Callable[[], Any]) -> None:
-    """Create, treating AlreadyExists as done: names are deterministic, so a restarted
-    operator that repeats a create finds its own object."""
+def _create(call: Callable[[], Any]) -> Any:
+    """Create, treating AlreadyExists as done (returning None): names are deterministic,
+    so a restarted operator that repeats a create finds its own object."""
     try:
-        call()
+        return call()
     except ApiException as exc:
         if exc.status != 409:
             API_ERRORS.labels(str(exc.status)).inc()
             raise
+        return None
 
 
 def owner_name(obj: Mapping[str, Any], kind: str) -> str | None:

@@ -3,6 +3,7 @@ progress and losses read from the trainer while it runs."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from typing import Any, cast
@@ -129,7 +130,7 @@ def _write(ftj: Manifest, fields: Manifest, reason: str) -> Manifest | None:
         return patch
 
     before = (ftj.get("status") or {}).get("phase")
-    updated = ctx.api.update_status(PLURAL, meta["namespace"], meta["name"], compute)
+    updated = ctx.api.update_status(PLURAL, meta["namespace"], meta["name"], compute, current=ftj)
     after = ((updated or {}).get("status") or {}).get("phase")
     PHASES.record("FineTuneJob", meta["namespace"], meta["name"], after)
     if updated is not None and after != before:
@@ -143,18 +144,24 @@ def _write(ftj: Manifest, fields: Manifest, reason: str) -> Manifest | None:
     return updated
 
 
-def reconcile(namespace: str, name: str) -> None:
+def reconcile(
+    namespace: str, name: str, ftj: Manifest | None = None, job: Manifest | None = None
+) -> None:
+    """Bring one FineTuneJob's children and status in line with its spec. `ftj` and
+    `job` are bodies a watch event already delivered; they spare a read, and a stale one
+    only costs a retried status write."""
     started = time.monotonic()
     try:
-        _reconcile(namespace, name)
+        _reconcile(namespace, name, ftj, job)
     finally:
         RECONCILE_SECONDS.labels("FineTuneJob").observe(time.monotonic() - started)
 
 
-def _reconcile(namespace: str, name: str) -> None:
+def _reconcile(namespace: str, name: str, ftj: Manifest | None, job: Manifest | None) -> None:
     ctx = context()
     api = ctx.api
-    ftj = api.get_object(PLURAL, namespace, name)
+    if ftj is None:
+        ftj = api.get_object(PLURAL, namespace, name)
     if ftj is None or ftj["metadata"].get("deletionTimestamp"):
         PHASES.record("FineTuneJob", namespace, name, None)
         return
@@ -164,7 +171,12 @@ def _reconcile(namespace: str, name: str) -> None:
     ):
         return
     spec = FineTuneJobSpec.model_validate(ftj["spec"])
-    job = api.get_job(namespace, tj.job_name(name))
+    if job is None and status.get("jobName"):
+        job = api.get_job(namespace, tj.job_name(name))
+    # Without a recorded jobName the Job most likely does not exist: creating it
+    # straight away saves a read, and AlreadyExists (after a crash between create and
+    # status write) falls back to reading it.
+    created: Manifest = {}
     if job is None:
         ds = api.get_object("datasets", namespace, spec.dataset.name)
         val_ds = None
@@ -189,31 +201,28 @@ def _reconcile(namespace: str, name: str) -> None:
         plan = tj.plan(inputs, ctx.settings.trainer_image)
         api.ensure_service_account(tj.service_account(namespace))
         api.ensure_config_map(tj.config_map(plan))
-        api.create_job(tj.training_job(plan))
-        job = api.get_job(namespace, tj.job_name(name))
-        _write(
-            ftj,
-            {
-                "phase": "Pending",
-                "message": "training Job created",
-                "jobName": tj.job_name(name),
-                "datasetSha256": inputs.dataset_sha256,
-                "outputModel": {"uri": plan.output_uri},
-            },
-            "JobCreated",
-        )
-        ftj = api.get_object(PLURAL, namespace, name) or ftj
-    if job is None:
-        return
+        job = api.create_job(tj.training_job(plan)) or api.get_job(namespace, tj.job_name(name))
+        if job is None:
+            return
+        created = {"datasetSha256": inputs.dataset_sha256, "outputModel": {"uri": plan.output_uri}}
     _sync_suspend(spec, job)
-    pods = api.job_pods(namespace, job["metadata"]["name"])
+    pods = api.job_pods(namespace, job["metadata"]["name"]) if _may_have_pods(job) else []
     state = job_state(job, pods)
-    uri = ((ftj.get("status") or {}).get("outputModel") or {}).get("uri", "")
-    fields = status_from_job(ftj, state, uri)
-    fields["jobName"] = job["metadata"]["name"]
-    _write(ftj, fields, state.reason or state.phase)
+    uri = (created.get("outputModel") or status.get("outputModel") or {}).get("uri", "")
+    fields = {**status_from_job(ftj, state, uri), **created, "jobName": job["metadata"]["name"]}
+    updated = _write(ftj, fields, state.reason or state.phase)
     if state.phase == "Running":
-        _scrape_into_status(ftj, state)
+        _scrape_into_status(updated or ftj, state)
+
+
+def _may_have_pods(job: Manifest) -> bool:
+    """A Job that has never counted a pod nor finished has none worth reading: skipping
+    the list halves the requests for a fresh or queued Job."""
+    status = job.get("status") or {}
+    return bool(
+        status.get("conditions")
+        or any(status.get(k) for k in ("active", "succeeded", "failed", "ready", "terminating"))
+    )
 
 
 def _sync_suspend(spec: FineTuneJobSpec, job: Manifest) -> None:
@@ -258,9 +267,9 @@ def _scrape_into_status(ftj: Manifest, state: JobState) -> None:
 @kopf.on.create("kubetune.io", "v1alpha1", PLURAL)
 @kopf.on.update("kubetune.io", "v1alpha1", PLURAL, field="spec")
 @kopf.on.resume("kubetune.io", "v1alpha1", PLURAL)
-def finetunejob_changed(namespace: str | None, name: str, **_: Any) -> None:
+def finetunejob_changed(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> None:
     if namespace:
-        reconcile(namespace, name)
+        reconcile(namespace, name, ftj=_plain(body))
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_FINETUNEJOB: kopf.PRESENT})
@@ -269,7 +278,7 @@ def training_object_event(body: kopf.Body, namespace: str | None, **_: Any) -> N
     # Both the Job and its pods carry the FineTuneJob's name as a label.
     owner = (body.get("metadata", {}).get("labels") or {}).get(LABEL_FINETUNEJOB)
     if owner and namespace:
-        reconcile(namespace, owner)
+        reconcile(namespace, owner, job=_plain(body) if body.get("kind") == "Job" else None)
 
 
 @kopf.on.event("kubetune.io", "v1alpha1", "datasets")
@@ -308,3 +317,8 @@ def resync(namespaces: tuple[str, ...]) -> None:
                 reconcile(meta["namespace"], meta["name"])
             except Exception:
                 log.exception("resync of %s/%s failed", meta["namespace"], meta["name"])
+
+
+def _plain(body: kopf.Body) -> Manifest:
+    """A kopf body as the plain, mutable dict the API client returns."""
+    return copy.deepcopy(dict(body))

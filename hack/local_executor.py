@@ -1,0 +1,1833 @@
+"""Local executor: the kubelet and Job controller of the test control plane.
+
+Tests and ``make demo``/``make dev-up`` only -- it is not part of the shipped packages
+(``operator/``, ``trainer-image/``). The test control plane (``hack/controlplane.sh``)
+runs etcd, kube-apiserver and a kube-controller-manager with only the garbage-collector,
+namespace and service-account controllers, and this machine has no container runtime.
+This module fills the gap and talks to the API server exactly as the real components do,
+so admission, status subresources, owner references and garbage collection stay real.
+
+Run it::
+
+    python hack/local_executor.py --kubeconfig K --state-dir D [--namespace NS ...]
+
+or embed it (pytest fixtures)::
+
+    with LocalExecutor(kubeconfig, state_dir, namespaces=[ns]) as executor:
+        ...
+
+Job controller (batch/v1 Jobs, NonIndexed completion mode, not ``spec.managedBy``)
+    Creates each Job's Pods from ``spec.template`` through the API, so Pod Security
+    admission judges them: generateName ``<job>-``, a controller ownerReference, the
+    job-name/controller-uid labels, the ``batch.kubernetes.io/job-tracking`` finalizer and
+    ``spec.nodeName: local-executor``. Job status follows kube-controller-manager v1.33:
+    startTime, active/ready/terminating/succeeded/failed, uncountedTerminatedPods,
+    SuccessCriteriaMet then Complete with completionTime, FailureTarget then Failed
+    (BackoffLimitExceeded once more than backoffLimit pods failed, DeadlineExceeded after
+    activeDeadlineSeconds), Suspended True/False (suspending deletes the running Pods
+    without counting them; resuming resets startTime). Failed Pods are replaced after
+    an exponential backoff starting at ``--pod-failure-backoff`` seconds (the real
+    controller starts at 10 s).
+    Deviation: a Pod rejected at creation (HTTP 403/422, e.g. by Pod Security) fails the
+    Job with reason ``PodCreateFailed`` and the API server's message, plus a
+    ``FailedCreate`` event; the real controller would retry forever, which in a test only
+    shows up as a timeout.
+
+Kubelet (node ``local-executor``: every Pod with ``spec.nodeName: local-executor``)
+    Runs the first container's ``command`` + ``args`` (``$(VAR)`` expanded) as a local
+    process; the image is ignored. The command is looked up on PATH with this Python's
+    bin directory first, so ``kubetune`` is the venv's. Environment: ``env`` (values,
+    configMapKeyRef, secretKeyRef, fieldRef) and ``envFrom``, plus HOSTNAME, PATH and the
+    host variables named by ``--pass-env`` (HOME, LANG, LC_ALL, TZ, TMPDIR by default);
+    nothing else from the host leaks in. Working directory: ``workingDir``, else a
+    per-pod scratch folder.
+    Volumes become folders under the state dir: persistentVolumeClaim ->
+    ``<state>/pvc/<namespace>/<claimName>/`` (the PVC object need not exist); emptyDir ->
+    a per-pod folder; configMap, secret, downwardAPI and projected (including the
+    service-account token, requested through the TokenRequest API) -> files written per
+    pod. The process runs in a private mount namespace (``unshare --mount``; ``unshare
+    --user --map-root-user --mount`` when not root) in which each volumeMount
+    (``subPath``/``subPathExpr`` honoured) is bind-mounted onto its ``mountPath``,
+    read-only where asked and always for configMap/secret/downwardAPI/projected volumes,
+    so absolute paths such as ``/etc/kubetune`` or ``/data`` work without rewriting the
+    command. Missing mount points are created on the host (empty folders or files). A
+    per-container file is bind-mounted onto ``terminationMessagePath``
+    (``/dev/termination-log`` by default).
+    Pod status is reported like a kubelet: Running with PodScheduled, Initialized,
+    ContainersReady and Ready, then Succeeded/Failed with ``state.terminated``
+    (exitCode, reason Completed | Error | OOMKilled | StartError, the termination
+    message truncated to 4096 bytes -- or, with ``FallbackToLogsOnError`` and a non-zero
+    exit, the last 80 lines / 2048 bytes of the log). ``podIP``/``hostIP`` are
+    127.0.0.1. A missing ConfigMap/Secret leaves the Pod Pending (CreateContainerConfigError
+    or ContainerCreating) and is retried. A Pod deleted through the API (by the Job
+    controller, the garbage collector, a user) has its process group sent SIGTERM, then
+    SIGKILL after its grace period (capped at 10 s), before the deletion is confirmed.
+
+Environment contract: ``KUBETUNE_METRICS_PORT``
+    Every local process shares 127.0.0.1, so two trainers cannot both listen on :9090.
+    When the Job controller part creates a Pod, each container port named ``metrics``
+    gets a free local port as its ``containerPort``, and the container gets the env var
+    ``KUBETUNE_METRICS_PORT=<that port>``. The trainer must listen on
+    ``$KUBETUNE_METRICS_PORT`` when it is set; the operator keeps scraping
+    ``<pod IP>:<container port named metrics>``, which is then right in both worlds.
+
+Limitations (it is a stand-in, not a node)
+    * Processes run as the executor's user (root here): runAsUser, capabilities,
+      seccomp and readOnlyRootFilesystem are admitted by the API server but not enforced;
+      resources (GPUs included) are neither reserved nor limited; the image is ignored.
+    * Only the first container runs; init containers, sidecars and probes are ignored.
+      restartPolicy OnFailure/Always behave like Never (the Job controller part creates
+      a new Pod instead of restarting in place).
+    * ``kubectl logs`` and ``kubectl exec`` cannot work without a kubelet API: read the
+      log at ``<state>/logs/<namespace>/<pod>.log``.
+    * OOMKilled is a guess: a process killed by SIGKILL that the executor did not send.
+    * Indexed Jobs, podFailurePolicy, successPolicy and scaling parallelism down are not
+      implemented; resourceFieldRef env/volume items are refused. Stopping the executor
+      kills its processes; their Pods are marked Failed (ContainerStatusUnknown) by the
+      next executor that sees them, as no kubelet could reattach to a killed process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import copy
+import ctypes
+import heapq
+import itertools
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NamedTuple, NoReturn, Protocol
+from urllib.parse import urlencode
+
+Obj = dict[str, Any]
+Key = tuple[str, str]  # (namespace, name)
+
+log = logging.getLogger("local_executor")
+
+NODE_NAME = "local-executor"
+POD_IP = "127.0.0.1"
+JOB_CONTROLLER = "kubernetes.io/job-controller"
+TRACKING_FINALIZER = "batch.kubernetes.io/job-tracking"
+JOB_NAME_LABELS = ("batch.kubernetes.io/job-name", "job-name")
+CONTROLLER_UID_LABELS = ("batch.kubernetes.io/controller-uid", "controller-uid")
+METRICS_PORT_NAME = "metrics"
+METRICS_PORT_ENV = "KUBETUNE_METRICS_PORT"
+DEFAULT_TERMINATION_PATH = "/dev/termination-log"
+DEFAULT_PASS_ENV = ("HOME", "LANG", "LC_ALL", "TZ", "TMPDIR")
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+# The kubelet's limits for the termination message (pkg/kubelet/kuberuntime).
+MAX_MESSAGE_BYTES = 4096
+FALLBACK_LOG_LINES = 80
+FALLBACK_LOG_BYTES = 2048
+
+DEFAULT_BACKOFF_LIMIT = 6
+DEFAULT_POD_FAILURE_BACKOFF = 1.0
+MAX_POD_FAILURE_BACKOFF = 600.0
+MAX_GRACE_SECONDS = 10.0
+START_ERROR_EXIT = 128  # what container runtimes report when exec fails
+SETUP_RETRY_SECONDS = 2.0
+ERROR_RETRY_SECONDS = 1.0
+WATCH_TIMEOUT_SECONDS = 300
+REQUEST_TIMEOUT_SECONDS = 30.0
+INIT_COMMAND = "_container-init"
+
+MERGE_PATCH = "application/merge-patch+json"
+STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def rfc3339(moment: datetime) -> str:
+    """The API's timestamp format (metav1.Time has second precision)."""
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(text: str) -> datetime:
+    return datetime.fromisoformat(text)
+
+
+def prune(value: Any) -> Any:
+    """Drop None, "", {} and [] recursively, as the API server does with omitempty
+    fields, so that a desired status compares equal to what the server returns."""
+    if isinstance(value, dict):
+        pruned = {k: prune(v) for k, v in value.items()}
+        return {k: v for k, v in pruned.items() if v not in (None, "", {}, [])}
+    if isinstance(value, list):
+        return [prune(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------- pods, pure ---
+
+
+def pod_phase(pod: Obj) -> str:
+    return str(pod.get("status", {}).get("phase") or "Pending")
+
+
+def is_terminal(pod: Obj) -> bool:
+    return pod_phase(pod) in ("Succeeded", "Failed")
+
+
+def is_deleting(pod: Obj) -> bool:
+    return bool(pod["metadata"].get("deletionTimestamp"))
+
+
+def is_active(pod: Obj) -> bool:
+    return not is_terminal(pod) and not is_deleting(pod)
+
+
+def is_ready(pod: Obj) -> bool:
+    conditions = pod.get("status", {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
+def is_tracked(pod: Obj) -> bool:
+    return TRACKING_FINALIZER in (pod["metadata"].get("finalizers") or [])
+
+
+def is_pod_failed(pod: Obj, only_replace_failed: bool) -> bool:
+    """The Job controller's isPodFailed: a deleted Pod that did not succeed counts as
+    failed unless the Job only replaces Pods once they are Failed."""
+    if pod_phase(pod) == "Failed":
+        return True
+    return not only_replace_failed and is_deleting(pod) and pod_phase(pod) != "Succeeded"
+
+
+def free_local_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((POD_IP, 0))
+        return int(sock.getsockname()[1])
+
+
+def build_pod(job: Obj, free_port: Callable[[], int] = free_local_port) -> Obj:
+    """The Pod the Job controller creates from ``job.spec.template``.
+
+    Container ports named ``metrics`` get a free local port and ``KUBETUNE_METRICS_PORT``
+    (see the module docstring): every local Pod shares 127.0.0.1.
+    """
+    meta = job["metadata"]
+    template = copy.deepcopy(job["spec"]["template"])
+    template_meta = template.get("metadata") or {}
+    labels = dict(template_meta.get("labels") or {})
+    for label in JOB_NAME_LABELS:
+        labels.setdefault(label, meta["name"])
+    for label in CONTROLLER_UID_LABELS:
+        labels.setdefault(label, meta["uid"])
+    spec = template["spec"]
+    for container in spec["containers"]:
+        _assign_metrics_port(container, free_port)
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "generateName": f"{meta['name']}-",
+            "namespace": meta["namespace"],
+            "labels": labels,
+            "annotations": template_meta.get("annotations") or {},
+            "finalizers": [*(template_meta.get("finalizers") or []), TRACKING_FINALIZER],
+            "ownerReferences": [
+                {
+                    "apiVersion": "batch/v1",
+                    "kind": "Job",
+                    "name": meta["name"],
+                    "uid": meta["uid"],
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+        },
+        "spec": {**spec, "nodeName": NODE_NAME},
+    }
+
+
+def _assign_metrics_port(container: Obj, free_port: Callable[[], int]) -> None:
+    for port in container.get("ports") or []:
+        if port.get("name") == METRICS_PORT_NAME:
+            port["containerPort"] = free_port()
+            env = [e for e in container.get("env") or [] if e.get("name") != METRICS_PORT_ENV]
+            env.append({"name": METRICS_PORT_ENV, "value": str(port["containerPort"])})
+            container["env"] = env
+
+
+# ---------------------------------------------------------- Job status, pure ---
+
+
+class Target(NamedTuple):
+    """A terminal (or interim terminal) Job condition the controller is heading to."""
+
+    type: str
+    reason: str
+    message: str
+
+
+class PodRef(NamedTuple):
+    name: str
+    uid: str
+
+
+def pod_ref(pod: Obj) -> PodRef:
+    return PodRef(pod["metadata"]["name"], pod["metadata"]["uid"])
+
+
+def _finished_at(pod: Obj, default: datetime) -> datetime:
+    times = [
+        parse_time(s["state"]["terminated"]["finishedAt"])
+        for s in pod.get("status", {}).get("containerStatuses") or []
+        if s.get("state", {}).get("terminated", {}).get("finishedAt")
+    ]
+    return max(times, default=default)
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Consecutive Pod failures since the last success, like the Job controller's
+    in-memory backoff store: the next Pod waits ``base * 2**(failures-1)`` seconds."""
+
+    failures: int = 0
+    last_failure: datetime | None = None
+
+    def after(self, succeeded: Sequence[Obj], failed: Sequence[Obj], now: datetime) -> Backoff:
+        failed_at = [_finished_at(p, now) for p in failed]
+        if succeeded:
+            last_success = max(_finished_at(p, now) for p in succeeded)
+            later = [t for t in failed_at if t > last_success]
+            return Backoff(len(later), max(later, default=None))
+        if not failed:
+            return self
+        previous = [self.last_failure] if self.last_failure else []
+        return Backoff(self.failures + len(failed), max(failed_at + previous))
+
+    def remaining(self, now: datetime, base: float) -> float:
+        if not self.failures or self.last_failure is None:
+            return 0.0
+        delay = min(base * 2 ** (self.failures - 1), MAX_POD_FAILURE_BACKOFF)
+        return max(0.0, delay - (now - self.last_failure).total_seconds())
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """One pass of the Job controller. The driver applies it in order: delete, create,
+    write ``status`` (when it changed), then remove the tracking finalizer from
+    ``release`` -- only once their UIDs are safely in uncountedTerminatedPods."""
+
+    status: Obj
+    backoff: Backoff
+    create: int = 0
+    delete: tuple[PodRef, ...] = ()  # failed Job: delete, still counted
+    untrack_and_delete: tuple[PodRef, ...] = ()  # suspended Job: not counted
+    release: tuple[PodRef, ...] = ()
+    requeue_after: float | None = None
+    finished: Obj | None = None  # the Complete/Failed condition set by this pass
+
+
+def find_condition(conditions: Sequence[Obj], ctype: str) -> Obj | None:
+    return next((c for c in conditions if c.get("type") == ctype), None)
+
+
+def _true_condition(conditions: Sequence[Obj], ctype: str) -> Obj | None:
+    found = find_condition(conditions, ctype)
+    return found if found is not None and found.get("status") == "True" else None
+
+
+def job_finished(status: Obj) -> bool:
+    conditions = status.get("conditions") or []
+    return any(_true_condition(conditions, t) for t in ("Complete", "Failed"))
+
+
+def new_condition(ctype: str, status: str, reason: str, message: str, now: datetime) -> Obj:
+    stamp = rfc3339(now)
+    return {
+        "type": ctype,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastProbeTime": stamp,
+        "lastTransitionTime": stamp,
+    }
+
+
+def ensure_condition(
+    conditions: list[Obj], ctype: str, status: str, reason: str, message: str, now: datetime
+) -> bool:
+    """ensureJobConditionStatus: replace a differing condition; add a missing one unless
+    it would be False. Returns whether anything changed."""
+    current = find_condition(conditions, ctype)
+    if current is not None:
+        if (current.get("status"), current.get("reason"), current.get("message")) == (
+            status,
+            reason,
+            message,
+        ):
+            return False
+        current.clear()
+        current.update(new_condition(ctype, status, reason, message, now))
+        return True
+    if status == "False":
+        return False
+    conditions.append(new_condition(ctype, status, reason, message, now))
+    return True
+
+
+def job_status_canonical(status: Obj | None) -> Obj:
+    """Status as the API server stores it: zero counters are omitted (omitempty)."""
+    canonical = prune(status or {})
+    for counter in ("active", "succeeded", "failed"):
+        if canonical.get(counter) == 0:
+            del canonical[counter]
+    return dict(canonical)
+
+
+def _terminal_target(
+    spec: Obj, status: Obj, failed: int, create_error: str | None, now: datetime
+) -> tuple[Target | None, float | None]:
+    """Where the Job is heading, and when to look again for activeDeadlineSeconds."""
+    conditions = status.get("conditions") or []
+    if met := _true_condition(conditions, "SuccessCriteriaMet"):
+        return Target("SuccessCriteriaMet", met.get("reason", ""), met.get("message", "")), None
+    if failing := _true_condition(conditions, "FailureTarget"):
+        return Target("Failed", failing.get("reason", ""), failing.get("message", "")), None
+    if failed > spec.get("backoffLimit", DEFAULT_BACKOFF_LIMIT):
+        return Target(
+            "FailureTarget", "BackoffLimitExceeded", "Job has reached the specified backoff limit"
+        ), None
+    requeue = None
+    deadline = spec.get("activeDeadlineSeconds")
+    if deadline is not None and status.get("startTime") and not spec.get("suspend"):
+        left = deadline - (now - parse_time(status["startTime"])).total_seconds()
+        if left <= 0:
+            return Target(
+                "FailureTarget", "DeadlineExceeded", "Job was active longer than specified deadline"
+            ), None
+        requeue = left
+    if create_error:
+        return Target("FailureTarget", "PodCreateFailed", create_error), None
+    return None, requeue
+
+
+def _wanted_active(spec: Obj, succeeded: int, active: int) -> int:
+    parallelism = int(spec.get("parallelism", 1))
+    completions = spec.get("completions")
+    if completions is None:
+        # Work-queue Jobs: once one Pod succeeded, let the others finish, start none.
+        return active if succeeded else parallelism
+    return max(0, min(parallelism, completions - succeeded))
+
+
+def _complete(spec: Obj, succeeded: int, active: int) -> bool:
+    if active:
+        return False
+    completions = spec.get("completions")
+    return succeeded > 0 if completions is None else succeeded >= completions
+
+
+def _earliest(a: float | None, b: float) -> float:
+    return b if a is None else min(a, b)
+
+
+def plan_job(
+    job: Obj,
+    pods: Sequence[Obj],
+    now: datetime,
+    backoff: Backoff = Backoff(),
+    *,
+    create_error: str | None = None,
+    pod_failure_backoff: float = DEFAULT_POD_FAILURE_BACKOFF,
+) -> JobPlan:
+    """kube-controller-manager v1.33 syncJob for a NonIndexed Job, as a pure function of
+    the Job, the Pods it controls and the time.
+
+    Finished Pods are counted the way the real controller does, so counts survive Pods
+    being deleted: their UIDs first go to ``status.uncountedTerminatedPods``, then their
+    tracking finalizer is removed (``release``), and a later pass moves UIDs whose Pod
+    lost the finalizer into ``succeeded``/``failed``. A terminal condition is preceded by
+    its interim one (SuccessCriteriaMet, FailureTarget) and only set once nothing is left
+    uncounted or terminating -- the v1.33 status validation rejects anything else.
+    """
+    status: Obj = copy.deepcopy(job.get("status") or {})
+    tracked = [p for p in pods if is_tracked(p)]
+    if job_finished(status):
+        return JobPlan(status, backoff, release=tuple(map(pod_ref, tracked)))
+    spec = job["spec"]
+    suspended = bool(spec.get("suspend"))
+    deleting = bool(job["metadata"].get("deletionTimestamp"))
+    only_replace_failed = spec.get("podReplacementPolicy") == "Failed"
+
+    tracked_uids = {p["metadata"]["uid"] for p in tracked}
+    uncounted = status.get("uncountedTerminatedPods") or {}
+    uncounted_ok = list(uncounted.get("succeeded") or [])
+    uncounted_failed = list(uncounted.get("failed") or [])
+    # UIDs recorded in an earlier pass whose finalizer is gone are now counted.
+    status["succeeded"] = status.get("succeeded", 0) + sum(
+        u not in tracked_uids for u in uncounted_ok
+    )
+    status["failed"] = status.get("failed", 0) + sum(u not in tracked_uids for u in uncounted_failed)
+    uncounted_ok = [u for u in uncounted_ok if u in tracked_uids]
+    uncounted_failed = [u for u in uncounted_failed if u in tracked_uids]
+
+    fresh = [p for p in tracked if p["metadata"]["uid"] not in {*uncounted_ok, *uncounted_failed}]
+    new_ok = [p for p in fresh if pod_phase(p) == "Succeeded"]
+    new_failed = [p for p in fresh if is_pod_failed(p, only_replace_failed)]
+    succeeded = status["succeeded"] + len(new_ok) + len(uncounted_ok)
+    failed = status["failed"] + len(new_failed) + len(uncounted_failed)
+    backoff = backoff.after(new_ok, new_failed, now)
+    if not status.get("startTime") and not suspended:
+        status["startTime"] = rfc3339(now)
+
+    active = [p for p in pods if is_active(p)]
+    terminating = sum(is_deleting(p) and not is_terminal(p) for p in pods)
+    conditions: list[Obj] = status.setdefault("conditions", [])
+    target, requeue = _terminal_target(spec, status, failed, create_error, now)
+    create, delete, untrack = 0, [], []
+    if target is not None:
+        delete, active = active, []
+    elif not deleting:
+        if suspended:
+            untrack, active = active, []
+        else:
+            missing = _wanted_active(spec, succeeded, len(active)) - len(active)
+            if only_replace_failed:
+                missing -= terminating
+            if missing > 0:
+                wait = backoff.remaining(now, pod_failure_backoff)
+                if wait > 0:
+                    requeue = _earliest(requeue, wait)
+                else:
+                    create = missing
+        if _complete(spec, succeeded, len(active) + create):
+            target = Target(
+                "SuccessCriteriaMet", "CompletionsReached", "Reached expected number of succeeded pods"
+            )
+        elif suspended:
+            ensure_condition(conditions, "Suspended", "True", "JobSuspended", "Job suspended", now)
+        elif ensure_condition(conditions, "Suspended", "False", "JobResumed", "Job resumed", now):
+            # A resumed Job restarts its activeDeadlineSeconds clock.
+            status["startTime"] = rfc3339(now)
+    terminating += len(delete) + len(untrack)
+
+    release = []
+    for pod in tracked:
+        pod_failed = is_pod_failed(pod, only_replace_failed)
+        succeeded_pod = pod_phase(pod) == "Succeeded"
+        if not (deleting or target is not None or succeeded_pod or pod_failed):
+            continue
+        release.append(pod_ref(pod))
+        uid = pod["metadata"]["uid"]
+        if succeeded_pod and uid not in uncounted_failed:
+            if uid not in uncounted_ok:
+                uncounted_ok.append(uid)
+        elif pod_failed or (target is not None and target.type != "SuccessCriteriaMet"):
+            # When the Job fails, every Pod that did not succeed counts as failed.
+            if uid not in uncounted_failed:
+                uncounted_failed.append(uid)
+
+    status["uncountedTerminatedPods"] = {
+        k: v for k, v in (("succeeded", uncounted_ok), ("failed", uncounted_failed)) if v
+    }
+    status["active"] = len(active)
+    status["ready"] = sum(is_ready(p) for p in active)
+    status["terminating"] = terminating
+    finished = None
+    if target is not None:
+        final_type = target.type
+        if target.type == "FailureTarget":
+            conditions.append(new_condition(target.type, "True", target.reason, target.message, now))
+            final_type = "Failed"
+        elif target.type == "SuccessCriteriaMet":
+            if find_condition(conditions, target.type) is None:
+                conditions.append(
+                    new_condition(target.type, "True", target.reason, target.message, now)
+                )
+            final_type = "Complete"
+        if not uncounted_ok and not uncounted_failed and terminating == 0:
+            finished = new_condition(final_type, "True", target.reason, target.message, now)
+            conditions.append(finished)
+            if final_type == "Complete":
+                status["completionTime"] = rfc3339(now)
+    if not conditions:
+        del status["conditions"]
+    return JobPlan(
+        status=status,
+        backoff=backoff,
+        create=create,
+        delete=tuple(map(pod_ref, delete)),
+        untrack_and_delete=tuple(map(pod_ref, untrack)),
+        release=tuple(release),
+        requeue_after=requeue,
+        finished=finished,
+    )
+
+
+# ------------------------------------------------------- kubelet status, pure ---
+
+
+@dataclass(frozen=True)
+class Report:
+    """What the kubelet reports for a Pod: its phase and its container's state."""
+
+    phase: str
+    state: Obj
+
+    @staticmethod
+    def waiting(reason: str, message: str) -> Report:
+        return Report("Pending", {"waiting": {"reason": reason, "message": message}})
+
+    @staticmethod
+    def running(started_at: str) -> Report:
+        return Report("Running", {"running": {"startedAt": started_at}})
+
+    @staticmethod
+    def terminated(
+        exit_code: int, reason: str, message: str, started_at: str, finished_at: str
+    ) -> Report:
+        terminated = {
+            "exitCode": exit_code,
+            "reason": reason,
+            "message": message,
+            "startedAt": started_at,
+            "finishedAt": finished_at,
+        }
+        return Report("Succeeded" if exit_code == 0 else "Failed", {"terminated": terminated})
+
+
+def _pod_conditions(old: Sequence[Obj], phase: str, container: str, now: str) -> list[Obj]:
+    unready = ("False", "ContainersNotReady", f"containers with unready status: [{container}]")
+    ready = {
+        "Running": ("True", "", ""),
+        "Succeeded": ("False", "PodCompleted", ""),
+    }.get(phase, unready)
+    terminal = phase in ("Succeeded", "Failed")
+    wanted = [
+        ("PodReadyToStartContainers", "False" if terminal else "True", "", ""),
+        ("Initialized", "True", "PodCompleted" if phase == "Succeeded" else "", ""),
+        ("Ready", *ready),
+        ("ContainersReady", *ready),
+        ("PodScheduled", "True", "", ""),
+    ]
+    previous = {c.get("type"): c for c in old}
+    conditions = []
+    for ctype, status, reason, message in wanted:
+        prev = previous.get(ctype) or {}
+        # Keeping lastTransitionTime when nothing changed keeps the status idempotent.
+        since = prev.get("lastTransitionTime") if prev.get("status") == status else None
+        conditions.append(
+            {
+                "type": ctype,
+                "status": status,
+                "reason": reason,
+                "message": message,
+                "lastTransitionTime": since or now,
+            }
+        )
+    return conditions
+
+
+def pod_status(pod: Obj, report: Report, now: datetime) -> Obj:
+    """The Pod status a kubelet would write for ``report`` (first container only)."""
+    old = pod.get("status") or {}
+    container = pod["spec"]["containers"][0]
+    running = "running" in report.state
+    stamp = rfc3339(now)
+    return prune(
+        {
+            "phase": report.phase,
+            "conditions": _pod_conditions(
+                old.get("conditions") or [], report.phase, container["name"], stamp
+            ),
+            "hostIP": POD_IP,
+            "hostIPs": [{"ip": POD_IP}],
+            "podIP": POD_IP,
+            "podIPs": [{"ip": POD_IP}],
+            "startTime": old.get("startTime") or stamp,
+            "containerStatuses": [
+                {
+                    "name": container["name"],
+                    "image": container.get("image", ""),
+                    "imageID": "",
+                    "containerID": f"local://{pod['metadata']['uid']}",
+                    "ready": running,
+                    "started": running,
+                    "restartCount": 0,
+                    "state": report.state,
+                }
+            ],
+        }
+    )
+
+
+def exit_reason(returncode: int, killed_by_executor: bool) -> tuple[int, str]:
+    """(exitCode, reason) as a container runtime reports them. A SIGKILL the executor did
+    not send is taken for the kernel's OOM killer."""
+    if returncode >= 0:
+        return returncode, "Completed" if returncode == 0 else "Error"
+    signum = -returncode
+    if signum == signal.SIGKILL and not killed_by_executor:
+        return 128 + signum, "OOMKilled"
+    return 128 + signum, "Error"
+
+
+def termination_message(message: bytes, log_tail: bytes, policy: str, exit_code: int) -> str:
+    """The kubelet's rules: the file's first 4096 bytes; with FallbackToLogsOnError and an
+    empty file after a failure, the log's last 80 lines capped at 2048 bytes."""
+    if not message.strip() and policy == "FallbackToLogsOnError" and exit_code != 0:
+        lines = log_tail.splitlines(keepends=True)[-FALLBACK_LOG_LINES:]
+        return b"".join(lines)[-FALLBACK_LOG_BYTES:].decode(errors="replace")
+    return message[:MAX_MESSAGE_BYTES].decode(errors="replace")
+
+
+# ------------------------------------------------ environment and volumes ---
+
+
+class PodSetupError(Exception):
+    """The Pod cannot start yet (e.g. a missing Secret); the kubelet keeps it Pending
+    with this waiting reason and retries."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+class StartError(Exception):
+    """The container cannot start at all (no command, executable not found)."""
+
+
+class ObjectSource(Protocol):
+    """Reads the API objects a Pod refers to (``None`` when they do not exist)."""
+
+    def config_map(self, namespace: str, name: str) -> Obj | None: ...
+
+    def secret(self, namespace: str, name: str) -> Obj | None: ...
+
+    def service_account_token(self, pod: Obj, audience: str | None, expiration: int) -> str: ...
+
+
+_VAR_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
+
+
+def expand(text: str, env: dict[str, str]) -> str:
+    """Kubernetes ``$(VAR)`` expansion: defined variables are replaced, unknown references
+    are left as they are, and ``$$`` escapes a ``$``."""
+
+    def substitute(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        return env.get(match.group(1), match.group(0))
+
+    return _VAR_REF.sub(substitute, text)
+
+
+def field_value(pod: Obj, path: str) -> str:
+    """A downward-API fieldRef, as in env valueFrom and downwardAPI volumes."""
+    meta, spec = pod["metadata"], pod["spec"]
+    simple = {
+        "metadata.name": meta["name"],
+        "metadata.namespace": meta["namespace"],
+        "metadata.uid": meta.get("uid", ""),
+        "spec.nodeName": spec.get("nodeName", ""),
+        "spec.serviceAccountName": spec.get("serviceAccountName", ""),
+        "status.podIP": POD_IP,
+        "status.podIPs": POD_IP,
+        "status.hostIP": POD_IP,
+        "status.hostIPs": POD_IP,
+    }
+    if path in simple:
+        return str(simple[path])
+    if match := re.fullmatch(r"metadata\.(labels|annotations)\['(.+)'\]", path):
+        return str((meta.get(match.group(1)) or {}).get(match.group(2), ""))
+    if path in ("metadata.labels", "metadata.annotations"):
+        items = sorted((meta.get(path.split(".")[1]) or {}).items())
+        return "\n".join(f"{k}={json.dumps(v)}" for k, v in items)
+    raise PodSetupError("CreateContainerConfigError", f"unsupported fieldRef {path!r}")
+
+
+def object_data(kind: str, obj: Obj) -> dict[str, bytes]:
+    """A ConfigMap's data/binaryData or a Secret's data, decoded to bytes."""
+    if kind == "Secret":
+        return {k: base64.b64decode(v) for k, v in (obj.get("data") or {}).items()}
+    data = {k: v.encode() for k, v in (obj.get("data") or {}).items()}
+    data.update({k: base64.b64decode(v) for k, v in (obj.get("binaryData") or {}).items()})
+    return data
+
+
+def _fetch(source: ObjectSource, kind: str, namespace: str, name: str) -> Obj | None:
+    return source.secret(namespace, name) if kind == "Secret" else source.config_map(namespace, name)
+
+
+def _key_ref(
+    source: ObjectSource, namespace: str, kind: str, ref: Obj, reason: str
+) -> bytes | None:
+    obj = _fetch(source, kind, namespace, ref["name"])
+    if obj is None:
+        if ref.get("optional"):
+            return None
+        raise PodSetupError(reason, f'{kind.lower()} "{ref["name"]}" not found')
+    data = object_data(kind, obj)
+    if ref["key"] not in data:
+        if ref.get("optional"):
+            return None
+        raise PodSetupError(
+            reason, f"couldn't find key {ref['key']} in {kind} {namespace}/{ref['name']}"
+        )
+    return data[ref["key"]]
+
+
+def container_env(pod: Obj, container: Obj, source: ObjectSource) -> dict[str, str]:
+    """The container's environment from ``envFrom`` then ``env``, as the kubelet builds it."""
+    namespace = pod["metadata"]["namespace"]
+    reason = "CreateContainerConfigError"
+    env: dict[str, str] = {}
+    for ref in container.get("envFrom") or []:
+        for kind, key in (("ConfigMap", "configMapRef"), ("Secret", "secretRef")):
+            if key not in ref:
+                continue
+            obj = _fetch(source, kind, namespace, ref[key]["name"])
+            if obj is None and not ref[key].get("optional"):
+                raise PodSetupError(reason, f'{kind.lower()} "{ref[key]["name"]}" not found')
+            for name, value in object_data(kind, obj or {}).items():
+                env[ref.get("prefix", "") + name] = value.decode()
+    for var in container.get("env") or []:
+        value_from = var.get("valueFrom")
+        if value_from is None:
+            env[var["name"]] = expand(var.get("value", ""), env)
+            continue
+        if "fieldRef" in value_from:
+            env[var["name"]] = field_value(pod, value_from["fieldRef"]["fieldPath"])
+            continue
+        kind, ref = (
+            ("ConfigMap", value_from.get("configMapKeyRef"))
+            if "configMapKeyRef" in value_from
+            else ("Secret", value_from.get("secretKeyRef"))
+        )
+        if ref is None:
+            raise PodSetupError(reason, f"unsupported valueFrom {sorted(value_from)} for {var['name']}")
+        value = _key_ref(source, namespace, kind, ref, reason)
+        if value is not None:
+            env[var["name"]] = value.decode()
+    return env
+
+
+@dataclass(frozen=True)
+class Volume:
+    path: Path
+    read_only: bool  # configMap/secret/downwardAPI/projected are always mounted read-only
+
+
+@dataclass(frozen=True)
+class Mount:
+    source: str
+    target: str
+    read_only: bool
+
+
+Files = dict[str, tuple[bytes, int]]  # relative path -> (content, mode)
+
+
+def _key_files(data: dict[str, bytes], items: Sequence[Obj] | None, mode: int, what: str) -> Files:
+    if items is None:
+        return {key: (value, mode) for key, value in data.items()}
+    files: Files = {}
+    for item in items:
+        if item["key"] not in data:
+            raise PodSetupError(
+                "ContainerCreating", f"{what} references non-existent key: {item['key']}"
+            )
+        files[item["path"]] = (data[item["key"]], item.get("mode", mode))
+    return files
+
+
+def _object_files(source: ObjectSource, namespace: str, kind: str, ref: Obj, mode: int) -> Files:
+    name = ref.get("name") or ref.get("secretName", "")
+    obj = _fetch(source, kind, namespace, name)
+    if obj is None:
+        if ref.get("optional"):
+            return {}
+        raise PodSetupError("ContainerCreating", f'{kind.lower()} "{name}" not found')
+    return _key_files(object_data(kind, obj), ref.get("items"), mode, f"{kind.lower()} {name}")
+
+
+def _downward_files(pod: Obj, items: Sequence[Obj], mode: int) -> Files:
+    files: Files = {}
+    for item in items:
+        if "fieldRef" not in item:
+            raise PodSetupError("ContainerCreating", "resourceFieldRef is not supported")
+        value = field_value(pod, item["fieldRef"]["fieldPath"]).encode()
+        files[item["path"]] = (value, item.get("mode", mode))
+    return files
+
+
+def _projected_files(pod: Obj, projected: Obj, source: ObjectSource) -> Files:
+    namespace = pod["metadata"]["namespace"]
+    mode = projected.get("defaultMode", 0o644)
+    files: Files = {}
+    for item in projected.get("sources") or []:
+        if "configMap" in item:
+            files |= _object_files(source, namespace, "ConfigMap", item["configMap"], mode)
+        elif "secret" in item:
+            files |= _object_files(source, namespace, "Secret", item["secret"], mode)
+        elif "downwardAPI" in item:
+            files |= _downward_files(pod, item["downwardAPI"].get("items") or [], mode)
+        elif "serviceAccountToken" in item:
+            sat = item["serviceAccountToken"]
+            token = source.service_account_token(
+                pod, sat.get("audience"), sat.get("expirationSeconds", 3600)
+            )
+            files[sat["path"]] = (token.encode(), mode)
+        else:
+            raise PodSetupError("ContainerCreating", f"unsupported projected source {sorted(item)}")
+    return files
+
+
+def _write_files(folder: Path, files: Files) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for relative, (content, mode) in files.items():
+        target = folder / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(content)
+        target.chmod(mode)
+
+
+def materialize_volumes(
+    pod: Obj, volumes_dir: Path, pvc_root: Path, source: ObjectSource
+) -> dict[str, Volume]:
+    """Map each Pod volume to a host folder, writing the files of the file-backed ones."""
+    namespace = pod["metadata"]["namespace"]
+    result: dict[str, Volume] = {}
+    for volume in pod["spec"].get("volumes") or []:
+        name = volume["name"]
+        folder = volumes_dir / name
+        if "persistentVolumeClaim" in volume:
+            folder = pvc_root / namespace / volume["persistentVolumeClaim"]["claimName"]
+            folder.mkdir(parents=True, exist_ok=True)
+            result[name] = Volume(folder, bool(volume["persistentVolumeClaim"].get("readOnly")))
+            continue
+        if "emptyDir" in volume:
+            folder.mkdir(parents=True, exist_ok=True)
+            result[name] = Volume(folder, False)
+            continue
+        if "configMap" in volume:
+            ref = volume["configMap"]
+            files = _object_files(source, namespace, "ConfigMap", ref, ref.get("defaultMode", 0o644))
+        elif "secret" in volume:
+            ref = volume["secret"]
+            files = _object_files(source, namespace, "Secret", ref, ref.get("defaultMode", 0o644))
+        elif "downwardAPI" in volume:
+            ref = volume["downwardAPI"]
+            files = _downward_files(pod, ref.get("items") or [], ref.get("defaultMode", 0o644))
+        elif "projected" in volume:
+            files = _projected_files(pod, volume["projected"], source)
+        else:
+            kinds = sorted(set(volume) - {"name"})
+            raise PodSetupError(
+                "ContainerCreating", f'volume "{name}": {kinds} volumes are not supported locally'
+            )
+        _write_files(folder, files)
+        result[name] = Volume(folder, True)
+    return result
+
+
+def container_mounts(container: Obj, volumes: dict[str, Volume], env: dict[str, str]) -> list[Mount]:
+    mounts = []
+    for vm in container.get("volumeMounts") or []:
+        volume = volumes[vm["name"]]
+        sub = vm.get("subPath") or expand(vm.get("subPathExpr", ""), env)
+        source = (volume.path / sub).resolve() if sub else volume.path
+        if not source.is_relative_to(volume.path.resolve()):
+            raise PodSetupError("CreateContainerConfigError", f"subPath {sub!r} leaves its volume")
+        if sub and not source.exists():
+            source.mkdir(parents=True)  # the kubelet creates missing subPath folders
+        read_only = volume.read_only or bool(vm.get("readOnly"))
+        mounts.append(Mount(str(source), vm["mountPath"], read_only))
+    return mounts
+
+
+# ------------------------------------- container init (in the mount namespace) ---
+
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_REMOUNT, MS_BIND, MS_REC = 32, 4096, 16384
+
+
+def _mount(libc: ctypes.CDLL, source: str | None, target: str, flags: int) -> None:
+    src = os.fsencode(source) if source is not None else None
+    if libc.mount(src, os.fsencode(target), None, flags, None) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"mount {source or ''} on {target}: {os.strerror(errno)}")
+
+
+def _make_mount_point(target: str, is_dir: bool) -> None:
+    if is_dir:
+        os.makedirs(target, exist_ok=True)
+        return
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    if not os.path.exists(target):
+        with open(target, "a"):
+            pass
+
+
+def apply_mounts(mounts: Sequence[Mount]) -> None:
+    """Bind each source onto its target inside this (private) mount namespace.
+
+    Sources are opened first and bound through /proc/self/fd, because a mount over e.g.
+    /tmp would otherwise hide sources that live under /tmp. Parents are mounted before
+    their children, and read-only remounts come last so that mount points below a
+    read-only mount can still be created.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
+    fds = [os.open(m.source, os.O_PATH | os.O_CLOEXEC) for m in mounts]
+    is_dir = [os.path.isdir(m.source) for m in mounts]
+    order = sorted(range(len(mounts)), key=lambda i: os.path.normpath(mounts[i].target).count("/"))
+    for i in order:
+        _make_mount_point(mounts[i].target, is_dir[i])
+        _mount(libc, f"/proc/self/fd/{fds[i]}", mounts[i].target, MS_BIND | MS_REC)
+    for i in order:
+        if mounts[i].read_only:
+            # A remount must keep the flags the kernel locked on the original mount.
+            locked = os.statvfs(mounts[i].target).f_flag & (MS_NOSUID | MS_NODEV | MS_NOEXEC)
+            _mount(libc, None, mounts[i].target, MS_REMOUNT | MS_BIND | MS_RDONLY | locked)
+    for fd in fds:
+        os.close(fd)
+
+
+def container_init(spec_json: str) -> NoReturn:
+    """Entry point run by ``unshare`` in the new mount namespace: mount, chdir, exec.
+
+    A failure is written to the start-error file (opened before any mount can hide it)
+    and reported by the executor as reason StartError.
+    """
+    spec = json.loads(spec_json)
+    error_fd = os.open(spec["startErrorFile"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC)
+    try:
+        apply_mounts([Mount(**m) for m in spec["mounts"]])
+        if spec["workingDir"]:
+            os.makedirs(spec["workingDir"], exist_ok=True)
+            os.chdir(spec["workingDir"])
+        os.execv(spec["executable"], spec["argv"])
+    except OSError as exc:
+        os.write(error_fd, f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ").encode())
+        os._exit(START_ERROR_EXIT)
+
+
+# ----------------------------------------------------------------- API access ---
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, body: Obj) -> None:
+        self.status = status
+        self.body = body
+        self.message = str(body.get("message") or body.get("reason") or f"HTTP {status}")
+        super().__init__(f"{status}: {self.message}")
+
+    @property
+    def namespace_terminating(self) -> bool:
+        causes = (self.body.get("details") or {}).get("causes") or []
+        return any(c.get("type") == "NamespaceTerminating" for c in causes)
+
+
+class WatchExpired(Exception):
+    """The watch's resourceVersion is too old (HTTP 410): list again."""
+
+
+class Kube:
+    """JSON in, JSON out access to the API server.
+
+    The kubernetes client loads the kubeconfig (server, TLS, token); requests go through
+    urllib3 directly because the executor works on plain dicts end to end (merge patches
+    of status, full-object status PUTs, watch streams it can interrupt on shutdown),
+    which the client's typed models and Watch helper get in the way of.
+    """
+
+    def __init__(self, kubeconfig: Path) -> None:
+        import urllib3
+        from kubernetes import client, config
+
+        cfg = client.Configuration()
+        config.load_kube_config(config_file=str(kubeconfig), client_configuration=cfg)
+        self._host = cfg.host
+        self._headers = {"Accept": "application/json", "User-Agent": "kubetune-local-executor"}
+        for setting in cfg.auth_settings().values():
+            if setting.get("in") == "header" and setting.get("value"):
+                self._headers[setting["key"]] = setting["value"]
+        self._pool = urllib3.PoolManager(
+            maxsize=8,
+            cert_reqs="CERT_REQUIRED" if cfg.verify_ssl else "CERT_NONE",
+            ca_certs=cfg.ssl_ca_cert,
+            cert_file=cfg.cert_file,
+            key_file=cfg.key_file,
+        )
+        self._timeout = urllib3.Timeout
+        self._streams: set[Any] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def _url(self, path: str, query: dict[str, str] | None) -> str:
+        return f"{self._host}{path}" + (f"?{urlencode(query)}" if query else "")
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Obj | None = None,
+        *,
+        query: dict[str, str] | None = None,
+        content_type: str = "application/json",
+    ) -> Obj:
+        response = self._pool.request(
+            method,
+            self._url(path, query),
+            body=json.dumps(body).encode() if body is not None else None,
+            headers={**self._headers, "Content-Type": content_type},
+            timeout=self._timeout(total=REQUEST_TIMEOUT_SECONDS),
+            retries=False,
+        )
+        payload = json.loads(response.data) if response.data else {}
+        if response.status >= 400:
+            raise ApiError(response.status, payload)
+        return dict(payload)
+
+    def get(self, path: str) -> Obj | None:
+        try:
+            return self.request("GET", path)
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def stream(self, path: str, query: dict[str, str]) -> Iterator[Obj]:
+        """Watch events, one JSON object per line, until the server ends the watch or
+        ``close()`` shuts the connection down."""
+        response = self._pool.request(
+            "GET",
+            self._url(path, query),
+            headers=self._headers,
+            preload_content=False,
+            timeout=self._timeout(connect=10, read=WATCH_TIMEOUT_SECONDS + 30),
+            retries=False,
+        )
+        with self._lock:
+            if self._closed:
+                response.release_conn()
+                return
+            self._streams.add(response)
+        try:
+            if response.status >= 400:
+                raise ApiError(response.status, json.loads(response.read() or b"{}"))
+            buffer = b""
+            for chunk in response.stream(amt=None):
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                yield from (json.loads(line) for line in lines if line.strip())
+        finally:
+            with self._lock:
+                self._streams.discard(response)
+            response.release_conn()
+
+    def close(self) -> None:
+        """Interrupt open watches; later requests still work (for final status writes)."""
+        with self._lock:
+            self._closed = True
+            streams = list(self._streams)
+        for response in streams:
+            response.shutdown()
+
+    # ObjectSource
+    def config_map(self, namespace: str, name: str) -> Obj | None:
+        return self.get(f"/api/v1/namespaces/{namespace}/configmaps/{name}")
+
+    def secret(self, namespace: str, name: str) -> Obj | None:
+        return self.get(f"/api/v1/namespaces/{namespace}/secrets/{name}")
+
+    def service_account_token(self, pod: Obj, audience: str | None, expiration: int) -> str:
+        meta = pod["metadata"]
+        account = pod["spec"].get("serviceAccountName") or "default"
+        request = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {
+                "audiences": [audience] if audience else [],
+                "expirationSeconds": expiration,
+                "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": meta["name"], "uid": meta["uid"]},
+            },
+        }
+        path = f"/api/v1/namespaces/{meta['namespace']}/serviceaccounts/{account}/token"
+        try:
+            return str(self.request("POST", path, request)["status"]["token"])
+        except ApiError as exc:
+            raise PodSetupError("ContainerCreating", f"service account token: {exc.message}") from exc
+
+
+def job_path(namespace: str, name: str = "") -> str:
+    return f"/apis/batch/v1/namespaces/{namespace}/jobs" + (f"/{name}" if name else "")
+
+
+def pod_path(namespace: str, name: str = "") -> str:
+    return f"/api/v1/namespaces/{namespace}/pods" + (f"/{name}" if name else "")
+
+
+# ------------------------------------------------------------------ executor ---
+
+
+class WorkQueue:
+    """A deduplicating FIFO of keys with delayed adds. One worker drains it, so a key is
+    never processed twice at the same time, and a key added while it is being processed
+    is processed again afterwards (level-triggered reconciliation)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._ready: dict[Key, None] = {}
+        self._delayed: list[tuple[float, int, Key]] = []
+        self._seq = itertools.count()
+        self._closed = False
+
+    def add(self, key: Key, delay: float = 0.0) -> None:
+        with self._cond:
+            if delay <= 0:
+                self._ready[key] = None
+            else:
+                heapq.heappush(self._delayed, (time.monotonic() + delay, next(self._seq), key))
+            self._cond.notify()
+
+    def get(self) -> Key | None:
+        """The next key, blocking until one is due; None once closed."""
+        with self._cond:
+            while not self._closed:
+                now = time.monotonic()
+                while self._delayed and self._delayed[0][0] <= now:
+                    self._ready[heapq.heappop(self._delayed)[2]] = None
+                if self._ready:
+                    key = next(iter(self._ready))
+                    del self._ready[key]
+                    return key
+                self._cond.wait(self._delayed[0][0] - now if self._delayed else None)
+            return None
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+@dataclass
+class ContainerRun:
+    """The local process of one Pod, from its start until its exit is reported."""
+
+    namespace: str
+    pod: str
+    uid: str
+    container: Obj
+    pod_dir: Path
+    log_path: Path
+    process: subprocess.Popen[bytes]
+    started_at: str
+    exit_code: int | None = None
+    finished_at: str | None = None
+    terminating: bool = False
+    killed: bool = False  # SIGKILL sent by the executor, so not an OOM kill
+    kill_timer: threading.Timer | None = field(default=None, repr=False)
+
+    @property
+    def key(self) -> Key:
+        return self.namespace, self.pod
+
+    @property
+    def termination_file(self) -> Path:
+        return self.pod_dir / "termination-log"
+
+    @property
+    def start_error_file(self) -> Path:
+        return self.pod_dir / "start-error"
+
+
+def _read_head(path: Path, size: int) -> bytes:
+    try:
+        with path.open("rb") as fh:
+            return fh.read(size)
+    except FileNotFoundError:
+        return b""
+
+
+def _read_tail(path: Path, size: int) -> bytes:
+    try:
+        with path.open("rb") as fh:
+            fh.seek(max(0, path.stat().st_size - size))
+            return fh.read()
+    except FileNotFoundError:
+        return b""
+
+
+def _signal_group(run: ContainerRun, signum: int) -> None:
+    # The process leads its own session (start_new_session), so its pid is the group id
+    # of everything it started.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(run.process.pid, signum)
+
+
+def _grace_seconds(pod: Obj) -> float:
+    seconds = pod["metadata"].get("deletionGracePeriodSeconds")
+    if seconds is None:
+        seconds = pod["spec"].get("terminationGracePeriodSeconds", 30)
+    return float(min(seconds, MAX_GRACE_SECONDS))
+
+
+def _was_running(pod: Obj) -> bool:
+    statuses = pod.get("status", {}).get("containerStatuses") or []
+    return any("running" in (s.get("state") or {}) for s in statuses)
+
+
+class LocalExecutor:
+    """Job controller + kubelet for node ``local-executor``, on background threads.
+
+    ``namespaces=None`` watches the whole cluster; otherwise only the given namespaces.
+    ``start()`` returns once the initial lists are in; ``stop()`` (also on leaving the
+    ``with`` block) ends the watches and kills every process it started.
+    """
+
+    def __init__(
+        self,
+        kubeconfig: Path | str,
+        state_dir: Path | str,
+        namespaces: Sequence[str] | None = None,
+        *,
+        pass_env: Sequence[str] = DEFAULT_PASS_ENV,
+        pod_failure_backoff: float = DEFAULT_POD_FAILURE_BACKOFF,
+    ) -> None:
+        self._kubeconfig = Path(kubeconfig)
+        self.state_dir = Path(state_dir).resolve()
+        self._namespaces = list(namespaces) if namespaces is not None else None
+        self._pass_env = tuple(pass_env)
+        self._pod_failure_backoff = pod_failure_backoff
+        # The venv's bin first, so `kubetune ...` resolves to this environment's command.
+        self._bin_dir = str(Path(sys.executable).parent)
+        self._jobs = WorkQueue()
+        self._pods = WorkQueue()
+        self._runs: dict[str, ContainerRun] = {}  # by Pod UID
+        self._backoffs: dict[str, Backoff] = {}  # by Job UID
+        self._create_errors: dict[str, str] = {}  # by Job UID
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._kube: Kube | None = None
+
+    # -- public ---------------------------------------------------------------
+
+    def pvc_dir(self, namespace: str, claim: str) -> Path:
+        """The folder that stands for PersistentVolumeClaim ``claim``."""
+        return self.state_dir / "pvc" / namespace / claim
+
+    def log_path(self, namespace: str, pod: str) -> Path:
+        """Where a Pod's stdout and stderr go (``kubectl logs`` cannot work locally)."""
+        return self.state_dir / "logs" / namespace / f"{pod}.log"
+
+    def start(self, timeout: float = 30.0) -> None:
+        if shutil.which("unshare") is None:
+            raise RuntimeError("the local executor needs util-linux's `unshare`")
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._kube = Kube(self._kubeconfig)
+        synced: list[threading.Event] = []
+        for namespace in self._namespaces or [None]:
+            for resource, on_event in (
+                (self._jobs_path(namespace), self._on_job),
+                (self._pods_path(namespace), self._on_pod),
+            ):
+                ready = threading.Event()
+                synced.append(ready)
+                self._spawn(f"watch {resource}", self._watch, resource, on_event, ready)
+        self._spawn("job-controller", self._work, self._jobs, self._sync_job)
+        self._spawn("kubelet", self._work, self._pods, self._sync_pod)
+        deadline = time.monotonic() + timeout
+        for ready in synced:
+            if not ready.wait(max(0.0, deadline - time.monotonic())):
+                self.stop()
+                raise TimeoutError("the local executor could not list Jobs and Pods")
+        log.info("local executor ready (state dir %s)", self.state_dir)
+
+    def stop(self) -> None:
+        if self._kube is None or self._stopping.is_set():
+            return
+        self._stopping.set()
+        self._kube.close()
+        self._jobs.close()
+        self._pods.close()
+        for thread in self._threads:
+            thread.join(timeout=REQUEST_TIMEOUT_SECONDS)
+        with self._lock:
+            runs = list(self._runs.values())
+        for run in runs:
+            self._terminate(run, MAX_GRACE_SECONDS)
+        for run in runs:
+            run.process.wait()
+            self._forget(run)
+        log.info("local executor stopped")
+
+    def __enter__(self) -> LocalExecutor:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- plumbing -------------------------------------------------------------
+
+    @property
+    def kube(self) -> Kube:
+        assert self._kube is not None, "start() first"
+        return self._kube
+
+    def _spawn(self, name: str, target: Callable[..., None], *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    @staticmethod
+    def _jobs_path(namespace: str | None) -> str:
+        return job_path(namespace) if namespace else "/apis/batch/v1/jobs"
+
+    @staticmethod
+    def _pods_path(namespace: str | None) -> str:
+        return pod_path(namespace) if namespace else "/api/v1/pods"
+
+    def _watch(self, path: str, on_event: Callable[[Obj], None], synced: threading.Event) -> None:
+        """List, then watch from the list's resourceVersion; list again when it expires."""
+        query = {"fieldSelector": f"spec.nodeName={NODE_NAME}"} if path.endswith("/pods") else {}
+        while not self._stopping.is_set():
+            try:
+                listing = self.kube.request("GET", path, query=query)
+                for item in listing.get("items") or []:
+                    on_event(item)
+                synced.set()
+                version = listing["metadata"]["resourceVersion"]
+                while not self._stopping.is_set():
+                    version = self._watch_from(path, query, version, on_event)
+            except WatchExpired:
+                continue
+            except Exception as exc:
+                if self._stopping.is_set():
+                    return
+                log.warning("watch %s failed, retrying: %s", path, exc)
+                self._stopping.wait(ERROR_RETRY_SECONDS)
+
+    def _watch_from(
+        self, path: str, query: dict[str, str], version: str, on_event: Callable[[Obj], None]
+    ) -> str:
+        params = {
+            **query,
+            "watch": "true",
+            "resourceVersion": version,
+            "allowWatchBookmarks": "true",
+            "timeoutSeconds": str(WATCH_TIMEOUT_SECONDS),
+        }
+        for event in self.kube.stream(path, params):
+            obj = event["object"]
+            if event["type"] == "ERROR":
+                if obj.get("code") == 410:
+                    raise WatchExpired
+                raise ApiError(int(obj.get("code") or 500), obj)
+            version = obj["metadata"]["resourceVersion"]
+            if event["type"] != "BOOKMARK":
+                on_event(obj)
+        return version
+
+    def _on_job(self, job: Obj) -> None:
+        self._jobs.add((job["metadata"]["namespace"], job["metadata"]["name"]))
+
+    def _on_pod(self, pod: Obj) -> None:
+        meta = pod["metadata"]
+        self._pods.add((meta["namespace"], meta["name"]))
+        # The label, not the ownerReference: orphaned Pods lose the latter.
+        job_name = (meta.get("labels") or {}).get(JOB_NAME_LABELS[0])
+        if job_name:
+            self._jobs.add((meta["namespace"], job_name))
+
+    def _work(self, queue: WorkQueue, sync: Callable[[str, str], float | None]) -> None:
+        while (key := queue.get()) is not None:
+            try:
+                delay = sync(*key)
+            except ApiError as exc:
+                # 409: someone else wrote first; read again right away.
+                delay = 0.0 if exc.status == 409 else ERROR_RETRY_SECONDS
+                if exc.status != 409:
+                    log.warning("%s/%s: %s", *key, exc)
+            except Exception:
+                if self._stopping.is_set():
+                    return
+                log.exception("%s/%s: unexpected error", *key)
+                delay = ERROR_RETRY_SECONDS
+            if delay is not None:
+                queue.add(key, delay)
+
+    def _event(self, job: Obj, kind: str, reason: str, message: str) -> None:
+        meta = job["metadata"]
+        stamp = rfc3339(utc_now())
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": "batch/v1",
+                "kind": "Job",
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta["uid"],
+            },
+            "type": kind,
+            "reason": reason,
+            "message": message,
+            "source": {"component": "job-controller"},
+            "firstTimestamp": stamp,
+            "lastTimestamp": stamp,
+            "count": 1,
+        }
+        try:
+            self.kube.request("POST", f"/api/v1/namespaces/{meta['namespace']}/events", event)
+        except ApiError as exc:
+            log.warning("event %s on job %s: %s", reason, meta["name"], exc)
+
+    # -- Job controller ---------------------------------------------------------
+
+    def _sync_job(self, namespace: str, name: str) -> float | None:
+        job = self.kube.get(job_path(namespace, name))
+        if job is None:
+            self._release_orphans(namespace, name)
+            return None
+        spec, uid = job["spec"], job["metadata"]["uid"]
+        if spec.get("managedBy", JOB_CONTROLLER) != JOB_CONTROLLER:
+            return None
+        if spec.get("completionMode", "NonIndexed") != "NonIndexed":
+            log.warning("job %s/%s: Indexed Jobs are not supported, ignored", namespace, name)
+            return None
+        pods = self.kube.request(
+            "GET", pod_path(namespace), query={"labelSelector": f"{CONTROLLER_UID_LABELS[0]}={uid}"}
+        )["items"]
+        plan = plan_job(
+            job,
+            pods,
+            utc_now(),
+            self._backoffs.get(uid, Backoff()),
+            create_error=self._create_errors.get(uid),
+            pod_failure_backoff=self._pod_failure_backoff,
+        )
+        for ref in plan.delete:
+            self._delete_pod(namespace, ref)
+        for ref in plan.untrack_and_delete:
+            self._release(namespace, ref)
+            self._delete_pod(namespace, ref)
+        for _ in range(plan.create):
+            if not self._create_pod(job):
+                return 0.0  # the next pass turns the recorded error into the Job's failure
+        if job_status_canonical(plan.status) != job_status_canonical(job.get("status")):
+            self.kube.request("PUT", job_path(namespace, name) + "/status", {**job, "status": plan.status})
+        self._backoffs[uid] = plan.backoff
+        for ref in plan.release:
+            self._release(namespace, ref)
+        if plan.finished is not None:
+            self._finished(job, plan.finished)
+        return plan.requeue_after
+
+    def _finished(self, job: Obj, condition: Obj) -> None:
+        uid = job["metadata"]["uid"]
+        self._backoffs.pop(uid, None)
+        self._create_errors.pop(uid, None)
+        if condition["type"] == "Complete":
+            self._event(job, "Normal", "Completed", "Job completed")
+        else:
+            self._event(job, "Warning", condition["reason"], condition["message"])
+        log.info("job %s/%s %s %s", job["metadata"]["namespace"], job["metadata"]["name"],
+                 condition["type"], condition["reason"])
+
+    def _create_pod(self, job: Obj) -> bool:
+        meta = job["metadata"]
+        try:
+            pod = self.kube.request("POST", pod_path(meta["namespace"]), build_pod(job))
+        except ApiError as exc:
+            if exc.namespace_terminating:
+                return False
+            if exc.status not in (403, 422):
+                raise
+            # Rejected by admission or validation: retrying cannot help (see docstring).
+            self._create_errors[meta["uid"]] = exc.message
+            self._event(job, "Warning", "FailedCreate", f"Error creating: {exc.message}")
+            log.warning("job %s/%s: pod rejected: %s", meta["namespace"], meta["name"], exc.message)
+            return False
+        log.info("job %s/%s: created pod %s", meta["namespace"], meta["name"], pod["metadata"]["name"])
+        return True
+
+    def _delete_pod(self, namespace: str, ref: PodRef) -> None:
+        with contextlib.suppress(ApiError):  # already gone, or replaced by a namesake
+            self.kube.request(
+                "DELETE", pod_path(namespace, ref.name), {"preconditions": {"uid": ref.uid}}
+            )
+
+    def _release(self, namespace: str, ref: PodRef) -> None:
+        """Remove the tracking finalizer (the uid guards against a namesake Pod)."""
+        patch = {"metadata": {"$deleteFromPrimitiveList/finalizers": [TRACKING_FINALIZER], "uid": ref.uid}}
+        try:
+            self.kube.request("PATCH", pod_path(namespace, ref.name), patch, content_type=STRATEGIC_MERGE_PATCH)
+        except ApiError as exc:
+            if exc.status not in (404, 409, 422):
+                raise
+
+    def _release_orphans(self, namespace: str, job_name: str) -> None:
+        """The Job is gone (e.g. deleted, its Pods garbage-collected): its Pods no longer
+        need to be counted, so let them go."""
+        selector = f"{JOB_NAME_LABELS[0]}={job_name}"
+        pods = self.kube.request("GET", pod_path(namespace), query={"labelSelector": selector})["items"]
+        for pod in pods:
+            if is_tracked(pod):
+                self._release(namespace, pod_ref(pod))
+
+    # -- kubelet ------------------------------------------------------------------
+
+    def _sync_pod(self, namespace: str, name: str) -> float | None:
+        pod = self.kube.get(pod_path(namespace, name))
+        uid = pod["metadata"]["uid"] if pod is not None else None
+        with self._lock:
+            stale = [r for r in self._runs.values() if r.key == (namespace, name) and r.uid != uid]
+        for run in stale:  # the Pod was removed (or replaced by a namesake) without us
+            if run.exit_code is None:
+                self._terminate(run, MAX_GRACE_SECONDS)
+            else:
+                self._forget(run)
+        return None if pod is None else self._reconcile_pod(pod)
+
+    def _reconcile_pod(self, pod: Obj) -> float | None:
+        run = self._runs.get(pod["metadata"]["uid"])
+        if run is not None and run.exit_code is None:
+            if is_deleting(pod):
+                self._terminate(run, _grace_seconds(pod))
+            else:
+                self._report(pod, Report.running(run.started_at))
+            return None
+        if run is not None:
+            if not is_terminal(pod):
+                self._report(pod, self._exit_report(run))
+            self._forget(run)
+        elif not is_deleting(pod) and not is_terminal(pod):
+            return self._start(pod)
+        if is_deleting(pod):
+            self._confirm_deletion(pod)
+        return None
+
+    def _start(self, pod: Obj) -> float | None:
+        now = rfc3339(utc_now())
+        if _was_running(pod):
+            # Started by an executor that has stopped since (and killed the process).
+            message = "The container could not be located when the pod was terminated"
+            self._report(pod, Report.terminated(137, "ContainerStatusUnknown", message, now, now))
+            return None
+        try:
+            run = self._launch(pod)
+        except PodSetupError as exc:
+            self._report(pod, Report.waiting(exc.reason, exc.message))
+            return SETUP_RETRY_SECONDS
+        except StartError as exc:
+            self._report(pod, Report.terminated(START_ERROR_EXIT, "StartError", str(exc), now, now))
+            return None
+        self._report(pod, Report.running(run.started_at))
+        return None
+
+    def _process_env(self, pod: Obj, env: dict[str, str]) -> dict[str, str]:
+        inherited = {k: os.environ[k] for k in self._pass_env if k in os.environ}
+        merged = {**inherited, "HOSTNAME": pod["metadata"]["name"], **env}
+        path = env.get("PATH") or os.environ.get("PATH") or DEFAULT_PATH
+        merged["PATH"] = f"{self._bin_dir}{os.pathsep}{path}"
+        return merged
+
+    def _launch(self, pod: Obj) -> ContainerRun:
+        meta, spec = pod["metadata"], pod["spec"]
+        if len(spec["containers"]) > 1 or spec.get("initContainers"):
+            log.warning("pod %s/%s: only the first container runs locally", meta["namespace"], meta["name"])
+        container = spec["containers"][0]
+        pod_dir = self.state_dir / "pods" / meta["uid"]
+        env = container_env(pod, container, self.kube)
+        volumes = materialize_volumes(pod, pod_dir / "volumes", self.state_dir / "pvc", self.kube)
+        argv = [expand(a, env) for a in [*container.get("command", []), *container.get("args", [])]]
+        proc_env = self._process_env(pod, env)
+        executable = _resolve_executable(argv, proc_env["PATH"])
+        run_dir = pod_dir / "work"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        termination = pod_dir / "termination-log"
+        termination.write_bytes(b"")
+        message_path = container.get("terminationMessagePath") or DEFAULT_TERMINATION_PATH
+        mounts = [*container_mounts(container, volumes, env), Mount(str(termination), message_path, False)]
+        init_spec = {
+            "mounts": [m.__dict__ for m in mounts],
+            "workingDir": container.get("workingDir", ""),
+            "executable": executable,
+            "argv": argv,
+            "startErrorFile": str(pod_dir / "start-error"),
+        }
+        log_path = self.log_path(meta["namespace"], meta["name"])
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("ab") as log_file:
+            process = subprocess.Popen(
+                [*_unshare_command(), sys.executable, "-I", str(Path(__file__).resolve()),
+                 INIT_COMMAND, json.dumps(init_spec)],
+                env=proc_env,
+                cwd=run_dir,  # the default working directory; a mount cannot hide a cwd
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        run = ContainerRun(
+            meta["namespace"], meta["name"], meta["uid"], container, pod_dir, log_path,
+            process, rfc3339(utc_now()),
+        )
+        with self._lock:
+            self._runs[run.uid] = run
+        threading.Thread(target=self._wait_for_exit, args=(run,), name=f"pod {run.pod}", daemon=True).start()
+        log.info("pod %s/%s: started %s (pid %d)", run.namespace, run.pod, argv, process.pid)
+        return run
+
+    def _wait_for_exit(self, run: ContainerRun) -> None:
+        returncode = run.process.wait()
+        with self._lock:
+            run.exit_code = returncode
+            run.finished_at = rfc3339(utc_now())
+            timer = run.kill_timer
+        if timer is not None:
+            timer.cancel()
+        log.info("pod %s/%s: exited with %d", run.namespace, run.pod, returncode)
+        self._pods.add(run.key)
+
+    def _exit_report(self, run: ContainerRun) -> Report:
+        assert run.exit_code is not None and run.finished_at is not None
+        start_error = _read_head(run.start_error_file, MAX_MESSAGE_BYTES).decode(errors="replace")
+        if start_error:
+            return Report.terminated(START_ERROR_EXIT, "StartError", start_error, run.started_at, run.finished_at)
+        code, reason = exit_reason(run.exit_code, run.killed)
+        message = termination_message(
+            _read_head(run.termination_file, MAX_MESSAGE_BYTES),
+            _read_tail(run.log_path, 16 * FALLBACK_LOG_BYTES),
+            run.container.get("terminationMessagePolicy", "File"),
+            code,
+        )
+        return Report.terminated(code, reason, message, run.started_at, run.finished_at)
+
+    def _report(self, pod: Obj, report: Report) -> None:
+        desired = pod_status(pod, report, utc_now())
+        current = pod.get("status") or {}
+        if all(prune(current.get(k)) == v for k, v in desired.items()):
+            return
+        meta = pod["metadata"]
+        self.kube.request(
+            "PATCH",
+            pod_path(meta["namespace"], meta["name"]) + "/status",
+            {"metadata": {"uid": meta["uid"]}, "status": desired},
+            content_type=MERGE_PATCH,
+        )
+
+    def _terminate(self, run: ContainerRun, grace: float) -> None:
+        """SIGTERM now, SIGKILL after ``grace`` seconds unless the process exited."""
+        with self._lock:
+            if run.terminating or run.exit_code is not None:
+                return
+            run.terminating = True
+            run.kill_timer = threading.Timer(grace, self._kill, args=(run,))
+            run.kill_timer.daemon = True
+            run.kill_timer.start()
+        log.info("pod %s/%s: terminating (grace %.0fs)", run.namespace, run.pod, grace)
+        _signal_group(run, signal.SIGTERM)
+
+    def _kill(self, run: ContainerRun) -> None:
+        with self._lock:
+            if run.exit_code is not None:
+                return
+            run.killed = True
+        _signal_group(run, signal.SIGKILL)
+
+    def _forget(self, run: ContainerRun) -> None:
+        _signal_group(run, signal.SIGKILL)  # stray children left in the process group
+        with self._lock:
+            self._runs.pop(run.uid, None)
+        shutil.rmtree(run.pod_dir, ignore_errors=True)
+
+    def _confirm_deletion(self, pod: Obj) -> None:
+        """What a kubelet does once a deleted Pod's containers are gone: delete it for
+        good (it still waits for its finalizers, e.g. the Job's tracking one)."""
+        meta = pod["metadata"]
+        if meta.get("deletionGracePeriodSeconds") == 0:
+            return
+        body = {"gracePeriodSeconds": 0, "preconditions": {"uid": meta["uid"]}}
+        try:
+            self.kube.request("DELETE", pod_path(meta["namespace"], meta["name"]), body)
+        except ApiError as exc:
+            if exc.status not in (404, 409):
+                raise
+
+
+def _resolve_executable(argv: Sequence[str], path: str) -> str:
+    if not argv:
+        raise StartError("no command: the local executor cannot run an image's entrypoint")
+    if "/" in argv[0]:
+        return argv[0]  # may live in a volume, checked by exec after mounting
+    found = shutil.which(argv[0], path=path)
+    if found is None:
+        raise StartError(f'exec: "{argv[0]}": executable file not found in $PATH')
+    return found
+
+
+def _unshare_command() -> list[str]:
+    if os.geteuid() == 0:
+        return ["unshare", "--mount", "--propagation", "private", "--"]
+    # Without root, a user namespace grants the mount rights (mount points must exist).
+    return ["unshare", "--user", "--map-root-user", "--mount", "--propagation", "private", "--"]
+
+
+# ------------------------------------------------------------------------ CLI ---
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == [INIT_COMMAND]:
+        container_init(args[1])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kubeconfig", required=True, type=Path)
+    parser.add_argument("--state-dir", required=True, type=Path, help="volumes, logs, pod scratch")
+    parser.add_argument("--namespace", action="append", dest="namespaces", metavar="NS",
+                        help="watch only this namespace (repeatable; default: all)")
+    parser.add_argument("--pass-env", action="append", default=[], metavar="NAME",
+                        help=f"host variable passed to processes, besides {', '.join(DEFAULT_PASS_ENV)}")
+    parser.add_argument("--pod-failure-backoff", type=float, default=DEFAULT_POD_FAILURE_BACKOFF,
+                        metavar="SECONDS", help="first delay before replacing a failed pod")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    opts = parser.parse_args(args)
+    logging.basicConfig(
+        level=logging.DEBUG if opts.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    executor = LocalExecutor(
+        opts.kubeconfig,
+        opts.state_dir,
+        opts.namespaces,
+        pass_env=(*DEFAULT_PASS_ENV, *opts.pass_env),
+        pod_failure_backoff=opts.pod_failure_backoff,
+    )
+    done = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: done.set())
+    executor.start()
+    done.wait()
+    executor.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
