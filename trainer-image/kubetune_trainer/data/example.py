@@ -76,7 +76,7 @@ class Example:
 
     @property
     def images(self) -> tuple[ImageRef, ...]:
-        return tuple(img for t in self.turns for img in t.images)
+        return tuple(p for t in self.turns for p in t.parts if isinstance(p, ImageRef))
 
     @property
     def all_images(self) -> tuple[ImageRef, ...]:

@@ -1,0 +1,217 @@
+"""`kubetune validate` and `kubetune convert`: flags, output and exit codes
+(0 valid, 1 invalid, 2 usage error)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from data_helpers import image_bytes, sft, write_jsonl
+
+from kubetune_trainer.data import commands
+
+CORPUS = Path(__file__).parent / "corpus"
+
+
+def kubetune(*argv: str) -> int:
+    """Run a data subcommand through the same registration the CLI uses."""
+    parser = argparse.ArgumentParser(prog="kubetune")
+    commands.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Path:
+    (tmp_path / "a.png").write_bytes(image_bytes("PNG"))
+    return write_jsonl(
+        tmp_path / "d.jsonl",
+        [sft("<image>one", images=["a.png"]), sft("two"), sft("three", rejected_response="no")],
+    )
+
+
+def test_valid_file_exits_0_with_a_summary(
+    dataset: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert kubetune("validate", str(dataset)) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1
+    assert out[0].startswith(
+        f"{dataset}: valid: 3 examples (2 text-only), 1 images, 0 errors, 0 warnings; sha256 "
+    )
+
+
+def test_invalid_file_exits_1_with_line_numbered_errors(
+    dataset: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert kubetune("validate", str(dataset), "--task", "dpo") == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[:2] == [
+        "line 1: dpo needs a rejected reply: 'rejected_response', or 'non_preferred_output' with 'input'",
+        "line 2: dpo needs a rejected reply: 'rejected_response', or 'non_preferred_output' with 'input'",
+    ]
+    assert "INVALID" in out[-1]
+
+
+def test_json_report(dataset: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert kubetune("validate", str(dataset), "--json", "--min-examples", "4") == 1
+    report: dict[str, Any] = json.loads(capsys.readouterr().out)
+    assert set(report) == {
+        "valid",
+        "examples",
+        "images",
+        "textOnlyExamples",
+        "sha256",
+        "errors",
+        "warnings",
+        "errorCount",
+        "warningCount",
+        "truncatedErrors",
+        "truncatedWarnings",
+    }
+    assert report["errors"] == [
+        {"line": 0, "message": "3 examples; at least 4 are needed (minExamples)"}
+    ]
+
+
+def test_limit_flags_reach_the_rules(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "a.png").write_bytes(image_bytes("PNG"))
+    path = write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            sft("<image><image>", images=["a.png", "a.png"]),
+            sft("<image>", images=["http://127.0.0.1/x.png"]),
+            sft("c"),
+        ],
+    )
+    assert (
+        kubetune("validate", str(path), "--max-images-per-example", "1", "--max-image-bytes", "10")
+        == 1
+    )
+    out = capsys.readouterr().out
+    assert "line 1: 2 images, more than the limit of 1 per example" in out
+    assert "more than the limit of 10 (maxImageBytes)" in out
+    assert "line 2: image 1 (http://127.0.0.1/x.png): remote image URLs are not allowed" in out
+    assert kubetune("validate", str(path), "--allow-remote-images") == 1
+    assert "127.0.0.1, a loopback address" in capsys.readouterr().out
+    assert kubetune("validate", str(path), "--min-examples", "1", "--max-examples", "2") == 1
+
+
+def test_deep_and_image_root(capsys: pytest.CaptureFixture[str]) -> None:
+    path = CORPUS / "invalid" / "image-truncated-deep.jsonl"
+    assert kubetune("validate", str(path), "--image-root", str(CORPUS)) == 0
+    assert kubetune("validate", str(path), "--image-root", str(CORPUS), "--deep") == 1
+    assert (
+        "line 3: image 1 (images/truncated.png): the image does not decode"
+        in capsys.readouterr().out
+    )
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["validate", "{missing}"],
+        ["validate", "{dataset}", "--image-root", "{missing}"],
+        ["validate", "{dataset}", "--min-examples", "5", "--max-examples", "2"],
+        ["validate", "{dataset}", "--max-image-bytes", "0"],
+        ["convert", "{missing}", "{out}", "--to", "placeholder"],
+        ["convert", "{dataset}", "{missing}/x/out.jsonl", "--to", "placeholder"],
+    ],
+)
+def test_usage_errors_exit_2(
+    argv: list[str], dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    subst = {
+        "missing": str(tmp_path / "missing"),
+        "dataset": str(dataset),
+        "out": str(tmp_path / "o.jsonl"),
+    }
+    assert kubetune(*(a.format(**subst) for a in argv)) == 2
+    assert capsys.readouterr().err.startswith(f"kubetune {argv[0]}: ")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["validate"],
+        ["validate", "x", "--task", "ppo"],
+        ["convert", "a", "b", "--to", "sharegpt"],
+        ["convert", "a", "b"],
+    ],
+)
+def test_bad_flags_exit_2(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        kubetune(*argv)
+    assert info.value.code == 2
+
+
+def test_convert(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out.jsonl"
+    assert (
+        kubetune("convert", str(dataset), str(out), "--to", "content-parts", "--embed-images") == 0
+    )
+    assert capsys.readouterr().out == f"wrote 3 examples to {out} (content-parts)\n"
+    first = json.loads(out.read_text().splitlines()[0])
+    assert first["messages"][0]["content"][0]["image_url"]["url"].startswith(
+        "data:image/png;base64,"
+    )
+    bad = write_jsonl(tmp_path / "bad.jsonl", [sft("a"), "nope"])
+    assert kubetune("convert", str(bad), str(out), "--to", "placeholder") == 1
+    err = capsys.readouterr().err
+    assert "line 2: invalid JSON" in err and "not converted" in err
+
+
+def test_the_kubetune_command_registers_them(
+    dataset: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cli = pytest.importorskip("kubetune_trainer.cli")
+    assert cli.main(["validate", str(dataset), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["valid"] is True
+
+
+def test_format_restricts_every_line_to_one_style(tmp_path: Path) -> None:
+    from kubetune_trainer.cli import main
+
+    text = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    parts = {
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+            {"role": "assistant", "content": "yo"},
+        ]
+    }
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in (text, text, parts, text)))
+    summary = tmp_path / "summary.json"
+    assert (
+        main(["validate", str(path), "--format", "content-parts", "--summary-file", str(summary)])
+        == 0
+    )
+    assert (
+        main(["validate", str(path), "--format", "placeholder", "--summary-file", str(summary)])
+        == 1
+    )
+    report = json.loads(summary.read_text())
+    assert report["valid"] is False
+    assert report["errors"] == [
+        {
+            "line": 3,
+            "message": "written in the content-parts style, but the Dataset's format is placeholder",
+        }
+    ]
+
+
+def test_summary_file_fits_a_termination_message(tmp_path: Path) -> None:
+    from kubetune_trainer.cli import main
+
+    path = tmp_path / "bad.jsonl"
+    path.write_text("".join("{not json " + "x" * 600 + "\n" for _ in range(500)))
+    summary = tmp_path / "summary.json"
+    assert main(["validate", str(path), "--summary-file", str(summary)]) == 1
+    report = json.loads(summary.read_text())
+    assert len(summary.read_bytes()) <= 4096
+    assert report["errorCount"] >= 500 and 1 <= len(report["errors"]) <= 20
+    assert report["errors"][0]["line"] == 1

@@ -1,0 +1,177 @@
+"""The dataset subcommands of `kubetune`: ``validate`` and ``convert``.
+
+Exit codes: 0 valid (or converted), 1 invalid data, 2 usage error (bad flags,
+which argparse handles, or a file or folder that does not exist).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from pydantic import ValidationError
+
+from kubetune_trainer.config import DatasetLimits
+from kubetune_trainer.data.convert import STYLES, convert_file
+from kubetune_trainer.data.validate import validate_file
+
+EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+
+
+def register(sub: argparse._SubParsersAction[Any]) -> None:
+    """Add ``validate`` and ``convert`` to the `kubetune` command."""
+    defaults = DatasetLimits()
+
+    validate = sub.add_parser(
+        "validate",
+        help="check a chat-JSONL dataset before any GPU is spent",
+        description=(
+            "Check every line of a dataset in any supported format. Prints 'line N: message' "
+            "per problem and a summary, or a JSON report. Exit 0 valid, 1 invalid, 2 usage error."
+        ),
+    )
+    validate.add_argument("path", help="the JSONL file")
+    validate.add_argument(
+        "--task", choices=("sft", "dpo"), default="sft", help="what the data is for"
+    )
+    validate.add_argument(
+        "--image-root", help="where relative image paths resolve (default: the file's folder)"
+    )
+    validate.add_argument("--json", action="store_true", help="print a JSON report")
+    validate.add_argument(
+        "--deep", action="store_true", help="decode every image fully (default: headers only)"
+    )
+    validate.add_argument(
+        "--format",
+        choices=("auto", "placeholder", "content-parts"),
+        default="auto",
+        help="auto detects the style per line; otherwise a line in the other style is an error",
+    )
+    validate.add_argument(
+        "--summary-file",
+        help="also write a JSON summary under 4 KiB here (a container's termination message)",
+    )
+    _add_limit_flags(validate, defaults, counts=True)
+    validate.set_defaults(func=run_validate)
+
+    convert = sub.add_parser(
+        "convert",
+        help="convert a dataset between the placeholder and content-part styles",
+        description="Convert without losing anything; OUT is written only if every line converts.",
+    )
+    convert.add_argument("input", help="the JSONL file to read")
+    convert.add_argument("output", help="the JSONL file to write")
+    convert.add_argument("--to", choices=STYLES, required=True, help="the style to write")
+    convert.add_argument(
+        "--embed-images",
+        action="store_true",
+        help="turn image paths (and URLs, with --allow-remote-images) into data: URIs",
+    )
+    convert.add_argument(
+        "--image-root", help="where relative image paths resolve (default: the input's folder)"
+    )
+    _add_limit_flags(convert, defaults, counts=False)
+    convert.set_defaults(func=run_convert)
+
+
+def _add_limit_flags(
+    parser: argparse.ArgumentParser, defaults: DatasetLimits, *, counts: bool
+) -> None:
+    if counts:
+        parser.add_argument("--min-examples", type=int, default=defaults.min_examples)
+        parser.add_argument("--max-examples", type=int, default=defaults.max_examples)
+        parser.add_argument(
+            "--max-images-per-example", type=int, default=defaults.max_images_per_example
+        )
+    parser.add_argument("--max-image-bytes", type=int, default=defaults.max_image_bytes)
+    parser.add_argument(
+        "--allow-remote-images",
+        action="store_true",
+        help="allow http(s) image URLs (never to loopback, link-local, private or metadata addresses)",
+    )
+
+
+def _limits(args: argparse.Namespace) -> DatasetLimits:
+    given = {
+        "min_examples": getattr(args, "min_examples", None),
+        "max_examples": getattr(args, "max_examples", None),
+        "max_images_per_example": getattr(args, "max_images_per_example", None),
+        "max_image_bytes": args.max_image_bytes,
+        "allow_remote_images": args.allow_remote_images,
+    }
+    return DatasetLimits(**{k: v for k, v in given.items() if v is not None})
+
+
+def _usage_error(command: str, message: str) -> int:
+    print(f"kubetune {command}: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    try:
+        limits = _limits(args)
+    except ValidationError as exc:
+        return _usage_error("validate", _first_pydantic_error(exc))
+    try:
+        report = validate_file(
+            args.path,
+            task=args.task,
+            image_root=args.image_root,
+            limits=limits,
+            deep=args.deep,
+            style=args.format,
+        )
+    except OSError as exc:
+        message = f"{exc.filename or args.path}: {exc.strerror or exc}"
+        _write_summary(args.summary_file, {"valid": False, "error": message})
+        return _usage_error("validate", message)
+    _write_summary(args.summary_file, report.summary())
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
+    else:
+        for line in report.plain_lines(args.path):
+            print(line)
+    return EXIT_OK if report.valid else EXIT_INVALID
+
+
+def _write_summary(path: str | None, summary: dict[str, Any]) -> None:
+    if path is None:
+        return
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(summary, f, ensure_ascii=False)
+    except OSError as exc:
+        print(f"kubetune validate: cannot write the summary to {path}: {exc}", file=sys.stderr)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    try:
+        limits = _limits(args)
+    except ValidationError as exc:
+        return _usage_error("convert", _first_pydantic_error(exc))
+    try:
+        result = convert_file(
+            args.input,
+            args.output,
+            args.to,
+            embed_images=args.embed_images,
+            image_root=args.image_root,
+            limits=limits,
+        )
+    except OSError as exc:
+        return _usage_error("convert", f"{exc.filename or args.input}: {exc.strerror or exc}")
+    for problem in (*result.errors, *result.warnings):
+        print(problem, file=sys.stderr)
+    if not result.ok:
+        print(f"{args.input}: not converted, {len(result.errors):,} errors", file=sys.stderr)
+        return EXIT_INVALID
+    print(f"wrote {result.examples:,} examples to {args.output} ({args.to})")
+    return EXIT_OK
+
+
+def _first_pydantic_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"])
+    return f"{where}: {err['msg']}" if where else str(err["msg"])

@@ -1,0 +1,370 @@
+"""Images: finding their bytes safely, checking them cheaply, opening them for training.
+
+Where the bytes are: a path under the image root (never outside it, whatever ``..``,
+absolute paths or symlinks say), a base64 ``data:`` URI, or an http(s) URL when
+remote images are allowed (see ``remote.py``).
+
+What is checked: the encoded size, the format (JPEG, PNG or WEBP), the pixel count
+(decompression bombs are refused from the header, before anything is decoded) and
+the mode. The default check reads only the header: PIL's ``Image.open`` is lazy, and
+a data URI is decoded from base64 only as far as PIL reads (``Base64Reader``), so a
+10 MB embedded PNG costs a scan of its characters and a few kilobytes of decoding.
+``deep=True`` decodes every image fully.
+"""
+
+from __future__ import annotations
+
+import binascii
+import io
+import os
+import re
+import stat
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Final
+
+from PIL import Image
+
+from kubetune_trainer.config import DatasetLimits
+from kubetune_trainer.data import remote
+from kubetune_trainer.data.example import ImageRef
+from kubetune_trainer.data.problems import DatasetError
+
+ALLOWED_FORMATS: Final = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
+MIME_ALIASES: Final = {"image/jpg": "image/jpeg", "image/pjpeg": "image/jpeg"}
+TRAINING_MODES: Final = ("RGB", "RGBA")
+MAX_IMAGE_PIXELS: Final = 89_478_485
+"""Most pixels an image may declare (PIL's own default, about 9459 x 9459). Larger
+headers are refused as decompression bombs without decoding anything."""
+
+_B64_ALPHABET: Final = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+_B64_BAD_CHAR: Final = re.compile(r"[^A-Za-z0-9+/=]")
+_URL_SCHEME: Final = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
+
+
+class ImageProblem(Exception):
+    """Internal: why an image cannot be used. The public functions turn it into an
+    error message or a ``DatasetError``."""
+
+
+@dataclass(frozen=True, slots=True)
+class ImageInfo:
+    format: str
+    width: int
+    height: int
+    mode: str
+
+
+@dataclass(frozen=True, slots=True)
+class ImageCheck:
+    """The outcome of checking one image."""
+
+    errors: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+    info: ImageInfo | None = None
+
+
+# --- where the bytes are ---------------------------------------------------------
+
+
+def resolve_image_path(source: str, root: Path) -> Path:
+    """The file ``source`` names, which must lie under ``root`` (already resolved).
+
+    Relative paths resolve under the root. Absolute paths are accepted only when they
+    point inside it, so a dataset cannot read the validator's or trainer's files."""
+    if "\0" in source:
+        raise ImageProblem("the image path contains a NUL character")
+    scheme = _URL_SCHEME.match(source)
+    if scheme and (source[scheme.end() :].startswith("//") or scheme.group(1).lower() == "file"):
+        raise ImageProblem(
+            f"{scheme.group(1)}: URLs are not supported; use a path, an http(s) URL or a data: URI"
+        )
+    given = Path(source)
+    candidate = given if given.is_absolute() else root / given
+    if not Path(os.path.normpath(candidate)).is_relative_to(root):
+        if given.is_absolute():
+            raise ImageProblem("absolute path outside the image root")
+        raise ImageProblem("the path leaves the image root through '..'")
+    try:
+        resolved = candidate.resolve(strict=True)
+    except FileNotFoundError:
+        raise ImageProblem("image file not found") from None
+    except OSError as exc:  # permission, symlink loop, name too long
+        raise ImageProblem(f"image file cannot be read: {exc.strerror or exc}") from None
+    except RuntimeError as exc:  # symlink loop on older Pythons
+        raise ImageProblem(f"image file cannot be read: {exc}") from None
+    if not resolved.is_relative_to(root):
+        raise ImageProblem("the path resolves outside the image root (through a symlink)")
+    return resolved
+
+
+def split_data_uri(uri: str) -> tuple[str | None, str]:
+    """``data:[<mime>][;params];base64,<payload>`` as (mime or None, payload)."""
+    head, comma, payload = uri.partition(",")
+    if not comma:
+        raise ImageProblem("the data: URI has no ',' before its payload")
+    params = head[len("data:") :].split(";")
+    if "base64" not in (p.strip().lower() for p in params[1:]):
+        raise ImageProblem("the data: URI is not base64 (';base64' is missing)")
+    mime = params[0].strip().lower()
+    return (MIME_ALIASES.get(mime, mime) or None), payload
+
+
+def base64_problem(payload: str) -> str | None:
+    """Why ``payload`` is not strict standard base64, or None.
+
+    The common case is one C-speed pass: delete every alphabet byte and look at what
+    is left, which for valid input is at most the padding at the very end."""
+    if not payload:
+        return "the base64 payload is empty"
+    if payload.isascii():
+        raw = payload.encode("ascii")
+        leftover = raw.translate(None, _B64_ALPHABET)
+        if leftover in (b"", b"=", b"==") and raw.endswith(leftover):
+            if len(raw) % 4:
+                return f"invalid base64: {len(raw):,} characters is not a multiple of 4"
+            return None
+    # Something is wrong; find what, for the message.
+    bad = _B64_BAD_CHAR.search(payload)
+    if bad is not None:
+        return (
+            f"invalid base64: unexpected character {bad.group()!r} at character {bad.start() + 1:,}"
+        )
+    return f"invalid base64: misplaced '=' padding at character {payload.index('=') + 1:,}"
+
+
+def base64_size(payload: str) -> int:
+    """Decoded size of a valid base64 payload, computed without decoding it."""
+    padding = 2 if payload.endswith("==") else 1 if payload.endswith("=") else 0  # no copy
+    return len(payload) // 4 * 3 - padding
+
+
+class Base64Reader(io.RawIOBase):
+    """A seekable binary stream over base64 text that decodes only what is read."""
+
+    def __init__(self, payload: str) -> None:
+        super().__init__()
+        self._payload = payload
+        self._size = base64_size(payload)
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        end = min(self._pos + len(buffer), self._size)
+        if end <= self._pos:
+            return 0
+        # base64 maps each 3 bytes to 4 characters: decode the covering quads only.
+        first, last = self._pos // 3, (end + 2) // 3
+        chunk = binascii.a2b_base64(self._payload[first * 4 : last * 4])
+        data = chunk[self._pos - first * 3 : end - first * 3]
+        buffer[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+
+@dataclass(frozen=True, slots=True)
+class _Source:
+    """An image's bytes, found and size-checked but not yet read."""
+
+    open: Callable[[], BinaryIO]
+    declared_mime: str | None = None
+
+
+def _locate(ref: ImageRef, root: Path, limits: DatasetLimits, *, lazy: bool) -> _Source:
+    cap = limits.max_image_bytes
+    kind = ref.kind
+    if kind == "data":
+        mime, payload = split_data_uri(ref.source)
+        problem = base64_problem(payload)
+        if problem:
+            raise ImageProblem(problem)
+        size = base64_size(payload)
+        _check_size(size, cap)
+        if lazy:
+            return _Source(lambda: io.BufferedReader(Base64Reader(payload), 8192), mime)
+        decoded = binascii.a2b_base64(payload)
+        return _Source(lambda: io.BytesIO(decoded), mime)
+    if kind == "url":
+        if not limits.allow_remote_images:
+            raise ImageProblem("remote image URLs are not allowed (allowRemoteImages is off)")
+        try:
+            body = remote.fetch(ref.source, cap)
+        except remote.RemoteImageError as exc:
+            raise ImageProblem(f"remote image refused: {exc}") from None
+        return _Source(lambda: io.BytesIO(body))
+    path = resolve_image_path(ref.source, root)
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise ImageProblem(f"image file cannot be read: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageProblem("the image path is not a regular file")
+    _check_size(st.st_size, cap)
+    return _Source(lambda: open(path, "rb"))
+
+
+def _check_size(size: int, cap: int) -> None:
+    if size > cap:
+        raise ImageProblem(
+            f"image is {size:,} bytes, more than the limit of {cap:,} (maxImageBytes)"
+        )
+
+
+# --- what the bytes are ----------------------------------------------------------
+
+
+def _open_header(fp: BinaryIO) -> Image.Image:
+    """PIL's lazy open (header only), with decompression bombs refused."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(fp)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageProblem(f"refused as a possible decompression bomb: {exc}") from None
+    except Image.UnidentifiedImageError:
+        fp.seek(0)
+        claimed = _sniff(fp.read(16))
+        if claimed:  # PIL gives up on a damaged header the same way as on a non-image
+            raise ImageProblem(
+                f"the {claimed} image does not open: its header is damaged"
+            ) from None
+        raise ImageProblem("not a recognisable image (JPEG, PNG or WEBP expected)") from None
+    except Exception as exc:  # PIL raises many types for malformed headers
+        raise ImageProblem(f"the image does not open: {_exc_text(exc)}") from None
+    if im.format not in ALLOWED_FORMATS:
+        raise ImageProblem(f"{im.format} images are not supported; use JPEG, PNG or WEBP")
+    width, height = im.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageProblem(
+            f"refused as a possible decompression bomb: {width} x {height} pixels is more "
+            f"than {MAX_IMAGE_PIXELS:,}"
+        )
+    if width < 1 or height < 1:
+        raise ImageProblem(f"the image is {width} x {height} pixels")
+    return im
+
+
+def _sniff(prefix: bytes) -> str | None:
+    """The allowed format whose signature ``prefix`` starts with, if any."""
+    if prefix.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if prefix.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if prefix[:4] == b"RIFF" and prefix[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+def _decode_fully(source: _Source) -> None:
+    """``verify()`` (checksums, structure), then a full decode on a fresh handle, as
+    PIL requires after verify."""
+    try:
+        with source.open() as fp:
+            _open_header(fp).verify()
+        with source.open() as fp:
+            _open_header(fp).load()
+    except ImageProblem:
+        raise
+    except Exception as exc:
+        raise ImageProblem(f"the image does not decode: {_exc_text(exc)}") from None
+
+
+def _exc_text(exc: Exception) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def _inspect(source: _Source, *, deep: bool) -> tuple[ImageInfo, list[str]]:
+    with source.open() as fp:
+        im = _open_header(fp)
+        info = ImageInfo(str(im.format), im.size[0], im.size[1], im.mode)
+    if deep:
+        _decode_fully(source)
+    warns = []
+    if info.mode not in TRAINING_MODES:
+        warns.append(f"image mode {info.mode} is converted to RGB at training time")
+    actual = ALLOWED_FORMATS[info.format]
+    if source.declared_mime and source.declared_mime != actual:
+        warns.append(f"the data: URI says {source.declared_mime} but the bytes are {info.format}")
+    return info, warns
+
+
+# --- the public operations -------------------------------------------------------
+
+
+def check_image(
+    ref: ImageRef, image_root: Path, limits: DatasetLimits, *, deep: bool = False
+) -> ImageCheck:
+    """Check one image; never raises. ``image_root`` must be resolved already."""
+    try:
+        source = _locate(ref, image_root, limits, lazy=not deep)
+        info, warns = _inspect(source, deep=deep)
+    except ImageProblem as exc:
+        return ImageCheck(errors=(str(exc),))
+    except OSError as exc:  # unreadable file: permissions, I/O errors
+        return ImageCheck(errors=(f"image file cannot be read: {exc.strerror or exc}",))
+    return ImageCheck(warnings=tuple(warns), info=info)
+
+
+def open_image(
+    ref: ImageRef, image_root: Path, limits: DatasetLimits | None = None, *, line: int = 0
+) -> Image.Image:
+    """The image, decoded (``load()`` done) but not converted: under the same rules
+    as validation (root confinement, size cap, remote rules, format, pixel cap).
+    Raises ``DatasetError`` naming ``line``."""
+    limits = limits or DatasetLimits()
+    try:
+        source = _locate(ref, Path(image_root).resolve(), limits, lazy=False)
+        with source.open() as fp:
+            data = io.BytesIO(fp.read())
+        im = _open_header(data)
+        im.load()
+    except ImageProblem as exc:
+        raise DatasetError(line, f"{describe(ref)}: {exc}") from None
+    except Exception as exc:
+        raise DatasetError(
+            line, f"{describe(ref)}: the image does not decode: {_exc_text(exc)}"
+        ) from None
+    return im
+
+
+def image_bytes(
+    ref: ImageRef, image_root: Path, limits: DatasetLimits | None = None, *, line: int = 0
+) -> tuple[bytes, str]:
+    """The encoded bytes of an image and their MIME type, under the validation rules
+    (for ``convert --embed-images``). Raises ``DatasetError`` naming ``line``."""
+    limits = limits or DatasetLimits()
+    try:
+        source = _locate(ref, Path(image_root).resolve(), limits, lazy=False)
+        with source.open() as fp:
+            data = fp.read()
+        im = _open_header(io.BytesIO(data))
+    except ImageProblem as exc:
+        raise DatasetError(line, f"{describe(ref)}: {exc}") from None
+    except OSError as exc:
+        raise DatasetError(
+            line, f"{describe(ref)}: image file cannot be read: {exc.strerror or exc}"
+        ) from None
+    return data, ALLOWED_FORMATS[str(im.format)]
+
+
+def describe(ref: ImageRef) -> str:
+    """A short name for an image in messages (data: URIs are not printed whole)."""
+    if ref.kind == "data":
+        head = ref.source.partition(",")[0]
+        return f"{head[:60]},... ({len(ref.source):,} characters)"
+    return ref.source if len(ref.source) <= 120 else ref.source[:117] + "..."

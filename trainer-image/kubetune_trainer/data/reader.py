@@ -1,0 +1,96 @@
+"""Reading a JSONL stream into canonical examples: lines, then JSON, then the format
+parsers, then the per-example rules. One pass, one line in memory at a time.
+
+Everything that goes wrong comes back as a line-numbered ``Problem``; only
+``read_examples`` (for the trainer, which reads validated files) raises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from kubetune_trainer.config import DatasetLimits, Task
+from kubetune_trainer.data.example import Example
+from kubetune_trainer.data.formats import line_style, parse_record
+from kubetune_trainer.data.jsonl import (
+    DEFAULT_MAX_LINE_BYTES,
+    Hasher,
+    decode_line,
+    decode_line_exact,
+    iter_lines,
+    may_have_lost_digits,
+)
+from kubetune_trainer.data.problems import DatasetError, Problem
+from kubetune_trainer.data.rules import example_problems
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A line that parsed into an example. Rule violations found on it come as
+    error problems just before it, so that a validator sees both."""
+
+    example: Example
+    fingerprint: int
+    """A 64-bit hash of the line's bytes, to spot exact duplicate lines cheaply."""
+
+
+def iter_records(
+    fp: BinaryIO,
+    *,
+    limits: DatasetLimits | None = None,
+    task: Task | None = None,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    digest: Hasher | None = None,
+    style: str = "auto",
+) -> Iterator[Record | Problem]:
+    """Each line's problems, then its ``Record`` if it parsed into an example. A
+    ``style`` other than "auto" makes a line written in the other style an error."""
+    limits = limits or DatasetLimits()
+    for item in iter_lines(fp, max_line_bytes=max_line_bytes, digest=digest):
+        if isinstance(item, Problem):
+            yield item
+            continue
+        line = item.number
+        value, json_error = decode_line(item.data)
+        if json_error is not None:
+            yield Problem(line, json_error)
+            continue
+        written = line_style(value) if style != "auto" else None
+        if written is not None and written != style:
+            yield Problem(
+                line, f"written in the {written} style, but the Dataset's format is {style}"
+            )
+            continue
+        parsed = parse_record(value, line)
+        if (
+            parsed.example is not None
+            and parsed.example.extra
+            and may_have_lost_digits(parsed.example.extra)
+        ):
+            parsed = parse_record(decode_line_exact(item.data)[0], line)
+        for warning in parsed.warnings:
+            yield Problem(line, warning, "warning")
+        if parsed.example is None:
+            for error in parsed.errors:
+                yield Problem(line, error)
+            continue
+        for error in example_problems(parsed.example, limits, task):
+            yield Problem(line, error)
+        # hash() of bytes is SipHash, keyed per process: fine for an in-run set.
+        yield Record(parsed.example, hash(item.data))
+
+
+def read_examples(path: str | Path) -> Iterator[Example]:
+    """Every example of a JSONL file, in any supported format (mixed is fine), with
+    ``Example.line`` set. Raises ``DatasetError`` at the first invalid line: the
+    trainer reads files that ``kubetune validate`` has accepted. Images are not
+    opened here; see ``open_image``."""
+    with open(path, "rb") as fp:
+        for item in iter_records(fp):
+            if isinstance(item, Record):
+                yield item.example
+            elif item.is_error:
+                raise DatasetError(item.line, item.message)

@@ -1,0 +1,220 @@
+"""`kubetune validate`: one streaming pass over a JSONL file that checks every rule
+and produces a report (the JSON the operator stores in the Dataset status).
+
+Memory stays flat whatever the file size: one line at a time, 12 bytes per distinct
+line for duplicate detection (bounded, see ``duplicates.py``), at most
+``MAX_REPORTED`` stored errors and warnings, and a small cache of image checks.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kubetune_trainer.config import DatasetLimits, Task
+from kubetune_trainer.data.duplicates import DEFAULT_LIMIT, FingerprintTable
+from kubetune_trainer.data.example import ImageRef
+from kubetune_trainer.data.images import ImageCheck, check_image, describe
+from kubetune_trainer.data.jsonl import DEFAULT_MAX_LINE_BYTES
+from kubetune_trainer.data.problems import FILE_LINE, Problem
+from kubetune_trainer.data.reader import Record, iter_records
+from kubetune_trainer.data.rules import count_problem
+
+MAX_REPORTED = 1000
+"""Errors (and, separately, warnings) kept in the report; the rest are only counted."""
+
+_IMAGE_CACHE_SIZE = 1024  # path and URL checks; repeated images are common
+
+
+@dataclass(frozen=True, slots=True)
+class ValidationReport:
+    valid: bool
+    examples: int
+    images: int
+    text_only_examples: int
+    sha256: str
+    errors: tuple[Problem, ...]
+    warnings: tuple[Problem, ...]
+    error_count: int
+    warning_count: int
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``--json`` report (camelCase, as the Dataset status spells it)."""
+        return {
+            "valid": self.valid,
+            "examples": self.examples,
+            "images": self.images,
+            "textOnlyExamples": self.text_only_examples,
+            "sha256": self.sha256,
+            "errors": [{"line": p.line, "message": p.message} for p in self.errors],
+            "warnings": [{"line": p.line, "message": p.message} for p in self.warnings],
+            "errorCount": self.error_count,
+            "warningCount": self.warning_count,
+            "truncatedErrors": self.error_count - len(self.errors),
+            "truncatedWarnings": self.warning_count - len(self.warnings),
+        }
+
+    def summary(self, max_bytes: int = 4096, max_errors: int = 20) -> dict[str, Any]:
+        """The report cut to fit a container termination message (Kubernetes keeps 4096
+        bytes): the counts and as many of the first errors as fit."""
+        report = self.to_json()
+        report.pop("warnings")
+        errors = [
+            {"line": e["line"], "message": e["message"][:512]}
+            for e in report["errors"][:max_errors]
+        ]
+        while True:
+            report["errors"] = errors
+            if len(json.dumps(report).encode()) <= max_bytes or not errors:
+                return report
+            errors = errors[:-1]
+
+    def plain_lines(self, name: str) -> Iterator[str]:
+        """The plain output: ``line N: message`` per problem in line order, then a summary."""
+        problems = sorted(
+            (*self.errors, *self.warnings), key=lambda p: (p.line == FILE_LINE, p.line)
+        )
+        for problem in problems:
+            yield str(problem)
+        hidden = self.error_count + self.warning_count - len(problems)
+        if hidden:
+            yield f"... and {hidden:,} more problems (the first {MAX_REPORTED:,} of each kind are shown)"
+        verdict = "valid" if self.valid else "INVALID"
+        yield (
+            f"{name}: {verdict}: {self.examples:,} examples ({self.text_only_examples:,} text-only), "
+            f"{self.images:,} images, {self.error_count:,} errors, {self.warning_count:,} warnings; "
+            f"sha256 {self.sha256}"
+        )
+
+
+@dataclass
+class _Tally:
+    """The running counts of one validation pass (the only mutable state)."""
+
+    examples: int = 0
+    images: int = 0
+    text_only: int = 0
+    errors: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)
+    error_count: int = 0
+    warning_count: int = 0
+
+    def add(self, problem: Problem) -> None:
+        if problem.is_error:
+            self.error_count += 1
+            if len(self.errors) < MAX_REPORTED:
+                self.errors.append(problem)
+        else:
+            self.warning_count += 1
+            if len(self.warnings) < MAX_REPORTED:
+                self.warnings.append(problem)
+
+
+def validate_file(
+    path: str | Path,
+    *,
+    task: Task = "sft",
+    image_root: str | Path | None = None,
+    limits: DatasetLimits | None = None,
+    deep: bool = False,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    style: str = "auto",
+) -> ValidationReport:
+    """Validate a dataset file. Problems in the data go into the report; only a
+    missing file or image root raises (``OSError``), which is a usage error."""
+    path = Path(path)
+    limits = limits or DatasetLimits()
+    root = Path(image_root if image_root is not None else path.parent).resolve(strict=True)
+    if not root.is_dir():
+        raise NotADirectoryError(f"image root {root} is not a directory")
+    check = _image_checker(root, limits, deep)
+    tally = _Tally()
+    seen = FingerprintTable(min(DEFAULT_LIMIT, limits.max_examples + 1))
+    digest = hashlib.sha256()
+    with path.open("rb") as fp:
+        for item in iter_records(
+            fp, limits=limits, task=task, max_line_bytes=max_line_bytes, digest=digest, style=style
+        ):
+            if isinstance(item, Problem):
+                tally.add(item)
+            else:
+                _check_record(item, tally, seen, check)
+    if seen.full:
+        tally.add(
+            Problem(
+                FILE_LINE,
+                f"duplicates were looked for among the first {seen.limit:,} distinct lines only",
+                "warning",
+            )
+        )
+    count = count_problem(tally.examples, limits)
+    if count:
+        tally.add(Problem(FILE_LINE, count))
+    return ValidationReport(
+        valid=tally.error_count == 0,
+        examples=tally.examples,
+        images=tally.images,
+        text_only_examples=tally.text_only,
+        sha256=digest.hexdigest(),
+        errors=tuple(tally.errors),
+        warnings=tuple(tally.warnings),
+        error_count=tally.error_count,
+        warning_count=tally.warning_count,
+    )
+
+
+def _check_record(
+    record: Record, tally: _Tally, seen: FingerprintTable, check: Callable[[ImageRef], ImageCheck]
+) -> None:
+    example = record.example
+    line = example.line
+    images = example.images
+    rejected_images = example.rejected_images or ()
+    tally.examples += 1
+    tally.images += len(images) + len(rejected_images)
+    if not images:
+        tally.text_only += 1
+    earlier = seen.add(record.fingerprint, line)
+    if earlier is not None:
+        tally.add(Problem(line, f"exact duplicate of line {earlier}", "warning"))
+    if not images and not rejected_images:
+        return
+    for label, ref in _labelled_images(images, rejected_images):
+        result = check(ref)
+        for error in result.errors:
+            tally.add(Problem(line, f"{label} ({describe(ref)}): {error}"))
+        for warning in result.warnings:
+            tally.add(Problem(line, f"{label} ({describe(ref)}): {warning}", "warning"))
+
+
+def _labelled_images(
+    images: tuple[ImageRef, ...], rejected_images: tuple[ImageRef, ...]
+) -> Iterator[tuple[str, ImageRef]]:
+    for i, ref in enumerate(images, 1):
+        yield f"image {i}", ref
+    for i, ref in enumerate(rejected_images, 1):
+        yield f"rejected image {i}", ref
+
+
+def _image_checker(
+    root: Path, limits: DatasetLimits, deep: bool
+) -> Callable[[ImageRef], ImageCheck]:
+    """``check_image`` with the run's settings bound, and a small cache for paths and
+    URLs (many examples share images; a URL is then fetched once). Data URIs are
+    not cached: each is its own image, and keys that size would hold memory."""
+
+    @functools.lru_cache(maxsize=_IMAGE_CACHE_SIZE)
+    def cached(source: str) -> ImageCheck:
+        return check_image(ImageRef(source), root, limits, deep=deep)
+
+    def check(ref: ImageRef) -> ImageCheck:
+        if ref.kind == "data":
+            return check_image(ref, root, limits, deep=deep)
+        return cached(ref.source)
+
+    return check
