@@ -28,10 +28,12 @@ Job controller (batch/v1 Jobs, NonIndexed completion mode, not ``spec.managedBy`
     without counting them; resuming resets startTime). Failed Pods are replaced after
     an exponential backoff starting at ``--pod-failure-backoff`` seconds (the real
     controller starts at 10 s).
-    Deviation: a Pod rejected at creation (HTTP 403/422, e.g. by Pod Security) fails the
-    Job with reason ``PodCreateFailed`` and the API server's message, plus a
-    ``FailedCreate`` event; the real controller would retry forever, which in a test only
-    shows up as a timeout.
+    Events on the Job: FailedCreate, Completed, and the failure reason.
+    Deviation: a Pod rejected for good at creation (Pod Security, or invalid: HTTP 403
+    "violates PodSecurity" / 422) fails the Job with reason ``PodCreateFailed`` and the
+    API server's message; the real controller would retry forever, which in a test only
+    shows up as a timeout. Other creation errors (e.g. the namespace's default
+    ServiceAccount not there yet) are retried.
 
 Kubelet (node ``local-executor``: every Pod with ``spec.nodeName: local-executor``)
     Runs the first container's ``command`` + ``args`` (``$(VAR)`` expanded) as a local
@@ -50,9 +52,11 @@ Kubelet (node ``local-executor``: every Pod with ``spec.nodeName: local-executor
     (``subPath``/``subPathExpr`` honoured) is bind-mounted onto its ``mountPath``,
     read-only where asked and always for configMap/secret/downwardAPI/projected volumes,
     so absolute paths such as ``/etc/kubetune`` or ``/data`` work without rewriting the
-    command. Missing mount points are created on the host (empty folders or files). A
-    per-container file is bind-mounted onto ``terminationMessagePath``
-    (``/dev/termination-log`` by default).
+    command. Missing mount points are created on the host (empty folders or files; as
+    root only). A per-container file is bind-mounted onto ``terminationMessagePath``
+    (``/dev/termination-log`` by default). The process still sees the host's filesystem,
+    so a mountPath that would hide the Python it runs from (``/usr``, an ancestor of the
+    venv such as ``/work``) is refused with reason StartError.
     Pod status is reported like a kubelet: Running with PodScheduled, Initialized,
     ContainersReady and Ready, then Succeeded/Failed with ``state.terminated``
     (exitCode, reason Completed | Error | OOMKilled | StartError, the termination
@@ -85,6 +89,9 @@ Limitations (it is a stand-in, not a node)
       implemented; resourceFieldRef env/volume items are refused. Stopping the executor
       kills its processes; their Pods are marked Failed (ContainerStatusUnknown) by the
       next executor that sees them, as no kubelet could reattach to a killed process.
+    * One executor per namespace: two executors watching the same namespace would both
+      act as its Job controller and kubelet (scope them with ``--namespace``).
+    * The kubeconfig may use client certificates or a static token (no exec plugins).
 """
 
 from __future__ import annotations
@@ -140,12 +147,17 @@ DEFAULT_BACKOFF_LIMIT = 6
 DEFAULT_POD_FAILURE_BACKOFF = 1.0
 MAX_POD_FAILURE_BACKOFF = 600.0
 MAX_GRACE_SECONDS = 10.0
+# On shutdown; short enough for supervisors that SIGKILL after 10 s (hack/dev.sh), which
+# would leave the processes (each in its own session) running.
+STOP_GRACE_SECONDS = 5.0
 START_ERROR_EXIT = 128  # what container runtimes report when exec fails
 SETUP_RETRY_SECONDS = 2.0
 ERROR_RETRY_SECONDS = 1.0
 WATCH_TIMEOUT_SECONDS = 300
 REQUEST_TIMEOUT_SECONDS = 30.0
 INIT_COMMAND = "_container-init"
+TERMINATION_FILE = "termination-log"  # in the per-pod folder
+START_ERROR_FILE = "start-error"
 
 MERGE_PATCH = "application/merge-patch+json"
 STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
@@ -438,8 +450,98 @@ def _complete(spec: Obj, succeeded: int, active: int) -> bool:
     return succeeded > 0 if completions is None else succeeded >= completions
 
 
-def _earliest(a: float | None, b: float) -> float:
-    return b if a is None else min(a, b)
+def _count_released(status: Obj, tracked_uids: set[str]) -> tuple[list[str], list[str]]:
+    """Move uncounted UIDs whose Pod lost its tracking finalizer (released in an earlier
+    pass) into the counters; return the UIDs still uncounted (succeeded, failed)."""
+    uncounted = status.get("uncountedTerminatedPods") or {}
+    remaining = []
+    for outcome in ("succeeded", "failed"):
+        uids = uncounted.get(outcome) or []
+        status[outcome] = status.get(outcome, 0) + sum(u not in tracked_uids for u in uids)
+        remaining.append([u for u in uids if u in tracked_uids])
+    return remaining[0], remaining[1]
+
+
+def _pods_to_create(
+    spec: Obj,
+    succeeded: int,
+    active: int,
+    terminating: int,
+    backoff: Backoff,
+    wait_base: float,
+    now: datetime,
+) -> tuple[int, float | None]:
+    """How many Pods to create now, or how long to wait for the failure backoff."""
+    missing = _wanted_active(spec, succeeded, active) - active
+    if spec.get("podReplacementPolicy") == "Failed":
+        missing -= terminating
+    if missing <= 0:
+        return 0, None
+    wait = backoff.remaining(now, wait_base)
+    return (0, wait) if wait > 0 else (missing, None)
+
+
+def _update_suspended(status: Obj, suspended: bool, now: datetime) -> None:
+    conditions = status.setdefault("conditions", [])
+    if suspended:
+        ensure_condition(conditions, "Suspended", "True", "JobSuspended", "Job suspended", now)
+    elif ensure_condition(conditions, "Suspended", "False", "JobResumed", "Job resumed", now):
+        # A resumed Job restarts its activeDeadlineSeconds clock.
+        status["startTime"] = rfc3339(now)
+
+
+def _track_finished(
+    tracked: Sequence[Obj],
+    uncounted: tuple[list[str], list[str]],
+    only_replace_failed: bool,
+    letting_go: bool,
+    failing: bool,
+) -> list[PodRef]:
+    """Record finished Pods' UIDs in ``uncounted`` (succeeded, failed) and return the Pods
+    whose tracking finalizer can go: finished ones, or all once the Job is finishing
+    (``letting_go``). When the Job fails, every Pod that did not succeed failed."""
+    uncounted_ok, uncounted_failed = uncounted
+    release = []
+    for pod in tracked:
+        pod_failed = is_pod_failed(pod, only_replace_failed)
+        pod_succeeded = pod_phase(pod) == "Succeeded"
+        if not (letting_go or pod_succeeded or pod_failed):
+            continue
+        release.append(pod_ref(pod))
+        uid = pod["metadata"]["uid"]
+        if pod_succeeded and uid not in uncounted_failed:
+            bucket = uncounted_ok
+        elif pod_failed or failing:
+            bucket = uncounted_failed
+        else:
+            continue
+        if uid not in bucket:
+            bucket.append(uid)
+    return release
+
+
+def _enact(status: Obj, target: Target, settled: bool, now: datetime) -> Obj | None:
+    """Write the interim condition (FailureTarget, SuccessCriteriaMet) and, once every Pod
+    is counted and none is terminating (``settled``), the final one (Failed, Complete).
+    Returns the final condition when it was set."""
+    conditions = status.setdefault("conditions", [])
+    final_type = target.type
+    if target.type == "FailureTarget":
+        conditions.append(new_condition(target.type, "True", target.reason, target.message, now))
+        final_type = "Failed"
+    elif target.type == "SuccessCriteriaMet":
+        if find_condition(conditions, target.type) is None:
+            conditions.append(
+                new_condition(target.type, "True", target.reason, target.message, now)
+            )
+        final_type = "Complete"
+    if not settled:
+        return None
+    final = new_condition(final_type, "True", target.reason, target.message, now)
+    conditions.append(final)
+    if final_type == "Complete":
+        status["completionTime"] = rfc3339(now)
+    return final
 
 
 def plan_job(
@@ -470,30 +572,18 @@ def plan_job(
     deleting = bool(job["metadata"].get("deletionTimestamp"))
     only_replace_failed = spec.get("podReplacementPolicy") == "Failed"
 
-    tracked_uids = {p["metadata"]["uid"] for p in tracked}
-    uncounted = status.get("uncountedTerminatedPods") or {}
-    uncounted_ok = list(uncounted.get("succeeded") or [])
-    uncounted_failed = list(uncounted.get("failed") or [])
-    # UIDs recorded in an earlier pass whose finalizer is gone are now counted.
-    status["succeeded"] = status.get("succeeded", 0) + sum(
-        u not in tracked_uids for u in uncounted_ok
-    )
-    status["failed"] = status.get("failed", 0) + sum(u not in tracked_uids for u in uncounted_failed)
-    uncounted_ok = [u for u in uncounted_ok if u in tracked_uids]
-    uncounted_failed = [u for u in uncounted_failed if u in tracked_uids]
-
-    fresh = [p for p in tracked if p["metadata"]["uid"] not in {*uncounted_ok, *uncounted_failed}]
+    uncounted = _count_released(status, {p["metadata"]["uid"] for p in tracked})
+    fresh = [p for p in tracked if p["metadata"]["uid"] not in {*uncounted[0], *uncounted[1]}]
     new_ok = [p for p in fresh if pod_phase(p) == "Succeeded"]
     new_failed = [p for p in fresh if is_pod_failed(p, only_replace_failed)]
-    succeeded = status["succeeded"] + len(new_ok) + len(uncounted_ok)
-    failed = status["failed"] + len(new_failed) + len(uncounted_failed)
+    succeeded = status["succeeded"] + len(new_ok) + len(uncounted[0])
+    failed = status["failed"] + len(new_failed) + len(uncounted[1])
     backoff = backoff.after(new_ok, new_failed, now)
     if not status.get("startTime") and not suspended:
         status["startTime"] = rfc3339(now)
 
     active = [p for p in pods if is_active(p)]
     terminating = sum(is_deleting(p) and not is_terminal(p) for p in pods)
-    conditions: list[Obj] = status.setdefault("conditions", [])
     target, requeue = _terminal_target(spec, status, failed, create_error, now)
     create, delete, untrack = 0, [], []
     if target is not None:
@@ -502,67 +592,34 @@ def plan_job(
         if suspended:
             untrack, active = active, []
         else:
-            missing = _wanted_active(spec, succeeded, len(active)) - len(active)
-            if only_replace_failed:
-                missing -= terminating
-            if missing > 0:
-                wait = backoff.remaining(now, pod_failure_backoff)
-                if wait > 0:
-                    requeue = _earliest(requeue, wait)
-                else:
-                    create = missing
+            create, wait = _pods_to_create(
+                spec, succeeded, len(active), terminating, backoff, pod_failure_backoff, now
+            )
+            requeue = min((t for t in (requeue, wait) if t is not None), default=None)
         if _complete(spec, succeeded, len(active) + create):
             target = Target(
-                "SuccessCriteriaMet", "CompletionsReached", "Reached expected number of succeeded pods"
+                "SuccessCriteriaMet",
+                "CompletionsReached",
+                "Reached expected number of succeeded pods",
             )
-        elif suspended:
-            ensure_condition(conditions, "Suspended", "True", "JobSuspended", "Job suspended", now)
-        elif ensure_condition(conditions, "Suspended", "False", "JobResumed", "Job resumed", now):
-            # A resumed Job restarts its activeDeadlineSeconds clock.
-            status["startTime"] = rfc3339(now)
+        else:
+            _update_suspended(status, suspended, now)
     terminating += len(delete) + len(untrack)
 
-    release = []
-    for pod in tracked:
-        pod_failed = is_pod_failed(pod, only_replace_failed)
-        succeeded_pod = pod_phase(pod) == "Succeeded"
-        if not (deleting or target is not None or succeeded_pod or pod_failed):
-            continue
-        release.append(pod_ref(pod))
-        uid = pod["metadata"]["uid"]
-        if succeeded_pod and uid not in uncounted_failed:
-            if uid not in uncounted_ok:
-                uncounted_ok.append(uid)
-        elif pod_failed or (target is not None and target.type != "SuccessCriteriaMet"):
-            # When the Job fails, every Pod that did not succeed counts as failed.
-            if uid not in uncounted_failed:
-                uncounted_failed.append(uid)
-
+    failing = target is not None and target.type != "SuccessCriteriaMet"
+    release = _track_finished(
+        tracked, uncounted, only_replace_failed, deleting or target is not None, failing
+    )
     status["uncountedTerminatedPods"] = {
-        k: v for k, v in (("succeeded", uncounted_ok), ("failed", uncounted_failed)) if v
+        k: v for k, v in zip(("succeeded", "failed"), uncounted, strict=True) if v
     }
     status["active"] = len(active)
     status["ready"] = sum(is_ready(p) for p in active)
     status["terminating"] = terminating
-    finished = None
-    if target is not None:
-        final_type = target.type
-        if target.type == "FailureTarget":
-            conditions.append(new_condition(target.type, "True", target.reason, target.message, now))
-            final_type = "Failed"
-        elif target.type == "SuccessCriteriaMet":
-            if find_condition(conditions, target.type) is None:
-                conditions.append(
-                    new_condition(target.type, "True", target.reason, target.message, now)
-                )
-            final_type = "Complete"
-        if not uncounted_ok and not uncounted_failed and terminating == 0:
-            finished = new_condition(final_type, "True", target.reason, target.message, now)
-            conditions.append(finished)
-            if final_type == "Complete":
-                status["completionTime"] = rfc3339(now)
-    if not conditions:
-        del status["conditions"]
+    settled = not uncounted[0] and not uncounted[1] and terminating == 0
+    finished = _enact(status, target, settled, now) if target is not None else None
+    if not status.get("conditions"):
+        status.pop("conditions", None)
     return JobPlan(
         status=status,
         backoff=backoff,
@@ -686,7 +743,7 @@ def exit_reason(returncode: int, killed_by_executor: bool) -> tuple[int, str]:
 def termination_message(message: bytes, log_tail: bytes, policy: str, exit_code: int) -> str:
     """The kubelet's rules: the file's first 4096 bytes; with FallbackToLogsOnError and an
     empty file after a failure, the log's last 80 lines capped at 2048 bytes."""
-    if not message.strip() and policy == "FallbackToLogsOnError" and exit_code != 0:
+    if not message and policy == "FallbackToLogsOnError" and exit_code != 0:
         lines = log_tail.splitlines(keepends=True)[-FALLBACK_LOG_LINES:]
         return b"".join(lines)[-FALLBACK_LOG_BYTES:].decode(errors="replace")
     return message[:MAX_MESSAGE_BYTES].decode(errors="replace")
@@ -768,7 +825,9 @@ def object_data(kind: str, obj: Obj) -> dict[str, bytes]:
 
 
 def _fetch(source: ObjectSource, kind: str, namespace: str, name: str) -> Obj | None:
-    return source.secret(namespace, name) if kind == "Secret" else source.config_map(namespace, name)
+    return (
+        source.secret(namespace, name) if kind == "Secret" else source.config_map(namespace, name)
+    )
 
 
 def _key_ref(
@@ -817,10 +876,12 @@ def container_env(pod: Obj, container: Obj, source: ObjectSource) -> dict[str, s
             else ("Secret", value_from.get("secretKeyRef"))
         )
         if ref is None:
-            raise PodSetupError(reason, f"unsupported valueFrom {sorted(value_from)} for {var['name']}")
-        value = _key_ref(source, namespace, kind, ref, reason)
-        if value is not None:
-            env[var["name"]] = value.decode()
+            raise PodSetupError(
+                reason, f"unsupported valueFrom {sorted(value_from)} for {var['name']}"
+            )
+        found = _key_ref(source, namespace, kind, ref, reason)
+        if found is not None:
+            env[var["name"]] = found.decode()
     return env
 
 
@@ -924,7 +985,9 @@ def materialize_volumes(
             continue
         if "configMap" in volume:
             ref = volume["configMap"]
-            files = _object_files(source, namespace, "ConfigMap", ref, ref.get("defaultMode", 0o644))
+            files = _object_files(
+                source, namespace, "ConfigMap", ref, ref.get("defaultMode", 0o644)
+            )
         elif "secret" in volume:
             ref = volume["secret"]
             files = _object_files(source, namespace, "Secret", ref, ref.get("defaultMode", 0o644))
@@ -943,7 +1006,9 @@ def materialize_volumes(
     return result
 
 
-def container_mounts(container: Obj, volumes: dict[str, Volume], env: dict[str, str]) -> list[Mount]:
+def container_mounts(
+    container: Obj, volumes: dict[str, Volume], env: dict[str, str]
+) -> list[Mount]:
     mounts = []
     for vm in container.get("volumeMounts") or []:
         volume = volumes[vm["name"]]
@@ -990,7 +1055,13 @@ def apply_mounts(mounts: Sequence[Mount]) -> None:
     read-only mount can still be created.
     """
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
+    libc.mount.argtypes = [
+        ctypes.c_char_p,
+        ctypes.c_char_p,
+        ctypes.c_char_p,
+        ctypes.c_ulong,
+        ctypes.c_void_p,
+    ]
     fds = [os.open(m.source, os.O_PATH | os.O_CLOEXEC) for m in mounts]
     is_dir = [os.path.isdir(m.source) for m in mounts]
     order = sorted(range(len(mounts)), key=lambda i: os.path.normpath(mounts[i].target).count("/"))
@@ -1006,6 +1077,10 @@ def apply_mounts(mounts: Sequence[Mount]) -> None:
         os.close(fd)
 
 
+def _describe(exc: OSError) -> str:
+    return f"{exc.strerror}: {exc.filename}" if exc.filename else str(exc.strerror or exc)
+
+
 def container_init(spec_json: str) -> NoReturn:
     """Entry point run by ``unshare`` in the new mount namespace: mount, chdir, exec.
 
@@ -1019,9 +1094,13 @@ def container_init(spec_json: str) -> NoReturn:
         if spec["workingDir"]:
             os.makedirs(spec["workingDir"], exist_ok=True)
             os.chdir(spec["workingDir"])
+    except OSError as exc:
+        os.write(error_fd, f"container setup: {_describe(exc)}".encode())
+        os._exit(START_ERROR_EXIT)
+    try:
         os.execv(spec["executable"], spec["argv"])
     except OSError as exc:
-        os.write(error_fd, f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ").encode())
+        os.write(error_fd, f'exec "{spec["argv"][0]}": {exc.strerror or exc}'.encode())
         os._exit(START_ERROR_EXIT)
 
 
@@ -1038,7 +1117,8 @@ class ApiError(Exception):
     @property
     def namespace_terminating(self) -> bool:
         causes = (self.body.get("details") or {}).get("causes") or []
-        return any(c.get("type") == "NamespaceTerminating" for c in causes)
+        # A StatusCause's type is serialised as "reason".
+        return any(c.get("reason") == "NamespaceTerminating" for c in causes)
 
 
 class WatchExpired(Exception):
@@ -1072,7 +1152,10 @@ class Kube:
             cert_file=cfg.cert_file,
             key_file=cfg.key_file,
         )
-        self._timeout = urllib3.Timeout
+        self._request_timeout = urllib3.Timeout(total=REQUEST_TIMEOUT_SECONDS)
+        # The server ends each watch after WATCH_TIMEOUT_SECONDS; a longer silence means
+        # a dead connection.
+        self._watch_timeout = urllib3.Timeout(connect=10, read=WATCH_TIMEOUT_SECONDS + 30)
         self._streams: set[Any] = set()
         self._lock = threading.Lock()
         self._closed = False
@@ -1094,7 +1177,7 @@ class Kube:
             self._url(path, query),
             body=json.dumps(body).encode() if body is not None else None,
             headers={**self._headers, "Content-Type": content_type},
-            timeout=self._timeout(total=REQUEST_TIMEOUT_SECONDS),
+            timeout=self._request_timeout,
             retries=False,
         )
         payload = json.loads(response.data) if response.data else {}
@@ -1118,7 +1201,7 @@ class Kube:
             self._url(path, query),
             headers=self._headers,
             preload_content=False,
-            timeout=self._timeout(connect=10, read=WATCH_TIMEOUT_SECONDS + 30),
+            timeout=self._watch_timeout,
             retries=False,
         )
         with self._lock:
@@ -1163,14 +1246,21 @@ class Kube:
             "spec": {
                 "audiences": [audience] if audience else [],
                 "expirationSeconds": expiration,
-                "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": meta["name"], "uid": meta["uid"]},
+                "boundObjectRef": {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "name": meta["name"],
+                    "uid": meta["uid"],
+                },
             },
         }
         path = f"/api/v1/namespaces/{meta['namespace']}/serviceaccounts/{account}/token"
         try:
             return str(self.request("POST", path, request)["status"]["token"])
         except ApiError as exc:
-            raise PodSetupError("ContainerCreating", f"service account token: {exc.message}") from exc
+            raise PodSetupError(
+                "ContainerCreating", f"service account token: {exc.message}"
+            ) from exc
 
 
 def job_path(namespace: str, name: str = "") -> str:
@@ -1224,6 +1314,17 @@ class WorkQueue:
             self._cond.notify_all()
 
 
+@dataclass(frozen=True)
+class Launch:
+    """How to start a Pod's container (``container_init`` does the mounting)."""
+
+    argv: list[str]
+    executable: str
+    env: dict[str, str]
+    mounts: list[Mount]
+    working_dir: str
+
+
 @dataclass
 class ContainerRun:
     """The local process of one Pod, from its start until its exit is reported."""
@@ -1231,7 +1332,7 @@ class ContainerRun:
     namespace: str
     pod: str
     uid: str
-    container: Obj
+    message_policy: str
     pod_dir: Path
     log_path: Path
     process: subprocess.Popen[bytes]
@@ -1248,11 +1349,11 @@ class ContainerRun:
 
     @property
     def termination_file(self) -> Path:
-        return self.pod_dir / "termination-log"
+        return self.pod_dir / TERMINATION_FILE
 
     @property
     def start_error_file(self) -> Path:
-        return self.pod_dir / "start-error"
+        return self.pod_dir / START_ERROR_FILE
 
 
 def _read_head(path: Path, size: int) -> bytes:
@@ -1286,9 +1387,11 @@ def _grace_seconds(pod: Obj) -> float:
     return float(min(seconds, MAX_GRACE_SECONDS))
 
 
-def _was_running(pod: Obj) -> bool:
+def _started_at(pod: Obj) -> str | None:
+    """When the Pod's container started running, if a kubelet reported it running."""
     statuses = pod.get("status", {}).get("containerStatuses") or []
-    return any("running" in (s.get("state") or {}) for s in statuses)
+    running = [s["state"]["running"] for s in statuses if "running" in (s.get("state") or {})]
+    return str(running[0].get("startedAt") or "") if running else None
 
 
 class LocalExecutor:
@@ -1341,14 +1444,16 @@ class LocalExecutor:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._kube = Kube(self._kubeconfig)
         synced: list[threading.Event] = []
-        for namespace in self._namespaces or [None]:
-            for resource, on_event in (
-                (self._jobs_path(namespace), self._on_job),
-                (self._pods_path(namespace), self._on_pod),
+        on_this_node = {"fieldSelector": f"spec.nodeName={NODE_NAME}"}
+        scopes: list[str | None] = [None] if self._namespaces is None else [*self._namespaces]
+        for namespace in scopes:
+            for resource, query, on_event in (
+                (self._jobs_path(namespace), {}, self._on_job),
+                (self._pods_path(namespace), on_this_node, self._on_pod),
             ):
                 ready = threading.Event()
                 synced.append(ready)
-                self._spawn(f"watch {resource}", self._watch, resource, on_event, ready)
+                self._spawn(f"watch {resource}", self._watch, resource, query, on_event, ready)
         self._spawn("job-controller", self._work, self._jobs, self._sync_job)
         self._spawn("kubelet", self._work, self._pods, self._sync_pod)
         deadline = time.monotonic() + timeout
@@ -1370,7 +1475,7 @@ class LocalExecutor:
         with self._lock:
             runs = list(self._runs.values())
         for run in runs:
-            self._terminate(run, MAX_GRACE_SECONDS)
+            self._terminate(run, STOP_GRACE_SECONDS)
         for run in runs:
             run.process.wait()
             self._forget(run)
@@ -1403,9 +1508,14 @@ class LocalExecutor:
     def _pods_path(namespace: str | None) -> str:
         return pod_path(namespace) if namespace else "/api/v1/pods"
 
-    def _watch(self, path: str, on_event: Callable[[Obj], None], synced: threading.Event) -> None:
+    def _watch(
+        self,
+        path: str,
+        query: dict[str, str],
+        on_event: Callable[[Obj], None],
+        synced: threading.Event,
+    ) -> None:
         """List, then watch from the list's resourceVersion; list again when it expires."""
-        query = {"fieldSelector": f"spec.nodeName={NODE_NAME}"} if path.endswith("/pods") else {}
         while not self._stopping.is_set():
             try:
                 listing = self.kube.request("GET", path, query=query)
@@ -1528,11 +1638,12 @@ class LocalExecutor:
         for ref in plan.untrack_and_delete:
             self._release(namespace, ref)
             self._delete_pod(namespace, ref)
-        for _ in range(plan.create):
-            if not self._create_pod(job):
-                return 0.0  # the next pass turns the recorded error into the Job's failure
+        if self._create_pods(job, plan.create):
+            return 0.0  # a Pod was rejected for good: the next pass fails the Job
         if job_status_canonical(plan.status) != job_status_canonical(job.get("status")):
-            self.kube.request("PUT", job_path(namespace, name) + "/status", {**job, "status": plan.status})
+            self.kube.request(
+                "PUT", job_path(namespace, name) + "/status", {**job, "status": plan.status}
+            )
         self._backoffs[uid] = plan.backoff
         for ref in plan.release:
             self._release(namespace, ref)
@@ -1548,25 +1659,38 @@ class LocalExecutor:
             self._event(job, "Normal", "Completed", "Job completed")
         else:
             self._event(job, "Warning", condition["reason"], condition["message"])
-        log.info("job %s/%s %s %s", job["metadata"]["namespace"], job["metadata"]["name"],
-                 condition["type"], condition["reason"])
+        log.info(
+            "job %s/%s %s %s",
+            job["metadata"]["namespace"],
+            job["metadata"]["name"],
+            condition["type"],
+            condition["reason"],
+        )
 
-    def _create_pod(self, job: Obj) -> bool:
+    def _create_pods(self, job: Obj, count: int) -> bool:
+        """Create ``count`` Pods; True when one was rejected in a way retrying cannot fix."""
         meta = job["metadata"]
-        try:
-            pod = self.kube.request("POST", pod_path(meta["namespace"]), build_pod(job))
-        except ApiError as exc:
-            if exc.namespace_terminating:
-                return False
-            if exc.status not in (403, 422):
-                raise
-            # Rejected by admission or validation: retrying cannot help (see docstring).
-            self._create_errors[meta["uid"]] = exc.message
-            self._event(job, "Warning", "FailedCreate", f"Error creating: {exc.message}")
-            log.warning("job %s/%s: pod rejected: %s", meta["namespace"], meta["name"], exc.message)
-            return False
-        log.info("job %s/%s: created pod %s", meta["namespace"], meta["name"], pod["metadata"]["name"])
-        return True
+        for _ in range(count):
+            try:
+                pod = self.kube.request("POST", pod_path(meta["namespace"]), build_pod(job))
+            except ApiError as exc:
+                if exc.namespace_terminating:
+                    return False  # the namespace controller is deleting the Job too
+                self._event(job, "Warning", "FailedCreate", f"Error creating: {exc.message}")
+                if not _rejected_for_good(exc):
+                    raise  # e.g. the namespace's default ServiceAccount does not exist yet
+                self._create_errors[meta["uid"]] = exc.message
+                log.warning(
+                    "job %s/%s: pod rejected: %s", meta["namespace"], meta["name"], exc.message
+                )
+                return True
+            log.info(
+                "job %s/%s: created pod %s",
+                meta["namespace"],
+                meta["name"],
+                pod["metadata"]["name"],
+            )
+        return False
 
     def _delete_pod(self, namespace: str, ref: PodRef) -> None:
         with contextlib.suppress(ApiError):  # already gone, or replaced by a namesake
@@ -1576,9 +1700,16 @@ class LocalExecutor:
 
     def _release(self, namespace: str, ref: PodRef) -> None:
         """Remove the tracking finalizer (the uid guards against a namesake Pod)."""
-        patch = {"metadata": {"$deleteFromPrimitiveList/finalizers": [TRACKING_FINALIZER], "uid": ref.uid}}
+        patch = {
+            "metadata": {
+                "$deleteFromPrimitiveList/finalizers": [TRACKING_FINALIZER],
+                "uid": ref.uid,
+            }
+        }
         try:
-            self.kube.request("PATCH", pod_path(namespace, ref.name), patch, content_type=STRATEGIC_MERGE_PATCH)
+            self.kube.request(
+                "PATCH", pod_path(namespace, ref.name), patch, content_type=STRATEGIC_MERGE_PATCH
+            )
         except ApiError as exc:
             if exc.status not in (404, 409, 422):
                 raise
@@ -1587,7 +1718,9 @@ class LocalExecutor:
         """The Job is gone (e.g. deleted, its Pods garbage-collected): its Pods no longer
         need to be counted, so let them go."""
         selector = f"{JOB_NAME_LABELS[0]}={job_name}"
-        pods = self.kube.request("GET", pod_path(namespace), query={"labelSelector": selector})["items"]
+        pods = self.kube.request("GET", pod_path(namespace), query={"labelSelector": selector})[
+            "items"
+        ]
         for pod in pods:
             if is_tracked(pod):
                 self._release(namespace, pod_ref(pod))
@@ -1626,21 +1759,27 @@ class LocalExecutor:
 
     def _start(self, pod: Obj) -> float | None:
         now = rfc3339(utc_now())
-        if _was_running(pod):
+        if (started := _started_at(pod)) is not None:
             # Started by an executor that has stopped since (and killed the process).
             message = "The container could not be located when the pod was terminated"
-            self._report(pod, Report.terminated(137, "ContainerStatusUnknown", message, now, now))
+            report = Report.terminated(137, "ContainerStatusUnknown", message, started or now, now)
+            self._report(pod, report)
             return None
         try:
             run = self._launch(pod)
-        except PodSetupError as exc:
+        except (PodSetupError, StartError) as exc:
+            shutil.rmtree(self._pod_dir(pod["metadata"]["uid"]), ignore_errors=True)
+            if isinstance(exc, StartError):
+                report = Report.terminated(START_ERROR_EXIT, "StartError", str(exc), now, now)
+                self._report(pod, report)
+                return None
             self._report(pod, Report.waiting(exc.reason, exc.message))
             return SETUP_RETRY_SECONDS
-        except StartError as exc:
-            self._report(pod, Report.terminated(START_ERROR_EXIT, "StartError", str(exc), now, now))
-            return None
         self._report(pod, Report.running(run.started_at))
         return None
+
+    def _pod_dir(self, uid: str) -> Path:
+        return self.state_dir / "pods" / uid
 
     def _process_env(self, pod: Obj, env: dict[str, str]) -> dict[str, str]:
         inherited = {k: os.environ[k] for k in self._pass_env if k in os.environ}
@@ -1652,49 +1791,52 @@ class LocalExecutor:
     def _launch(self, pod: Obj) -> ContainerRun:
         meta, spec = pod["metadata"], pod["spec"]
         if len(spec["containers"]) > 1 or spec.get("initContainers"):
-            log.warning("pod %s/%s: only the first container runs locally", meta["namespace"], meta["name"])
+            log.warning("pod %s/%s: only the first container runs", meta["namespace"], meta["name"])
         container = spec["containers"][0]
-        pod_dir = self.state_dir / "pods" / meta["uid"]
+        pod_dir = self._pod_dir(meta["uid"])
+        launch = self._prepare(pod, container, pod_dir)
+        log_path = self.log_path(meta["namespace"], meta["name"])
+        process = _spawn(launch, pod_dir, log_path)
+        run = ContainerRun(
+            namespace=meta["namespace"],
+            pod=meta["name"],
+            uid=meta["uid"],
+            message_policy=container.get("terminationMessagePolicy", "File"),
+            pod_dir=pod_dir,
+            log_path=log_path,
+            process=process,
+            started_at=rfc3339(utc_now()),
+        )
+        with self._lock:
+            self._runs[run.uid] = run
+        threading.Thread(
+            target=self._wait_for_exit, args=(run,), name=f"pod {run.pod}", daemon=True
+        ).start()
+        # Only the command: $(VAR) expansion may have put Secret values in the arguments.
+        log.info(
+            "pod %s/%s: started %s (pid %d)", run.namespace, run.pod, launch.argv[0], process.pid
+        )
+        return run
+
+    def _prepare(self, pod: Obj, container: Obj, pod_dir: Path) -> Launch:
+        """Resolve the environment, write the volumes, plan the mounts."""
         env = container_env(pod, container, self.kube)
         volumes = materialize_volumes(pod, pod_dir / "volumes", self.state_dir / "pvc", self.kube)
         argv = [expand(a, env) for a in [*container.get("command", []), *container.get("args", [])]]
         proc_env = self._process_env(pod, env)
         executable = _resolve_executable(argv, proc_env["PATH"])
-        run_dir = pod_dir / "work"
-        run_dir.mkdir(parents=True, exist_ok=True)
-        termination = pod_dir / "termination-log"
+        termination = pod_dir / TERMINATION_FILE
         termination.write_bytes(b"")
         message_path = container.get("terminationMessagePath") or DEFAULT_TERMINATION_PATH
-        mounts = [*container_mounts(container, volumes, env), Mount(str(termination), message_path, False)]
-        init_spec = {
-            "mounts": [m.__dict__ for m in mounts],
-            "workingDir": container.get("workingDir", ""),
-            "executable": executable,
-            "argv": argv,
-            "startErrorFile": str(pod_dir / "start-error"),
-        }
-        log_path = self.log_path(meta["namespace"], meta["name"])
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with log_path.open("ab") as log_file:
-            process = subprocess.Popen(
-                [*_unshare_command(), sys.executable, "-I", str(Path(__file__).resolve()),
-                 INIT_COMMAND, json.dumps(init_spec)],
-                env=proc_env,
-                cwd=run_dir,  # the default working directory; a mount cannot hide a cwd
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        run = ContainerRun(
-            meta["namespace"], meta["name"], meta["uid"], container, pod_dir, log_path,
-            process, rfc3339(utc_now()),
-        )
-        with self._lock:
-            self._runs[run.uid] = run
-        threading.Thread(target=self._wait_for_exit, args=(run,), name=f"pod {run.pod}", daemon=True).start()
-        log.info("pod %s/%s: started %s (pid %d)", run.namespace, run.pod, argv, process.pid)
-        return run
+        mounts = [
+            *container_mounts(container, volumes, env),
+            Mount(str(termination), message_path, False),
+        ]
+        needed = [sys.prefix, sys.base_prefix]
+        if "/" not in argv[0]:
+            needed.append(os.path.dirname(executable))  # found on the host's PATH
+        refuse_hiding_mounts(mounts, needed)
+        return Launch(argv, executable, proc_env, mounts, container.get("workingDir", ""))
 
     def _wait_for_exit(self, run: ContainerRun) -> None:
         returncode = run.process.wait()
@@ -1711,12 +1853,14 @@ class LocalExecutor:
         assert run.exit_code is not None and run.finished_at is not None
         start_error = _read_head(run.start_error_file, MAX_MESSAGE_BYTES).decode(errors="replace")
         if start_error:
-            return Report.terminated(START_ERROR_EXIT, "StartError", start_error, run.started_at, run.finished_at)
+            return Report.terminated(
+                START_ERROR_EXIT, "StartError", start_error, run.started_at, run.finished_at
+            )
         code, reason = exit_reason(run.exit_code, run.killed)
         message = termination_message(
             _read_head(run.termination_file, MAX_MESSAGE_BYTES),
             _read_tail(run.log_path, 16 * FALLBACK_LOG_BYTES),
-            run.container.get("terminationMessagePolicy", "File"),
+            run.message_policy,
             code,
         )
         return Report.terminated(code, reason, message, run.started_at, run.finished_at)
@@ -1773,6 +1917,44 @@ class LocalExecutor:
                 raise
 
 
+def _spawn(launch: Launch, pod_dir: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    """Start ``container_init`` in a new mount namespace, as the leader of a new process
+    group (so the whole tree can be signalled), logging to ``log_path``."""
+    init_spec = {
+        "mounts": [vars(m) for m in launch.mounts],
+        "workingDir": launch.working_dir,
+        "executable": launch.executable,
+        "argv": launch.argv,
+        "startErrorFile": str(pod_dir / START_ERROR_FILE),
+    }
+    default_cwd = pod_dir / "work"  # a mount cannot hide a process's cwd
+    default_cwd.mkdir(parents=True, exist_ok=True)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    # -I: the container's PYTHON* variables must not affect the init helper.
+    init = [
+        sys.executable,
+        "-I",
+        str(Path(__file__).resolve()),
+        INIT_COMMAND,
+        json.dumps(init_spec),
+    ]
+    with log_path.open("ab") as log_file:
+        return subprocess.Popen(
+            [*_unshare_command(), *init],
+            env=launch.env,
+            cwd=default_cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _rejected_for_good(exc: ApiError) -> bool:
+    """Pod Security and validation verdicts on the template do not change on retry."""
+    return exc.status == 422 or (exc.status == 403 and "violates PodSecurity" in exc.message)
+
+
 def _resolve_executable(argv: Sequence[str], path: str) -> str:
     if not argv:
         raise StartError("no command: the local executor cannot run an image's entrypoint")
@@ -1782,6 +1964,19 @@ def _resolve_executable(argv: Sequence[str], path: str) -> str:
     if found is None:
         raise StartError(f'exec: "{argv[0]}": executable file not found in $PATH')
     return found
+
+
+def refuse_hiding_mounts(mounts: Sequence[Mount], needed: Sequence[str]) -> None:
+    """The process sees the host's filesystem, so a mount over e.g. /work or /usr would
+    hide the Python and the venv it runs from; say so instead of failing obscurely."""
+    for mount in mounts:
+        target = os.path.normpath(mount.target)
+        for path in needed:
+            if path == target or path.startswith(target.rstrip("/") + "/"):
+                raise StartError(
+                    f"mountPath {mount.target} would hide {path}, which the local process "
+                    "needs: the local executor cannot mount there"
+                )
 
 
 def _unshare_command() -> list[str]:
@@ -1798,15 +1993,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == [INIT_COMMAND]:
         container_init(args[1])
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description="Kubelet and Job controller for the test control plane (tests and demo only)."
+    )
     parser.add_argument("--kubeconfig", required=True, type=Path)
     parser.add_argument("--state-dir", required=True, type=Path, help="volumes, logs, pod scratch")
-    parser.add_argument("--namespace", action="append", dest="namespaces", metavar="NS",
-                        help="watch only this namespace (repeatable; default: all)")
-    parser.add_argument("--pass-env", action="append", default=[], metavar="NAME",
-                        help=f"host variable passed to processes, besides {', '.join(DEFAULT_PASS_ENV)}")
-    parser.add_argument("--pod-failure-backoff", type=float, default=DEFAULT_POD_FAILURE_BACKOFF,
-                        metavar="SECONDS", help="first delay before replacing a failed pod")
+    parser.add_argument(
+        "--namespace",
+        action="append",
+        dest="namespaces",
+        metavar="NS",
+        help="watch only this namespace (repeatable; default: all)",
+    )
+    parser.add_argument(
+        "--pass-env",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help=f"host variable passed to processes, besides {', '.join(DEFAULT_PASS_ENV)}",
+    )
+    parser.add_argument(
+        "--pod-failure-backoff",
+        type=float,
+        default=DEFAULT_POD_FAILURE_BACKOFF,
+        metavar="SECONDS",
+        help="first delay before replacing a failed pod",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     opts = parser.parse_args(args)
     logging.basicConfig(

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# A local kubetune stack for trying things out (`make dev-up` / `make dev-down`):
+# the test control plane, kubetune's CRDs, the local executor (plays kubelet for Jobs)
+# and the operator, all in the background. `up` prints `export KUBECONFIG=...` last.
+#
+# State lives in .cache/dev/: executor volumes (a PVC named X in namespace N is the
+# folder .cache/dev/state/pvc/N/X), pod logs (.cache/dev/state/logs) and the
+# operator's and executor's own logs.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+DEV="${ROOT}/.cache/dev"
+PY="${ROOT}/.venv/bin/python"
+export KUBETUNE_CP_DIR="${KUBETUNE_CP_DIR:-${DEV}/controlplane}"
+
+stop_pid() {
+  local file="$1"
+  [[ -f "${file}" ]] || return 0
+  local pid
+  pid="$(cat "${file}")"
+  if kill -0 "${pid}" 2>/dev/null; then
+    kill -TERM -- "-${pid}" 2>/dev/null || kill -TERM "${pid}" 2>/dev/null || true
+    for _ in $(seq 1 50); do kill -0 "${pid}" 2>/dev/null || break; sleep 0.2; done
+    kill -KILL -- "-${pid}" 2>/dev/null || true
+  fi
+  rm -f "${file}"
+}
+
+start_bg() {  # name, command...
+  local name="$1"; shift
+  if [[ -f "${DEV}/${name}.pid" ]] && kill -0 "$(cat "${DEV}/${name}.pid")" 2>/dev/null; then
+    return 0
+  fi
+  setsid "$@" >"${DEV}/${name}.log" 2>&1 < /dev/null &
+  echo $! >"${DEV}/${name}.pid"
+}
+
+up() {
+  mkdir -p "${DEV}/state"
+  "${ROOT}/hack/controlplane.sh" up >"${DEV}/controlplane.out"
+  local export_line
+  export_line="$(tail -n 1 "${DEV}/controlplane.out")"
+  export KUBECONFIG="${export_line#export KUBECONFIG=}"
+  kubectl apply --server-side --force-conflicts -f "${ROOT}/crds" >/dev/null
+  kubectl wait --for=condition=Established --timeout=60s -f "${ROOT}/crds" >/dev/null
+  "${ROOT}/hack/controlplane.sh" restart-kcm >/dev/null
+  start_bg executor "${PY}" "${ROOT}/hack/local_executor.py" --kubeconfig "${KUBECONFIG}" \
+    --state-dir "${DEV}/state" --pod-failure-backoff 2
+  start_bg operator env KUBETUNE_SCRAPE_INTERVAL="${KUBETUNE_SCRAPE_INTERVAL:-3}" \
+    "${PY}" -m kubetune_operator --all-namespaces --standalone \
+    --metrics-port "${KUBETUNE_OPERATOR_METRICS_PORT:-18080}" --liveness "http://127.0.0.1:${KUBETUNE_OPERATOR_HEALTH_PORT:-18081}/healthz"
+  for _ in $(seq 1 100); do
+    curl -fsS "http://127.0.0.1:${KUBETUNE_OPERATOR_HEALTH_PORT:-18081}/healthz" >/dev/null 2>&1 && break
+    kill -0 "$(cat "${DEV}/operator.pid")" 2>/dev/null || { tail -n 30 "${DEV}/operator.log" >&2; exit 1; }
+    sleep 0.3
+  done
+  echo "operator log: ${DEV}/operator.log; executor log: ${DEV}/executor.log; volumes: ${DEV}/state/pvc" >&2
+  echo "export KUBECONFIG=${KUBECONFIG}"
+}
+
+down() {
+  stop_pid "${DEV}/operator.pid"
+  stop_pid "${DEV}/executor.pid"
+  "${ROOT}/hack/controlplane.sh" down >/dev/null 2>&1 || true
+}
+
+case "${1:-}" in
+  up) up ;;
+  down) down ;;
+  *) echo "usage: $0 up|down" >&2; exit 2 ;;
+esac

@@ -1,0 +1,464 @@
+"""The local executor against the real test API server: Jobs in a namespace enforcing
+the restricted Pod Security level run as local processes, with the Pod and Job status a
+kubelet and the Job controller would write."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Collection
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from kube import ROOT, Kubectl
+from local_executor import METRICS_PORT_ENV, LocalExecutor
+
+pytestmark = pytest.mark.apiserver
+
+Obj = dict[str, Any]
+T = TypeVar("T")
+
+RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted"}
+RESTRICTED_POD = {
+    "runAsNonRoot": True,
+    "runAsUser": 1000,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+RESTRICTED_CONTAINER = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
+def job_manifest(
+    name: str, script: str, *, container: Obj | None = None, pod: Obj | None = None, **spec: Any
+) -> Obj:
+    """A Job whose single container runs ``python3 -c script``, valid under `restricted`."""
+    main = {
+        "name": "main",
+        "image": "ghcr.io/kubetune/trainer:never-pulled",
+        "command": ["python3", "-c", textwrap.dedent(script)],
+        "securityContext": RESTRICTED_CONTAINER,
+        **(container or {}),
+    }
+    pod_spec = {
+        "restartPolicy": "Never",
+        "securityContext": RESTRICTED_POD,
+        "containers": [main],
+        **(pod or {}),
+    }
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name},
+        "spec": {"backoffLimit": 0, **spec, "template": {"spec": pod_spec}},
+    }
+
+
+def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 30.0) -> T:
+    deadline = time.monotonic() + timeout
+    while (value := probe()) is None or value is False:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.2)
+    return value
+
+
+def get_job(kubectl: Kubectl, ns: str, name: str) -> Obj:
+    job: Obj = kubectl.get("job", name, "-n", ns)
+    return job
+
+
+def pods_of(kubectl: Kubectl, ns: str, job: str) -> list[Obj]:
+    pods: list[Obj] = kubectl.get("pods", "-n", ns, "-l", f"batch.kubernetes.io/job-name={job}")[
+        "items"
+    ]
+    return sorted(pods, key=lambda p: p["metadata"]["creationTimestamp"])
+
+
+def condition(obj: Obj, ctype: str) -> Obj | None:
+    return next(
+        (c for c in obj.get("status", {}).get("conditions", []) if c["type"] == ctype), None
+    )
+
+
+def wait_condition(kubectl: Kubectl, ns: str, name: str, ctype: str, status: str = "True") -> Obj:
+    def probe() -> Obj | None:
+        job = get_job(kubectl, ns, name)
+        found = condition(job, ctype)
+        return job if found is not None and found["status"] == status else None
+
+    return wait_for(f"job {name} condition {ctype}={status}", probe)
+
+
+def wait_running_pid(
+    kubectl: Kubectl, ns: str, job: str, pid_dir: Path, exclude: Collection[str] = ()
+) -> tuple[str, int]:
+    """The running Pod of ``job`` (other than ``exclude``) and the pid its process wrote."""
+
+    def probe() -> tuple[str, int] | None:
+        for pod in pods_of(kubectl, ns, job):
+            name = pod["metadata"]["name"]
+            pid_file = pid_dir / f"{name}.pid"
+            if (
+                name not in exclude
+                and pod["status"].get("phase") == "Running"
+                and pid_file.exists()
+            ):
+                return name, int(pid_file.read_text())
+        return None
+
+    return wait_for(f"a running pod of {job}", probe)
+
+
+def alive(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()
+
+
+# A process that records its pid on the `work` PVC, then waits to be killed.
+SLEEPER = """
+    import os, time
+    open(f"/data/{os.environ['POD']}.pid", "w").write(str(os.getpid()))
+    time.sleep(120)
+"""
+SLEEPER_CONTAINER = {
+    "env": [{"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+    "volumeMounts": [{"name": "work", "mountPath": "/data"}],
+}
+SLEEPER_POD = {"volumes": [{"name": "work", "persistentVolumeClaim": {"claimName": "work"}}]}
+
+
+def test_job_runs_with_env_mounts_and_termination_message(
+    kubectl: Kubectl, namespace: str, executor: LocalExecutor
+) -> None:
+    kubectl.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "job-config"},
+            "data": {"job.json": '{"epochs": 2}'},
+        },
+        "-n",
+        namespace,
+    )
+    kubectl.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "creds"},
+            "stringData": {"token": "s3cr3t"},
+        },
+        "-n",
+        namespace,
+    )
+    script = """
+        import json, os
+        config = json.load(open("/etc/kubetune/job.json"))
+        try:
+            open("/etc/kubetune/new", "w")
+            config_writable = True
+        except OSError:
+            config_writable = False
+        names = ("GREETING", "TOKEN", "POD_NAME", "POD_NAMESPACE", "POD_IP", "HOSTNAME")
+        report = {"config": config, "config_writable": config_writable, "cwd": os.getcwd(),
+                  "env": {n: os.environ.get(n) for n in names}}
+        json.dump(report, open("/output/report.json", "w"))
+        print("training done")
+        open("/dev/termination-log", "w").write(json.dumps({"trainLoss": 0.5}))
+    """
+    container = {
+        "workingDir": "/output",
+        "env": [
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {
+                "name": "POD_NAMESPACE",
+                "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
+            },
+            {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+            {"name": "GREETING", "value": "hello $(POD_NAME)"},
+            {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}}},
+        ],
+        "volumeMounts": [
+            {"name": "config", "mountPath": "/etc/kubetune"},
+            {"name": "output", "mountPath": "/output", "subPath": "run-1"},
+        ],
+    }
+    pod = {
+        "volumes": [
+            {"name": "config", "configMap": {"name": "job-config"}},
+            {"name": "output", "persistentVolumeClaim": {"claimName": "models"}},
+        ]
+    }
+    kubectl.apply(job_manifest("hello", script, container=container, pod=pod), "-n", namespace)
+
+    job = wait_condition(kubectl, namespace, "hello", "Complete")
+    status = job["status"]
+    assert [c["type"] for c in status["conditions"]] == ["SuccessCriteriaMet", "Complete"]
+    assert (
+        status["succeeded"] == 1 and status.get("failed", 0) == 0 and status.get("active", 0) == 0
+    )
+    assert status["completionTime"] >= status["startTime"]
+
+    (pod_obj,) = pods_of(kubectl, namespace, "hello")
+    name = pod_obj["metadata"]["name"]
+    assert name.startswith("hello-") and len(name) == len("hello-") + 5
+    assert pod_obj["spec"]["nodeName"] == "local-executor"
+    (owner,) = pod_obj["metadata"]["ownerReferences"]
+    assert (owner["kind"], owner["name"], owner["controller"]) == ("Job", "hello", True)
+    assert "finalizers" not in pod_obj["metadata"], "the tracking finalizer is removed once counted"
+    assert pod_obj["status"]["phase"] == "Succeeded" and pod_obj["status"]["podIP"] == "127.0.0.1"
+    terminated = pod_obj["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert (terminated["exitCode"], terminated["reason"]) == (0, "Completed")
+    assert json.loads(terminated["message"]) == {"trainLoss": 0.5}
+
+    report = json.loads(
+        (executor.pvc_dir(namespace, "models") / "run-1" / "report.json").read_text()
+    )
+    assert report == {
+        "config": {"epochs": 2},
+        "config_writable": False,
+        "cwd": "/output",
+        "env": {
+            "GREETING": f"hello {name}",
+            "TOKEN": "s3cr3t",
+            "POD_NAME": name,
+            "POD_NAMESPACE": namespace,
+            "POD_IP": "127.0.0.1",
+            "HOSTNAME": name,
+        },
+    }
+    assert "training done" in executor.log_path(namespace, name).read_text()
+
+
+def test_failing_pods_are_retried_until_the_backoff_limit(
+    kubectl: Kubectl, namespace: str, executor: LocalExecutor
+) -> None:
+    script = """
+        import sys
+        print("boom: out of patience", file=sys.stderr)
+        sys.exit(3)
+    """
+    container = {"terminationMessagePolicy": "FallbackToLogsOnError"}
+    kubectl.apply(
+        job_manifest("fails", script, container=container, backoffLimit=1), "-n", namespace
+    )
+
+    job = wait_condition(kubectl, namespace, "fails", "Failed")
+    failed = condition(job, "Failed")
+    assert failed is not None and failed["reason"] == "BackoffLimitExceeded"
+    assert condition(job, "FailureTarget") is not None
+    assert job["status"]["failed"] == 2 and job["status"].get("succeeded", 0) == 0
+    pods = pods_of(kubectl, namespace, "fails")
+    assert len(pods) == 2
+    for pod in pods:
+        assert pod["status"]["phase"] == "Failed"
+        terminated = pod["status"]["containerStatuses"][0]["state"]["terminated"]
+        assert (terminated["exitCode"], terminated["reason"]) == (3, "Error")
+        assert terminated["message"] == "boom: out of patience\n"
+
+
+def test_suspend_kills_the_pod_and_resume_runs_a_new_one(
+    kubectl: Kubectl, namespace: str, executor: LocalExecutor
+) -> None:
+    pid_dir = executor.pvc_dir(namespace, "work")
+    kubectl.apply(
+        job_manifest("pausable", SLEEPER, container=SLEEPER_CONTAINER, pod=SLEEPER_POD),
+        "-n",
+        namespace,
+    )
+    first, pid = wait_running_pid(kubectl, namespace, "pausable", pid_dir)
+    assert alive(pid)
+
+    kubectl.run(
+        "patch",
+        "job",
+        "pausable",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        '{"spec": {"suspend": true}}',
+    )
+    job = wait_condition(kubectl, namespace, "pausable", "Suspended")
+    assert condition(job, "Suspended")["reason"] == "JobSuspended"  # type: ignore[index]
+    wait_for("the process to be killed", lambda: not alive(pid))
+    wait_for("the pod to be gone", lambda: not pods_of(kubectl, namespace, "pausable"))
+    job = get_job(kubectl, namespace, "pausable")
+    assert job["status"].get("active", 0) == 0 and job["status"].get("failed", 0) == 0
+
+    kubectl.run(
+        "patch",
+        "job",
+        "pausable",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        '{"spec": {"suspend": false}}',
+    )
+    second, new_pid = wait_running_pid(kubectl, namespace, "pausable", pid_dir, exclude={first})
+    assert second != first and alive(new_pid)
+    job = wait_condition(kubectl, namespace, "pausable", "Suspended", "False")
+    assert condition(job, "Suspended")["reason"] == "JobResumed"  # type: ignore[index]
+    kubectl.run("delete", "job", "pausable", "-n", namespace, "--wait=false")
+    wait_for("the resumed process to be killed", lambda: not alive(new_pid))
+
+
+def test_deleting_the_job_kills_its_process(
+    kubectl: Kubectl, namespace: str, executor: LocalExecutor
+) -> None:
+    pid_dir = executor.pvc_dir(namespace, "work")
+    kubectl.apply(
+        job_manifest("doomed", SLEEPER, container=SLEEPER_CONTAINER, pod=SLEEPER_POD),
+        "-n",
+        namespace,
+    )
+    _, pid = wait_running_pid(kubectl, namespace, "doomed", pid_dir)
+
+    # Background propagation: the Job goes at once, the garbage collector deletes the Pod.
+    kubectl.run("delete", "job", "doomed", "-n", namespace, "--cascade=background", "--wait=false")
+    wait_for("the process to be killed", lambda: not alive(pid))
+    wait_for("the pod to be gone", lambda: not pods_of(kubectl, namespace, "doomed"))
+
+
+def test_pod_security_violation_fails_the_job_at_pod_creation(
+    kubectl: Kubectl, namespace: str, executor: LocalExecutor
+) -> None:
+    manifest = job_manifest(
+        "insecure",
+        "print('never runs')",
+        container={"securityContext": {}},
+        pod={"securityContext": {}},
+    )
+    kubectl.apply(manifest, "-n", namespace)
+
+    job = wait_condition(kubectl, namespace, "insecure", "Failed")
+    failed = condition(job, "Failed")
+    assert failed is not None and failed["reason"] == "PodCreateFailed"
+    assert 'violates PodSecurity "restricted:latest"' in failed["message"]
+    assert pods_of(kubectl, namespace, "insecure") == []
+    events = kubectl.get(
+        "events",
+        "-n",
+        namespace,
+        "--field-selector",
+        "involvedObject.name=insecure,reason=FailedCreate",
+    )
+    assert events["items"] and "violates PodSecurity" in events["items"][0]["message"]
+
+
+def test_metrics_port_is_a_free_local_port_named_by_the_env_var(
+    kubectl: Kubectl, namespace: str, executor: LocalExecutor
+) -> None:
+    script = f"""
+        import os, socket
+        port = int(os.environ["{METRICS_PORT_ENV}"])
+        with socket.create_server(("127.0.0.1", port)):
+            open("/dev/termination-log", "w").write(str(port))
+    """
+    container = {"ports": [{"name": "metrics", "containerPort": 9090}]}
+    kubectl.apply(job_manifest("metrics", script, container=container), "-n", namespace)
+
+    wait_condition(kubectl, namespace, "metrics", "Complete")
+    (pod,) = pods_of(kubectl, namespace, "metrics")
+    (port,) = pod["spec"]["containers"][0]["ports"]
+    assert port["name"] == "metrics" and port["containerPort"] != 9090
+    terminated = pod["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert terminated["message"] == str(port["containerPort"])
+
+
+def test_active_deadline_kills_the_pod_and_fails_the_job(
+    kubectl: Kubectl, namespace: str, executor: LocalExecutor
+) -> None:
+    pid_dir = executor.pvc_dir(namespace, "work")
+    manifest = job_manifest(
+        "slow", SLEEPER, container=SLEEPER_CONTAINER, pod=SLEEPER_POD, activeDeadlineSeconds=2
+    )
+    kubectl.apply(manifest, "-n", namespace)
+    _, pid = wait_running_pid(kubectl, namespace, "slow", pid_dir)
+
+    job = wait_condition(kubectl, namespace, "slow", "Failed")
+    assert condition(job, "Failed")["reason"] == "DeadlineExceeded"  # type: ignore[index]
+    assert job["status"]["failed"] == 1 and job["status"]["terminating"] == 0
+    # Like the real controller, the Job deleted its Pod, and waited for it to be gone.
+    assert not alive(pid)
+    assert pods_of(kubectl, namespace, "slow") == []
+
+
+def test_a_missing_secret_keeps_the_pod_pending_until_it_exists(
+    kubectl: Kubectl, namespace: str, executor: LocalExecutor
+) -> None:
+    container = {
+        "env": [{"name": "KEY", "valueFrom": {"secretKeyRef": {"name": "late", "key": "key"}}}]
+    }
+    script = "import os; open('/dev/termination-log', 'w').write(os.environ['KEY'])"
+    kubectl.apply(job_manifest("patient", script, container=container), "-n", namespace)
+
+    def waiting_reason() -> str | None:
+        pods = pods_of(kubectl, namespace, "patient")
+        statuses = pods[0]["status"].get("containerStatuses", []) if pods else []
+        return statuses[0]["state"].get("waiting", {}).get("reason") if statuses else None
+
+    assert (
+        wait_for("the pod to wait for its secret", waiting_reason) == "CreateContainerConfigError"
+    )
+    kubectl.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "late"},
+            "stringData": {"key": "finally"},
+        },
+        "-n",
+        namespace,
+    )
+    wait_condition(kubectl, namespace, "patient", "Complete")
+    (pod,) = pods_of(kubectl, namespace, "patient")
+    assert pod["status"]["containerStatuses"][0]["state"]["terminated"]["message"] == "finally"
+
+
+def test_a_process_killed_by_sigkill_reports_oomkilled(
+    kubectl: Kubectl, namespace: str, executor: LocalExecutor
+) -> None:
+    script = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+    kubectl.apply(job_manifest("oom", script), "-n", namespace)
+
+    job = wait_condition(kubectl, namespace, "oom", "Failed")
+    assert condition(job, "Failed")["reason"] == "BackoffLimitExceeded"  # type: ignore[index]
+    (pod,) = pods_of(kubectl, namespace, "oom")
+    terminated = pod["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert (terminated["exitCode"], terminated["reason"]) == (137, "OOMKilled")
+
+
+def test_the_command_line_executor_stops_on_sigterm_and_kills_its_processes(
+    kubectl: Kubectl, kubeconfig: Path, tmp_path: Path
+) -> None:
+    own = kubectl.new_namespace("executor-cli", RESTRICTED)
+    state, log = tmp_path / "state", tmp_path / "executor.log"
+    command = [
+        sys.executable,
+        str(ROOT / "hack" / "local_executor.py"),
+        "--kubeconfig",
+        str(kubeconfig),
+    ]
+    command += ["--state-dir", str(state), "--namespace", own]
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for("the executor to be ready", lambda: "local executor ready" in log.read_text())
+        kubectl.apply(
+            job_manifest("sleeper", SLEEPER, container=SLEEPER_CONTAINER, pod=SLEEPER_POD),
+            "-n",
+            own,
+        )
+        _, pid = wait_running_pid(kubectl, own, "sleeper", state / "pvc" / own / "work")
+
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+        assert not alive(pid)
+        assert "local executor stopped" in log.read_text()
+    finally:
+        process.kill()
+        process.wait()

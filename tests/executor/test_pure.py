@@ -1,0 +1,542 @@
+"""The executor's pure parts, without a cluster: the Pod built from a Job, the Job
+controller's status computation, the kubelet's status, env and volume mapping."""
+
+from __future__ import annotations
+
+import base64
+import copy
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from local_executor import (
+    METRICS_PORT_ENV,
+    NODE_NAME,
+    TRACKING_FINALIZER,
+    Backoff,
+    JobPlan,
+    Mount,
+    PodSetupError,
+    Report,
+    StartError,
+    WorkQueue,
+    build_pod,
+    container_env,
+    container_mounts,
+    exit_reason,
+    expand,
+    job_status_canonical,
+    materialize_volumes,
+    plan_job,
+    pod_status,
+    refuse_hiding_mounts,
+    rfc3339,
+    termination_message,
+)
+
+Obj = dict[str, Any]
+NOW = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)
+
+
+def make_job(status: Obj | None = None, **spec: Any) -> Obj:
+    return {
+        "metadata": {"name": "train", "namespace": "ns", "uid": "job-uid"},
+        "spec": {
+            "backoffLimit": 6,
+            "parallelism": 1,
+            "completions": 1,
+            "template": {
+                "metadata": {"labels": {"app": "trainer"}},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "containers": [
+                        {
+                            "name": "main",
+                            "image": "trainer",
+                            "command": ["kubetune", "train"],
+                            "ports": [{"name": "metrics", "containerPort": 9090}],
+                            "env": [{"name": "A", "value": "1"}],
+                        }
+                    ],
+                },
+            },
+            **spec,
+        },
+        "status": status or {},
+    }
+
+
+def make_pod(
+    name: str,
+    phase: str = "Running",
+    *,
+    ready: bool = True,
+    tracked: bool = True,
+    deleting: bool = False,
+    finished_at: datetime = NOW,
+) -> Obj:
+    status: Obj = {"phase": phase}
+    if phase == "Running":
+        status["conditions"] = [{"type": "Ready", "status": "True" if ready else "False"}]
+    if phase in ("Succeeded", "Failed"):
+        state = {
+            "terminated": {
+                "exitCode": 0 if phase == "Succeeded" else 1,
+                "finishedAt": rfc3339(finished_at),
+            }
+        }
+        status["containerStatuses"] = [{"name": "main", "state": state}]
+    meta: Obj = {
+        "name": name,
+        "uid": f"{name}-uid",
+        "finalizers": [TRACKING_FINALIZER] if tracked else [],
+    }
+    if deleting:
+        meta["deletionTimestamp"] = rfc3339(NOW)
+    return {"metadata": meta, "status": status}
+
+
+def condition_types(plan: JobPlan) -> list[str]:
+    return [c["type"] for c in plan.status.get("conditions", [])]
+
+
+def advance(job: Obj, plan: JobPlan) -> Obj:
+    """The Job as the API server returns it after the plan's status was written."""
+    return {**job, "status": copy.deepcopy(plan.status)}
+
+
+def assert_idempotent(job: Obj, pods: list[Obj], plan: JobPlan, now: datetime = NOW) -> None:
+    again = plan_job(advance(job, plan), pods, now, plan.backoff)
+    assert job_status_canonical(again.status) == job_status_canonical(plan.status)
+    assert again.create == 0 and not again.delete and not again.untrack_and_delete
+
+
+# ------------------------------------------------------------------ build_pod ---
+
+
+def test_pod_from_template_is_owned_labelled_tracked_and_bound_to_the_local_node() -> None:
+    job = make_job()
+    original = copy.deepcopy(job)
+    pod = build_pod(job, free_port=lambda: 41234)
+    meta = pod["metadata"]
+    assert meta["generateName"] == "train-"
+    assert meta["labels"] == {
+        "app": "trainer",
+        "batch.kubernetes.io/job-name": "train",
+        "job-name": "train",
+        "batch.kubernetes.io/controller-uid": "job-uid",
+        "controller-uid": "job-uid",
+    }
+    assert meta["ownerReferences"] == [
+        {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "name": "train",
+            "uid": "job-uid",
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+    ]
+    assert meta["finalizers"] == [TRACKING_FINALIZER]
+    assert pod["spec"]["nodeName"] == NODE_NAME
+    assert job == original, "the Job must not be modified"
+
+
+def test_metrics_port_gets_a_free_local_port_and_the_env_var_names_it() -> None:
+    job = make_job()
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    container["env"].append({"name": METRICS_PORT_ENV, "value": "stale"})
+    container["ports"].append({"name": "http", "containerPort": 8080})
+    built = build_pod(job, free_port=lambda: 41234)["spec"]["containers"][0]
+    assert built["ports"] == [
+        {"name": "metrics", "containerPort": 41234},
+        {"name": "http", "containerPort": 8080},
+    ]
+    assert built["env"] == [
+        {"name": "A", "value": "1"},
+        {"name": METRICS_PORT_ENV, "value": "41234"},
+    ]
+
+
+# ------------------------------------------------------------------- plan_job ---
+
+
+def test_a_successful_pod_completes_the_job_in_the_real_controllers_steps() -> None:
+    job = make_job()
+    first = plan_job(job, [], NOW)
+    assert first.create == 1
+    assert first.status["startTime"] == rfc3339(NOW)
+    assert job_status_canonical(first.status) == {
+        "startTime": rfc3339(NOW),
+        "ready": 0,
+        "terminating": 0,
+    }
+
+    job = advance(job, first)
+    running = [make_pod("p1")]
+    second = plan_job(job, running, NOW)
+    assert (second.create, second.status["active"], second.status["ready"]) == (0, 1, 1)
+    assert_idempotent(job, running, second)
+
+    job = advance(job, second)
+    done = [make_pod("p1", "Succeeded")]
+    third = plan_job(job, done, NOW)
+    assert condition_types(third) == ["SuccessCriteriaMet"]
+    assert third.status["uncountedTerminatedPods"] == {"succeeded": ["p1-uid"]}
+    assert third.release == (("p1", "p1-uid"),)
+    assert third.finished is None and "completionTime" not in third.status
+
+    job = advance(job, third)
+    released = [make_pod("p1", "Succeeded", tracked=False)]
+    later = NOW + timedelta(seconds=3)
+    fourth = plan_job(job, released, later)
+    assert condition_types(fourth) == ["SuccessCriteriaMet", "Complete"]
+    assert fourth.status["succeeded"] == 1 and fourth.status["uncountedTerminatedPods"] == {}
+    assert fourth.status["completionTime"] == rfc3339(later)
+    assert fourth.finished is not None and fourth.finished["reason"] == "CompletionsReached"
+
+    finished = plan_job(advance(job, fourth), released, later + timedelta(hours=1))
+    assert finished.status == fourth.status and finished.create == 0
+
+
+def test_failures_beyond_the_backoff_limit_fail_the_job() -> None:
+    job = make_job(backoffLimit=1, status={"startTime": rfc3339(NOW), "failed": 1})
+    failed = [make_pod("p2", "Failed")]
+    plan = plan_job(job, failed, NOW)
+    assert condition_types(plan) == ["FailureTarget"]
+    assert plan.status["conditions"][0]["reason"] == "BackoffLimitExceeded"
+    assert plan.status["uncountedTerminatedPods"] == {"failed": ["p2-uid"]}
+    assert plan.create == 0
+
+    final = plan_job(advance(job, plan), [make_pod("p2", "Failed", tracked=False)], NOW)
+    assert condition_types(final) == ["FailureTarget", "Failed"]
+    assert final.status["failed"] == 2
+    assert final.finished is not None and final.finished["reason"] == "BackoffLimitExceeded"
+    assert "completionTime" not in final.status
+
+
+def test_a_failed_pod_is_replaced_after_an_exponential_backoff() -> None:
+    job = make_job(status={"startTime": rfc3339(NOW)})
+    failed = [make_pod("p1", "Failed")]
+    plan = plan_job(job, failed, NOW, pod_failure_backoff=2.0)
+    assert plan.create == 0 and plan.requeue_after == pytest.approx(2.0)
+    assert plan.backoff == Backoff(1, NOW)
+
+    job = advance(job, plan)
+    counted = [make_pod("p1", "Failed", tracked=False)]
+    assert (
+        plan_job(
+            job, counted, NOW + timedelta(seconds=1), plan.backoff, pod_failure_backoff=2.0
+        ).create
+        == 0
+    )
+    assert (
+        plan_job(
+            job, counted, NOW + timedelta(seconds=2), plan.backoff, pod_failure_backoff=2.0
+        ).create
+        == 1
+    )
+    assert Backoff(3, NOW).remaining(NOW, 2.0) == pytest.approx(8.0)
+
+
+def test_suspending_deletes_running_pods_without_counting_them() -> None:
+    job = make_job(suspend=True, status={"startTime": rfc3339(NOW), "active": 1, "ready": 1})
+    plan = plan_job(job, [make_pod("p1")], NOW)
+    assert plan.untrack_and_delete == (("p1", "p1-uid"),) and not plan.delete
+    assert plan.status["conditions"][0] | {"lastProbeTime": None, "lastTransitionTime": None} == {
+        "type": "Suspended",
+        "status": "True",
+        "reason": "JobSuspended",
+        "message": "Job suspended",
+        "lastProbeTime": None,
+        "lastTransitionTime": None,
+    }
+    assert (plan.status["active"], plan.status["ready"], plan.status["terminating"]) == (0, 0, 1)
+    assert plan.status.get("failed", 0) == 0 and plan.create == 0
+
+
+def test_resuming_starts_a_pod_and_restarts_the_deadline_clock() -> None:
+    suspended = make_job(suspend=True)
+    plan = plan_job(suspended, [], NOW)
+    assert "startTime" not in plan.status and condition_types(plan) == ["Suspended"]
+
+    later = NOW + timedelta(minutes=5)
+    resumed = advance(suspended, plan)
+    resumed["spec"] = {**resumed["spec"], "suspend": False}
+    plan = plan_job(resumed, [], later)
+    suspended_condition = plan.status["conditions"][0]
+    assert (suspended_condition["status"], suspended_condition["reason"]) == ("False", "JobResumed")
+    assert plan.status["startTime"] == rfc3339(later)
+    assert plan.create == 1
+
+
+def test_active_deadline_deletes_the_pod_then_fails_the_job() -> None:
+    started = rfc3339(NOW - timedelta(seconds=10))
+    job = make_job(activeDeadlineSeconds=30, status={"startTime": started, "active": 1})
+    early = plan_job(job, [make_pod("p1")], NOW)
+    assert early.requeue_after == pytest.approx(20.0) and not early.delete
+
+    job["spec"]["activeDeadlineSeconds"] = 5
+    plan = plan_job(job, [make_pod("p1")], NOW)
+    assert plan.delete == (("p1", "p1-uid"),)
+    assert condition_types(plan) == ["FailureTarget"]
+    assert plan.status["conditions"][0]["reason"] == "DeadlineExceeded"
+    assert plan.status["terminating"] == 1 and plan.finished is None
+
+    # The kubelet killed it; the tracking finalizer was removed: Failed, counted.
+    gone = plan_job(
+        advance(job, plan), [make_pod("p1", "Failed", tracked=False, deleting=True)], NOW
+    )
+    assert condition_types(gone) == ["FailureTarget", "Failed"]
+    assert gone.status["failed"] == 1
+
+
+def test_a_pod_rejected_at_creation_fails_the_job_with_the_api_message() -> None:
+    job = make_job(status={"startTime": rfc3339(NOW)})
+    message = 'pods "train-x" is forbidden: violates PodSecurity "restricted:latest"'
+    plan = plan_job(job, [], NOW, create_error=message)
+    assert plan.create == 0
+    assert [(c["type"], c["reason"], c["message"]) for c in plan.status["conditions"]] == [
+        ("FailureTarget", "PodCreateFailed", message),
+        ("Failed", "PodCreateFailed", message),
+    ]
+    assert plan.finished is not None
+
+
+def test_a_deleted_running_pod_counts_as_failed_and_terminating() -> None:
+    job = make_job(status={"startTime": rfc3339(NOW), "active": 1})
+    deleted = [make_pod("p1", deleting=True)]
+    plan = plan_job(job, deleted, NOW, pod_failure_backoff=0)
+    assert plan.status["uncountedTerminatedPods"] == {"failed": ["p1-uid"]}
+    assert (plan.status["active"], plan.status["terminating"]) == (0, 1)
+    assert plan.create == 1, "the default podReplacementPolicy replaces terminating pods"
+
+    job["spec"]["podReplacementPolicy"] = "Failed"
+    assert plan_job(job, deleted, NOW, pod_failure_backoff=0).create == 0
+
+
+def test_a_deleted_job_lets_its_pods_go() -> None:
+    job = make_job(status={"startTime": rfc3339(NOW), "active": 1})
+    job["metadata"]["deletionTimestamp"] = rfc3339(NOW)
+    plan = plan_job(job, [make_pod("p1")], NOW)
+    assert plan.release == (("p1", "p1-uid"),) and plan.create == 0
+
+
+# ---------------------------------------------------------------- pod status ---
+
+
+def test_running_then_succeeded_pod_status_like_a_kubelet() -> None:
+    pod: Obj = {
+        "metadata": {"uid": "u1"},
+        "spec": {"containers": [{"name": "main", "image": "img"}]},
+        "status": {"phase": "Pending"},
+    }
+    running = pod_status(pod, Report.running(rfc3339(NOW)), NOW)
+    assert running["phase"] == "Running" and running["podIP"] == "127.0.0.1"
+    assert {c["type"]: c["status"] for c in running["conditions"]} == {
+        "PodReadyToStartContainers": "True",
+        "Initialized": "True",
+        "Ready": "True",
+        "ContainersReady": "True",
+        "PodScheduled": "True",
+    }
+    assert running["containerStatuses"][0]["ready"] is True
+    # Unchanged conditions keep their transition time, so re-reporting is a no-op.
+    again = pod_status(
+        {**pod, "status": running}, Report.running(rfc3339(NOW)), NOW + timedelta(seconds=9)
+    )
+    assert again == running
+
+    done = Report.terminated(0, "Completed", '{"ok": true}', rfc3339(NOW), rfc3339(NOW))
+    succeeded = pod_status({**pod, "status": running}, done, NOW + timedelta(seconds=9))
+    assert succeeded["phase"] == "Succeeded"
+    ready = next(c for c in succeeded["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "PodCompleted")
+    assert succeeded["containerStatuses"][0]["state"]["terminated"]["message"] == '{"ok": true}'
+    assert succeeded["startTime"] == running["startTime"]
+    assert pod_status(pod, Report.terminated(2, "Error", "", "t", "t"), NOW)["phase"] == "Failed"
+
+
+@pytest.mark.parametrize(
+    ("returncode", "killed", "expected"),
+    [
+        (0, False, (0, "Completed")),
+        (3, False, (3, "Error")),
+        (-15, False, (143, "Error")),
+        (-9, True, (137, "Error")),
+        (-9, False, (137, "OOMKilled")),
+    ],
+)
+def test_exit_reason(returncode: int, killed: bool, expected: tuple[int, str]) -> None:
+    assert exit_reason(returncode, killed) == expected
+
+
+def test_termination_message_rules() -> None:
+    assert termination_message(b"x" * 5000, b"", "File", 0) == "x" * 4096
+    log = b"".join(b"line %d\n" % i for i in range(200))
+    fallback = termination_message(b"", log, "FallbackToLogsOnError", 1)
+    assert fallback.startswith("line 120\n") and fallback.endswith("line 199\n")
+    assert (
+        termination_message(b"", b"a" * 3000 + b"\n", "FallbackToLogsOnError", 1)
+        == "a" * 2047 + "\n"
+    )
+    assert termination_message(b"", log, "FallbackToLogsOnError", 0) == ""
+    assert termination_message(b"", log, "File", 1) == ""
+
+
+# -------------------------------------------------------- env and volumes ---
+
+
+@dataclass
+class FakeSource:
+    config_maps: dict[str, Obj] = field(default_factory=dict)
+    secrets: dict[str, Obj] = field(default_factory=dict)
+
+    def config_map(self, namespace: str, name: str) -> Obj | None:
+        return self.config_maps.get(name)
+
+    def secret(self, namespace: str, name: str) -> Obj | None:
+        return self.secrets.get(name)
+
+    def service_account_token(self, pod: Obj, audience: str | None, expiration: int) -> str:
+        return f"token-for-{pod['metadata']['name']}"
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+SOURCE = FakeSource(
+    config_maps={"cfg": {"data": {"job.json": '{"a": 1}', "mode": "fast"}}},
+    secrets={"creds": {"data": {"token": b64("s3cr3t")}}},
+)
+POD: Obj = {
+    "metadata": {"name": "train-abcde", "namespace": "ns", "uid": "u1", "labels": {"app": "x"}},
+    "spec": {"nodeName": NODE_NAME, "containers": [{"name": "main"}]},
+}
+
+
+def test_expand_follows_kubernetes_rules() -> None:
+    env = {"A": "1", "B": "two"}
+    assert expand("$(A)-$(B)-$(C)-$$(A)-$$", env) == "1-two-$(C)-$(A)-$"
+
+
+def test_container_env_resolves_values_refs_and_env_from() -> None:
+    container = {
+        "envFrom": [{"configMapRef": {"name": "cfg"}, "prefix": "CFG_"}],
+        "env": [
+            {"name": "LITERAL", "value": "v"},
+            {"name": "EXPANDED", "value": "$(LITERAL)-$(CFG_mode)"},
+            {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}}},
+            {"name": "MODE", "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "mode"}}},
+            {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+            {"name": "APP", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['app']"}}},
+            {
+                "name": "MAYBE",
+                "valueFrom": {"secretKeyRef": {"name": "nope", "key": "k", "optional": True}},
+            },
+        ],
+    }
+    assert container_env(POD, container, SOURCE) == {
+        "CFG_job.json": '{"a": 1}',
+        "CFG_mode": "fast",
+        "LITERAL": "v",
+        "EXPANDED": "v-fast",
+        "TOKEN": "s3cr3t",
+        "MODE": "fast",
+        "POD": "train-abcde",
+        "IP": "127.0.0.1",
+        "APP": "x",
+    }
+
+
+def test_a_missing_secret_is_a_container_config_error() -> None:
+    container = {
+        "env": [{"name": "T", "valueFrom": {"secretKeyRef": {"name": "nope", "key": "k"}}}]
+    }
+    with pytest.raises(PodSetupError) as caught:
+        container_env(POD, container, SOURCE)
+    assert (caught.value.reason, caught.value.message) == (
+        "CreateContainerConfigError",
+        'secret "nope" not found',
+    )
+
+
+def test_volumes_map_to_folders_and_mounts_honour_subpath_and_read_only(tmp_path: Path) -> None:
+    pod = copy.deepcopy(POD)
+    pod["spec"]["volumes"] = [
+        {
+            "name": "cfg",
+            "configMap": {
+                "name": "cfg",
+                "items": [{"key": "job.json", "path": "conf/job.json", "mode": 0o600}],
+            },
+        },
+        {"name": "creds", "secret": {"secretName": "creds"}},
+        {"name": "scratch", "emptyDir": {}},
+        {"name": "models", "persistentVolumeClaim": {"claimName": "models"}},
+        {
+            "name": "info",
+            "downwardAPI": {
+                "items": [{"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]
+            },
+        },
+        {"name": "token", "projected": {"sources": [{"serviceAccountToken": {"path": "token"}}]}},
+    ]
+    volumes = materialize_volumes(pod, tmp_path / "pod", tmp_path / "pvc", SOURCE)
+    assert (volumes["cfg"].path / "conf/job.json").read_text() == '{"a": 1}'
+    assert (volumes["cfg"].path / "conf/job.json").stat().st_mode & 0o777 == 0o600
+    assert (volumes["creds"].path / "token").read_text() == "s3cr3t"
+    assert (volumes["info"].path / "labels").read_text() == 'app="x"'
+    assert (volumes["token"].path / "token").read_text() == "token-for-train-abcde"
+    assert volumes["models"].path == tmp_path / "pvc" / "ns" / "models"
+    assert volumes["cfg"].read_only and not volumes["scratch"].read_only
+
+    container = {
+        "volumeMounts": [
+            {"name": "cfg", "mountPath": "/etc/kubetune"},
+            {"name": "models", "mountPath": "/data", "subPath": "ds/$(RUN)", "readOnly": True},
+            {"name": "models", "mountPath": "/output", "subPathExpr": "out/$(RUN)"},
+        ]
+    }
+    mounts = container_mounts(container, volumes, {"RUN": "r1"})
+    models = tmp_path / "pvc" / "ns" / "models"
+    assert [(m.source, m.target, m.read_only) for m in mounts] == [
+        (str(volumes["cfg"].path), "/etc/kubetune", True),
+        (str(models / "ds/$(RUN)"), "/data", True),
+        (str(models / "out/r1"), "/output", False),
+    ]
+    assert (models / "out/r1").is_dir(), "missing subPath folders are created"
+
+
+def test_unsupported_volume_types_keep_the_pod_pending(tmp_path: Path) -> None:
+    pod = copy.deepcopy(POD)
+    pod["spec"]["volumes"] = [{"name": "x", "nfs": {"server": "s", "path": "/"}}]
+    with pytest.raises(PodSetupError) as caught:
+        materialize_volumes(pod, tmp_path, tmp_path, SOURCE)
+    assert caught.value.reason == "ContainerCreating" and "nfs" in caught.value.message
+
+
+def test_mounts_that_would_hide_the_local_python_are_refused() -> None:
+    needed = ["/work/main/.venv", "/usr/local"]
+    refuse_hiding_mounts([Mount("/s", "/data", False), Mount("/s", "/work/other", False)], needed)
+    for target in ("/work", "/work/main/.venv/", "/usr", "/"):
+        with pytest.raises(StartError, match=f"mountPath {target} would hide"):
+            refuse_hiding_mounts([Mount("/s", target, False)], needed)
+
+
+# ------------------------------------------------------------------ WorkQueue ---
+
+
+def test_work_queue_deduplicates_delays_and_closes() -> None:
+    queue = WorkQueue()
+    queue.add(("ns", "later"), delay=0.05)
+    queue.add(("ns", "a"))
+    queue.add(("ns", "a"))
+    queue.add(("ns", "b"))
+    assert [queue.get(), queue.get(), queue.get()] == [("ns", "a"), ("ns", "b"), ("ns", "later")]
+    queue.close()
+    assert queue.get() is None
