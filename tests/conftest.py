@@ -9,21 +9,32 @@ import controlplane
 import pytest
 from kube import Kubectl
 
+# Tiny random-weight models and the synthetic image task, built once per session.
+pytest_plugins = ["tiny_models"]
+
 
 @pytest.fixture(scope="session")
-def kubeconfig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A real etcd + kube-apiserver on loopback, for this test session only."""
+def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[controlplane.ControlPlane]:
+    """A real etcd + kube-apiserver (+ garbage collector) on loopback, for this session."""
     controlplane.require_binaries()
-    plane = controlplane.start(tmp_path_factory.mktemp("controlplane"))
+    started = controlplane.start(tmp_path_factory.mktemp("controlplane"))
     try:
-        yield plane.kubeconfig
+        yield started
     finally:
-        plane.stop()
+        started.stop()
 
 
 @pytest.fixture(scope="session")
-def kubectl(kubeconfig: Path) -> Kubectl:
+def kubeconfig(plane: controlplane.ControlPlane) -> Path:
+    return plane.kubeconfig
+
+
+@pytest.fixture(scope="session")
+def kubectl(plane: controlplane.ControlPlane) -> Kubectl:
     """kubectl bound to the test control plane, with kubetune's CRDs installed."""
-    k = Kubectl(kubeconfig)
+    k = Kubectl(plane.kubeconfig)
     k.install_crds()
+    # The garbage collector learns of new resource types only every 30 s; a restart
+    # makes it collect children of kubetune objects at once.
+    plane.restart_controllers()
     return k

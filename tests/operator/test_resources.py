@@ -26,7 +26,10 @@ def _ftj(**spec: Any) -> dict[str, Any]:
     base = {
         "baseModel": {"name": "org/model"},
         "dataset": {"name": "train"},
-        "outputModel": {"name": "out", "storage": {"pvc": {"claimName": "models", "path": "runs/out"}}},
+        "outputModel": {
+            "name": "out",
+            "storage": {"pvc": {"claimName": "models", "path": "runs/out"}},
+        },
     }
     return {
         "apiVersion": "kubetune.io/v1alpha1",
@@ -37,7 +40,10 @@ def _ftj(**spec: Any) -> dict[str, Any]:
 
 
 PVC_DATA = DatasetSpec.model_validate(
-    {"source": {"pvc": {"claimName": "datasets", "path": "shapes/train.jsonl"}}, "imageRoot": "shapes"}
+    {
+        "source": {"pvc": {"claimName": "datasets", "path": "shapes/train.jsonl"}},
+        "imageRoot": "shapes",
+    }
 )
 SHA = "a" * 64
 
@@ -82,7 +88,10 @@ def test_training_job_is_restricted_and_owned() -> None:
     assert sc["readOnlyRootFilesystem"] is True
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
-    assert pod["serviceAccountName"] == "kubetune-trainer" and pod["automountServiceAccountToken"] is False
+    assert (
+        pod["serviceAccountName"] == "kubetune-trainer"
+        and pod["automountServiceAccountToken"] is False
+    )
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     assert mounts["/data/train"]["readOnly"] is True
     assert not mounts["/output"].get("readOnly")
@@ -125,17 +134,32 @@ def test_scheduling_fields_and_queue() -> None:
 
 def test_credentials_come_only_from_secret_references() -> None:
     plan = _plan(
-        baseModel={"name": "org/private", "source": {"huggingFace": {"tokenSecretRef": {"name": "hf"}}}},
-        outputModel={"name": "o", "storage": {"s3": {"uri": "s3://bucket/run", "secretRef": {"name": "s3"}}}},
+        baseModel={
+            "name": "org/private",
+            "source": {"huggingFace": {"tokenSecretRef": {"name": "hf"}}},
+        },
+        outputModel={
+            "name": "o",
+            "storage": {"s3": {"uri": "s3://bucket/run", "secretRef": {"name": "s3"}}},
+        },
     )
     env = tj.training_job(plan)["spec"]["template"]["spec"]["containers"][0]["env"]
-    secret_vars = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in env if "valueFrom" in e}
-    assert secret_vars == {"HF_TOKEN": "hf", "AWS_ACCESS_KEY_ID": "s3", "AWS_SECRET_ACCESS_KEY": "s3", "AWS_REGION": "s3"}
+    secret_vars = {
+        e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in env if "valueFrom" in e
+    }
+    assert secret_vars == {
+        "HF_TOKEN": "hf",
+        "AWS_ACCESS_KEY_ID": "s3",
+        "AWS_SECRET_ACCESS_KEY": "s3",
+        "AWS_REGION": "s3",
+    }
     assert all("value" not in e for e in env if e["name"] in secret_vars)
 
 
 def test_remote_datasets_are_fetched_by_an_init_container() -> None:
-    http = DatasetSpec.model_validate({"source": {"http": {"url": "https://example.com/train.jsonl"}}})
+    http = DatasetSpec.model_validate(
+        {"source": {"http": {"url": "https://example.com/train.jsonl"}}}
+    )
     plan = tj.plan(tj.Inputs(finetunejob=_ftj(), dataset=http, dataset_sha256=SHA), IMAGE)
     init = tj.training_job(plan)["spec"]["template"]["spec"]["initContainers"]
     assert [c["command"][:2] for c in init] == [["kubetune", "fetch"]]
@@ -147,7 +171,11 @@ def test_validation_job_runs_kubetune_validate_on_the_source() -> None:
         "apiVersion": "kubetune.io/v1alpha1",
         "kind": "Dataset",
         "metadata": {"name": "shapes", "namespace": "team", "uid": "d-1", "generation": 3},
-        "spec": {"source": {"configMap": {"name": "cm", "key": "train.jsonl"}}, "task": "dpo", "limits": {"maxImagesPerExample": 2}},
+        "spec": {
+            "source": {"configMap": {"name": "cm", "key": "train.jsonl"}},
+            "task": "dpo",
+            "limits": {"maxImagesPerExample": 2},
+        },
     }
     job = validation_job(ds, IMAGE)
     container = job["spec"]["template"]["spec"]["containers"][0]
@@ -185,14 +213,27 @@ def test_metrics_text_becomes_progress_and_losses() -> None:
     progress = progress_from_samples(samples)
     metrics = metrics_from_samples(samples)
     assert progress is not None and metrics is not None
-    assert (progress.step, progress.total_steps, progress.percent, progress.eta_seconds) == (30, 120, 25, 90)
-    assert (metrics.train_loss, metrics.eval_loss, metrics.best_eval_loss, metrics.best_step) == (1.25, 1.5, 1.4, 20)
+    assert (progress.step, progress.total_steps, progress.percent, progress.eta_seconds) == (
+        30,
+        120,
+        25,
+        90,
+    )
+    assert (metrics.train_loss, metrics.eval_loss, metrics.best_eval_loss, metrics.best_step) == (
+        1.25,
+        1.5,
+        1.4,
+        20,
+    )
     assert parse_samples("not prometheus {{{") == {}
     assert progress_from_samples({}) is None
 
 
 def _job(conditions: list[dict[str, str]] | None = None, suspend: bool = False) -> dict[str, Any]:
-    return {"spec": {"suspend": suspend}, "status": {"conditions": conditions or [], "startTime": "t0"}}
+    return {
+        "spec": {"suspend": suspend},
+        "status": {"conditions": conditions or [], "startTime": "t0"},
+    }
 
 
 def _pod(phase: str, state: dict[str, Any], created: str = "1") -> dict[str, Any]:
@@ -209,14 +250,51 @@ def _pod(phase: str, state: dict[str, Any], created: str = "1") -> dict[str, Any
         (_job(), [], "Pending", "PodPending"),
         (_job(), [_pod("Running", {"running": {}})], "Running", "Training"),
         (_job(suspend=True), [], "Suspended", "JobSuspended"),
-        (_job([{"type": "Complete", "status": "True"}]), [_pod("Succeeded", {"terminated": {"exitCode": 0, "message": '{"trainLoss": 0.5}'}})], "Succeeded", "Completed"),
-        (_job([{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]), [_pod("Failed", {"terminated": {"exitCode": 137, "reason": "OOMKilled"}})], "Failed", "OOMKilled"),
-        (_job([{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]), [_pod("Failed", {"terminated": {"exitCode": 1, "message": "Traceback\nValueError: boom"}})], "Failed", "BackoffLimitExceeded"),
-        (_job([{"type": "Failed", "status": "True", "reason": "DeadlineExceeded"}]), [], "Failed", "DeadlineExceeded"),
-        (_job(), [_pod("Pending", {"waiting": {"reason": "ImagePullBackOff", "message": "no such image"}})], "Failed", "ImagePullBackOff"),
+        (
+            _job([{"type": "Complete", "status": "True"}]),
+            [_pod("Succeeded", {"terminated": {"exitCode": 0, "message": '{"trainLoss": 0.5}'}})],
+            "Succeeded",
+            "Completed",
+        ),
+        (
+            _job([{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]),
+            [_pod("Failed", {"terminated": {"exitCode": 137, "reason": "OOMKilled"}})],
+            "Failed",
+            "OOMKilled",
+        ),
+        (
+            _job([{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]),
+            [
+                _pod(
+                    "Failed",
+                    {"terminated": {"exitCode": 1, "message": "Traceback\nValueError: boom"}},
+                )
+            ],
+            "Failed",
+            "BackoffLimitExceeded",
+        ),
+        (
+            _job([{"type": "Failed", "status": "True", "reason": "DeadlineExceeded"}]),
+            [],
+            "Failed",
+            "DeadlineExceeded",
+        ),
+        (
+            _job(),
+            [
+                _pod(
+                    "Pending",
+                    {"waiting": {"reason": "ImagePullBackOff", "message": "no such image"}},
+                )
+            ],
+            "Failed",
+            "ImagePullBackOff",
+        ),
     ],
 )
-def test_job_state(job: dict[str, Any], pods: list[dict[str, Any]], phase: str, reason: str) -> None:
+def test_job_state(
+    job: dict[str, Any], pods: list[dict[str, Any]], phase: str, reason: str
+) -> None:
     state = job_state(job, pods)
     assert (state.phase, state.reason) == (phase, reason)
     if phase == "Running":
@@ -225,6 +303,14 @@ def test_job_state(job: dict[str, Any], pods: list[dict[str, Any]], phase: str, 
         assert "exited with code 1" in state.message and "ValueError: boom" in state.message
     if phase == "Succeeded":
         assert state.summary == {"trainLoss": 0.5}
+
+
+def test_a_trainer_failure_reports_the_trainer_s_message() -> None:
+    failed = _job([{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}])
+    summary = '{"ok": false, "phase": "Failed", "message": "the dataset changed: sha256 differs"}'
+    state = job_state(failed, [_pod("Failed", {"terminated": {"exitCode": 1, "message": summary}})])
+    assert (state.phase, state.reason) == ("Failed", "BackoffLimitExceeded")
+    assert state.message == "the dataset changed: sha256 differs"
 
 
 def test_dataset_result_keeps_twenty_errors_with_lines() -> None:

@@ -29,7 +29,7 @@ def _atomic_target(out: Path) -> tuple[int, str]:
 def fetch_http(url: str, out: Path, timeout: float = 60) -> None:
     fd, tmp = _atomic_target(out)
     try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as resp:
             shutil.copyfileobj(resp, f, 1 << 20)
         os.replace(tmp, out)
     except OSError as exc:
@@ -41,9 +41,13 @@ def fetch_hugging_face(repo: str, file: str, revision: str, out: Path) -> None:
     from huggingface_hub import hf_hub_download
 
     try:
-        cached = hf_hub_download(repo_id=repo, filename=file, revision=revision, repo_type="dataset")
+        cached = hf_hub_download(
+            repo_id=repo, filename=file, revision=revision, repo_type="dataset"
+        )
     except Exception as exc:
-        raise FetchError(f"cannot download {file} from dataset repository {repo}@{revision}: {exc}") from exc
+        raise FetchError(
+            f"cannot download {file} from dataset repository {repo}@{revision}: {exc}"
+        ) from exc
     fd, tmp = _atomic_target(out)
     os.close(fd)
     shutil.copyfile(cached, tmp)
@@ -112,7 +116,13 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("fetch", help="copy a dataset or model from http(s), S3 or a model hub into the pod")
-    p.add_argument("--source", required=True, help='JSON: {"http": {"url"}} | {"s3": {"uri"}} | {"huggingFace": {"repo", "file", "revision"}}')
+    p = sub.add_parser(
+        "fetch", help="copy a dataset or model from http(s), S3 or a model hub into the pod"
+    )
+    p.add_argument(
+        "--source",
+        required=True,
+        help='JSON: {"http": {"url"}} | {"s3": {"uri"}} | {"huggingFace": {"repo", "file", "revision"}}',
+    )
     p.add_argument("--out", required=True, help="file (or folder, for an S3 prefix) to write")
     p.set_defaults(func=_run)

@@ -150,8 +150,8 @@ def _failure_message(
             "the trainer ran out of memory (OOMKilled); raise resources.memory, or lower "
             "hyperparameters.batchSize, maxContextLength or maxPixels"
         )
-    if summary and summary.get("error"):
-        return job_reason or "TrainerError", str(summary["error"])
+    if summary and summary.get("ok") is False and summary.get("message"):
+        return job_reason or "TrainerError", str(summary["message"])
     if term.get("exitCode"):
         tail = (term.get("message") or "").strip().splitlines()[-3:]
         detail = f": {' / '.join(tail)}" if tail else ""

@@ -1,0 +1,302 @@
+"""End to end: the real operator (under the chart's RBAC) and the real trainer against
+the test API server, with the local executor playing kubelet for Jobs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kube import Kubectl
+from operator_harness import Operator, restricted_kubeconfig, wait_for
+from tiny_models import write_shapes_dataset
+
+pytestmark = [pytest.mark.apiserver, pytest.mark.training]
+
+RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted"}
+
+
+@pytest.fixture(scope="module")
+def ns(kubectl: Kubectl) -> str:
+    return kubectl.new_namespace("e2e", RESTRICTED)
+
+
+@pytest.fixture(scope="module")
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("executor")
+
+
+@pytest.fixture(scope="module")
+def executor(kubeconfig: Path, state_dir: Path, ns: str) -> Iterator[Any]:
+    from local_executor import LocalExecutor
+
+    ex = LocalExecutor(kubeconfig, state_dir, namespaces=[ns])
+    ex.start()
+    yield ex
+    ex.stop()
+
+
+def pvc_dir(state_dir: Path, ns: str, claim: str) -> Path:
+    path = state_dir / "pvc" / ns / claim
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def storage(state_dir: Path, ns: str, tiny_qwen2_5_vl: Path) -> Path:
+    """The PVCs the manifests name, as the executor maps them: a tiny VLM on `models`
+    and a shapes dataset on `datasets`."""
+    models = pvc_dir(state_dir, ns, "models")
+    shutil.copytree(tiny_qwen2_5_vl, models / "tiny-vlm", dirs_exist_ok=True)
+    data = pvc_dir(state_dir, ns, "datasets")
+    write_shapes_dataset(data / "shapes", 6, seed=3, name="train.jsonl")
+    bad = data / "bad"
+    bad.mkdir(exist_ok=True)
+    good = json.dumps(
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    )
+    (bad / "train.jsonl").write_text(
+        "\n".join(
+            [good, good, '{"messages": [{"role": "user", "content": "hi"}]}', "{not json", good]
+        )
+        + "\n"
+    )
+    return state_dir
+
+
+@pytest.fixture(scope="module")
+def operator(
+    kubectl: Kubectl,
+    ns: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    executor: Any,
+    storage: Path,
+) -> Iterator[Operator]:
+    folder = tmp_path_factory.mktemp("operator")
+    config = restricted_kubeconfig(kubectl, ns, folder / "kubeconfig")
+    op = Operator(config, [ns], folder / "operator.log").start()
+    yield op
+    op.stop()
+
+
+def dataset(name: str, path: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "Dataset",
+        "metadata": {"name": name},
+        "spec": {
+            "source": {"pvc": {"claimName": "datasets", "path": path}},
+            "limits": {"minExamples": 3},
+        },
+    }
+
+
+def finetunejob(name: str, data: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": {
+            "baseModel": {
+                "name": "tiny-vlm",
+                "source": {"pvc": {"claimName": "models", "path": "tiny-vlm"}},
+            },
+            "tuning": "full",
+            "dataset": {"name": data},
+            "validation": {"split": 0.25},
+            "hyperparameters": {
+                "epochs": 4,
+                "batchSize": 2,
+                "learningRate": 0.002,
+                "loggingSteps": 2,
+                "maxPixels": 3136,
+            },
+            "outputModel": {
+                "name": name,
+                "storage": {"pvc": {"claimName": "models", "path": f"out/{name}"}},
+            },
+            "resources": {"gpus": 0},
+            **spec,
+        },
+    }
+
+
+def status(kubectl: Kubectl, kind: str, ns: str, name: str) -> dict[str, Any]:
+    st: dict[str, Any] = kubectl.get(kind, name, "-n", ns).get("status") or {}
+    return st
+
+
+def phase_in(
+    kubectl: Kubectl, kind: str, ns: str, name: str, phases: tuple[str, ...]
+) -> dict[str, Any] | None:
+    st = status(kubectl, kind, ns, name)
+    return st if st.get("phase") in phases else None
+
+
+def test_dataset_and_finetunejob_train_a_tiny_vlm(
+    kubectl: Kubectl, ns: str, operator: Operator, state_dir: Path
+) -> None:
+    kubectl.apply(dataset("shapes", "shapes/train.jsonl"), "-n", ns)
+    kubectl.apply(finetunejob("shapes", "shapes"), "-n", ns)
+    ds = wait_for(
+        lambda: phase_in(kubectl, "kds", ns, "shapes", ("Ready", "Invalid", "Failed")),
+        120,
+        "the Dataset",
+        on_timeout=operator.tail,
+    )
+    assert ds["phase"] == "Ready", ds
+    assert (ds["examples"], ds["images"]) == (36, 36) and len(ds["sha256"]) == 64
+    seen_running: list[dict[str, Any]] = []
+
+    def finished() -> dict[str, Any] | None:
+        st = status(kubectl, "ftj", ns, "shapes")
+        if st.get("phase") == "Running" and (st.get("progress") or {}).get("step"):
+            seen_running.append(st)
+        return st if st.get("phase") in ("Succeeded", "Failed") else None
+
+    final = wait_for(
+        finished, 400, "the FineTuneJob to finish", interval=0.5, on_timeout=operator.tail
+    )
+    assert final["phase"] == "Succeeded", final
+    assert seen_running, "no progress was seen while the trainer ran"
+    assert 0 < seen_running[0]["progress"]["percent"] <= 100
+    assert "trainLoss" in seen_running[-1]["metrics"]
+    assert final["metrics"]["trainLoss"] > 0 and final["metrics"]["evalLoss"] > 0
+    assert final["outputModel"]["uri"] == "pvc://models/out/shapes"
+    assert final["observedGeneration"] == 1
+    ready = next(c for c in final["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "True"
+    kubectl.run("wait", "--for=condition=Ready", "ftj/shapes", "-n", ns, "--timeout=10s")
+    out = pvc_dir(state_dir, ns, "models") / "out" / "shapes"
+    assert (out / "report.json").is_file() and (out / "config.json").is_file()
+    table = kubectl.run("get", "ftj", "shapes", "-n", ns).stdout.splitlines()[1].split()
+    assert table[1:3] == ["Succeeded", "100"]
+    metrics = operator.metrics()
+    assert 'kubetune_operator_objects{kind="FineTuneJob",phase="Succeeded"}' in metrics
+    assert "kubetune_operator_reconcile_duration_seconds_count" in metrics
+
+
+def test_an_invalid_dataset_fails_the_job_with_line_numbers(
+    kubectl: Kubectl, ns: str, operator: Operator
+) -> None:
+    kubectl.apply(dataset("bad", "bad/train.jsonl"), "-n", ns)
+    kubectl.apply(finetunejob("bad", "bad"), "-n", ns)
+    ds = wait_for(
+        lambda: phase_in(kubectl, "kds", ns, "bad", ("Ready", "Invalid", "Failed")),
+        120,
+        "the Dataset",
+        on_timeout=operator.tail,
+    )
+    assert ds["phase"] == "Invalid", ds
+    lines = [e["line"] for e in ds["errors"]]
+    assert lines == [3, 4], ds["errors"]
+    assert ds["errorCount"] == 2
+    ftj = wait_for(
+        lambda: phase_in(kubectl, "ftj", ns, "bad", ("Failed",)),
+        60,
+        "the FineTuneJob to fail",
+        on_timeout=operator.tail,
+    )
+    ready = next(c for c in ftj["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "DatasetInvalid" and "line 3" in ftj["message"]
+    assert kubectl.get("jobs", "-n", ns, "-l", "kubetune.io/finetunejob=bad")["items"] == []
+    events = kubectl.get("events", "-n", ns, "--field-selector", "involvedObject.name=bad")["items"]
+    assert {e["reason"] for e in events} >= {"Invalid", "DatasetInvalid"}
+
+
+def test_operator_restart_mid_training_makes_no_second_job(
+    kubectl: Kubectl, ns: str, operator: Operator
+) -> None:
+    kubectl.apply(finetunejob("restart", "shapes"), "-n", ns)
+    wait_for(
+        lambda: phase_in(kubectl, "ftj", ns, "restart", ("Running",)),
+        120,
+        "training to start",
+        on_timeout=operator.tail,
+    )
+    operator.kill()
+    operator.start()
+    final = wait_for(
+        lambda: phase_in(kubectl, "ftj", ns, "restart", ("Succeeded", "Failed")),
+        400,
+        "the job to finish",
+        on_timeout=operator.tail,
+    )
+    assert final["phase"] == "Succeeded", final
+    jobs = kubectl.get("jobs", "-n", ns, "-l", "kubetune.io/finetunejob=restart")["items"]
+    assert len(jobs) == 1
+
+
+def test_queue_and_suspend_drive_the_job(kubectl: Kubectl, ns: str, operator: Operator) -> None:
+    kubectl.apply(finetunejob("queued", "shapes", queueName="gpu-queue"), "-n", ns)
+    queued = wait_for(
+        lambda: phase_in(kubectl, "ftj", ns, "queued", ("Queued",)),
+        60,
+        "Queued",
+        on_timeout=operator.tail,
+    )
+    assert "gpu-queue" in queued["message"]
+    job = kubectl.get("job", "queued-train", "-n", ns)
+    assert job["spec"]["suspend"] is True
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    kubectl.run(
+        "patch", "ftj", "queued", "-n", ns, "--type=merge", "-p", '{"spec": {"suspend": true}}'
+    )
+    wait_for(
+        lambda: phase_in(kubectl, "ftj", ns, "queued", ("Suspended",)),
+        60,
+        "Suspended",
+        on_timeout=operator.tail,
+    )
+    # Kueue admits by unsuspending the Job; a suspended FineTuneJob suspends it again.
+    kubectl.run(
+        "patch",
+        "job",
+        "queued-train",
+        "-n",
+        ns,
+        "--type=merge",
+        "-p",
+        '{"spec": {"suspend": false}}',
+    )
+    wait_for(
+        lambda: kubectl.get("job", "queued-train", "-n", ns)["spec"]["suspend"],
+        60,
+        "the Job to be suspended again",
+    )
+    kubectl.run(
+        "patch", "ftj", "queued", "-n", ns, "--type=merge", "-p", '{"spec": {"suspend": false}}'
+    )
+    wait_for(
+        lambda: phase_in(kubectl, "ftj", ns, "queued", ("Queued",)),
+        60,
+        "Queued again",
+        on_timeout=operator.tail,
+    )
+
+
+def test_deleting_a_finetunejob_removes_what_it_owned(
+    kubectl: Kubectl, ns: str, operator: Operator
+) -> None:
+    kubectl.apply(finetunejob("doomed", "shapes", suspend=True), "-n", ns)
+    wait_for(
+        lambda: phase_in(kubectl, "ftj", ns, "doomed", ("Suspended",)),
+        60,
+        "Suspended",
+        on_timeout=operator.tail,
+    )
+    assert kubectl.get("job", "doomed-train", "-n", ns)
+    assert kubectl.get("configmap", "doomed-job", "-n", ns)
+    kubectl.run("delete", "ftj", "doomed", "-n", ns, "--timeout=30s")
+    wait_for(
+        lambda: (
+            not kubectl.get("jobs,configmaps", "-n", ns, "-l", "kubetune.io/finetunejob=doomed")[
+                "items"
+            ]
+        ),
+        60,
+        "garbage collection of the Job and ConfigMap",
+    )

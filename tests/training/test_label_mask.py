@@ -1,0 +1,145 @@
+"""Labels: every assistant turn and nothing else; overlong examples are truncated
+without cutting image tokens, or dropped."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+
+from kubetune_trainer.data.example import Example, ImageRef, Turn
+from kubetune_trainer.training.collate import (
+    IGNORE_INDEX,
+    SFTCollator,
+    assistant_labels,
+    keep_length,
+)
+from kubetune_trainer.training.models import (
+    image_token_ids,
+    is_multimodal,
+    load_processing,
+    tokenizer_of,
+)
+from kubetune_trainer.training.records import to_record
+from kubetune_trainer.training.sft import chat_encoder, plan_lengths
+
+
+def multi_turn(image: bool) -> Example:
+    first_user: tuple[Any, ...] = (
+        (ImageRef("square.png"), "What is this?") if image else ("What is this?",)
+    )
+    return Example(
+        turns=(
+            Turn("system", ("Answer briefly.",)),
+            Turn("user", first_user),
+            Turn("assistant", ("red square",)),
+            Turn("user", ("Sure?",)),
+            Turn("assistant", ("yes",)),
+        ),
+        line=1,
+    )
+
+
+def short_chat() -> Example:
+    return Example(turns=(Turn("user", ("hi",)), Turn("assistant", ("hello",))), line=2)
+
+
+@pytest.fixture(params=["qwen2_5_vl", "llava", "qwen2"])
+def processing(request: pytest.FixtureRequest) -> Any:
+    return load_processing(
+        str(request.getfixturevalue(f"tiny_{request.param}")), trust_remote_code=False
+    )
+
+
+def records(processing: Any, root: Path, *examples: Example) -> list[dict[str, Any]]:
+    Image.new("RGB", (56, 56), (200, 0, 0)).save(root / "square.png")
+    return [to_record(e, root, multimodal=is_multimodal(processing)) for e in examples]
+
+
+def test_loss_is_on_every_assistant_turn_and_nothing_else(processing: Any, tmp_path: Path) -> None:
+    multimodal = is_multimodal(processing)
+    batch_records = records(processing, tmp_path, multi_turn(image=multimodal), short_chat())
+    batch = SFTCollator(chat_encoder(processing, max_pixels=3136))(batch_records)
+    tokenizer = tokenizer_of(processing)
+    labels, input_ids = batch["labels"], batch["input_ids"]
+
+    def learned(row: int) -> list[int]:
+        return [int(t) for t in labels[row] if t != IGNORE_INDEX]
+
+    # Only the two replies (and the end-of-turn tokens that teach the model to stop).
+    assert tokenizer.decode(learned(0), skip_special_tokens=True).split() == [
+        "red",
+        "square",
+        "yes",
+    ]
+    assert tokenizer.decode(learned(1), skip_special_tokens=True).split() == ["hello"]
+    assert tokenizer.convert_tokens_to_ids(tokenizer.eos_token) in learned(0)
+    # Labelled tokens are the inputs themselves; image and padding positions never are.
+    labelled = labels != IGNORE_INDEX
+    assert torch.equal(labels[labelled], input_ids[labelled])
+    assert not labelled[batch["attention_mask"] == 0].any()
+    for token in image_token_ids(processing):
+        assert not labelled[input_ids == token].any()
+    if multimodal:
+        assert set(image_token_ids(processing)) & set(input_ids[0].tolist())
+
+
+def test_final_turn_only_labels_the_last_reply() -> None:
+    input_ids = torch.arange(8).repeat(2, 1)
+    assistant = torch.tensor([[0, 1, 1, 0, 0, 1, 1, 0], [0, 0, 1, 1, 1, 0, 0, 0]])
+    attention = torch.tensor([[1] * 8, [1] * 6 + [0] * 2])
+    labels = assistant_labels(input_ids, assistant, attention, final_turn_only=True)
+    assert labels[0].tolist() == [IGNORE_INDEX] * 5 + [5, 6, IGNORE_INDEX]
+    assert labels[1].tolist() == [IGNORE_INDEX] * 2 + [2, 3, 4] + [IGNORE_INDEX] * 3
+
+
+@pytest.mark.parametrize(
+    ("ids", "mask", "limit", "keep"),
+    [
+        ([1, 2, 3], [0, 1, 1], 8, 3),  # fits
+        ([9, 9, 1, 2, 3, 4, 5], [0, 0, 0, 1, 1, 1, 1], 5, 5),  # cut after the image tokens
+        ([1, 9, 9, 2, 3], [0, 0, 0, 1, 1], 2, None),  # the cut would split the image
+        ([1, 2, 3, 4, 5], [0, 0, 0, 1, 1], 3, None),  # nothing of the reply would be left
+    ],
+)
+def test_keep_length(ids: list[int], mask: list[int], limit: int, keep: int | None) -> None:
+    assert keep_length(ids, mask, {9}, limit) == keep
+
+
+def test_overlong_examples_are_truncated_after_the_image_or_dropped(
+    tiny_qwen2_5_vl: Path, tmp_path: Path
+) -> None:
+    processing = load_processing(str(tiny_qwen2_5_vl), trust_remote_code=False)
+    encoder = chat_encoder(processing, max_pixels=3136)
+    # Text before the image puts its tokens past the whole of the short chat.
+    long_reply = Example(
+        turns=(
+            Turn(
+                "user",
+                ("Look at this picture, please. " * 4, ImageRef("square.png"), "Describe it."),
+            ),
+            Turn("assistant", ("red " * 40,)),
+        ),
+        line=1,
+    )
+    recs = records(processing, tmp_path, long_reply, short_chat())
+    ids = encoder.encode(recs[:1])["input_ids"][0].tolist()
+    full = len(ids)
+    image_end = max(i for i, t in enumerate(ids) if t in encoder.image_token_ids)
+    assert len(encoder.encode(recs[1:])["input_ids"][0]) < image_end
+
+    kept, truncated, dropped = plan_lengths(encoder, recs, max_length=full - 10)
+    assert (truncated, dropped) == (1, 0)
+    assert kept[0]["keep"] == full - 10
+    batch = SFTCollator(encoder)(kept)
+    assert batch["input_ids"].shape[1] == full - 10
+    assert (batch["labels"][0] != IGNORE_INDEX).any()
+    assert batch["attention_mask"][1].sum() < full - 10  # the short chat is padding-masked, not cut
+
+    kept, truncated, dropped = plan_lengths(encoder, recs, max_length=image_end)
+    assert (truncated, dropped) == (0, 1)
+    assert json.loads(kept[0]["messages"])[-1]["content"][0]["text"] == "hello"

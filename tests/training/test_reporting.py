@@ -1,0 +1,151 @@
+"""What a run reports: Prometheus gauges, log lines, report.json, the termination
+message, and which checkpoint a restart resumes from."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import socket
+import urllib.request
+from pathlib import Path
+
+import pytest
+from transformers import TrainerControl, TrainerState, TrainingArguments
+
+from kubetune_trainer.training.callbacks import EvalSaveSchedule, Telemetry
+from kubetune_trainer.training.checkpoints import latest_checkpoint
+from kubetune_trainer.training.metrics import GAUGES, TrainMetrics
+from kubetune_trainer.training.report import (
+    TERMINATION_LIMIT,
+    build_report,
+    failure_summary,
+    termination_summary,
+    write_termination_log,
+)
+
+REQUIRED_GAUGES = (
+    "kubetune_train_loss",
+    "kubetune_eval_loss",
+    "kubetune_learning_rate",
+    "kubetune_train_step",
+    "kubetune_train_total_steps",
+    "kubetune_epoch",
+    "kubetune_train_tokens_per_second",
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def scrape(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {
+        name: float(value)
+        for name, value in (
+            line.split() for line in text.splitlines() if line.startswith("kubetune_")
+        )
+    }
+
+
+def test_metrics_are_served_and_unknown_losses_are_nan() -> None:
+    metrics = TrainMetrics()
+    port = free_port()
+    stop = metrics.serve(port)
+    try:
+        values = scrape(port)
+        assert set(REQUIRED_GAUGES) <= set(values) == set(GAUGES)
+        assert math.isnan(values["kubetune_eval_loss"])
+        metrics.update({"kubetune_train_step": 3, "kubetune_eval_loss": 1.5})
+        values = scrape(port)
+        assert (values["kubetune_train_step"], values["kubetune_eval_loss"]) == (3, 1.5)
+    finally:
+        stop()
+
+
+def test_telemetry_logs_a_line_and_updates_gauges_per_logging_step(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    metrics = TrainMetrics()
+    telemetry = Telemetry(metrics)
+    args = TrainingArguments(
+        output_dir="unused", per_device_train_batch_size=4, use_cpu=True, report_to="none"
+    )
+    state = TrainerState(max_steps=100, global_step=0, epoch=0.0)
+    control = TrainerControl()
+    with caplog.at_level(logging.INFO, logger="kubetune.train"):
+        telemetry.on_train_begin(args, state, control)
+        state.global_step, state.epoch = 10, 0.5
+        telemetry.on_log(args, state, control, logs={"eval_loss": 2.0})
+        telemetry.on_log(
+            args, state, control, logs={"loss": 2.5, "learning_rate": 1e-4, "num_tokens": 800.0}
+        )
+    line = caplog.records[-1].getMessage()
+    for part in (
+        "step 10/100",
+        "epoch 0.50",
+        "loss 2.5000",
+        "eval_loss 2.0000",
+        "lr 1.00e-04",
+        "eta",
+    ):
+        assert part in line
+    values = {m.name: m.samples[0].value for m in metrics.registry.collect()}
+    assert values["kubetune_train_step"] == 10
+    assert values["kubetune_train_total_steps"] == 100
+    assert values["kubetune_train_loss"] == 2.5
+    assert values["kubetune_eval_loss"] == values["kubetune_best_eval_loss"] == 2.0
+    assert values["kubetune_learning_rate"] == 1e-4
+    assert values["kubetune_train_tokens_per_second"] > 0
+    assert values["kubetune_train_samples_per_second"] > 0
+    assert values["kubetune_eta_seconds"] >= 0
+
+
+def test_schedule_adds_step_evaluations_and_checkpoints() -> None:
+    schedule = EvalSaveSchedule(eval_steps=4, save_steps=3, has_eval=True)
+    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to="none")
+    flags = []
+    for step in range(1, 9):
+        control = TrainerControl()
+        schedule.on_step_end(args, TrainerState(global_step=step), control)
+        flags.append((control.should_evaluate, control.should_save))
+    assert [s for s, (e, _) in enumerate(flags, 1) if e] == [4, 8]
+    assert [s for s, (_, v) in enumerate(flags, 1) if v] == [3, 4, 6, 8]
+
+
+def test_report_has_final_and_best_losses_and_the_summary_fits(tmp_path: Path) -> None:
+    history = [
+        {"step": 2, "loss": 3.0},
+        {"step": 2, "eval_loss": 2.5},
+        {"step": 4, "loss": 2.0},
+        {"step": 4, "eval_loss": 2.7},
+    ]
+    report = build_report(log_history=history, run={"steps": 4, "outputDir": "/o" * 3000})
+    assert (report["trainLoss"], report["evalLoss"]) == (2.0, 2.7)
+    assert (report["bestEvalLoss"], report["bestStep"]) == (2.5, 2)
+    assert report["history"] == {"train": [(2, 3.0), (4, 2.0)], "eval": [(2, 2.5), (4, 2.7)]}
+    summary = termination_summary(report)
+    assert "history" not in summary
+    assert len(json.dumps(summary).encode()) < TERMINATION_LIMIT
+    failure = failure_summary("Boom\n" * 5000)
+    assert failure["ok"] is False and failure["phase"] == "Failed"
+    assert len(json.dumps(failure).encode()) < TERMINATION_LIMIT
+
+    assert write_termination_log(tmp_path / "log", summary)
+    assert json.loads((tmp_path / "log").read_text())["bestStep"] == 2
+    assert not write_termination_log(tmp_path / "missing" / "log", summary)
+
+
+def test_resume_picks_the_newest_complete_checkpoint(tmp_path: Path) -> None:
+    assert latest_checkpoint(tmp_path / "none") is None
+    for step, complete in ((2, True), (10, True), (12, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if complete:
+            (folder / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-x").mkdir()
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-10"

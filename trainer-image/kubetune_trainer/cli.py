@@ -1,0 +1,36 @@
+"""`kubetune`: the trainer image's command (validate | convert | train | evaluate).
+
+Each command group registers its own subcommands; the training ones import torch
+only when they run, so `kubetune validate` starts fast and works without torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from kubetune_trainer import fetch
+from kubetune_trainer.data import commands as data_commands
+from kubetune_trainer.training import commands as training_commands
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kubetune", description="Validate, convert and train on chat-JSONL datasets."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    data_commands.register(sub)
+    training_commands.register(sub)
+    fetch.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,14 @@
+"""Training: SFT (and, next, DPO and preserve-skills) of VLMs and LLMs with TRL and PEFT.
+
+- ``commands``: ``kubetune train`` and ``kubetune evaluate``; the only module the CLI
+  imports at start-up, and it imports torch lazily.
+- ``runner``: one run of any method end to end; ``sft``: the SFT trainer builder.
+- ``config_mapping``: TrainingConfig -> TRL/PEFT/transformers settings (pure).
+- ``records``, ``collate``, ``images``: examples -> chat records -> model inputs with
+  assistant-only labels; images fitted to maxPixels.
+- ``models``: the base model with its processor or tokenizer.
+- ``callbacks``, ``metrics``, ``report``, ``checkpoints``: the schedule, log lines,
+  Prometheus gauges, report.json/loss.png/termination message, and resumable checkpoints.
+- ``evaluate``: exact-match accuracy and reference loss of a model (and its base).
+- ``inputs``: what the runner hands a method's builder.
+"""

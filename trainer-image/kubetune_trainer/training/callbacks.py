@@ -1,0 +1,171 @@
+"""TrainerCallbacks: the evaluation/checkpoint schedule and the run's telemetry (log
+lines and Prometheus gauges)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from datetime import timedelta
+from typing import Any
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from kubetune_trainer.training.metrics import LOG_GAUGES, TrainMetrics
+
+log = logging.getLogger("kubetune.train")
+
+
+class EvalSaveSchedule(TrainerCallback):
+    """Evaluate every ``eval_steps`` and checkpoint every ``save_steps`` and after every
+    evaluation, on top of the per-epoch evaluation and checkpoint that the training
+    arguments ask for (a transformers strategy can be "steps" or "epoch", not both)."""
+
+    def __init__(self, *, eval_steps: int | None, save_steps: int | None, has_eval: bool) -> None:
+        self.eval_steps = eval_steps if has_eval else None
+        self.save_steps = save_steps
+        self._evaluated_at = -1
+        self._saved_at = -1
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
+        step = state.global_step
+        if self.eval_steps and step % self.eval_steps == 0:
+            control.should_evaluate = True
+        # Saving right after each evaluation is what lets the best one be exported.
+        if control.should_evaluate or (self.save_steps and step % self.save_steps == 0):
+            control.should_save = True
+        return control
+
+    def on_evaluate(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._evaluated_at = state.global_step
+
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._saved_at = state.global_step
+
+    def on_epoch_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
+        # An epoch that ends on an evalSteps/saveSteps step was just evaluated and saved.
+        if self._evaluated_at == state.global_step:
+            control.should_evaluate = False
+        if self._saved_at == state.global_step:
+            control.should_save = False
+        return control
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None or math.isnan(value) else format(value, spec)
+
+
+class Telemetry(TrainerCallback):
+    """One log line per logging step (step/total, epoch, loss, eval loss, learning rate,
+    throughput, ETA) and the Prometheus gauges, updated at the same moments. Only the
+    main process reports; ``metrics`` is None where nothing is served."""
+
+    def __init__(self, metrics: TrainMetrics | None) -> None:
+        self.metrics = metrics
+        self.eval_loss: float | None = None
+        self.best_eval_loss: float | None = None
+        self._samples_per_step = 1
+        self._start_time = 0.0
+        self._start_step = 0
+        self.start_epoch = 0.0  # where this process began: past 0 when resumed
+        self._last: tuple[float, int, float] = (0.0, 0, 0.0)  # time, step, tokens
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._samples_per_step = (
+            args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        )
+        now = time.monotonic()
+        self._start_time, self._start_step = now, state.global_step
+        self.start_epoch = state.epoch or 0.0
+        self._last = (now, state.global_step, 0.0)
+        if state.best_metric is not None:  # resumed
+            self.best_eval_loss = state.best_metric
+        if state.is_world_process_zero:
+            resumed = f" (resuming at step {state.global_step})" if state.global_step else ""
+            log.info("training for %d steps%s", state.max_steps, resumed)
+            self._publish(state, {})
+
+    def eta_seconds(self, state: TrainerState, now: float) -> float | None:
+        done = state.global_step - self._start_step
+        if done <= 0:
+            return None
+        return (now - self._start_time) / done * (state.max_steps - state.global_step)
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not state.is_world_process_zero or not logs:
+            return
+        now = time.monotonic()
+        if "eval_loss" in logs:
+            self.eval_loss = logs["eval_loss"]
+            if self.best_eval_loss is None or self.eval_loss < self.best_eval_loss:
+                self.best_eval_loss = self.eval_loss
+            log.info(
+                "eval step %d/%d epoch %.2f eval_loss %.4f best %.4f",
+                state.global_step,
+                state.max_steps,
+                state.epoch or 0.0,
+                self.eval_loss,
+                self.best_eval_loss,
+            )
+            self._publish(state, {})
+        if "loss" not in logs:
+            return
+        last_time, last_step, last_tokens = self._last
+        elapsed = max(now - last_time, 1e-9)
+        tokens = logs.get("num_tokens", last_tokens)
+        values = {
+            "kubetune_train_samples_per_second": (state.global_step - last_step)
+            * self._samples_per_step
+            / elapsed,
+            "kubetune_train_tokens_per_second": (tokens - last_tokens) / elapsed,
+            "kubetune_train_tokens_total": tokens,
+            **{gauge: logs[key] for key, gauge in LOG_GAUGES.items() if key in logs},
+        }
+        self._last = (now, state.global_step, tokens)
+        eta = self.eta_seconds(state, now)
+        log.info(
+            "step %d/%d epoch %.2f loss %.4f eval_loss %s lr %s tokens/s %.0f eta %s",
+            state.global_step,
+            state.max_steps,
+            state.epoch or 0.0,
+            logs["loss"],
+            _fmt(self.eval_loss, ".4f"),
+            _fmt(logs.get("learning_rate"), ".2e"),
+            values["kubetune_train_tokens_per_second"],
+            "-" if eta is None else timedelta(seconds=round(eta)),
+        )
+        self._publish(state, values)
+
+    def _publish(self, state: TrainerState, values: dict[str, float]) -> None:
+        if self.metrics is None:
+            return
+        progress = {
+            "kubetune_train_step": float(state.global_step),
+            "kubetune_train_total_steps": float(state.max_steps),
+            "kubetune_epoch": float(state.epoch or 0.0),
+        }
+        if self.eval_loss is not None:
+            progress["kubetune_eval_loss"] = self.eval_loss
+        if self.best_eval_loss is not None:
+            progress["kubetune_best_eval_loss"] = self.best_eval_loss
+        eta = self.eta_seconds(state, time.monotonic())
+        if eta is not None:
+            progress["kubetune_eta_seconds"] = eta
+        self.metrics.update({**progress, **values})

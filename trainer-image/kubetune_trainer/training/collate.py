@@ -1,0 +1,173 @@
+"""Chat records -> padded model inputs with labels on the assistant turns only.
+
+TRL's collators are not used for this: they take images already decoded in the dataset
+(a large dataset would sit decoded in memory; here each image is opened under the
+dataset rules and resized only when its batch is built), and they truncate at
+max_length wherever it falls, image tokens included, which makes a VLM fail (its image
+features must match its image tokens). The label masking itself is transformers' own:
+the chat template's ``{% generation %}`` markers, from TRL's training variant of the
+template when the model's lacks them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+IGNORE_INDEX = -100
+
+# The per-token tensors a processor returns (shape batch x sequence); everything else
+# (pixel values, image grids) describes images and is left as it is by truncation.
+SEQUENCE_KEYS = ("input_ids", "attention_mask", "labels", "token_type_ids", "mm_token_type_ids")
+
+ImageLoader = Callable[[str, str, int], Image.Image]
+"""(image source, image root, dataset line) -> an RGB image fitted to maxPixels."""
+
+
+@dataclass
+class ChatEncoder:
+    """Renders chat records with the training chat template and tokenizes them, images
+    included. ``processing`` is a VLM's processor or an LLM's tokenizer."""
+
+    processing: Any
+    chat_template: str | None
+    load_image: ImageLoader
+    multimodal: bool
+    image_token_ids: frozenset[int] = field(default_factory=frozenset)
+
+    def conversations(
+        self, records: Sequence[Mapping[str, Any]], *, prompt_only: bool
+    ) -> list[list[dict[str, Any]]]:
+        chats = []
+        for record in records:
+            messages = json.loads(record["messages"])
+            if prompt_only:
+                messages = messages[:-1]
+            if self.multimodal:
+                images = iter(record["images"])
+                for message in messages:
+                    message["content"] = [
+                        {
+                            "type": "image",
+                            "image": self.load_image(next(images), record["root"], record["line"]),
+                        }
+                        if part["type"] == "image"
+                        else part
+                        for part in message["content"]
+                    ]
+            chats.append(messages)
+        return chats
+
+    def encode(
+        self,
+        records: Sequence[Mapping[str, Any]],
+        *,
+        prompt_only: bool = False,
+        padding_side: str = "right",
+    ) -> dict[str, torch.Tensor]:
+        """Token ids, attention mask, image tensors and (for whole chats) the
+        ``assistant_masks`` of the batch. ``prompt_only`` drops the final reply and ends
+        with the generation prompt, for generating that reply."""
+        chats = self.conversations(records, prompt_only=prompt_only)
+        common: dict[str, Any] = {
+            "chat_template": self.chat_template,
+            "tokenize": True,
+            "return_dict": True,
+            "return_tensors": "pt",
+            "add_generation_prompt": prompt_only,
+            "return_assistant_tokens_mask": not prompt_only,
+        }
+        if self.multimodal:
+            # Rendered text already holds the template's special tokens; adding them again
+            # would double the BOS of Llama-style tokenizers (a tokenizer's own
+            # apply_chat_template already leaves them out).
+            padding = {"padding": True, "padding_side": padding_side, "add_special_tokens": False}
+            out = self.processing.apply_chat_template(chats, processor_kwargs=padding, **common)
+        else:
+            out = self.processing.apply_chat_template(
+                chats, padding=True, tokenizer_kwargs={"padding_side": padding_side}, **common
+            )
+        return dict(out)
+
+
+def assistant_labels(
+    input_ids: torch.Tensor,
+    assistant_masks: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    final_turn_only: bool = False,
+) -> torch.Tensor:
+    """Labels equal to the input ids on assistant tokens and IGNORE_INDEX elsewhere
+    (system, user, image and padding tokens). With ``final_turn_only``, only the last
+    assistant turn (the last contiguous run of assistant tokens) counts."""
+    mask = assistant_masks.bool() & attention_mask.bool()
+    if final_turn_only:
+        # A token is in the final run when no non-assistant token follows it before the
+        # end of the run: count the non-assistant tokens after each position; the final
+        # run has the same count as the last assistant token.
+        gaps_after = torch.flip(torch.cumsum(torch.flip((~mask).int(), [1]), 1), [1])
+        positions = torch.arange(mask.shape[1]).expand_as(mask)
+        last = torch.where(mask, positions, -1).max(dim=1).values.clamp(min=0)
+        mask &= gaps_after == gaps_after.gather(1, last[:, None])
+    labels = input_ids.clone()
+    labels[~mask] = IGNORE_INDEX
+    return labels
+
+
+def keep_length(
+    input_ids: Sequence[int],
+    assistant_mask: Sequence[int],
+    image_token_ids: Collection[int],
+    max_length: int,
+) -> int | None:
+    """How many leading tokens of an example to train on, or None to drop it.
+
+    An example that fits is kept whole. A longer one is truncated at ``max_length`` when
+    that leaves every image token in place and at least one assistant token to learn;
+    otherwise it is dropped (cutting an image's tokens would make the model fail)."""
+    if len(input_ids) <= max_length:
+        return len(input_ids)
+    if any(token in image_token_ids for token in input_ids[max_length:]):
+        return None
+    if not any(assistant_mask[:max_length]):
+        return None
+    return max_length
+
+
+@dataclass
+class SFTCollator:
+    """Builds training batches: encodes the chats, labels the assistant turns and cuts
+    each row to the length planned for it (the record's ``keep``)."""
+
+    encoder: ChatEncoder
+    final_turn_only: bool = False
+
+    def __call__(self, records: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self.encoder.encode(records)
+        batch["labels"] = assistant_labels(
+            batch["input_ids"],
+            batch.pop("assistant_masks"),
+            batch["attention_mask"],
+            final_turn_only=self.final_turn_only,
+        )
+        keep = [record.get("keep") for record in records]
+        if any(k is not None and k < batch["input_ids"].shape[1] for k in keep):
+            _truncate(batch, keep)
+        return batch
+
+
+def _truncate(batch: dict[str, torch.Tensor], keep: Sequence[int | None]) -> None:
+    """Cut each right-padded row to its kept length and the batch to the longest row."""
+    for row, k in enumerate(keep):
+        if k is not None:
+            batch["attention_mask"][row, k:] = 0
+            batch["labels"][row, k:] = IGNORE_INDEX
+    width = int(batch["attention_mask"].sum(dim=1).max())
+    for key in SEQUENCE_KEYS:
+        if key in batch:
+            batch[key] = batch[key][:, :width]

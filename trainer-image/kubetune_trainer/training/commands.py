@@ -1,0 +1,126 @@
+"""``kubetune train`` and ``kubetune evaluate``.
+
+torch, transformers and TRL are imported inside the command functions only: the CLI
+imports this module at start-up, and ``kubetune validate`` must stay fast and torch-free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from kubetune_trainer.config import Hyperparameters
+
+_DEFAULT_MAX_PIXELS = Hyperparameters.model_fields["max_pixels"].default
+
+
+def register(sub: Any) -> None:
+    train = sub.add_parser(
+        "train",
+        help="fine-tune a model as a job file says",
+        description="Run the training job described by a TrainingConfig JSON file (the job.json "
+        "the operator mounts): the same command in the cluster and on a laptop.",
+    )
+    train.add_argument(
+        "--config", required=True, metavar="PATH", help="the TrainingConfig JSON file"
+    )
+    train.set_defaults(func=train_command)
+
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="score a model's replies against a dataset",
+        description="Generate the reply to each example's final user turn and report exact-match "
+        "accuracy (whitespace trimmed) and the mean loss on the reference replies. With --adapter, "
+        "the base model's figures too.",
+    )
+    evaluate.add_argument("--model", required=True, metavar="PATH", help="model folder or hub id")
+    evaluate.add_argument(
+        "--adapter", metavar="PATH", help="a LoRA adapter (PEFT format) for the model"
+    )
+    evaluate.add_argument("--data", required=True, metavar="FILE.jsonl", help="examples to score")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.add_argument(
+        "--max-new-tokens", type=int, default=64, metavar="N", help="reply length cap (64)"
+    )
+    evaluate.add_argument(
+        "--batch-size", type=int, default=8, metavar="N", help="examples per batch (8)"
+    )
+    evaluate.add_argument(
+        "--max-pixels",
+        type=int,
+        default=_DEFAULT_MAX_PIXELS,
+        metavar="N",
+        help=f"resize images to at most N pixels, as in training ({_DEFAULT_MAX_PIXELS})",
+    )
+    evaluate.add_argument(
+        "--image-root", metavar="DIR", help="where relative image paths resolve (the data's folder)"
+    )
+    evaluate.add_argument(
+        "--trust-remote-code", action="store_true", help="allow model code from the model folder"
+    )
+    evaluate.set_defaults(func=evaluate_command)
+
+
+def _quiet_libraries() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # Tokenizers would warn at every dataloader worker fork.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_warning()
+    transformers.logging.disable_progress_bar()  # per-file save/load bars; our log lines suffice
+
+
+def train_command(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from kubetune_trainer.config import TrainingConfig
+
+    try:
+        config = TrainingConfig.model_validate_json(Path(args.config).read_bytes())
+    except OSError as exc:
+        print(f"kubetune train: cannot read {args.config}: {exc.strerror}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:
+        print(f"kubetune train: {args.config} is not a valid job:\n{exc}", file=sys.stderr)
+        return 2
+    _quiet_libraries()
+    from kubetune_trainer.training.runner import run
+
+    return run(config)
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    _quiet_libraries()
+    from kubetune_trainer.data import DatasetError
+    from kubetune_trainer.training.evaluate import evaluate
+
+    try:
+        result = evaluate(
+            model_path=args.model,
+            adapter=args.adapter,
+            data=args.data,
+            image_root=args.image_root,
+            max_pixels=args.max_pixels,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            trust_remote_code=args.trust_remote_code,
+        )
+    except (DatasetError, OSError) as exc:
+        print(f"kubetune evaluate: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    for name, scores in (("model", result), ("base", result.get("base"))):
+        if scores:
+            loss = "-" if scores["loss"] is None else f"{scores['loss']:.4f}"
+            print(
+                f"{name}: {scores['examples']} examples, accuracy {scores['accuracy']:.1%}, loss {loss}"
+            )
+    return 0

@@ -1,0 +1,119 @@
+"""TrainingConfig -> TRL, PEFT and transformers settings. Pure: the hardware facts that
+change the mapping come in as arguments, so every rule is tested without training.
+
+Each method gets one function that returns its TRL config (``sft_config`` here; DPO's
+will sit beside it) built on the arguments every method shares.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from peft import LoraConfig
+from trl import SFTConfig
+
+from kubetune_trainer.config import TrainingConfig
+
+# transformers reads warmup_steps below 1 as a ratio of the total steps and 1 or more as
+# a step count, so a ratio of exactly 1 (warm up for the whole run) is passed just below.
+_MAX_WARMUP_RATIO = 0.999999
+# The newest checkpoint (to resume from) plus the best one (kept by transformers anyway
+# when load_best_model_at_end is on): disk use stays bounded on long runs.
+_CHECKPOINTS_KEPT = 2
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What the mapping needs to know about the machine it runs on."""
+
+    cuda: bool
+    bf16: bool
+
+    @classmethod
+    def detect(cls) -> Hardware:
+        import torch
+
+        cuda = torch.cuda.is_available()
+        return cls(cuda=cuda, bf16=cuda and torch.cuda.is_bf16_supported())
+
+
+def model_dtype(config: TrainingConfig, hw: Hardware) -> str:
+    """LoRA keeps the frozen base in bf16 where the GPU has it (half the memory); full
+    tuning keeps float32 master weights and trains under bf16 autocast."""
+    return "bfloat16" if hw.bf16 and config.tuning == "lora" else "float32"
+
+
+def training_arguments(config: TrainingConfig, hw: Hardware, *, has_eval: bool) -> dict[str, Any]:
+    """transformers TrainingArguments shared by every method."""
+    hp = config.hyperparameters
+    return {
+        # The Trainer's output_dir only ever holds checkpoints; the exported model,
+        # report.json and loss.png go to config.output_dir.
+        "output_dir": config.effective_checkpoint_dir,
+        "num_train_epochs": hp.epochs,
+        "per_device_train_batch_size": hp.batch_size,
+        "per_device_eval_batch_size": hp.batch_size,
+        "gradient_accumulation_steps": hp.gradient_accumulation_steps,
+        "learning_rate": hp.learning_rate,
+        "lr_scheduler_type": "linear",
+        "warmup_steps": min(hp.warmup_ratio, _MAX_WARMUP_RATIO),
+        "seed": hp.seed,
+        "data_seed": hp.seed,
+        "logging_steps": hp.logging_steps,
+        # Once per epoch here; every evalSteps/saveSteps as well comes from
+        # callbacks.EvalSaveSchedule, since a strategy can name only one of the two.
+        "eval_strategy": "epoch" if has_eval else "no",
+        "save_strategy": "epoch",
+        "load_best_model_at_end": has_eval,
+        "metric_for_best_model": "eval_loss" if has_eval else None,
+        "greater_is_better": False if has_eval else None,
+        "save_total_limit": _CHECKPOINTS_KEPT,
+        # Early stopping's patience counter is resumed along with the model.
+        "restore_callback_states_from_checkpoint": True,
+        # Without a GPU, say so: accelerate only sets up gloo data parallelism under
+        # torchrun for a CPU run it was told about.
+        "use_cpu": not hw.cuda,
+        "bf16": hw.bf16,
+        "fp16": False,
+        # On a GPU activation memory bounds the batch size; on a CPU, which only trains
+        # small models, recomputing activations would just make it slower.
+        "activation_checkpointing": hw.cuda,
+        # Images are decoded and resized in the collator: workers keep a GPU fed.
+        "dataloader_num_workers": 2 if hw.cuda else 0,
+        "dataloader_pin_memory": hw.cuda,
+        # Records carry the chat, not model inputs; the collator needs every column.
+        "remove_unused_columns": False,
+        "report_to": "none",
+        # callbacks.Telemetry prints one line per logging step instead of a progress bar.
+        "disable_tqdm": True,
+    }
+
+
+def sft_config(config: TrainingConfig, hw: Hardware, *, has_eval: bool) -> SFTConfig:
+    return SFTConfig(
+        **training_arguments(config, hw, has_eval=has_eval),
+        # Records are encoded, label-masked and truncated by collate.SFTCollator, so TRL's
+        # own preparation (tokenizing, truncating, packing) stays off.
+        dataset_kwargs={"skip_prepare_dataset": True},
+        max_length=None,
+        packing=False,
+        assistant_only_loss=False,
+    )
+
+
+def lora_config(config: TrainingConfig, default_targets: str) -> LoraConfig | None:
+    """The adapter settings for ``tuning: lora`` (None for full tuning). Without
+    targetModules the adapters go on the language model's linear layers only."""
+    if config.tuning != "lora":
+        return None
+    hp = config.hyperparameters.resolved(config.method, config.tuning)
+    assert hp.lora_rank is not None and hp.lora_alpha is not None and hp.lora_dropout is not None
+    return LoraConfig(
+        r=hp.lora_rank,
+        lora_alpha=hp.lora_alpha,
+        lora_dropout=hp.lora_dropout,
+        target_modules=hp.target_modules or default_targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )

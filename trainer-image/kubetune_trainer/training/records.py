@@ -1,0 +1,77 @@
+"""Canonical examples -> the chat records the collator encodes, plus the validation split
+and the dataset checksum.
+
+A record is a plain dict so that it can live in a ``datasets.Dataset`` (which TRL's
+trainers require): ``messages`` (the chat as JSON, image parts as ``{"type": "image"}``
+placeholders), ``images`` (their sources, in order), ``root`` (where relative image
+paths resolve: the training and validation files may have different ones) and ``line``
+(for error messages).
+Images are opened only when a batch is collated, so a large dataset never sits decoded
+in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from kubetune_trainer.data import DatasetError
+from kubetune_trainer.data.example import Example, ImageRef, Turn
+from kubetune_trainer.training.inputs import JobError
+
+T = TypeVar("T")
+
+
+def _content(turn: Turn, line: int, *, multimodal: bool) -> Any:
+    if multimodal:
+        return [
+            {"type": "image"} if isinstance(part, ImageRef) else {"type": "text", "text": part}
+            for part in turn.parts
+        ]
+    if turn.images:
+        raise DatasetError(
+            line, "example has images but the base model is a text-only language model"
+        )
+    # Text-only chat templates (Qwen2.5's, Llama's) expect a string, not content parts.
+    return turn.text
+
+
+def to_messages(turns: Sequence[Turn], line: int, *, multimodal: bool) -> list[dict[str, Any]]:
+    return [{"role": t.role, "content": _content(t, line, multimodal=multimodal)} for t in turns]
+
+
+def to_record(example: Example, image_root: str | Path, *, multimodal: bool) -> dict[str, Any]:
+    return {
+        "messages": json.dumps(to_messages(example.turns, example.line, multimodal=multimodal)),
+        "images": [image.source for image in example.images],
+        "root": str(image_root),
+        "line": example.line,
+    }
+
+
+def split_validation(items: Sequence[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
+    """A seeded (train, validation) split holding out ``fraction`` of the items, at least
+    one, and leaving at least one to train on."""
+    if len(items) < 2:
+        raise JobError(
+            f"a validation split needs at least 2 examples, the dataset has {len(items)}"
+        )
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(len(items) - 1, max(1, round(len(items) * fraction)))
+    held_out = set(order[:n_eval])
+    train = [item for i, item in enumerate(items) if i not in held_out]
+    validation = [item for i, item in enumerate(items) if i in held_out]
+    return train, validation
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fp:
+        for block in iter(lambda: fp.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,237 @@
+"""``kubetune train``: one run of any method, end to end.
+
+The runner does what every method shares (check and read the data, load the model,
+serve metrics, resume, export the best model, report); a method only says how to build
+its trainer (``BUILDERS``), so DPO slots in beside SFT.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    EarlyStoppingCallback,
+    PrinterCallback,
+    Trainer,
+    TrainerCallback,
+    TrainerState,
+)
+
+from kubetune_trainer.config import TrainingConfig
+from kubetune_trainer.data import DatasetError, read_examples
+from kubetune_trainer.training.callbacks import EvalSaveSchedule, Telemetry
+from kubetune_trainer.training.checkpoints import latest_checkpoint
+from kubetune_trainer.training.config_mapping import Hardware, model_dtype
+from kubetune_trainer.training.inputs import DataStats, JobError, TrainerInputs
+from kubetune_trainer.training.metrics import TrainMetrics, metrics_port
+from kubetune_trainer.training.models import is_multimodal, load_model, load_processing
+from kubetune_trainer.training.records import file_sha256, split_validation
+from kubetune_trainer.training.report import (
+    build_report,
+    failure_summary,
+    loss_curves,
+    plot_losses,
+    termination_summary,
+    write_json,
+    write_termination_log,
+)
+from kubetune_trainer.training.sft import build_sft_trainer
+
+log = logging.getLogger("kubetune.train")
+
+Builder = Callable[[TrainerInputs], tuple[Trainer, DataStats]]
+BUILDERS: dict[str, Builder] = {"sft": build_sft_trainer}
+
+
+def is_main_process() -> bool:
+    # torchrun sets RANK; reading it here (before the Trainer sets up torch.distributed)
+    # lets only one process serve metrics and write the report.
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def verify_dataset(config: TrainingConfig) -> None:
+    if config.dataset_sha256 is None:
+        return
+    actual = file_sha256(config.dataset)
+    if actual != config.dataset_sha256:
+        raise DatasetError(
+            0,
+            f"dataset {config.dataset} has SHA-256 {actual}, not the validated {config.dataset_sha256}",
+        )
+
+
+def image_root(config: TrainingConfig, dataset: str) -> Path:
+    return Path(config.image_root) if config.image_root else Path(dataset).resolve().parent
+
+
+def split_data(config: TrainingConfig) -> tuple[list[Any], Path, list[Any], Path]:
+    """(training examples, their image root, validation examples, their image root)."""
+    train = list(read_examples(config.dataset))
+    root = image_root(config, config.dataset)
+    validation = config.validation
+    if validation is None:
+        return train, root, [], root
+    if validation.dataset is not None:
+        return (
+            train,
+            root,
+            list(read_examples(validation.dataset)),
+            image_root(config, validation.dataset),
+        )
+    assert validation.split is not None
+    train, held_out = split_validation(train, validation.split, config.hyperparameters.seed)
+    return train, root, held_out, root
+
+
+def peak_memory() -> dict[str, int | None]:
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+    return {"peakMemoryBytes": rss_kib * 1024, "peakGpuMemoryBytes": gpu}
+
+
+def run(config: TrainingConfig, *, callbacks: Sequence[TrainerCallback] = ()) -> int:
+    """Train as ``config`` says; return the process exit code (0 done, 1 failed). The
+    outcome also goes to the termination log (main process only)."""
+    main = is_main_process()
+    metrics = TrainMetrics() if main else None
+    port = metrics_port(config.metrics_port)
+    stop_metrics = metrics.serve(port) if metrics and port else None
+    try:
+        report = _train(config, metrics, callbacks)
+    except Exception as exc:
+        if isinstance(exc, DatasetError | JobError):
+            log.error("training failed: %s", exc)  # a problem with the job, not a bug: no traceback
+        else:
+            log.exception("training failed")
+        if main:
+            write_termination_log(
+                config.termination_log, failure_summary(f"{type(exc).__name__}: {exc}")
+            )
+        return 1
+    finally:
+        if stop_metrics:
+            stop_metrics()
+    if main and report is not None:
+        write_termination_log(config.termination_log, termination_summary(report))
+        log.info(
+            "done: %d steps, train loss %s, best eval loss %s at step %s; output in %s",
+            report["steps"],
+            report["trainLoss"],
+            report["bestEvalLoss"],
+            report["bestStep"],
+            report["outputDir"],
+        )
+    return 0
+
+
+def _train(
+    config: TrainingConfig, metrics: TrainMetrics | None, extra_callbacks: Sequence[TrainerCallback]
+) -> dict[str, Any] | None:
+    """Train, export, and (main process) write report.json and loss.png and return the
+    report."""
+    builder = BUILDERS.get(config.method)
+    if builder is None:
+        raise JobError(f"method {config.method!r} is not supported by this trainer version yet")
+    has_eval = config.validation is not None
+    if config.early_stopping and not has_eval:
+        raise JobError(
+            "earlyStopping needs validation data (validation.split or validation.dataset)"
+        )
+    verify_dataset(config)
+    hardware = Hardware.detect()
+    processing = load_processing(config.base_model, trust_remote_code=config.trust_remote_code)
+    train, train_root, validation, validation_root = split_data(config)
+    model = load_model(
+        config.base_model,
+        multimodal=is_multimodal(processing),
+        trust_remote_code=config.trust_remote_code,
+        dtype=model_dtype(config, hardware),
+    )
+    hp = config.hyperparameters
+    telemetry = Telemetry(metrics)
+    callbacks: list[TrainerCallback] = [
+        EvalSaveSchedule(eval_steps=hp.eval_steps, save_steps=hp.save_steps, has_eval=has_eval),
+        telemetry,
+        *extra_callbacks,
+    ]
+    if config.early_stopping:
+        callbacks.append(
+            EarlyStoppingCallback(early_stopping_patience=config.early_stopping.patience)
+        )
+    trainer, stats = builder(
+        TrainerInputs(
+            config=config,
+            hardware=hardware,
+            model=model,
+            processing=processing,
+            train=train,
+            train_root=train_root,
+            validation=validation,
+            validation_root=validation_root,
+            callbacks=callbacks,
+        )
+    )
+    # The trainer holds the records it needs; the parsed examples (which may embed whole
+    # images as data: URIs) would only take memory for the rest of the run.
+    del train, validation
+    # Telemetry prints the log lines; the Trainer's own printer would repeat them as dicts.
+    trainer.remove_callback(PrinterCallback)
+    resume = latest_checkpoint(config.effective_checkpoint_dir) if config.resume else None
+    if resume:
+        log.info("resuming from %s", resume)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    # With validation, the Trainer has loaded the best checkpoint back: that is what
+    # gets exported. A PEFT model saves only its adapter.
+    trainer.save_model(config.output_dir)
+    if not trainer.is_world_process_zero():
+        return None
+    report = _report(
+        config, trainer.state, stats, resume, telemetry.start_epoch, result.metrics["train_runtime"]
+    )
+    output = Path(config.output_dir)
+    write_json(output / "report.json", report)
+    plot_losses(*loss_curves(trainer.state.log_history), output / "loss.png")
+    return report
+
+
+def _report(
+    config: TrainingConfig,
+    state: TrainerState,
+    stats: DataStats,
+    resumed_from: Path | None,
+    start_epoch: float,
+    runtime: float,
+) -> dict[str, Any]:
+    # TRL logs the tokens this process has trained on so far; the latest entry has them all.
+    tokens = next((e["num_tokens"] for e in reversed(state.log_history) if "num_tokens" in e), 0.0)
+    return build_report(
+        log_history=state.log_history,
+        run={
+            "method": config.method,
+            "tuning": config.tuning,
+            "baseModel": config.base_model,
+            "outputDir": str(Path(config.output_dir).resolve()),
+            "steps": state.global_step,
+            "totalSteps": state.max_steps,
+            "epoch": state.epoch,
+            "earlyStopped": state.global_step < state.max_steps,
+            "resumedFrom": str(resumed_from) if resumed_from else None,
+            "trainExamples": stats.train_examples,
+            "evalExamples": stats.eval_examples,
+            "truncatedExamples": stats.truncated,
+            "droppedExamples": stats.dropped,
+            "trainRuntimeSeconds": runtime,
+            # This process's share of the run (all of it unless it resumed).
+            "samplesPerSecond": ((state.epoch or 0.0) - start_epoch)
+            * stats.train_examples
+            / runtime,
+            "tokensPerSecond": tokens / runtime,
+            **peak_memory(),
+        },
+    )

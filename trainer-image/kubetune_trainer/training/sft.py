@@ -1,0 +1,120 @@
+"""Supervised fine-tuning: chat records with planned lengths, the collator and TRL's
+SFTTrainer."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from datasets import Dataset
+from trl import SFTTrainer
+
+from kubetune_trainer.data import DatasetError
+from kubetune_trainer.training.checkpoints import ResumableCheckpoints
+from kubetune_trainer.training.collate import ChatEncoder, SFTCollator, keep_length
+from kubetune_trainer.training.config_mapping import lora_config, sft_config
+from kubetune_trainer.training.images import ImageFitter
+from kubetune_trainer.training.inputs import DataStats, JobError, TrainerInputs
+from kubetune_trainer.training.models import (
+    default_lora_targets,
+    image_token_ids,
+    is_multimodal,
+    training_chat_template,
+)
+from kubetune_trainer.training.records import to_record
+
+log = logging.getLogger("kubetune.train")
+
+
+class KubetuneSFTTrainer(ResumableCheckpoints, SFTTrainer):
+    """TRL's SFTTrainer with checkpoints that resume correctly."""
+
+
+def chat_encoder(processing: Any, max_pixels: int) -> ChatEncoder:
+    return ChatEncoder(
+        processing=processing,
+        chat_template=training_chat_template(processing),
+        load_image=ImageFitter(max_pixels),
+        multimodal=is_multimodal(processing),
+        image_token_ids=image_token_ids(processing),
+    )
+
+
+def plan_lengths(
+    encoder: ChatEncoder, records: Sequence[dict[str, Any]], max_length: int
+) -> tuple[list[dict[str, Any]], int, int]:
+    """The records to train on, each with its ``keep`` length, and how many were
+    truncated and dropped. Each example is encoded once here, images included, which
+    also finds unreadable images before training starts rather than hours into it."""
+    kept: list[dict[str, Any]] = []
+    truncated = dropped = 0
+    for record in records:
+        encoded = encoder.encode([record])
+        input_ids = encoded["input_ids"][0].tolist()
+        assistant = encoded["assistant_masks"][0].tolist()
+        if not any(assistant):
+            raise DatasetError(
+                record["line"],
+                "the chat template marks no token of this example as the assistant's",
+            )
+        keep = keep_length(input_ids, assistant, encoder.image_token_ids, max_length)
+        if keep is None:
+            dropped += 1
+            continue
+        truncated += keep < len(input_ids)
+        kept.append({**record, "keep": keep})
+    return kept, truncated, dropped
+
+
+def build_sft_trainer(inputs: TrainerInputs) -> tuple[SFTTrainer, DataStats]:
+    config = inputs.config
+    if config.preserve_general_skills.enabled:
+        raise JobError("preserveGeneralSkills is not supported by this trainer version yet")
+    hp = config.hyperparameters
+    multimodal = is_multimodal(inputs.processing)
+    encoder = chat_encoder(inputs.processing, hp.max_pixels)
+
+    def planned(examples: Sequence[Any], root: Any) -> tuple[list[dict[str, Any]], int, int]:
+        records = [to_record(e, root, multimodal=multimodal) for e in examples]
+        return plan_lengths(encoder, records, hp.max_context_length)
+
+    train, train_cut, train_dropped = planned(inputs.train, inputs.train_root)
+    validation, eval_cut, eval_dropped = planned(inputs.validation, inputs.validation_root)
+    stats = DataStats(
+        train_examples=len(train),
+        eval_examples=len(validation),
+        truncated=train_cut + eval_cut,
+        dropped=train_dropped + eval_dropped,
+    )
+    if stats.truncated or stats.dropped:
+        log.warning(
+            "%d examples longer than maxContextLength=%d were truncated and %d dropped "
+            "(truncating those would have cut through image tokens or left no reply)",
+            stats.truncated,
+            hp.max_context_length,
+            stats.dropped,
+        )
+    if not train:
+        raise JobError(f"no training example fits maxContextLength={hp.max_context_length}")
+    if inputs.validation and not validation:
+        raise JobError(f"no validation example fits maxContextLength={hp.max_context_length}")
+
+    def dataset(records: list[dict[str, Any]]) -> Dataset:
+        if not multimodal:
+            # TRL takes an "images" column as the sign of a vision dataset, which a
+            # text-only model refuses.
+            records = [{k: v for k, v in r.items() if k != "images"} for r in records]
+        return Dataset.from_list(records)
+
+    trainer = KubetuneSFTTrainer(
+        model=inputs.model,
+        args=sft_config(config, inputs.hardware, has_eval=bool(validation)),
+        data_collator=SFTCollator(encoder),
+        train_dataset=dataset(train),
+        eval_dataset=dataset(validation) if validation else None,
+        processing_class=inputs.processing,
+        peft_config=lora_config(config, default_lora_targets(inputs.model)),
+        callbacks=list(inputs.callbacks),
+    )
+    return trainer, stats
