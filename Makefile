@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint crds controlplane controlplane-up controlplane-down clean
+.PHONY: setup test lint crds controlplane controlplane-up controlplane-down dev-up dev-down demo clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,17 @@ controlplane-up: controlplane
 
 controlplane-down:
 	hack/controlplane.sh down
+
+# The whole stack in the background: control plane, CRDs, local executor, operator.
+dev-up: $(STAMP) controlplane
+	hack/dev.sh up
+
+dev-down:
+	hack/dev.sh down
+
+# A tiny VLM tuned end to end on a synthetic image dataset, on this machine's CPU.
+demo: $(STAMP) controlplane
+	$(BIN)/python hack/demo.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

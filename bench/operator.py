@@ -85,35 +85,60 @@ def ftj(name: str) -> dict[str, Any]:
         "spec": {
             "baseModel": {"name": "org/model"},
             "dataset": {"name": "data"},
-            "outputModel": {"name": name, "storage": {"pvc": {"claimName": "models", "path": name}}},
+            "outputModel": {
+                "name": name,
+                "storage": {"pvc": {"claimName": "models", "path": name}},
+            },
             # Suspended, so that nothing runs: the benchmark is about the control loop.
             "suspend": True,
         },
     }
 
 
-def run_case(label: str, command: list[str], kubectl: Kubectl, count: int, workdir: Path) -> dict[str, float]:
+def run_case(
+    label: str, command: list[str], kubectl: Kubectl, count: int, workdir: Path
+) -> dict[str, float]:
     ns = kubectl.new_namespace(f"bench-{label}")
     kubectl.apply(
-        {"apiVersion": "kubetune.io/v1alpha1", "kind": "Dataset", "metadata": {"name": "data", "namespace": ns},
-         "spec": {"source": {"configMap": {"name": "data", "key": "train.jsonl"}}}}
+        {
+            "apiVersion": "kubetune.io/v1alpha1",
+            "kind": "Dataset",
+            "metadata": {"name": "data", "namespace": ns},
+            "spec": {"source": {"configMap": {"name": "data", "key": "train.jsonl"}}},
+        }
     )
     kubectl.run(
-        "patch", "kds", "data", "-n", ns, "--type=merge", "--subresource=status",
-        "-p", '{"status": {"phase": "Ready", "observedGeneration": 1, "sha256": "' + "0" * 64 + '"}}',
+        "patch",
+        "kds",
+        "data",
+        "-n",
+        ns,
+        "--type=merge",
+        "--subresource=status",
+        "-p",
+        '{"status": {"phase": "Ready", "observedGeneration": 1, "sha256": "' + "0" * 64 + '"}}',
     )
     api = client.ApiClient()
     custom, batch = client.CustomObjectsApi(api), client.BatchV1Api(api)
     env = {**os.environ, "KUBECONFIG": str(kubectl.kubeconfig), "KUBETUNE_NAMESPACES": ns}
     log = (workdir / f"{label}.log").open("wb")
-    proc = subprocess.Popen([*command, "--namespace", ns], env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [*command, "--namespace", ns], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
     try:
         time.sleep(3)  # let it list and start watching
         before = request_total(api)
         ours = 0
         started = time.monotonic()
         with ThreadPoolExecutor(8) as pool:
-            list(pool.map(lambda i: custom.create_namespaced_custom_object("kubetune.io", "v1alpha1", ns, "finetunejobs", ftj(f"job-{i}")), range(count)))
+            list(
+                pool.map(
+                    lambda i: custom.create_namespaced_custom_object(
+                        "kubetune.io", "v1alpha1", ns, "finetunejobs", ftj(f"job-{i}")
+                    ),
+                    range(count),
+                )
+            )
         ours += count
         while True:
             jobs = batch.list_namespaced_job(ns, label_selector="kubetune.io/finetunejob")
@@ -151,8 +176,16 @@ def main() -> int:
             kubectl.install_crds()
             floor = workdir / "floor.py"
             floor.write_text(FLOOR)
-            kubetune = [sys.executable, "-m", "kubetune_operator", "--standalone", "--liveness", "",
-                        "--metrics-port", str(free_port())]
+            kubetune = [
+                sys.executable,
+                "-m",
+                "kubetune_operator",
+                "--standalone",
+                "--liveness",
+                "",
+                "--metrics-port",
+                str(free_port()),
+            ]
             minimal = [sys.executable, "-m", "kopf", "run", "--standalone", str(floor)]
             results = {
                 "kubetune": run_case("kubetune", kubetune, kubectl, args.count, workdir),
@@ -162,7 +195,11 @@ def main() -> int:
             plane.stop()
     print(f"\n{args.count} FineTuneJobs applied at once")
     print(f"{'':24}{'kubetune':>12}{'floor':>12}{'ratio':>8}")
-    for key, label in [("seconds", "seconds to all Jobs"), ("rss_mb", "peak RSS (MB)"), ("requests_per_job", "API requests per job")]:
+    for key, label in [
+        ("seconds", "seconds to all Jobs"),
+        ("rss_mb", "peak RSS (MB)"),
+        ("requests_per_job", "API requests per job"),
+    ]:
         a, b = results["kubetune"][key], results["floor"][key]
         print(f"{label:24}{a:12.2f}{b:12.2f}{a / b if b else float('nan'):8.2f}")
     return 0

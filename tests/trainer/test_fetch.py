@@ -34,7 +34,9 @@ def test_http_source_is_downloaded(served: str, tmp_path: Path) -> None:
     assert out.read_text() == '{"messages": []}\n'
 
 
-def test_a_failed_download_leaves_no_file(served: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_failed_download_leaves_no_file(
+    served: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "data.jsonl"
     source = json.dumps({"http": {"url": f"{served}/missing.jsonl"}})
     assert main(["fetch", "--source", source, "--out", str(out)]) == 1
