@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import random
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from transformers import PreTrainedModel, TrainerCallback
 
 from kubetune_trainer.config import TrainingConfig
 
@@ -75,3 +78,61 @@ def write_text_dataset(
         )
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return path
+
+
+def with_rejected(source: Path, out: Path, choices: Sequence[str], *, seed: int) -> Path:
+    """``source`` (one chat per line) as preference pairs: each final reply is the chosen
+    one and a different one of ``choices``, drawn at random, the rejected one. Every
+    choice is as often rejected as it is chosen (in expectation), so a model that
+    ignores the prompt sits at chance."""
+    rng = random.Random(seed)
+    lines = []
+    for line in source.read_text().splitlines():
+        example = json.loads(line)
+        chosen = example["messages"][-1]["content"]
+        example["rejected_response"] = rng.choice([c for c in choices if c != chosen])
+        lines.append(json.dumps(example))
+    out.write_text("".join(line + "\n" for line in lines))
+    return out
+
+
+class ModelCounter(TrainerCallback):
+    """Counts, when training begins, the live instances of the trained model's class
+    (``models_at_start``); compare with ``models_before``, counted when created."""
+
+    def __init__(self, model_class: str) -> None:
+        self.model_class = model_class
+        self.models_before = self.count()
+        self.models_at_start: int | None = None
+
+    def count(self) -> int:
+        gc.collect()
+        return sum(
+            # The name first: isinstance on some torch objects warns of deprecation.
+            type(o).__name__ == self.model_class and isinstance(o, PreTrainedModel)
+            for o in gc.get_objects()
+        )
+
+    def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
+        self.models_at_start = self.count()
+
+    @property
+    def added(self) -> int:
+        assert self.models_at_start is not None
+        return self.models_at_start - self.models_before
+
+
+def capture_trainers(monkeypatch: Any, method: str) -> list[Any]:
+    """The trainers that the runner builds for ``method`` from now on, in a list."""
+    from kubetune_trainer.training import runner
+
+    built: list[Any] = []
+    original = runner.BUILDERS[method]
+
+    def build(inputs: Any) -> Any:
+        trainer, stats = original(inputs)
+        built.append(trainer)
+        return trainer, stats
+
+    monkeypatch.setitem(runner.BUILDERS, method, build)
+    return built

@@ -9,6 +9,7 @@ import pytest
 from kubetune_trainer.config import TrainingConfig
 from kubetune_trainer.training.config_mapping import (
     Hardware,
+    dpo_config,
     lora_config,
     model_dtype,
     sft_config,
@@ -92,6 +93,17 @@ def test_sft_config_leaves_masking_and_truncation_to_the_collator() -> None:
     assert sft.packing is False
     assert sft.assistant_only_loss is False
     assert sft.remove_unused_columns is False
+
+
+def test_dpo_config_takes_beta_and_leaves_truncation_to_the_collator() -> None:
+    default = dpo_config(config(method="dpo"), CPU, has_eval=True)
+    assert default.beta == 0.1
+    assert default.loss_type == ["sigmoid"]
+    assert default.max_length is None and default.precompute_ref_log_probs is False
+    assert default.remove_unused_columns is False
+    assert default.metric_for_best_model == "eval_loss" and default.load_best_model_at_end
+    tuned = dpo_config(config(method="dpo", hyperparameters={"beta": 0.5}), CPU, has_eval=False)
+    assert tuned.beta == 0.5
 
 
 def test_lora_defaults_target_the_language_model() -> None:

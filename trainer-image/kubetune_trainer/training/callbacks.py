@@ -11,7 +11,7 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from kubetune_trainer.training.metrics import LOG_GAUGES, TrainMetrics
+from kubetune_trainer.training.metrics import EVAL_LOG_GAUGES, LOG_EXTRAS, LOG_GAUGES, TrainMetrics
 
 log = logging.getLogger("kubetune.train")
 
@@ -63,6 +63,15 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None or math.isnan(value) else format(value, spec)
 
 
+def _extras(logs: dict[str, float], prefix: str = "") -> str:
+    """The method's own figures (DPO rewards, preserve-skills KL) for a log line."""
+    return "".join(
+        f" {name} {logs[prefix + key]:.4f}"
+        for key, name in LOG_EXTRAS.items()
+        if prefix + key in logs
+    )
+
+
 class Telemetry(TrainerCallback):
     """One log line per logging step (step/total, epoch, loss, eval loss, learning rate,
     throughput, ETA) and the Prometheus gauges, updated at the same moments. Only the
@@ -72,6 +81,7 @@ class Telemetry(TrainerCallback):
         self.metrics = metrics
         self.eval_loss: float | None = None
         self.best_eval_loss: float | None = None
+        self.eval_values: dict[str, float] = {}  # method-specific gauges of the latest evaluation
         self._samples_per_step = 1
         self._start_time = 0.0
         self._start_step = 0
@@ -116,13 +126,17 @@ class Telemetry(TrainerCallback):
             self.eval_loss = logs["eval_loss"]
             if self.best_eval_loss is None or self.eval_loss < self.best_eval_loss:
                 self.best_eval_loss = self.eval_loss
+            self.eval_values = {
+                gauge: logs[key] for key, gauge in EVAL_LOG_GAUGES.items() if key in logs
+            }
             log.info(
-                "eval step %d/%d epoch %.2f eval_loss %.4f best %.4f",
+                "eval step %d/%d epoch %.2f eval_loss %.4f best %.4f%s",
                 state.global_step,
                 state.max_steps,
                 state.epoch or 0.0,
                 self.eval_loss,
                 self.best_eval_loss,
+                _extras(logs, "eval_"),
             )
             self._publish(state, {})
         if "loss" not in logs:
@@ -141,11 +155,12 @@ class Telemetry(TrainerCallback):
         self._last = (now, state.global_step, tokens)
         eta = self.eta_seconds(state, now)
         log.info(
-            "step %d/%d epoch %.2f loss %.4f eval_loss %s lr %s tokens/s %.0f eta %s",
+            "step %d/%d epoch %.2f loss %.4f%s eval_loss %s lr %s tokens/s %.0f eta %s",
             state.global_step,
             state.max_steps,
             state.epoch or 0.0,
             logs["loss"],
+            _extras(logs),
             _fmt(self.eval_loss, ".4f"),
             _fmt(logs.get("learning_rate"), ".2e"),
             values["kubetune_train_tokens_per_second"],
@@ -168,4 +183,4 @@ class Telemetry(TrainerCallback):
         eta = self.eta_seconds(state, time.monotonic())
         if eta is not None:
             progress["kubetune_eta_seconds"] = eta
-        self.metrics.update({**progress, **values})
+        self.metrics.update({**progress, **self.eval_values, **values})

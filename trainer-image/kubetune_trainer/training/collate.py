@@ -157,11 +157,11 @@ class SFTCollator:
         )
         keep = [record.get("keep") for record in records]
         if any(k is not None and k < batch["input_ids"].shape[1] for k in keep):
-            _truncate(batch, keep)
+            truncate_rows(batch, keep)
         return batch
 
 
-def _truncate(batch: dict[str, torch.Tensor], keep: Sequence[int | None]) -> None:
+def truncate_rows(batch: dict[str, torch.Tensor], keep: Sequence[int | None]) -> None:
     """Cut each right-padded row to its kept length and the batch to the longest row."""
     for row, k in enumerate(keep):
         if k is not None:

@@ -35,12 +35,19 @@ def register(sub: Any) -> None:
         "evaluate",
         help="score a model's replies against a dataset",
         description="Generate the reply to each example's final user turn and report exact-match "
-        "accuracy (whitespace trimmed) and the mean loss on the reference replies. With --adapter, "
-        "the base model's figures too.",
+        "accuracy (whitespace trimmed) and the mean loss on the reference replies; on preference "
+        "data also preferenceAccuracy (pairs where the chosen reply gets the higher log-probability) "
+        "and rewardMargin (mean log-probability margin). With --adapter or --base, the base model's "
+        "figures too and klToBase (mean per-token KL from the base on the reference replies).",
     )
     evaluate.add_argument("--model", required=True, metavar="PATH", help="model folder or hub id")
     evaluate.add_argument(
         "--adapter", metavar="PATH", help="a LoRA adapter (PEFT format) for the model"
+    )
+    evaluate.add_argument(
+        "--base",
+        metavar="PATH",
+        help="the base model of a fully tuned --model, to report klToBase and the base's figures",
     )
     evaluate.add_argument("--data", required=True, metavar="FILE.jsonl", help="examples to score")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
@@ -96,6 +103,9 @@ def train_command(args: argparse.Namespace) -> int:
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
+    if args.adapter and args.base:
+        print("kubetune evaluate: give either --adapter or --base, not both", file=sys.stderr)
+        return 2
     _quiet_libraries()
     from kubetune_trainer.data import DatasetError
     from kubetune_trainer.training.evaluate import evaluate
@@ -104,6 +114,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
         result = evaluate(
             model_path=args.model,
             adapter=args.adapter,
+            base_path=args.base,
             data=args.data,
             image_root=args.image_root,
             max_pixels=args.max_pixels,
@@ -120,7 +131,13 @@ def evaluate_command(args: argparse.Namespace) -> int:
     for name, scores in (("model", result), ("base", result.get("base"))):
         if scores:
             loss = "-" if scores["loss"] is None else f"{scores['loss']:.4f}"
-            print(
-                f"{name}: {scores['examples']} examples, accuracy {scores['accuracy']:.1%}, loss {loss}"
-            )
+            line = f"{name}: {scores['examples']} examples, accuracy {scores['accuracy']:.1%}, loss {loss}"
+            if "preferenceAccuracy" in scores:
+                line += (
+                    f", preference accuracy {scores['preferenceAccuracy']:.1%},"
+                    f" reward margin {scores['rewardMargin']:.4f}"
+                )
+            if scores.get("klToBase") is not None:
+                line += f", KL to base {scores['klToBase']:.4f}"
+            print(line)
     return 0

@@ -1,8 +1,8 @@
 """TrainingConfig -> TRL, PEFT and transformers settings. Pure: the hardware facts that
 change the mapping come in as arguments, so every rule is tested without training.
 
-Each method gets one function that returns its TRL config (``sft_config`` here; DPO's
-will sit beside it) built on the arguments every method shares.
+Each method gets one function that returns its TRL config (``sft_config``,
+``dpo_config``) built on the arguments every method shares.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from peft import LoraConfig
-from trl import SFTConfig
+from trl import DPOConfig, SFTConfig
 
 from kubetune_trainer.config import TrainingConfig
 
@@ -99,6 +99,22 @@ def sft_config(config: TrainingConfig, hw: Hardware, *, has_eval: bool) -> SFTCo
         max_length=None,
         packing=False,
         assistant_only_loss=False,
+    )
+
+
+def dpo_config(config: TrainingConfig, hw: Hardware, *, has_eval: bool) -> DPOConfig:
+    hp = config.hyperparameters.resolved(config.method, config.tuning)
+    assert hp.beta is not None
+    return DPOConfig(
+        **training_arguments(config, hw, has_eval=has_eval),
+        beta=hp.beta,
+        loss_type=["sigmoid"],  # the DPO paper's loss
+        # Pairs are encoded, masked to the final reply and truncated by
+        # preference.PreferenceCollator; TRL's own truncation stays off.
+        max_length=None,
+        # Reference log-probabilities come from the frozen model (or the adapter switched
+        # off) in the same step: no pass over the dataset before training starts.
+        precompute_ref_log_probs=False,
     )
 
 

@@ -1,10 +1,13 @@
 """``kubetune evaluate``: exact-match accuracy of the generated replies and the mean loss
-on the reference replies, for a model and (with an adapter) for its base as well."""
+on the reference replies, for a model and (with an adapter or a base model) for its base
+as well. On preference data also the preference accuracy and margin; against a base,
+the KL divergence from it on the reference replies."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +23,12 @@ from kubetune_trainer.training.models import (
     load_processing,
     tokenizer_of,
 )
+from kubetune_trainer.training.preference import PreferenceCollator, to_preference_record
 from kubetune_trainer.training.records import to_record
 from kubetune_trainer.training.sft import chat_encoder
+
+Context = Callable[[], contextlib.AbstractContextManager[Any]]
+"""Switches a model to the variant to score (e.g. its adapter off) for a ``with`` block."""
 
 
 @dataclass(frozen=True)
@@ -29,6 +36,22 @@ class Scores:
     examples: int
     accuracy: float
     loss: float | None  # mean per-token loss on the reference replies
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"examples": self.examples, "accuracy": self.accuracy, "loss": self.loss}
+
+
+@dataclass(frozen=True)
+class Preference:
+    """How a model ranks the chosen reply against the rejected one, by the total
+    log-probability it gives each (its implicit reward, up to DPO's beta and the
+    reference model's share, which cancels when two models are compared)."""
+
+    accuracy: float  # share of pairs where the chosen reply scores higher
+    margin: float  # mean log p(chosen) - log p(rejected)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"preferenceAccuracy": self.accuracy, "rewardMargin": self.margin}
 
 
 @torch.no_grad()
@@ -77,6 +100,71 @@ def score(
     )
 
 
+def _logits(model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token logits (float32) for every position but the last."""
+    return model(**inputs, use_cache=False).logits[:, :-1].float()
+
+
+@torch.no_grad()
+def preference(
+    model: Any, encoder: ChatEncoder, records: Sequence[dict[str, Any]], *, batch_size: int
+) -> Preference:
+    """Preference accuracy and margin of ``model`` on preference records."""
+    collator = PreferenceCollator(encoder)
+    margins: list[torch.Tensor] = []
+    for start in range(0, len(records), batch_size):
+        inputs = _to(collator(records[start : start + batch_size]), model.device)
+        completion = inputs.pop("completion_mask")[:, 1:].bool()
+        targets = inputs["input_ids"][:, 1:]
+        logps = torch.log_softmax(_logits(model, inputs), dim=-1)
+        token_logps = logps.gather(2, targets[..., None]).squeeze(2)
+        sequence = (token_logps * completion).sum(dim=1)
+        chosen, rejected = sequence.chunk(2)
+        margins.append((chosen - rejected).cpu())
+    margin = torch.cat(margins) if margins else torch.zeros(0)
+    return Preference(
+        accuracy=float((margin > 0).float().mean()) if len(margin) else 0.0,
+        margin=float(margin.mean()) if len(margin) else 0.0,
+    )
+
+
+def token_kl(
+    base_logits: torch.Tensor, logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """KL(softmax(base / T) || softmax(tuned / T)) per position (the last dimension is
+    the vocabulary)."""
+    base_logps = torch.log_softmax(base_logits / temperature, dim=-1)
+    logps = torch.log_softmax(logits / temperature, dim=-1)
+    return (base_logps.exp() * (base_logps - logps)).sum(dim=-1)
+
+
+@torch.no_grad()
+def kl_to_base(
+    model: Any,
+    base: Any,
+    as_base: Context,
+    encoder: ChatEncoder,
+    records: Sequence[dict[str, Any]],
+    *,
+    batch_size: int,
+) -> float | None:
+    """Mean per-token KL(base || model) on the reference replies (the final assistant
+    turn): how far tuning moved the model's next-token distribution. ``base`` is
+    scored inside ``as_base()`` (with an adapter: the same model, adapter off)."""
+    collator = SFTCollator(encoder, final_turn_only=True)
+    total = 0.0
+    tokens = 0
+    for start in range(0, len(records), batch_size):
+        inputs = _to(collator(records[start : start + batch_size]), model.device)
+        mask = inputs.pop("labels")[:, 1:] != IGNORE_INDEX
+        logits = _logits(model, inputs)[mask]
+        with as_base():
+            base_logits = _logits(base, inputs)[mask]
+        total += float(token_kl(base_logits, logits).sum())
+        tokens += int(mask.sum())
+    return total / tokens if tokens else None
+
+
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -86,42 +174,67 @@ def evaluate(
     model_path: str,
     data: str,
     adapter: str | None = None,
+    base_path: str | None = None,
     image_root: str | None = None,
     max_pixels: int,
     max_new_tokens: int,
     batch_size: int,
     trust_remote_code: bool = False,
 ) -> dict[str, Any]:
-    """``{"examples", "accuracy", "loss"}``, plus ``"base"`` with the same figures for
-    the base model when an adapter is given (the adapter switched off: no second copy
-    of the model is loaded)."""
+    """``{"examples", "accuracy", "loss"}``, with ``"preferenceAccuracy"`` and
+    ``"rewardMargin"`` when every example is a preference pair. Given an adapter (the
+    base is the model with it switched off: no second copy is loaded) or a base model
+    (``base_path``, for a fully tuned model), also ``"klToBase"`` and ``"base"`` with
+    the base model's own figures."""
+    if adapter and base_path:
+        raise ValueError("give either an adapter or a base model, not both")
     hardware = Hardware.detect()
     processing = load_processing(model_path, trust_remote_code=trust_remote_code)
     multimodal = is_multimodal(processing)
-    model: Any = load_model(
-        model_path,
-        multimodal=multimodal,
-        trust_remote_code=trust_remote_code,
-        dtype="bfloat16" if hardware.bf16 else "float32",
-    )
+    device = "cuda" if hardware.cuda else "cpu"
+    dtype = "bfloat16" if hardware.bf16 else "float32"
+
+    def load(path: str) -> Any:
+        return load_model(
+            path, multimodal=multimodal, trust_remote_code=trust_remote_code, dtype=dtype
+        )
+
+    model: Any = load(model_path)
     if adapter:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter)
-    model.to("cuda" if hardware.cuda else "cpu").eval()
+    model.to(device).eval()
+    base: Any = None
+    as_base: Context = contextlib.nullcontext
+    if adapter:
+        base, as_base = model, model.disable_adapter
+    elif base_path:
+        base = load(base_path).to(device).eval()
 
     examples = list(read_examples(data))
     root = Path(image_root) if image_root else Path(data).resolve().parent
     records = [to_record(e, root, multimodal=multimodal) for e in examples]
+    pairs = (
+        [to_preference_record(e, root, multimodal=multimodal) for e in examples]
+        if examples and all(e.rejected is not None for e in examples)
+        else None
+    )
     encoder = chat_encoder(processing, max_pixels)
 
-    def run() -> Scores:
-        return score(
-            model, encoder, examples, records, max_new_tokens=max_new_tokens, batch_size=batch_size
-        )
+    def scores(target: Any) -> dict[str, Any]:
+        result = score(
+            target, encoder, examples, records, max_new_tokens=max_new_tokens, batch_size=batch_size
+        ).as_dict()
+        if pairs is not None:
+            result |= preference(target, encoder, pairs, batch_size=batch_size).as_dict()
+        return result
 
-    result: dict[str, Any] = asdict(run())
-    if adapter:
-        with model.disable_adapter():
-            result["base"] = asdict(run())
+    result = scores(model)
+    if base is not None:
+        result["klToBase"] = kl_to_base(
+            model, base, as_base, encoder, records, batch_size=batch_size
+        )
+        with as_base():
+            result["base"] = scores(base)
     return result

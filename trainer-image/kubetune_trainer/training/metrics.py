@@ -35,14 +35,45 @@ GAUGES: dict[str, str] = {
     "kubetune_train_samples_per_second": "Training examples per second, all workers.",
     "kubetune_train_tokens_total": "Training tokens processed by this process's run so far.",
     "kubetune_eta_seconds": "Estimated seconds until the last step.",
+    # DPO
+    "kubetune_train_reward_margin": "DPO: mean reward margin (beta x log-ratio, chosen minus "
+    "rejected) over the latest logging interval.",
+    "kubetune_train_preference_accuracy": "DPO: share of training pairs whose chosen reply got "
+    "the higher reward, over the latest logging interval.",
+    "kubetune_eval_reward_margin": "DPO: mean reward margin on the validation pairs at the "
+    "latest evaluation.",
+    "kubetune_eval_preference_accuracy": "DPO: share of validation pairs whose chosen reply got "
+    "the higher reward at the latest evaluation.",
+    # preserveGeneralSkills
+    "kubetune_train_kl": "preserveGeneralSkills: mean per-token KL(base || tuned) at the "
+    "configured temperature, over the latest logging interval.",
+    "kubetune_eval_kl": "preserveGeneralSkills: mean per-token KL(base || tuned) on the "
+    "validation data at the latest evaluation.",
 }
 
 # Training log entries (as transformers and TRL name them) that go straight to a gauge.
-# Each method adds its own (DPO: reward margin, preference accuracy).
+# Each method adds its own (DPO: reward margin, preference accuracy; preserve-skills: KL).
 LOG_GAUGES: dict[str, str] = {
     "loss": "kubetune_train_loss",
     "learning_rate": "kubetune_learning_rate",
     "grad_norm": "kubetune_grad_norm",
+    "rewards/margins": "kubetune_train_reward_margin",
+    "rewards/accuracies": "kubetune_train_preference_accuracy",
+    "kl": "kubetune_train_kl",
+}
+
+# The same for evaluation log entries (eval_loss has gauges of its own: latest and best).
+EVAL_LOG_GAUGES: dict[str, str] = {
+    "eval_rewards/margins": "kubetune_eval_reward_margin",
+    "eval_rewards/accuracies": "kubetune_eval_preference_accuracy",
+    "eval_kl": "kubetune_eval_kl",
+}
+
+# Method-specific log entries that also go into the log lines, with their short names.
+LOG_EXTRAS: dict[str, str] = {
+    "rewards/margins": "reward_margin",
+    "rewards/accuracies": "preference_accuracy",
+    "kl": "kl",
 }
 
 # Gauges that have no value until the first logging step or evaluation show NaN, not a
@@ -52,6 +83,11 @@ _UNKNOWN_UNTIL_SET = (
     "kubetune_eval_loss",
     "kubetune_best_eval_loss",
     "kubetune_eta_seconds",
+    *(
+        name
+        for name in GAUGES
+        if "_reward_" in name or "_preference_" in name or name.endswith("_kl")
+    ),
 )
 
 

@@ -30,6 +30,32 @@ def loss_curves(log_history: Iterable[Mapping[str, Any]]) -> tuple[Curve, Curve]
     return train, evaluation
 
 
+# Method-specific log entries reported as train<Name> (latest training log) and
+# eval<Name> (the evaluation at bestStep, whose model is the one exported).
+_METHOD_FIGURES = {
+    "rewards/margins": "RewardMargin",
+    "rewards/accuracies": "PreferenceAccuracy",
+    "kl": "Kl",
+}
+
+
+def method_figures(
+    log_history: Sequence[Mapping[str, Any]], best_step: int | None
+) -> dict[str, Any]:
+    """DPO's reward margin and preference accuracy, preserve-skills' KL: whichever the
+    run logged."""
+    figures: dict[str, Any] = {}
+    for key, name in _METHOD_FIGURES.items():
+        train = [e[key] for e in log_history if key in e and "loss" in e]
+        if train:
+            figures[f"train{name}"] = finite_or_none(float(train[-1]))
+        evaluated = [e for e in log_history if f"eval_{key}" in e]
+        at_best = [e for e in evaluated if e.get("step") == best_step] or evaluated
+        if at_best:
+            figures[f"eval{name}"] = finite_or_none(float(at_best[-1][f"eval_{key}"]))
+    return figures
+
+
 def _last(curve: Curve) -> float | None:
     return curve[-1][1] if curve else None
 
@@ -56,6 +82,7 @@ def build_report(
         "evalLoss": finite_or_none(_last(evaluation)),
         "bestEvalLoss": finite_or_none(best[1]) if best else None,
         "bestStep": best[0] if best else None,
+        **method_figures(log_history, best[0] if best else None),
         "history": {"train": train, "eval": evaluation},
     }
 

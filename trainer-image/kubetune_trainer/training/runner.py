@@ -31,6 +31,7 @@ from kubetune_trainer.training.config_mapping import Hardware, model_dtype
 from kubetune_trainer.training.inputs import DataStats, JobError, TrainerInputs
 from kubetune_trainer.training.metrics import TrainMetrics, metrics_port
 from kubetune_trainer.training.models import is_multimodal, load_model, load_processing
+from kubetune_trainer.training.preference import build_dpo_trainer
 from kubetune_trainer.training.records import file_sha256, split_validation
 from kubetune_trainer.training.report import (
     build_report,
@@ -46,7 +47,7 @@ from kubetune_trainer.training.sft import build_sft_trainer
 log = logging.getLogger("kubetune.train")
 
 Builder = Callable[[TrainerInputs], tuple[Trainer, DataStats]]
-BUILDERS: dict[str, Builder] = {"sft": build_sft_trainer}
+BUILDERS: dict[str, Builder] = {"sft": build_sft_trainer, "dpo": build_dpo_trainer}
 
 
 def is_main_process() -> bool:

@@ -69,8 +69,6 @@ def plan_lengths(
 
 def build_sft_trainer(inputs: TrainerInputs) -> tuple[SFTTrainer, DataStats]:
     config = inputs.config
-    if config.preserve_general_skills.enabled:
-        raise JobError("preserveGeneralSkills is not supported by this trainer version yet")
     hp = config.hyperparameters
     multimodal = is_multimodal(inputs.processing)
     encoder = chat_encoder(inputs.processing, hp.max_pixels)
@@ -107,14 +105,23 @@ def build_sft_trainer(inputs: TrainerInputs) -> tuple[SFTTrainer, DataStats]:
             records = [{k: v for k, v in r.items() if k != "images"} for r in records]
         return Dataset.from_list(records)
 
-    trainer = KubetuneSFTTrainer(
-        model=inputs.model,
-        args=sft_config(config, inputs.hardware, has_eval=bool(validation)),
-        data_collator=SFTCollator(encoder),
-        train_dataset=dataset(train),
-        eval_dataset=dataset(validation) if validation else None,
-        processing_class=inputs.processing,
-        peft_config=lora_config(config, default_lora_targets(inputs.model)),
-        callbacks=list(inputs.callbacks),
-    )
+    arguments: dict[str, Any] = {
+        "model": inputs.model,
+        "args": sft_config(config, inputs.hardware, has_eval=bool(validation)),
+        "data_collator": SFTCollator(encoder),
+        "train_dataset": dataset(train),
+        "eval_dataset": dataset(validation) if validation else None,
+        "processing_class": inputs.processing,
+        "peft_config": lora_config(config, default_lora_targets(inputs.model)),
+        "callbacks": list(inputs.callbacks),
+    }
+    preserve = config.preserve_general_skills
+    if preserve.enabled and preserve.lambda_ > 0:
+        from kubetune_trainer.training.preserve import PreserveSkillsSFTTrainer
+
+        trainer: SFTTrainer = PreserveSkillsSFTTrainer(
+            kl_weight=preserve.lambda_, temperature=preserve.temperature, **arguments
+        )
+    else:
+        trainer = KubetuneSFTTrainer(**arguments)
     return trainer, stats

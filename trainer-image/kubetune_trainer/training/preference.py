@@ -1,0 +1,229 @@
+"""DPO preference tuning: preference records, the pair collator and TRL's DPOTrainer.
+
+TRL's DPOTrainer supplies the loss, the reference model handling (with LoRA the adapter
+switched off, so no second copy; with full tuning the frozen copy passed in here) and
+the reward metrics. Its data preparation is not used, for the reasons collate.py gives
+for SFT: its vision collator takes images already decoded in the dataset and truncates
+wherever max_length falls (image tokens included), and its text path tokenizes the
+whole dataset up front. Here each pair is encoded when its batch is built, with the same
+chat template, image loading and truncation plan as SFT, and the completion is the
+final assistant reply only.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from datasets import Dataset
+from trl import DPOTrainer
+
+from kubetune_trainer.data import DatasetError
+from kubetune_trainer.data.example import Example
+from kubetune_trainer.training.checkpoints import ResumableCheckpoints
+from kubetune_trainer.training.collate import (
+    IGNORE_INDEX,
+    ChatEncoder,
+    assistant_labels,
+    keep_length,
+    truncate_rows,
+)
+from kubetune_trainer.training.config_mapping import dpo_config, lora_config
+from kubetune_trainer.training.inputs import DataStats, JobError, TrainerInputs
+from kubetune_trainer.training.models import default_lora_targets, is_multimodal
+from kubetune_trainer.training.records import to_messages, to_record
+
+log = logging.getLogger("kubetune.train")
+
+
+def to_preference_record(example: Example, image_root: Any, *, multimodal: bool) -> dict[str, Any]:
+    """A chat record for the chosen branch plus ``rejected_messages`` and
+    ``rejected_images`` for the rejected one: the same prompt ending in the rejected
+    reply, with the example's ``rejected_images`` (when given) in place of the prompt's."""
+    if example.rejected is None:
+        raise DatasetError(
+            example.line,
+            "method dpo needs preference pairs: this example has no rejected reply",
+        )
+    record = to_record(example, image_root, multimodal=multimodal)
+    prompt_images = [image.source for turn in example.prompt for image in turn.images]
+    rejected_images = (
+        [image.source for image in example.rejected_images]
+        if example.rejected_images is not None
+        else prompt_images
+    )
+    rejected_images += [image.source for image in example.rejected.images]
+    rejected_turns = (*example.prompt, example.rejected)
+    record["rejected_messages"] = json.dumps(
+        to_messages(rejected_turns, example.line, multimodal=multimodal)
+    )
+    record["rejected_images"] = rejected_images
+    return record
+
+
+def branches(
+    records: Sequence[Mapping[str, Any]],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(chosen, rejected): each pair as two plain chat records for the encoder."""
+    chosen, rejected = [], []
+    for r in records:
+        common = {"root": r["root"], "line": r["line"]}
+        chosen.append(
+            {
+                **common,
+                "messages": r["messages"],
+                "images": r.get("images", []),
+                "keep": r.get("keep"),
+            }
+        )
+        rejected.append(
+            {
+                **common,
+                "messages": r["rejected_messages"],
+                "images": r.get("rejected_images", []),
+                "keep": r.get("rejected_keep"),
+            }
+        )
+    return chosen, rejected
+
+
+@dataclass
+class PreferenceCollator:
+    """Builds DPO batches as TRL's DPOTrainer takes them: the chosen chats then the
+    rejected ones (2 x batch rows), right-padded, with ``completion_mask`` on the final
+    assistant reply, and the images of both branches in the same order."""
+
+    encoder: ChatEncoder
+
+    def __call__(self, records: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        chosen, rejected = branches(records)
+        rows = chosen + rejected
+        batch = self.encoder.encode(rows)
+        labels = assistant_labels(
+            batch["input_ids"],
+            batch.pop("assistant_masks"),
+            batch["attention_mask"],
+            final_turn_only=True,
+        )
+        batch["labels"] = labels
+        keep = [row["keep"] for row in rows]
+        if any(k is not None and k < batch["input_ids"].shape[1] for k in keep):
+            truncate_rows(batch, keep)
+        batch["completion_mask"] = (batch.pop("labels") != IGNORE_INDEX).long()
+        return batch
+
+
+def plan_pairs(
+    encoder: ChatEncoder, records: Sequence[dict[str, Any]], max_length: int
+) -> tuple[list[dict[str, Any]], int, int]:
+    """The pairs to train on, each with the ``keep`` length of its chosen and
+    (``rejected_keep``) rejected chat, and how many were truncated and dropped: a pair
+    is dropped when either chat would have to lose image tokens or its whole reply."""
+    kept: list[dict[str, Any]] = []
+    truncated = dropped = 0
+    for record in records:
+        keeps: list[int] = []
+        cut = 0
+        for branch in branches([record]):
+            encoded = encoder.encode(branch)
+            input_ids = encoded["input_ids"][0].tolist()
+            reply = assistant_labels(
+                encoded["input_ids"],
+                encoded["assistant_masks"],
+                encoded["attention_mask"],
+                final_turn_only=True,
+            )[0]
+            assistant = (reply != IGNORE_INDEX).int().tolist()
+            if not any(assistant):
+                raise DatasetError(
+                    record["line"],
+                    "the chat template marks no token of this example as the assistant's",
+                )
+            keep = keep_length(input_ids, assistant, encoder.image_token_ids, max_length)
+            if keep is None:
+                break
+            keeps.append(keep)
+            cut += keep < len(input_ids)
+        if len(keeps) < 2:
+            dropped += 1
+            continue
+        truncated += cut
+        kept.append({**record, "keep": keeps[0], "rejected_keep": keeps[1]})
+    return kept, truncated, dropped
+
+
+class KubetuneDPOTrainer(ResumableCheckpoints, DPOTrainer):
+    """TRL's DPOTrainer with checkpoints that resume correctly, on records that
+    PreferenceCollator encodes batch by batch."""
+
+    def _prepare_dataset(self, dataset: Any, *args: Any, **kwargs: Any) -> Any:
+        # TRL would tokenize a text dataset up front into its own columns; the records
+        # here are encoded, masked and truncated by PreferenceCollator instead.
+        return dataset
+
+
+def build_dpo_trainer(inputs: TrainerInputs) -> tuple[DPOTrainer, DataStats]:
+    from kubetune_trainer.training.sft import chat_encoder
+
+    config = inputs.config
+    hp = config.hyperparameters
+    multimodal = is_multimodal(inputs.processing)
+    encoder = chat_encoder(inputs.processing, hp.max_pixels)
+
+    def planned(examples: Sequence[Example], root: Any) -> tuple[list[dict[str, Any]], int, int]:
+        records = [to_preference_record(e, root, multimodal=multimodal) for e in examples]
+        return plan_pairs(encoder, records, hp.max_context_length)
+
+    train, train_cut, train_dropped = planned(inputs.train, inputs.train_root)
+    validation, eval_cut, eval_dropped = planned(inputs.validation, inputs.validation_root)
+    stats = DataStats(
+        train_examples=len(train),
+        eval_examples=len(validation),
+        truncated=train_cut + eval_cut,
+        dropped=train_dropped + eval_dropped,
+    )
+    if stats.truncated or stats.dropped:
+        log.warning(
+            "%d chats longer than maxContextLength=%d were truncated and %d pairs dropped "
+            "(truncating those would have cut through image tokens or left no reply)",
+            stats.truncated,
+            hp.max_context_length,
+            stats.dropped,
+        )
+    if not train:
+        raise JobError(f"no training pair fits maxContextLength={hp.max_context_length}")
+    if inputs.validation and not validation:
+        raise JobError(f"no validation pair fits maxContextLength={hp.max_context_length}")
+
+    def dataset(records: list[dict[str, Any]]) -> Dataset:
+        if not multimodal:
+            # TRL takes an "images" column as the sign of a vision dataset, which a
+            # text-only model refuses.
+            drop = ("images", "rejected_images")
+            records = [{k: v for k, v in r.items() if k not in drop} for r in records]
+        return Dataset.from_list(records)
+
+    # With LoRA the reference is the model with its adapter switched off (TRL does that
+    # when ref_model is None and the model is a PEFT model): no second copy. With full
+    # tuning the reference is a frozen copy of the base, taken before training moves it.
+    ref_model = None
+    if config.tuning == "full":
+        ref_model = copy.deepcopy(inputs.model).eval().requires_grad_(False)
+
+    trainer = KubetuneDPOTrainer(
+        model=inputs.model,
+        ref_model=ref_model,
+        args=dpo_config(config, inputs.hardware, has_eval=bool(validation)),
+        data_collator=PreferenceCollator(encoder),
+        train_dataset=dataset(train),
+        eval_dataset=dataset(validation) if validation else None,
+        processing_class=inputs.processing,
+        peft_config=lora_config(config, default_lora_targets(inputs.model)),
+        callbacks=list(inputs.callbacks),
+    )
+    return trainer, stats

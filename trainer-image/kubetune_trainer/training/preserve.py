@@ -1,0 +1,118 @@
+"""Preserve general skills: SFT whose loss adds a distillation term towards the frozen
+base model,
+
+    loss = CE(assistant tokens) + lambda * T^2 * KL(softmax(z_base / T) || softmax(z / T))
+
+with the KL averaged over the same assistant tokens and z_base the base model's logits
+on the same inputs, images included.
+
+Written by hand on top of TRL's SFTTrainer: TRL has distillation trainers (GKD and
+distillation) but they generate on-policy and take a separate teacher model, and the
+SFTTrainer's fused LM head returns log-probabilities of the labels only, not the
+logits over the vocabulary that a KL needs. So this trainer runs the model's ordinary
+forward (logits) and computes both terms itself. With LoRA the base is the same model
+with the adapter switched off (no second copy); with full tuning, a frozen copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+
+from kubetune_trainer.training.collate import IGNORE_INDEX
+from kubetune_trainer.training.sft import KubetuneSFTTrainer
+
+
+def distillation_kl(
+    logits: torch.Tensor, base_logits: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """KL(softmax(base / T) || softmax(tuned / T)) per row (the last dimension is the
+    vocabulary), in float32."""
+    base_logps = F.log_softmax(base_logits.float() / temperature, dim=-1)
+    logps = F.log_softmax(logits.float() / temperature, dim=-1)
+    return (base_logps.exp() * (base_logps - logps)).sum(dim=-1)
+
+
+class PreserveSkillsSFTTrainer(KubetuneSFTTrainer):
+    """SFT plus ``kl_weight`` x T^2 x KL to the frozen base on the assistant tokens.
+    Logs ``kl`` (the mean per-token KL at temperature T) beside the loss."""
+
+    def __init__(
+        self,
+        *,
+        model: Any,
+        kl_weight: float,
+        temperature: float,
+        peft_config: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        # Full tuning: a frozen copy of the base, taken before SFTTrainer patches the
+        # model's forward with its fused LM head (a copy of the patched forward would
+        # still call the original, trained model).
+        base = None if peft_config is not None else copy.deepcopy(model)
+        super().__init__(model=model, peft_config=peft_config, **kwargs)
+        self.kl_weight = kl_weight
+        self.temperature = temperature
+        self.base_model: torch.nn.Module | None = None
+        if base is not None:
+            base.eval().requires_grad_(False)
+            self.base_model = self.accelerator.prepare_model(base, evaluation_mode=True)
+        else:
+            assert isinstance(self.model, PeftModel)
+
+    def _base_context(self, model: Any) -> contextlib.AbstractContextManager[Any]:
+        if self.base_model is not None:
+            return contextlib.nullcontext()
+        unwrapped = self.accelerator.unwrap_model(model)
+        return unwrapped.disable_adapter()
+
+    def compute_loss(
+        self,
+        model: Any,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        mode = "train" if self.model.training else "eval"
+        labels = inputs["labels"]
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        model_inputs["use_cache"] = False
+        outputs = model(**model_inputs)  # no fused_lm_head: the full logits
+        mask = labels[:, 1:] != IGNORE_INDEX
+        logits = outputs.logits[:, :-1][mask]
+        targets = labels[:, 1:][mask]
+        with torch.no_grad(), self._base_context(model):
+            base = self.base_model if self.base_model is not None else model
+            base_logits = base(**model_inputs).logits[:, :-1][mask]
+
+        tokens = mask.sum() if num_items_in_batch is None else num_items_in_batch
+        tokens = torch.as_tensor(tokens, device=logits.device).clamp(min=1)
+        ce = F.cross_entropy(logits.float(), targets, reduction="sum") / tokens
+        kl = distillation_kl(logits, base_logits, self.temperature)
+        kl_mean = kl.sum() / tokens
+        loss = ce + self.kl_weight * self.temperature**2 * kl_mean
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # As TRL's SFTTrainer: num_items_in_batch counts every rank's tokens and DDP
+            # averages the gradients across ranks.
+            loss = loss * self.accelerator.num_processes
+
+        with torch.no_grad():
+            n = self.accelerator.gather_for_metrics(mask.sum()).sum()
+            kl_sum = self.accelerator.gather_for_metrics(kl.detach().sum()).sum()
+            correct = self.accelerator.gather_for_metrics(
+                (logits.argmax(-1) == targets).sum()
+            ).sum()
+            self._metrics[mode]["kl"].append((kl_sum / n).item() if n > 0 else 0.0)
+            self._metrics[mode]["mean_token_accuracy"].append(
+                (correct / n).item() if n > 0 else 0.0
+            )
+            if mode == "train":
+                seen = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum()
+                self._total_train_tokens += int(seen.item()) // self._tp_size
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        return (loss, outputs) if return_outputs else loss
