@@ -76,11 +76,19 @@ def main() -> int:
     last = ""
     deadline = time.monotonic() + TIMEOUT
     phase = ""
+    operator_pid = int((STATE.parent / "operator.pid").read_text())
     while time.monotonic() < deadline:
+        try:
+            os.kill(operator_pid, 0)
+        except OSError:
+            print(f"the operator stopped; see {STATE.parent / 'operator.log'}", file=sys.stderr)
+            return 1
         table = k("get", "kds,ftj", "-n", NAMESPACE)
-        if table != last:
+        # The AGE column changes every second; print only when something else does.
+        shown = "\n".join(line.rsplit(None, 1)[0] for line in table.splitlines() if line.strip())
+        if shown != last:
             print(f"\n[{time.strftime('%H:%M:%S')}]\n{table}", end="", flush=True)
-            last = table
+            last = shown
         phase = (
             json.loads(k("get", "ftj", "shapes-demo", "-n", NAMESPACE, "-o", "json"))
             .get("status", {})

@@ -45,15 +45,25 @@ up() {
   "${ROOT}/hack/controlplane.sh" restart-kcm >/dev/null
   start_bg executor "${PY}" "${ROOT}/hack/local_executor.py" --kubeconfig "${KUBECONFIG}" \
     --state-dir "${DEV}/state" --pod-failure-backoff 2
+  # Free ports, so that nothing else listening (another stack) can answer for ours.
+  local metrics health
+  read -r metrics health < <("${PY}" -c 'import socket
+ports = []
+for _ in range(2):
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); ports.append(s.getsockname()[1]); s.close()
+print(*ports)')
   start_bg operator env KUBETUNE_SCRAPE_INTERVAL="${KUBETUNE_SCRAPE_INTERVAL:-3}" \
     "${PY}" -m kubetune_operator --all-namespaces --standalone \
-    --metrics-port "${KUBETUNE_OPERATOR_METRICS_PORT:-18080}" --liveness "http://127.0.0.1:${KUBETUNE_OPERATOR_HEALTH_PORT:-18081}/healthz"
+    --metrics-port "${metrics}" --liveness "http://127.0.0.1:${health}/healthz"
+  echo "${metrics}" >"${DEV}/operator.metrics-port"
+  local live=""
   for _ in $(seq 1 100); do
-    curl -fsS "http://127.0.0.1:${KUBETUNE_OPERATOR_HEALTH_PORT:-18081}/healthz" >/dev/null 2>&1 && break
     kill -0 "$(cat "${DEV}/operator.pid")" 2>/dev/null || { tail -n 30 "${DEV}/operator.log" >&2; exit 1; }
+    if curl -fsS "http://127.0.0.1:${health}/healthz" >/dev/null 2>&1; then live=1; break; fi
     sleep 0.3
   done
-  echo "operator log: ${DEV}/operator.log; executor log: ${DEV}/executor.log; volumes: ${DEV}/state/pvc" >&2
+  [[ -n "${live}" ]] || { echo "the operator did not become live; see ${DEV}/operator.log" >&2; exit 1; }
+  echo "operator log: ${DEV}/operator.log (metrics on :${metrics}); executor log: ${DEV}/executor.log; volumes: ${DEV}/state/pvc" >&2
   echo "export KUBECONFIG=${KUBECONFIG}"
 }
 

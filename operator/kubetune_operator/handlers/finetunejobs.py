@@ -18,6 +18,7 @@ from kubetune_operator.observability import PHASES, RECONCILE_SECONDS
 from kubetune_operator.resources import training_job as tj
 from kubetune_operator.resources.common import LABEL_FINETUNEJOB
 from kubetune_operator.resources.metrics import (
+    loss,
     metrics_from_samples,
     parse_samples,
     progress_from_samples,
@@ -75,7 +76,7 @@ def status_from_job(ftj: Manifest, state: JobState, output_uri: str) -> Manifest
     if phase in FINAL:
         status["completionTime"] = state.completion_time or now()
         final = {
-            k: summary.get(k)
+            k: loss(summary[k]) if k != "bestStep" else summary[k]
             for k in ("trainLoss", "evalLoss", "bestEvalLoss", "bestStep")
             if summary.get(k) is not None
         }
@@ -90,6 +91,11 @@ def status_from_job(ftj: Manifest, state: JobState, output_uri: str) -> Manifest
                 "totalSteps": summary.get("totalSteps", steps),
                 "percent": 100,
                 "etaSeconds": 0,
+                **(
+                    {"epoch": round(summary["epoch"], 2)}
+                    if summary.get("epoch") is not None
+                    else {}
+                ),
             }
     return status
 

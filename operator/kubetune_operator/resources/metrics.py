@@ -35,17 +35,22 @@ def progress_from_samples(samples: dict[str, float]) -> Progress | None:
     return Progress(
         step=step,
         total_steps=total,
-        epoch=samples.get("kubetune_epoch"),
+        epoch=None if "kubetune_epoch" not in samples else round(samples["kubetune_epoch"], 2),
         percent=percent,
         eta_seconds=_int(samples.get("kubetune_eta_seconds")),
     )
 
 
+def loss(value: float | None) -> float | None:
+    """Losses to five significant digits: what `kubectl get` can show and a person reads."""
+    return None if value is None else float(f"{value:.5g}")
+
+
 def metrics_from_samples(samples: dict[str, float]) -> TrainingMetrics | None:
     found = TrainingMetrics(
-        train_loss=samples.get("kubetune_train_loss"),
-        eval_loss=samples.get("kubetune_eval_loss"),
-        best_eval_loss=samples.get("kubetune_best_eval_loss"),
+        train_loss=loss(samples.get("kubetune_train_loss")),
+        eval_loss=loss(samples.get("kubetune_eval_loss")),
+        best_eval_loss=loss(samples.get("kubetune_best_eval_loss")),
         best_step=_int(samples.get("kubetune_best_step")),
     )
     return found if found.model_dump(exclude_none=True) else None
