@@ -15,7 +15,14 @@ from kubetune_operator.resources.metrics import (
     parse_samples,
     progress_from_samples,
 )
-from kubetune_operator.resources.status import dataset_result, job_state, set_condition
+from kubetune_operator.resources.status import (
+    dataset_gate,
+    dataset_result,
+    dataset_status,
+    job_state,
+    set_condition,
+    status_from_job,
+)
 from kubetune_operator.resources.validation_job import validation_job
 from kubetune_trainer.config import TrainingConfig
 
@@ -334,3 +341,77 @@ def test_condition_transition_time_moves_only_on_change() -> None:
     flipped = set_condition(same, "Ready", True, "Done", "d", 2, "t3")
     assert same[0]["lastTransitionTime"] == "t1" and same[0]["observedGeneration"] == 2
     assert flipped[0]["lastTransitionTime"] == "t3" and flipped[0]["status"] == "True"
+
+
+def _ds(phase: str, generation: int = 1, observed: int = 1) -> dict[str, Any]:
+    return {
+        "metadata": {"generation": generation},
+        "status": {"phase": phase, "observedGeneration": observed, "message": "line 3: bad"},
+    }
+
+
+def test_dataset_gate() -> None:
+    assert dataset_gate(_ds("Ready"), "training", "d") is None
+    assert dataset_gate(None, "training", "d")[:2] == ("WaitingForDataset", "DatasetNotFound")
+    assert dataset_gate(_ds("Validating"), "training", "d")[1] == "DatasetNotReady"
+    assert dataset_gate(_ds("Ready", generation=2), "training", "d")[1] == "DatasetNotReady"
+    phase, reason, message = dataset_gate(_ds("Invalid"), "validation", "v")
+    assert (phase, reason) == ("Failed", "DatasetInvalid") and "line 3: bad" in message
+
+
+def test_status_from_job() -> None:
+    queued = status_from_job(_ftj(queueName="q"), job_state(_job(suspend=True), []), "", "now")
+    assert queued["phase"] == "Queued" and "'q'" in queued["message"]
+    assert (
+        status_from_job(
+            _ftj(queueName="q", suspend=True), job_state(_job(suspend=True), []), "", "now"
+        )["phase"]
+        == "Suspended"
+    )
+    summary = '{"ok": true, "trainLoss": 0.123456789, "evalLoss": 0.2, "bestStep": 40, "steps": 40, "totalSteps": 40, "epoch": 3.0}'
+    done = job_state(
+        _job([{"type": "Complete", "status": "True"}]),
+        [_pod("Succeeded", {"terminated": {"exitCode": 0, "message": summary}})],
+    )
+    status = status_from_job(_ftj(), done, "pvc://models/out", "now")
+    assert status["phase"] == "Succeeded" and status["completionTime"] == "now"
+    assert status["metrics"] == {"trainLoss": 0.12346, "evalLoss": 0.2, "bestStep": 40}
+    assert status["progress"] == {
+        "step": 40,
+        "totalSteps": 40,
+        "percent": 100,
+        "etaSeconds": 0,
+        "epoch": 3.0,
+    }
+    assert status["outputModel"] == {"uri": "pvc://models/out"}
+
+
+def test_dataset_status_follows_the_validation_job() -> None:
+    ds = {"metadata": {"generation": 2}, "status": {}}
+    pending = dataset_status(ds, None, [], "t")
+    assert pending["phase"] == "Pending" and pending["conditions"][0]["status"] == "Unknown"
+    summary = json.dumps(
+        {"valid": True, "examples": 5, "images": 3, "textOnlyExamples": 2, "sha256": SHA}
+    )
+    job = {"metadata": {"name": "d-validate-2"}, **_job([{"type": "Complete", "status": "True"}])}
+    ready = dataset_status(
+        ds, job, [_pod("Succeeded", {"terminated": {"exitCode": 0, "message": summary}})], "t"
+    )
+    assert (ready["phase"], ready["examples"], ready["sha256"], ready["observedGeneration"]) == (
+        "Ready",
+        5,
+        SHA,
+        2,
+    )
+    assert ready["conditions"][0]["status"] == "True" and ready["validationJob"] == "d-validate-2"
+    crashed = {
+        "metadata": {"name": "d-validate-2"},
+        **_job([{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]),
+    }
+    failed = dataset_status(
+        ds,
+        crashed,
+        [_pod("Failed", {"terminated": {"exitCode": 1, "message": "cannot download"}})],
+        "t",
+    )
+    assert failed["phase"] == "Failed" and "cannot download" in failed["message"]

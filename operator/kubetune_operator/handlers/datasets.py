@@ -11,59 +11,11 @@ from kubetune_operator.handlers.common import context, now
 from kubetune_operator.kube import Manifest, owner_name
 from kubetune_operator.observability import PHASES, RECONCILE_SECONDS
 from kubetune_operator.resources.common import LABEL_DATASET
-from kubetune_operator.resources.status import dataset_result, job_state, set_condition
+from kubetune_operator.resources.status import DONE, dataset_status
 from kubetune_operator.resources.training_job import service_account
 from kubetune_operator.resources.validation_job import validation_job, validation_job_name
 
 PLURAL = "datasets"
-DONE = ("Ready", "Invalid", "Failed")
-
-
-def dataset_status(ds: Manifest, job: Manifest | None, pods: list[Manifest]) -> Manifest:
-    """The Dataset's status from its validation Job (pure)."""
-    generation = ds["metadata"].get("generation")
-    previous = ds.get("status") or {}
-    status: Manifest
-    if job is None:
-        status = {"phase": "Pending", "message": "creating the validation Job"}
-    else:
-        state = job_state(job, pods)
-        if state.summary is not None and "valid" in state.summary:
-            status = dataset_result(state.summary)
-        elif state.phase == "Failed":
-            status = {
-                "phase": "Failed",
-                "message": f"validation could not run: {state.reason}: {state.message}",
-            }
-        else:
-            status = {"phase": "Validating", "message": "validating the dataset"}
-        status["validationJob"] = job["metadata"]["name"]
-    ready = status["phase"] == "Ready"
-    reason = {"Ready": "Validated", "Invalid": "InvalidData", "Failed": "ValidationFailed"}.get(
-        status["phase"], "Validating"
-    )
-    status["conditions"] = set_condition(
-        previous.get("conditions") or [],
-        "Ready",
-        ready if status["phase"] in DONE else None,
-        reason,
-        status["message"],
-        generation,
-        now(),
-    )
-    status["observedGeneration"] = generation
-    if status["phase"] not in ("Ready", "Invalid"):
-        # Counts from an earlier generation would describe another file.
-        status.update(
-            examples=None,
-            images=None,
-            textOnlyExamples=None,
-            sha256=None,
-            errorCount=None,
-            warningCount=None,
-            errors=[],
-        )
-    return status
 
 
 def reconcile(namespace: str, name: str) -> None:
@@ -90,7 +42,7 @@ def reconcile(namespace: str, name: str) -> None:
     def compute(obj: Manifest) -> Manifest | None:
         if obj["metadata"].get("generation") != generation or _settled(obj):
             return None
-        return dataset_status(obj, job, pods)
+        return dataset_status(obj, job, pods, now())
 
     updated = ctx.api.update_status(PLURAL, namespace, name, compute)
     after = ((updated or {}).get("status") or {}).get("phase")

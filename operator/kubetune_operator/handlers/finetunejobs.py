@@ -18,86 +18,25 @@ from kubetune_operator.observability import PHASES, RECONCILE_SECONDS
 from kubetune_operator.resources import training_job as tj
 from kubetune_operator.resources.common import LABEL_FINETUNEJOB
 from kubetune_operator.resources.metrics import (
-    loss,
     metrics_from_samples,
     parse_samples,
     progress_from_samples,
 )
-from kubetune_operator.resources.status import JobState, job_state, set_condition
+from kubetune_operator.resources.status import (
+    FINAL,
+    JobState,
+    dataset_gate,
+    job_state,
+    set_condition,
+    status_from_job,
+)
 
 log = logging.getLogger(__name__)
 
 PLURAL = "finetunejobs"
-FINAL = ("Succeeded", "Failed")
 # Phases in which something may change without an event the operator sees: metrics
 # move, and a missed watch event would otherwise leave status stale.
 ACTIVE = ("Pending", "WaitingForDataset", "Queued", "Running", "Suspended")
-
-
-def _dataset_gate(ds: Manifest | None, role: str, name: str) -> tuple[str, str, str] | None:
-    """None when the Dataset is Ready; else the (phase, reason, message) the job waits or fails with."""
-    if ds is None:
-        return "WaitingForDataset", "DatasetNotFound", f"{role} Dataset {name!r} does not exist yet"
-    status = ds.get("status") or {}
-    phase = status.get("phase", "Pending")
-    current = status.get("observedGeneration") == ds["metadata"].get("generation")
-    if phase == "Ready" and current:
-        return None
-    if phase == "Invalid" and current:
-        return (
-            "Failed",
-            "DatasetInvalid",
-            f"{role} Dataset {name!r} is invalid: {status.get('message', '')}",
-        )
-    if phase == "Failed" and current:
-        return (
-            "Failed",
-            "DatasetFailed",
-            f"{role} Dataset {name!r} could not be validated: {status.get('message', '')}",
-        )
-    return (
-        "WaitingForDataset",
-        "DatasetNotReady",
-        f"waiting for {role} Dataset {name!r} to be validated",
-    )
-
-
-def status_from_job(ftj: Manifest, state: JobState, output_uri: str) -> Manifest:
-    """The FineTuneJob's status fields for a given training Job state (pure)."""
-    spec = ftj["spec"]
-    phase = state.phase
-    if phase == "Suspended" and spec.get("queueName") and not spec.get("suspend"):
-        phase = "Queued"
-    message = {
-        "Queued": f"queued in {spec.get('queueName')!r}; waiting for Kueue to admit the Job"
-    }.get(phase, state.message)
-    status: Manifest = {"phase": phase, "message": message, "startTime": state.start_time}
-    summary = state.summary or {}
-    if phase in FINAL:
-        status["completionTime"] = state.completion_time or now()
-        final = {
-            k: loss(summary[k]) if k != "bestStep" else summary[k]
-            for k in ("trainLoss", "evalLoss", "bestEvalLoss", "bestStep")
-            if summary.get(k) is not None
-        }
-        if final:
-            status["metrics"] = final
-    if phase == "Succeeded":
-        status["outputModel"] = {"uri": summary.get("outputUri") or output_uri}
-        steps = summary.get("steps")
-        if steps is not None:
-            status["progress"] = {
-                "step": steps,
-                "totalSteps": summary.get("totalSteps", steps),
-                "percent": 100,
-                "etaSeconds": 0,
-                **(
-                    {"epoch": round(summary["epoch"], 2)}
-                    if summary.get("epoch") is not None
-                    else {}
-                ),
-            }
-    return status
 
 
 def _write(ftj: Manifest, fields: Manifest, reason: str) -> Manifest | None:
@@ -186,10 +125,10 @@ def _reconcile(namespace: str, name: str, ftj: Manifest | None, job: Manifest | 
     if job is None:
         ds = api.get_object("datasets", namespace, spec.dataset.name)
         val_ds = None
-        gates = [_dataset_gate(ds, "training", spec.dataset.name)]
+        gates = [dataset_gate(ds, "training", spec.dataset.name)]
         if spec.validation is not None and spec.validation.dataset is not None:
             val_ds = api.get_object("datasets", namespace, spec.validation.dataset.name)
-            gates.append(_dataset_gate(val_ds, "validation", spec.validation.dataset.name))
+            gates.append(dataset_gate(val_ds, "validation", spec.validation.dataset.name))
         blocked = next((g for g in gates if g is not None), None)
         if blocked is not None:
             phase, reason, message = blocked
@@ -215,7 +154,11 @@ def _reconcile(namespace: str, name: str, ftj: Manifest | None, job: Manifest | 
     pods = api.job_pods(namespace, job["metadata"]["name"]) if _may_have_pods(job) else []
     state = job_state(job, pods)
     uri = (created.get("outputModel") or status.get("outputModel") or {}).get("uri", "")
-    fields = {**status_from_job(ftj, state, uri), **created, "jobName": job["metadata"]["name"]}
+    fields = {
+        **status_from_job(ftj, state, uri, now()),
+        **created,
+        "jobName": job["metadata"]["name"],
+    }
     updated = _write(ftj, fields, state.reason or state.phase)
     if state.phase == "Running":
         _scrape_into_status(updated or ftj, state)

@@ -8,6 +8,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubetune_operator.resources.metrics import loss
+
 Manifest = dict[str, Any]
 
 MAX_STATUS_ERRORS = 20
@@ -210,3 +212,128 @@ def job_state(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -> JobS
     return JobState(
         "Pending", "PodPending", "waiting for the training pod to start", start_time=start
     )
+
+
+# FineTuneJob ------------------------------------------------------------------------
+
+FINAL = ("Succeeded", "Failed")
+
+
+def dataset_gate(ds: Manifest | None, role: str, name: str) -> tuple[str, str, str] | None:
+    """None when the Dataset is Ready; else the (phase, reason, message) the job waits or fails with."""
+    if ds is None:
+        return "WaitingForDataset", "DatasetNotFound", f"{role} Dataset {name!r} does not exist yet"
+    status = ds.get("status") or {}
+    phase = status.get("phase", "Pending")
+    current = status.get("observedGeneration") == ds["metadata"].get("generation")
+    if phase == "Ready" and current:
+        return None
+    if phase == "Invalid" and current:
+        return (
+            "Failed",
+            "DatasetInvalid",
+            f"{role} Dataset {name!r} is invalid: {status.get('message', '')}",
+        )
+    if phase == "Failed" and current:
+        return (
+            "Failed",
+            "DatasetFailed",
+            f"{role} Dataset {name!r} could not be validated: {status.get('message', '')}",
+        )
+    return (
+        "WaitingForDataset",
+        "DatasetNotReady",
+        f"waiting for {role} Dataset {name!r} to be validated",
+    )
+
+
+def status_from_job(ftj: Manifest, state: JobState, output_uri: str, now: str) -> Manifest:
+    """The FineTuneJob's status fields for a given training Job state (pure)."""
+    spec = ftj["spec"]
+    phase = state.phase
+    if phase == "Suspended" and spec.get("queueName") and not spec.get("suspend"):
+        phase = "Queued"
+    message = {
+        "Queued": f"queued in {spec.get('queueName')!r}; waiting for Kueue to admit the Job"
+    }.get(phase, state.message)
+    status: Manifest = {"phase": phase, "message": message, "startTime": state.start_time}
+    summary = state.summary or {}
+    if phase in FINAL:
+        status["completionTime"] = state.completion_time or now
+        final = {
+            k: loss(summary[k]) if k != "bestStep" else summary[k]
+            for k in ("trainLoss", "evalLoss", "bestEvalLoss", "bestStep")
+            if summary.get(k) is not None
+        }
+        if final:
+            status["metrics"] = final
+    if phase == "Succeeded":
+        status["outputModel"] = {"uri": summary.get("outputUri") or output_uri}
+        steps = summary.get("steps")
+        if steps is not None:
+            status["progress"] = {
+                "step": steps,
+                "totalSteps": summary.get("totalSteps", steps),
+                "percent": 100,
+                "etaSeconds": 0,
+                **(
+                    {"epoch": round(summary["epoch"], 2)}
+                    if summary.get("epoch") is not None
+                    else {}
+                ),
+            }
+    return status
+
+
+# Dataset ----------------------------------------------------------------------------
+
+DONE = ("Ready", "Invalid", "Failed")
+
+
+def dataset_status(
+    ds: Manifest, job: Manifest | None, pods: Sequence[Mapping[str, Any]], now: str
+) -> Manifest:
+    """The Dataset's status from its validation Job (pure)."""
+    generation = ds["metadata"].get("generation")
+    previous = ds.get("status") or {}
+    status: Manifest
+    if job is None:
+        status = {"phase": "Pending", "message": "creating the validation Job"}
+    else:
+        state = job_state(job, pods)
+        if state.summary is not None and "valid" in state.summary:
+            status = dataset_result(state.summary)
+        elif state.phase == "Failed":
+            status = {
+                "phase": "Failed",
+                "message": f"validation could not run: {state.reason}: {state.message}",
+            }
+        else:
+            status = {"phase": "Validating", "message": "validating the dataset"}
+        status["validationJob"] = job["metadata"]["name"]
+    ready = status["phase"] == "Ready"
+    reason = {"Ready": "Validated", "Invalid": "InvalidData", "Failed": "ValidationFailed"}.get(
+        status["phase"], "Validating"
+    )
+    status["conditions"] = set_condition(
+        previous.get("conditions") or [],
+        "Ready",
+        ready if status["phase"] in DONE else None,
+        reason,
+        status["message"],
+        generation,
+        now,
+    )
+    status["observedGeneration"] = generation
+    if status["phase"] not in ("Ready", "Invalid"):
+        # Counts from an earlier generation would describe another file.
+        status.update(
+            examples=None,
+            images=None,
+            textOnlyExamples=None,
+            sha256=None,
+            errorCount=None,
+            warningCount=None,
+            errors=[],
+        )
+    return status
