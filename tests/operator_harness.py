@@ -35,7 +35,13 @@ def operator_rules() -> list[dict[str, Any]]:
 
 def restricted_kubeconfig(kubectl: Kubectl, namespace: str, out: Path) -> Path:
     """A kubeconfig for a ServiceAccount bound to exactly the chart's ClusterRole."""
-    kubectl.apply({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": OPERATOR_SA, "namespace": namespace}})
+    kubectl.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {"name": OPERATOR_SA, "namespace": namespace},
+        }
+    )
     kubectl.apply(
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
@@ -50,10 +56,16 @@ def restricted_kubeconfig(kubectl: Kubectl, namespace: str, out: Path) -> Path:
             "kind": "ClusterRoleBinding",
             "metadata": {"name": f"{OPERATOR_SA}-{namespace}"},
             "subjects": [{"kind": "ServiceAccount", "name": OPERATOR_SA, "namespace": namespace}],
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": f"{OPERATOR_SA}-{namespace}"},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": f"{OPERATOR_SA}-{namespace}",
+            },
         }
     )
-    token = kubectl.run("create", "token", OPERATOR_SA, "-n", namespace, "--duration", "2h").stdout.strip()
+    token = kubectl.run(
+        "create", "token", OPERATOR_SA, "-n", namespace, "--duration", "2h"
+    ).stdout.strip()
     admin = yaml.safe_load(kubectl.kubeconfig.read_text())
     cluster = admin["clusters"][0]
     config = {
@@ -61,7 +73,9 @@ def restricted_kubeconfig(kubectl: Kubectl, namespace: str, out: Path) -> Path:
         "kind": "Config",
         "clusters": [cluster],
         "users": [{"name": OPERATOR_SA, "user": {"token": token}}],
-        "contexts": [{"name": OPERATOR_SA, "context": {"cluster": cluster["name"], "user": OPERATOR_SA}}],
+        "contexts": [
+            {"name": OPERATOR_SA, "context": {"cluster": cluster["name"], "user": OPERATOR_SA}}
+        ],
         "current-context": OPERATOR_SA,
     }
     out.write_text(yaml.safe_dump(config))
@@ -82,17 +96,35 @@ class Operator:
     def start(self) -> Operator:
         self.metrics_port = free_port()
         health = free_port()
-        args = [sys.executable, "-m", "kubetune_operator", "--standalone", "--metrics-port", str(self.metrics_port),
-                "--liveness", f"http://127.0.0.1:{health}/healthz", "--verbose"]
+        args = [
+            sys.executable,
+            "-m",
+            "kubetune_operator",
+            "--standalone",
+            "--metrics-port",
+            str(self.metrics_port),
+            "--liveness",
+            f"http://127.0.0.1:{health}/healthz",
+            "--verbose",
+        ]
         for ns in self.namespaces:
             args += ["--namespace", ns]
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "KUBETUNE_SCRAPE_INTERVAL": "2", **self.env}
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(self.kubeconfig),
+            "KUBETUNE_SCRAPE_INTERVAL": "2",
+            **self.env,
+        }
         with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the operator exited with {self.proc.returncode}:\n{self.tail()}")
+                raise RuntimeError(
+                    f"the operator exited with {self.proc.returncode}:\n{self.tail()}"
+                )
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{health}/healthz", timeout=1):
                     return self
@@ -115,15 +147,23 @@ class Operator:
                 self.kill()
 
     def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as resp:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5
+        ) as resp:
             text: str = resp.read().decode()
             return text
 
     def tail(self, lines: int = 60) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
+        return (
+            "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+            if self.log.exists()
+            else ""
+        )
 
 
-def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.5, on_timeout: Any = None) -> Any:
+def wait_for(
+    predicate: Any, timeout: float, what: str, interval: float = 0.5, on_timeout: Any = None
+) -> Any:
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:

@@ -161,6 +161,7 @@ def test_credentials_come_only_from_secret_references() -> None:
         "AWS_REGION": "s3",
     }
     assert all("value" not in e for e in env if e["name"] in secret_vars)
+    assert plan.config.output_uri == "s3://bucket/run" == plan.output_uri
 
 
 def test_remote_datasets_are_fetched_by_an_init_container() -> None:

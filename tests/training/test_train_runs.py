@@ -262,3 +262,20 @@ def test_early_stopping_without_validation_is_refused(
     )
     assert run(config) == 1
     assert "validation" in json.loads(Path(config.termination_log).read_text())["message"]
+
+
+def test_output_is_uploaded_to_s3_without_checkpoints(
+    tiny_qwen2: Path, job: JobFactory, tmp_path: Path, s3_endpoint: str
+) -> None:
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.create_bucket(Bucket="models")
+    data = write_text_dataset(tmp_path / "text.jsonl", 8)
+    config = job(tiny_qwen2, data, outputUri="s3://models/runs/llm", hyperparameters={"epochs": 1})
+    train(config)
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="models", Prefix="runs/llm/")["Contents"]}
+    assert {"runs/llm/adapter_config.json", "runs/llm/report.json"} <= keys
+    assert not any("/checkpoints/" in k for k in keys)
+    summary = json.loads(Path(config.termination_log).read_text())
+    assert summary["outputUri"] == "s3://models/runs/llm"

@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from kubetune_trainer import fetch
+from kubetune_trainer import transfer
 from kubetune_trainer.data import commands as data_commands
 from kubetune_trainer.training import commands as training_commands
 
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     data_commands.register(sub)
     training_commands.register(sub)
-    fetch.register(sub)
+    transfer.register(sub)
     return parser
 
 

@@ -222,6 +222,14 @@ class TrainingConfig(CamelModel):
     output_dir: str = Field(
         min_length=1, description="Where the adapter or weights, report.json and loss.png go."
     )
+    output_uri: str | None = Field(
+        None,
+        pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$",
+        description=(
+            "When set, the exported model (outputDir without its checkpoints) is copied to "
+            "this s3:// prefix after training; credentials come from the AWS_* environment."
+        ),
+    )
     checkpoint_dir: str | None = Field(
         None, description="Where resumable checkpoints go. Default: <outputDir>/checkpoints."
     )

@@ -199,10 +199,12 @@ def output_location(storage: OutputStorage, mount_path: str) -> tuple[Mounted, s
         )
         return mounted, f"pvc://{pvc.claim_name}/{pvc.path}".rstrip("/")
     assert storage.s3 is not None
+    # The trainer uploads the exported model to S3 at the end (TrainingConfig.outputUri);
+    # checkpoints stay in the pod's emptyDir, so a replacement pod starts over.
     mounted = Mounted(
         path=mount_path,
         volumes=[{"name": "output", "emptyDir": {}}],
         mounts=[{"name": "output", "mountPath": mount_path}],
-        env=[{"name": "KUBETUNE_OUTPUT_URI", "value": storage.s3.uri}, *s3_env(storage.s3)],
+        env=s3_env(storage.s3),
     )
     return mounted, storage.s3.uri

@@ -109,6 +109,7 @@ def plan(inputs: Inputs, default_image: str) -> Plan:
         hyperparameters=spec.hyperparameters,
         early_stopping=spec.early_stopping,
         output_dir=output.path,
+        output_uri=uri if uri.startswith("s3://") else None,
         trust_remote_code=spec.base_model.trust_remote_code,
         metrics_port=METRICS_PORT,
         termination_log=TERMINATION_LOG,

@@ -43,6 +43,7 @@ from kubetune_trainer.training.report import (
     write_termination_log,
 )
 from kubetune_trainer.training.sft import build_sft_trainer
+from kubetune_trainer.transfer import FetchError, upload_s3
 
 log = logging.getLogger("kubetune.train")
 
@@ -118,6 +119,17 @@ def run(config: TrainingConfig, *, callbacks: Sequence[TrainerCallback] = ()) ->
     finally:
         if stop_metrics:
             stop_metrics()
+    if main and report is not None and config.output_uri:
+        try:
+            sent = upload_s3(
+                Path(config.output_dir), config.output_uri, exclude=_inner_dirs(config)
+            )
+        except FetchError as exc:
+            log.error("training failed: %s", exc)
+            write_termination_log(config.termination_log, failure_summary(str(exc)))
+            return 1
+        log.info("uploaded %d files to %s", sent, config.output_uri)
+        report = {**report, "outputUri": config.output_uri}
     if main and report is not None:
         write_termination_log(config.termination_log, termination_summary(report))
         log.info(
@@ -129,6 +141,12 @@ def run(config: TrainingConfig, *, callbacks: Sequence[TrainerCallback] = ()) ->
             report["outputDir"],
         )
     return 0
+
+
+def _inner_dirs(config: TrainingConfig) -> tuple[str, ...]:
+    """The checkpoint folder's name when it sits inside outputDir: not part of the model."""
+    out, checkpoints = Path(config.output_dir), Path(config.effective_checkpoint_dir)
+    return (checkpoints.relative_to(out).parts[0],) if checkpoints.is_relative_to(out) else ()
 
 
 def _train(

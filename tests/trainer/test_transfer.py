@@ -47,3 +47,47 @@ def test_a_failed_download_leaves_no_file(
 def test_bad_source_is_a_usage_error(tmp_path: Path) -> None:
     assert main(["fetch", "--source", "[1]", "--out", str(tmp_path / "x")]) == 2
     assert main(["fetch", "--source", '{"ftp": {}}', "--out", str(tmp_path / "x")]) == 1
+
+
+def test_s3_upload_and_fetch_round_trip(s3_endpoint: str, tmp_path: Path) -> None:
+    import boto3
+
+    from kubetune_trainer.transfer import upload_s3
+
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="models")
+    out = tmp_path / "out"
+    (out / "checkpoints" / "checkpoint-1").mkdir(parents=True)
+    (out / "checkpoints" / "checkpoint-1" / "optimizer.pt").write_bytes(b"x")
+    (out / "adapter_config.json").write_text("{}")
+    (out / "nested").mkdir()
+    (out / "nested" / "a.txt").write_text("a")
+    assert upload_s3(out, "s3://models/runs/one", exclude=("checkpoints",)) == 2
+    back = tmp_path / "back"
+    source = json.dumps({"s3": {"uri": "s3://models/runs/one/"}})
+    assert main(["fetch", "--source", source, "--out", str(back)]) == 0
+    assert sorted(p.relative_to(back).as_posix() for p in back.rglob("*") if p.is_file()) == [
+        "adapter_config.json",
+        "nested/a.txt",
+    ]
+    single = tmp_path / "single.json"
+    assert (
+        main(
+            [
+                "fetch",
+                "--source",
+                json.dumps({"s3": {"uri": "s3://models/runs/one/adapter_config.json"}}),
+                "--out",
+                str(single),
+            ]
+        )
+        == 0
+    )
+    assert single.read_text() == "{}"
+
+
+def test_an_s3_failure_is_reported_not_raised(
+    s3_endpoint: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = json.dumps({"s3": {"uri": "s3://no-such-bucket/data.jsonl"}})
+    assert main(["fetch", "--source", source, "--out", str(tmp_path / "d.jsonl")]) == 1
+    assert "cannot download s3://no-such-bucket/data.jsonl" in capsys.readouterr().err

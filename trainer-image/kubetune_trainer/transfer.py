@@ -1,5 +1,6 @@
-"""`kubetune fetch`: copy a Dataset file or a model folder from http(s), S3 or a model
-hub into the pod, for the sources a volume cannot mount. Credentials come from the
+"""Copies between the pod and remote storage: `kubetune fetch` brings a Dataset file or a
+model folder from http(s), S3 or a model hub into the pod, for the sources a volume
+cannot mount; `upload_s3` sends the trained model to S3. Credentials come from the
 environment, which the operator fills only from Secret references."""
 
 from __future__ import annotations
@@ -54,15 +55,44 @@ def fetch_hugging_face(repo: str, file: str, revision: str, out: Path) -> None:
     os.replace(tmp, out)
 
 
-def fetch_s3(uri: str, out: Path) -> None:
-    """An object to a file, or every object under a prefix (ending in '/') to a folder."""
+def _s3_client() -> Any:
     try:
         import boto3
     except ImportError as exc:
-        raise FetchError("S3 sources need boto3 in the trainer image") from exc
+        raise FetchError("S3 needs boto3 in the trainer image") from exc
+    return boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL"))
+
+
+def _split(uri: str) -> tuple[str, str]:
     parsed = urlparse(uri)
-    bucket, key = parsed.netloc, parsed.path.lstrip("/")
-    s3 = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL"))
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+def upload_s3(folder: Path, uri: str, exclude: tuple[str, ...] = ()) -> int:
+    """Every file under `folder` (but the top-level names in `exclude`) to the prefix
+    `uri`; returns the number of files. Keys keep their relative paths."""
+    bucket, prefix = _split(uri)
+    prefix = prefix.rstrip("/")
+    s3 = _s3_client()
+    count = 0
+    try:
+        for path in sorted(folder.rglob("*")):
+            rel = path.relative_to(folder)
+            if not path.is_file() or rel.parts[0] in exclude:
+                continue
+            s3.upload_file(
+                str(path), bucket, f"{prefix}/{rel.as_posix()}" if prefix else rel.as_posix()
+            )
+            count += 1
+    except Exception as exc:
+        raise FetchError(f"cannot upload {folder} to {uri}: {exc}") from exc
+    return count
+
+
+def fetch_s3(uri: str, out: Path) -> None:
+    """An object to a file, or every object under a prefix (ending in '/') to a folder."""
+    bucket, key = _split(uri)
+    s3 = _s3_client()
     try:
         if not key.endswith("/") and key:
             fd, tmp = _atomic_target(out)
