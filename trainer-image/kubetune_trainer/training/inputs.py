@@ -3,7 +3,8 @@ about the data, and the error either raises for a job that cannot run."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,3 +39,39 @@ class DataStats:
 
 class JobError(ValueError):
     """The job cannot run as configured (not a bug): reported without a traceback."""
+
+
+Planner = Callable[[Sequence[Example], Any], tuple[list[dict[str, Any]], int, int]]
+
+log = logging.getLogger("kubetune.train")
+
+
+def plan_splits(
+    inputs: TrainerInputs, plan: Planner, unit: str
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], DataStats]:
+    """Both splits through `plan` (records, truncated, dropped), with the counts logged
+    and a job that has nothing left to train on refused. `unit` names what is counted:
+    "examples" or "pairs"."""
+    hp = inputs.config.hyperparameters
+    train, train_cut, train_dropped = plan(inputs.train, inputs.train_root)
+    validation, eval_cut, eval_dropped = plan(inputs.validation, inputs.validation_root)
+    stats = DataStats(
+        train_examples=len(train),
+        eval_examples=len(validation),
+        truncated=train_cut + eval_cut,
+        dropped=train_dropped + eval_dropped,
+    )
+    if stats.truncated or stats.dropped:
+        log.warning(
+            "%d %s longer than maxContextLength=%d were truncated and %d dropped "
+            "(truncating those would have cut through image tokens or left no reply)",
+            stats.truncated,
+            unit,
+            hp.max_context_length,
+            stats.dropped,
+        )
+    if not train:
+        raise JobError(f"no training {unit[:-1]} fits maxContextLength={hp.max_context_length}")
+    if inputs.validation and not validation:
+        raise JobError(f"no validation {unit[:-1]} fits maxContextLength={hp.max_context_length}")
+    return train, validation, stats

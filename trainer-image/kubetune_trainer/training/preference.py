@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,11 +33,9 @@ from kubetune_trainer.training.collate import (
     truncate_rows,
 )
 from kubetune_trainer.training.config_mapping import dpo_config, lora_config
-from kubetune_trainer.training.inputs import DataStats, JobError, TrainerInputs
+from kubetune_trainer.training.inputs import DataStats, TrainerInputs, plan_splits
 from kubetune_trainer.training.models import default_lora_targets, is_multimodal
 from kubetune_trainer.training.records import to_messages, to_record
-
-log = logging.getLogger("kubetune.train")
 
 
 def to_preference_record(example: Example, image_root: Any, *, multimodal: bool) -> dict[str, Any]:
@@ -179,26 +176,7 @@ def build_dpo_trainer(inputs: TrainerInputs) -> tuple[DPOTrainer, DataStats]:
         records = [to_preference_record(e, root, multimodal=multimodal) for e in examples]
         return plan_pairs(encoder, records, hp.max_context_length)
 
-    train, train_cut, train_dropped = planned(inputs.train, inputs.train_root)
-    validation, eval_cut, eval_dropped = planned(inputs.validation, inputs.validation_root)
-    stats = DataStats(
-        train_examples=len(train),
-        eval_examples=len(validation),
-        truncated=train_cut + eval_cut,
-        dropped=train_dropped + eval_dropped,
-    )
-    if stats.truncated or stats.dropped:
-        log.warning(
-            "%d chats longer than maxContextLength=%d were truncated and %d pairs dropped "
-            "(truncating those would have cut through image tokens or left no reply)",
-            stats.truncated,
-            hp.max_context_length,
-            stats.dropped,
-        )
-    if not train:
-        raise JobError(f"no training pair fits maxContextLength={hp.max_context_length}")
-    if inputs.validation and not validation:
-        raise JobError(f"no validation pair fits maxContextLength={hp.max_context_length}")
+    train, validation, stats = plan_splits(inputs, planned, "pairs")
 
     def dataset(records: list[dict[str, Any]]) -> Dataset:
         if not multimodal:

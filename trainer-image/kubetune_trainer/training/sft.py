@@ -3,7 +3,6 @@ SFTTrainer."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,7 +14,7 @@ from kubetune_trainer.training.checkpoints import ResumableCheckpoints
 from kubetune_trainer.training.collate import ChatEncoder, SFTCollator, keep_length
 from kubetune_trainer.training.config_mapping import lora_config, sft_config
 from kubetune_trainer.training.images import ImageFitter
-from kubetune_trainer.training.inputs import DataStats, JobError, TrainerInputs
+from kubetune_trainer.training.inputs import DataStats, TrainerInputs, plan_splits
 from kubetune_trainer.training.models import (
     default_lora_targets,
     image_token_ids,
@@ -23,8 +22,6 @@ from kubetune_trainer.training.models import (
     training_chat_template,
 )
 from kubetune_trainer.training.records import to_record
-
-log = logging.getLogger("kubetune.train")
 
 
 class KubetuneSFTTrainer(ResumableCheckpoints, SFTTrainer):
@@ -77,26 +74,7 @@ def build_sft_trainer(inputs: TrainerInputs) -> tuple[SFTTrainer, DataStats]:
         records = [to_record(e, root, multimodal=multimodal) for e in examples]
         return plan_lengths(encoder, records, hp.max_context_length)
 
-    train, train_cut, train_dropped = planned(inputs.train, inputs.train_root)
-    validation, eval_cut, eval_dropped = planned(inputs.validation, inputs.validation_root)
-    stats = DataStats(
-        train_examples=len(train),
-        eval_examples=len(validation),
-        truncated=train_cut + eval_cut,
-        dropped=train_dropped + eval_dropped,
-    )
-    if stats.truncated or stats.dropped:
-        log.warning(
-            "%d examples longer than maxContextLength=%d were truncated and %d dropped "
-            "(truncating those would have cut through image tokens or left no reply)",
-            stats.truncated,
-            hp.max_context_length,
-            stats.dropped,
-        )
-    if not train:
-        raise JobError(f"no training example fits maxContextLength={hp.max_context_length}")
-    if inputs.validation and not validation:
-        raise JobError(f"no validation example fits maxContextLength={hp.max_context_length}")
+    train, validation, stats = plan_splits(inputs, planned, "examples")
 
     def dataset(records: list[dict[str, Any]]) -> Dataset:
         if not multimodal:
