@@ -86,9 +86,11 @@ def test_training_job_is_restricted_and_owned() -> None:
     job = tj.training_job(_plan(resources={"gpus": 2, "memory": "64Gi", "cpu": "8"}))
     pod = job["spec"]["template"]["spec"]
     container = pod["containers"][0]
-    assert container["command"] == ["kubetune"]
-    assert container["args"] == ["train", "--config", "/etc/kubetune/job.json"]
     assert container["resources"]["limits"] == {"nvidia.com/gpu": "2", "memory": "64Gi"}
+    # Two GPUs: one process each, data-parallel.
+    assert container["command"] == ["torchrun"]
+    assert container["args"][:3] == ["--standalone", "--nproc_per_node=2", "--no-python"]
+    assert container["args"][3:] == ["kubetune", "train", "--config", "/etc/kubetune/job.json"]
     assert container["resources"]["requests"]["cpu"] == "8"
     sc = container["securityContext"]
     assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}
@@ -130,6 +132,8 @@ def test_scheduling_fields_and_queue() -> None:
         )
     )
     pod = job["spec"]["template"]["spec"]
+    assert pod["containers"][0]["command"] == ["kubetune"]
+    assert pod["containers"][0]["args"] == ["train", "--config", "/etc/kubetune/job.json"]
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
     assert job["spec"]["suspend"] is True
     assert pod["containers"][0]["image"] == "my/trainer:1"

@@ -133,7 +133,13 @@ class TrainingResources(Resources):
     """Compute for the training pods."""
 
     nodes: int = Field(
-        1, ge=1, le=64, description="Training nodes (pods); more than one trains data-parallel."
+        1,
+        ge=1,
+        le=1,
+        description=(
+            "Training nodes (pods). Only 1 so far; several GPUs on that node train "
+            "data-parallel (see gpus)."
+        ),
     )
 
 

@@ -57,9 +57,10 @@ def child_name(owner: str, suffix: str) -> str:
 def pod_security_context() -> Manifest:
     return {
         "runAsNonRoot": True,
-        "runAsUser": 1000,
-        "runAsGroup": 1000,
-        "fsGroup": 1000,
+        # The trainer image's user (trainer-image/Dockerfile).
+        "runAsUser": 10001,
+        "runAsGroup": 10001,
+        "fsGroup": 10001,
         "seccompProfile": {"type": "RuntimeDefault"},
     }
 

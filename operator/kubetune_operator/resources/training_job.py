@@ -136,6 +136,17 @@ def config_map(plan: Plan) -> Manifest:
     }
 
 
+def trainer_command(gpus: int) -> Manifest:
+    """One process per GPU: several GPUs on the node train data-parallel under torchrun."""
+    train = ["train", "--config", f"{CONFIG_DIR}/{CONFIG_KEY}"]
+    if gpus <= 1:
+        return {"command": ["kubetune"], "args": train}
+    return {
+        "command": ["torchrun"],
+        "args": ["--standalone", f"--nproc_per_node={gpus}", "--no-python", "kubetune", *train],
+    }
+
+
 def _resources(spec: FineTuneJobSpec) -> Manifest:
     res = spec.resources
     requests: dict[str, str] = {}
@@ -168,8 +179,7 @@ def training_job(plan: Plan) -> Manifest:
             {
                 "name": "trainer",
                 "image": image,
-                "command": ["kubetune"],
-                "args": ["train", "--config", f"{CONFIG_DIR}/{CONFIG_KEY}"],
+                **trainer_command(spec.resources.gpus),
                 "env": [
                     {"name": "HOME", "value": "/tmp"},
                     {"name": "HF_HOME", "value": "/tmp/hf"},
