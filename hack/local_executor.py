@@ -55,8 +55,9 @@ Kubelet (node ``local-executor``: every Pod with ``spec.nodeName: local-executor
     command. Missing mount points are created on the host (empty folders or files; as
     root only). A per-container file is bind-mounted onto ``terminationMessagePath``
     (``/dev/termination-log`` by default). The process still sees the host's filesystem,
-    so a mountPath that would hide the Python it runs from (``/usr``, an ancestor of the
-    venv such as ``/work``) is refused with reason StartError.
+    so where a mountPath would hide the Python, the venv or the project it runs from
+    (``/tmp`` over a checkout under /tmp, ``/usr``), those paths are bound back on top;
+    a mountPath onto or inside them is refused with reason StartError.
     Pod status is reported like a kubelet: Running with PodScheduled, Initialized,
     ContainersReady and Ready, then Succeeded/Failed with ``state.terminated``
     (exitCode, reason Completed | Error | OOMKilled | StartError, the termination
@@ -1046,8 +1047,9 @@ def _make_mount_point(target: str, is_dir: bool) -> None:
             pass
 
 
-def apply_mounts(mounts: Sequence[Mount]) -> None:
-    """Bind each source onto its target inside this (private) mount namespace.
+def apply_mounts(mounts: Sequence[Mount], keep: Sequence[str] = ()) -> None:
+    """Bind each source onto its target inside this (private) mount namespace, then
+    bind each path in `keep` back over whatever mount hid it.
 
     Sources are opened first and bound through /proc/self/fd, because a mount over e.g.
     /tmp would otherwise hide sources that live under /tmp. Parents are mounted before
@@ -1063,11 +1065,16 @@ def apply_mounts(mounts: Sequence[Mount]) -> None:
         ctypes.c_void_p,
     ]
     fds = [os.open(m.source, os.O_PATH | os.O_CLOEXEC) for m in mounts]
+    kept = [os.open(path, os.O_PATH | os.O_CLOEXEC) for path in keep]
     is_dir = [os.path.isdir(m.source) for m in mounts]
     order = sorted(range(len(mounts)), key=lambda i: os.path.normpath(mounts[i].target).count("/"))
     for i in order:
         _make_mount_point(mounts[i].target, is_dir[i])
         _mount(libc, f"/proc/self/fd/{fds[i]}", mounts[i].target, MS_BIND | MS_REC)
+    for path, fd in zip(keep, kept, strict=True):
+        _make_mount_point(path, True)
+        _mount(libc, f"/proc/self/fd/{fd}", path, MS_BIND | MS_REC)
+    fds += kept
     for i in order:
         if mounts[i].read_only:
             # A remount must keep the flags the kernel locked on the original mount.
@@ -1090,7 +1097,7 @@ def container_init(spec_json: str) -> NoReturn:
     spec = json.loads(spec_json)
     error_fd = os.open(spec["startErrorFile"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC)
     try:
-        apply_mounts([Mount(**m) for m in spec["mounts"]])
+        apply_mounts([Mount(**m) for m in spec["mounts"]], spec["keep"])
         if spec["workingDir"]:
             os.makedirs(spec["workingDir"], exist_ok=True)
             os.chdir(spec["workingDir"])
@@ -1323,6 +1330,7 @@ class Launch:
     env: dict[str, str]
     mounts: list[Mount]
     working_dir: str
+    keep: list[str]
 
 
 @dataclass
@@ -1832,11 +1840,12 @@ class LocalExecutor:
             *container_mounts(container, volumes, env),
             Mount(str(termination), message_path, False),
         ]
-        needed = [sys.prefix, sys.base_prefix]
+        # The Python, the venv and the project (installed in editable mode) it runs from.
+        needed = [sys.prefix, sys.base_prefix, str(Path(__file__).resolve().parents[1])]
         if "/" not in argv[0]:
             needed.append(os.path.dirname(executable))  # found on the host's PATH
-        refuse_hiding_mounts(mounts, needed)
-        return Launch(argv, executable, proc_env, mounts, container.get("workingDir", ""))
+        keep = paths_to_keep(mounts, needed)
+        return Launch(argv, executable, proc_env, mounts, container.get("workingDir", ""), keep)
 
     def _wait_for_exit(self, run: ContainerRun) -> None:
         returncode = run.process.wait()
@@ -1922,6 +1931,7 @@ def _spawn(launch: Launch, pod_dir: Path, log_path: Path) -> subprocess.Popen[by
     group (so the whole tree can be signalled), logging to ``log_path``."""
     init_spec = {
         "mounts": [vars(m) for m in launch.mounts],
+        "keep": launch.keep,
         "workingDir": launch.working_dir,
         "executable": launch.executable,
         "argv": launch.argv,
@@ -1966,17 +1976,23 @@ def _resolve_executable(argv: Sequence[str], path: str) -> str:
     return found
 
 
-def refuse_hiding_mounts(mounts: Sequence[Mount], needed: Sequence[str]) -> None:
-    """The process sees the host's filesystem, so a mount over e.g. /work or /usr would
-    hide the Python and the venv it runs from; say so instead of failing obscurely."""
+def paths_to_keep(mounts: Sequence[Mount], needed: Sequence[str]) -> list[str]:
+    """The needed host paths (the Python, the venv, the project) that some mount would
+    hide: ``container_init`` binds them back on top, as if the pod's volume held them, so
+    a pod may mount e.g. /tmp even when the checkout lives under /tmp. A mount onto such
+    a path itself, or inside it, cannot be reconciled and is refused."""
+    keep: list[str] = []
     for mount in mounts:
         target = os.path.normpath(mount.target)
         for path in needed:
-            if path == target or path.startswith(target.rstrip("/") + "/"):
+            if target == "/" or path == target or target.startswith(path.rstrip("/") + "/"):
                 raise StartError(
-                    f"mountPath {mount.target} would hide {path}, which the local process "
-                    "needs: the local executor cannot mount there"
+                    f"mountPath {mount.target} would hide or land in {path}, which the local "
+                    "process needs: the local executor cannot mount there"
                 )
+            if path.startswith(target + "/") and path not in keep:
+                keep.append(path)
+    return keep
 
 
 def _unshare_command() -> list[str]:

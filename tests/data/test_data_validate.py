@@ -217,10 +217,14 @@ def test_fingerprint_table_stops_growing_at_its_limit() -> None:
 
 MEASURE = textwrap.dedent(
     """
-    import json, resource, sys
+    import json, sys
     from kubetune_trainer.data import validate_file
     report = validate_file(sys.argv[1])
-    print(json.dumps({"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    # VmHWM, not ru_maxrss: Linux carries the parent's high-water mark into a child
+    # spawned with vfork (as subprocess does), and the parent here is a pytest process
+    # that may hold a model.
+    hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    print(json.dumps({"rss_mb": int(hwm.split()[1]) / 1024,
                       "examples": report.examples, "valid": report.valid,
                       "errors": report.error_count}))
     """

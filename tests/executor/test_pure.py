@@ -29,9 +29,9 @@ from local_executor import (
     expand,
     job_status_canonical,
     materialize_volumes,
+    paths_to_keep,
     plan_job,
     pod_status,
-    refuse_hiding_mounts,
     rfc3339,
     termination_message,
 )
@@ -520,12 +520,14 @@ def test_unsupported_volume_types_keep_the_pod_pending(tmp_path: Path) -> None:
     assert caught.value.reason == "ContainerCreating" and "nfs" in caught.value.message
 
 
-def test_mounts_that_would_hide_the_local_python_are_refused() -> None:
+def test_mounts_over_the_local_python_keep_it_visible_or_are_refused() -> None:
     needed = ["/work/main/.venv", "/usr/local"]
-    refuse_hiding_mounts([Mount("/s", "/data", False), Mount("/s", "/work/other", False)], needed)
-    for target in ("/work", "/work/main/.venv/", "/usr", "/"):
+    mounts = [Mount("/s", "/data", False), Mount("/s", "/work", False), Mount("/s", "/usr", False)]
+    assert paths_to_keep(mounts, needed) == ["/work/main/.venv", "/usr/local"]
+    assert paths_to_keep([Mount("/s", "/data", False)], needed) == []
+    for target in ("/work/main/.venv/", "/work/main/.venv/lib", "/"):
         with pytest.raises(StartError, match=f"mountPath {target} would hide"):
-            refuse_hiding_mounts([Mount("/s", target, False)], needed)
+            paths_to_keep([Mount("/s", target, False)], needed)
 
 
 # ------------------------------------------------------------------ WorkQueue ---
