@@ -136,11 +136,27 @@ def main() -> None:
         plain_trl(*args.plain_trl[:2], hyperparameters, args.plain_trl[2])
         return
 
-    from tiny_models import tiny_model, write_shapes_dataset
+    from tiny_models import write_shapes_dataset
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     os.environ.update(env)
-    model = str(tiny_model("qwen2_5_vl"))
+    # Built in a child: Linux hands a parent's peak RSS on to children it spawns, so this
+    # process must never load torch itself or it would inflate both measurements.
+    model = (
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import tiny_models; print(tiny_models.tiny_model('qwen2_5_vl'))",
+            ],
+            env={**env, "PYTHONPATH": str(REPO / "tests")},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     with tempfile.TemporaryDirectory(prefix="kubetune-bench-") as tmp:
         work = Path(tmp)
         data = write_shapes_dataset(work, args.per_class, seed=1)
