@@ -119,6 +119,15 @@ pid_of() {
   echo "${pid}"
 }
 
+# Liveness of a process this run just started. Unlike pid_of, no cmdline check: right
+# after the fork, before exec, the child still shows this script's cmdline.
+alive() {
+  local pid
+  pid="$(cat "${RUN_DIR}/$1.pid" 2>/dev/null)" || return 1
+  [[ "${pid}" =~ ^[0-9]+$ ]] && kill -0 "${pid}" 2>/dev/null \
+    && [[ "$(awk '{print $3}' "/proc/${pid}/stat" 2>/dev/null)" != "Z" ]]
+}
+
 api_port() { sed -n 's/^API_PORT=//p' "${RUN_DIR}/ports.env" 2>/dev/null; }
 
 readyz_ok() {
@@ -243,8 +252,8 @@ wait_ready() {
   local deadline=$(( $(date +%s) + READY_TIMEOUT ))
   while (( $(date +%s) < deadline )); do
     readyz_ok && return 0
-    pid_of etcd >/dev/null || { log "etcd exited during startup"; tail_log etcd; return 1; }
-    pid_of kube-apiserver >/dev/null || { log "kube-apiserver exited during startup"; tail_log kube-apiserver; return 1; }
+    alive etcd || { log "etcd exited during startup"; tail_log etcd; return 1; }
+    alive kube-apiserver || { log "kube-apiserver exited during startup"; tail_log kube-apiserver; return 1; }
     sleep 0.5
   done
   log "kube-apiserver did not report /readyz ok within ${READY_TIMEOUT}s (port $(api_port))"
@@ -322,7 +331,7 @@ start_kcm() {
   until grep -q "Garbage collector: .*resource monitors" "${RUN_DIR}/kube-controller-manager.log" 2>/dev/null \
       && curl -sf --max-time 5 --cacert "${PKI}/ca.crt" --cert "${PKI}/admin.crt" --key "${PKI}/admin.key" \
         "https://127.0.0.1:${api_port}/api/v1/namespaces/default/serviceaccounts/default" >/dev/null 2>&1; do
-    pid_of kube-controller-manager >/dev/null || { log "kube-controller-manager exited during startup"; tail_log kube-controller-manager; return 1; }
+    alive kube-controller-manager || { log "kube-controller-manager exited during startup"; tail_log kube-controller-manager; return 1; }
     (( $(date +%s) < deadline )) || { log "kube-controller-manager not ready within ${READY_TIMEOUT}s"; tail_log kube-controller-manager; return 1; }
     sleep 0.2
   done
