@@ -26,12 +26,11 @@ def apply_kopf_settings(settings: kopf.OperatorSettings) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=PREFIX, key="last-handled-configuration"
     )
-    settings.persistence.finalizer = f"{PREFIX}/finalizer"
     settings.posting.level = logging.INFO
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.batching.error_delays = [1, 2, 5, 10, 30]
-    # Handler retries after an exception: a transient API error heals on the next try.
+    # Sync handlers run in this thread pool: room for a burst of watch events.
     settings.execution.max_workers = 16
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from kubetune_operator.resources.metrics import loss
@@ -102,7 +102,6 @@ class JobState:
     metrics_port: int | None = None
     start_time: str | None = None
     completion_time: str | None = None
-    extra: Manifest = field(default_factory=dict)
 
 
 def _condition(job: Mapping[str, Any], type_: str) -> Mapping[str, Any] | None:
