@@ -117,6 +117,23 @@ def test_schedule_adds_step_evaluations_and_checkpoints() -> None:
     assert [s for s, (_, v) in enumerate(flags, 1) if v] == [3, 4, 6, 8]
 
 
+def test_without_evaluations_epochs_end_in_a_checkpoint_by_time() -> None:
+    now = [0.0]
+    schedule = EvalSaveSchedule(
+        eval_steps=None, save_steps=None, has_eval=False, interval=60, clock=lambda: now[0]
+    )
+    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to="none")
+    schedule.on_train_begin(args, TrainerState(), TrainerControl())
+    saved = []
+    for epoch, minutes in enumerate([0.5, 1.2, 1.5, 2.5], 1):
+        now[0] = minutes * 60
+        control = schedule.on_epoch_end(args, TrainerState(global_step=epoch), TrainerControl())
+        if control.should_save:
+            saved.append(epoch)
+            schedule.on_save(args, TrainerState(global_step=epoch), control)
+    assert saved == [2, 4]
+
+
 def test_report_has_final_and_best_losses_and_the_summary_fits(tmp_path: Path) -> None:
     history = [
         {"step": 2, "loss": 3.0},

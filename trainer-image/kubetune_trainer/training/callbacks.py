@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -16,16 +17,36 @@ from kubetune_trainer.training.metrics import EVAL_LOG_GAUGES, LOG_EXTRAS, LOG_G
 log = logging.getLogger("kubetune.train")
 
 
+# Without evaluations, an epoch ends in a checkpoint only when the last one is at least
+# this old: a preempted run loses at most about this much work, and short epochs do
+# not spend their time writing optimizer state.
+CHECKPOINT_INTERVAL_SECONDS = 600.0
+
+
 class EvalSaveSchedule(TrainerCallback):
     """Evaluate every ``eval_steps`` and checkpoint every ``save_steps`` and after every
     evaluation, on top of the per-epoch evaluation and checkpoint that the training
-    arguments ask for (a transformers strategy can be "steps" or "epoch", not both)."""
+    arguments ask for (a transformers strategy can be "steps" or "epoch", not both).
+    Without evaluations, checkpoint at an epoch's end when the last checkpoint is older
+    than ``interval`` seconds."""
 
-    def __init__(self, *, eval_steps: int | None, save_steps: int | None, has_eval: bool) -> None:
+    def __init__(
+        self,
+        *,
+        eval_steps: int | None,
+        save_steps: int | None,
+        has_eval: bool,
+        interval: float = CHECKPOINT_INTERVAL_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.eval_steps = eval_steps if has_eval else None
         self.save_steps = save_steps
+        self.has_eval = has_eval
+        self.interval = interval
+        self.clock = clock
         self._evaluated_at = -1
         self._saved_at = -1
+        self._saved_clock = clock()
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -43,10 +64,16 @@ class EvalSaveSchedule(TrainerCallback):
     ) -> None:
         self._evaluated_at = state.global_step
 
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._saved_clock = self.clock()
+
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         self._saved_at = state.global_step
+        self._saved_clock = self.clock()
 
     def on_epoch_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -56,6 +83,8 @@ class EvalSaveSchedule(TrainerCallback):
             control.should_evaluate = False
         if self._saved_at == state.global_step:
             control.should_save = False
+        elif not self.has_eval and self.clock() - self._saved_clock >= self.interval:
+            control.should_save = True
         return control
 
 

@@ -63,8 +63,9 @@ def training_arguments(config: TrainingConfig, hw: Hardware, *, has_eval: bool) 
         "logging_steps": hp.logging_steps,
         # Once per epoch here; every evalSteps/saveSteps as well comes from
         # callbacks.EvalSaveSchedule, since a strategy can name only one of the two.
+        # Without evaluations it also decides the epoch-end checkpoints, by time.
         "eval_strategy": "epoch" if has_eval else "no",
-        "save_strategy": "epoch",
+        "save_strategy": "epoch" if has_eval else "no",
         "load_best_model_at_end": has_eval,
         "metric_for_best_model": "eval_loss" if has_eval else None,
         "greater_is_better": False if has_eval else None,
