@@ -168,7 +168,7 @@ def test_dataset_and_finetunejob_train_a_tiny_vlm(
         return st if st.get("phase") in ("Succeeded", "Failed") else None
 
     final = wait_for(
-        finished, 400, "the FineTuneJob to finish", interval=0.5, on_timeout=operator.tail
+        finished, 900, "the FineTuneJob to finish", interval=0.5, on_timeout=operator.tail
     )
     assert final["phase"] == "Succeeded", final
     assert seen_running, "no progress was seen while the trainer ran"
@@ -233,7 +233,7 @@ def test_operator_restart_mid_training_makes_no_second_job(
     operator.start()
     final = wait_for(
         lambda: phase_in(kubectl, "ftj", ns, "restart", ("Succeeded", "Failed")),
-        400,
+        900,
         "the job to finish",
         on_timeout=operator.tail,
     )
