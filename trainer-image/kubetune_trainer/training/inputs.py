@@ -75,3 +75,16 @@ def plan_splits(
     if inputs.validation and not validation:
         raise JobError(f"no validation {unit[:-1]} fits maxContextLength={hp.max_context_length}")
     return train, validation, stats
+
+
+def records_dataset(
+    records: list[dict[str, Any]], *, multimodal: bool, image_columns: tuple[str, ...] = ("images",)
+) -> Any:
+    """The records as a datasets.Dataset for a TRL trainer. For a text-only model the
+    image columns go: TRL takes an "images" column as the sign of a vision dataset,
+    which a text-only model refuses."""
+    from datasets import Dataset
+
+    if not multimodal:
+        records = [{k: v for k, v in r.items() if k not in image_columns} for r in records]
+    return Dataset.from_list(records)

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from datasets import Dataset
 from trl import DPOTrainer
 
 from kubetune_trainer.data import DatasetError
@@ -33,7 +32,12 @@ from kubetune_trainer.training.collate import (
     truncate_rows,
 )
 from kubetune_trainer.training.config_mapping import dpo_config, lora_config
-from kubetune_trainer.training.inputs import DataStats, TrainerInputs, plan_splits
+from kubetune_trainer.training.inputs import (
+    DataStats,
+    TrainerInputs,
+    plan_splits,
+    records_dataset,
+)
 from kubetune_trainer.training.models import default_lora_targets, is_multimodal
 from kubetune_trainer.training.records import to_messages, to_record
 
@@ -178,13 +182,10 @@ def build_dpo_trainer(inputs: TrainerInputs) -> tuple[DPOTrainer, DataStats]:
 
     train, validation, stats = plan_splits(inputs, planned, "pairs")
 
-    def dataset(records: list[dict[str, Any]]) -> Dataset:
-        if not multimodal:
-            # TRL takes an "images" column as the sign of a vision dataset, which a
-            # text-only model refuses.
-            drop = ("images", "rejected_images")
-            records = [{k: v for k, v in r.items() if k not in drop} for r in records]
-        return Dataset.from_list(records)
+    def dataset(records: list[dict[str, Any]]) -> Any:
+        return records_dataset(
+            records, multimodal=multimodal, image_columns=("images", "rejected_images")
+        )
 
     # With LoRA the reference is the model with its adapter switched off (TRL does that
     # when ref_model is None and the model is a PEFT model): no second copy. With full

@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from datasets import Dataset
 from trl import SFTTrainer
 
 from kubetune_trainer.data import DatasetError
@@ -14,7 +13,12 @@ from kubetune_trainer.training.checkpoints import ResumableCheckpoints
 from kubetune_trainer.training.collate import ChatEncoder, SFTCollator, keep_length
 from kubetune_trainer.training.config_mapping import lora_config, sft_config
 from kubetune_trainer.training.images import ImageFitter
-from kubetune_trainer.training.inputs import DataStats, TrainerInputs, plan_splits
+from kubetune_trainer.training.inputs import (
+    DataStats,
+    TrainerInputs,
+    plan_splits,
+    records_dataset,
+)
 from kubetune_trainer.training.models import (
     default_lora_targets,
     image_token_ids,
@@ -76,12 +80,8 @@ def build_sft_trainer(inputs: TrainerInputs) -> tuple[SFTTrainer, DataStats]:
 
     train, validation, stats = plan_splits(inputs, planned, "examples")
 
-    def dataset(records: list[dict[str, Any]]) -> Dataset:
-        if not multimodal:
-            # TRL takes an "images" column as the sign of a vision dataset, which a
-            # text-only model refuses.
-            records = [{k: v for k, v in r.items() if k != "images"} for r in records]
-        return Dataset.from_list(records)
+    def dataset(records: list[dict[str, Any]]) -> Any:
+        return records_dataset(records, multimodal=multimodal)
 
     arguments: dict[str, Any] = {
         "model": inputs.model,
