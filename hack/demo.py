@@ -45,6 +45,9 @@ def main() -> int:
     subprocess.run(["rm", "-rf", str(target)], check=True)
     subprocess.run(["cp", "-r", str(model), str(target)], check=True)
     write_shapes_dataset(volumes / "datasets" / "shapes", 16, seed=1, name="train.jsonl")
+    held_out = write_shapes_dataset(
+        volumes / "datasets" / "shapes", 6, seed=2, name="held_out.jsonl"
+    )
 
     print("starting the control plane, the local executor and the operator ...", flush=True)
     up = subprocess.run(
@@ -114,6 +117,34 @@ def main() -> int:
         report = out / "report.json"
         if report.is_file():
             print(f"its report: {report}")
+        print("\nexact match on held-out images (`kubetune evaluate`), tuned and base model:")
+        for model in (out, target):
+            result = subprocess.run(
+                [
+                    str(Path(sys.executable).with_name("kubetune")),
+                    "evaluate",
+                    "--model",
+                    str(model),
+                    "--data",
+                    str(held_out),
+                    "--max-pixels",
+                    "3136",
+                    "--json",
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            figures = json.loads(result.stdout) if result.returncode == 0 else {}
+            accuracy = figures.get("accuracy")
+            shown = (
+                f"{accuracy:.0%}"
+                if isinstance(accuracy, float)
+                else f"unavailable ({result.stderr.strip()[-200:]})"
+            )
+            print(
+                f"  {'tuned' if model == out else 'base '}: {shown} of {figures.get('examples', '?')} examples"
+            )
         print(
             f"stop the stack with `make dev-down`; meanwhile `export KUBECONFIG={kubeconfig}` and use kubectl"
         )
