@@ -26,7 +26,9 @@ def apply_kopf_settings(settings: kopf.OperatorSettings) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=PREFIX, key="last-handled-configuration"
     )
-    settings.posting.level = logging.INFO
+    # kopf would post a Kubernetes Event for every handler it ran; only warnings and
+    # errors, and the events the handlers post themselves, are worth a user's attention.
+    settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.batching.error_delays = [1, 2, 5, 10, 30]
