@@ -39,8 +39,12 @@ class Api:
     known_accounts: set[tuple[str, str]] = field(default_factory=set)
 
     @classmethod
-    def connect(cls) -> Api:
-        api_client = client.ApiClient()
+    def connect(cls, threads: int) -> Api:
+        configuration = client.Configuration.get_default_copy()
+        # One pooled connection per handler thread: a smaller pool drops connections
+        # under load, and each new one costs a TLS handshake.
+        configuration.connection_pool_maxsize = threads
+        api_client = client.ApiClient(configuration)
         return cls(
             client.CoreV1Api(api_client),
             client.BatchV1Api(api_client),

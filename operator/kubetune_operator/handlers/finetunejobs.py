@@ -226,8 +226,13 @@ def finetunejob_changed(body: kopf.Body, namespace: str | None, name: str, **_: 
 def training_object_event(body: kopf.Body, namespace: str | None, **_: Any) -> None:
     # Both the Job and its pods carry the FineTuneJob's name as a label.
     owner = (body.get("metadata", {}).get("labels") or {}).get(LABEL_FINETUNEJOB)
-    if owner and namespace:
-        reconcile(namespace, owner, job=_plain(body) if body.get("kind") == "Job" else None)
+    if not owner or not namespace:
+        return
+    if body.get("kind") == "Job" and not body.get("status"):
+        # A Job nothing has acted on yet: the reconcile that created it wrote the status
+        # this would give; its pods and its controller's first update will tell more.
+        return
+    reconcile(namespace, owner, job=_plain(body) if body.get("kind") == "Job" else None)
 
 
 @kopf.on.event("kubetune.io", "v1alpha1", "datasets")

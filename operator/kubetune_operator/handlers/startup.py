@@ -16,6 +16,7 @@ from kubetune_operator.settings import Settings
 log = logging.getLogger(__name__)
 
 PREFIX = "kubetune.io"
+HANDLER_THREADS = 16
 
 
 def apply_kopf_settings(settings: kopf.OperatorSettings) -> None:
@@ -33,7 +34,7 @@ def apply_kopf_settings(settings: kopf.OperatorSettings) -> None:
     settings.watching.client_timeout = 330
     settings.batching.error_delays = [1, 2, 5, 10, 30]
     # Sync handlers run in this thread pool: room for a burst of watch events.
-    settings.execution.max_workers = 16
+    settings.execution.max_workers = HANDLER_THREADS
 
 
 @kopf.on.startup()
@@ -41,7 +42,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     apply_kopf_settings(settings)
     load_config()
     ours = Settings.from_env()
-    configure(Context(api=Api.connect(), settings=ours))
+    configure(Context(api=Api.connect(threads=HANDLER_THREADS), settings=ours))
     memo["resync"] = asyncio.create_task(_resync_forever(ours))
 
 
