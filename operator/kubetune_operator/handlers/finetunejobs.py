@@ -37,6 +37,8 @@ PLURAL = "finetunejobs"
 # Phases in which something may change without an event the operator sees: metrics
 # move, and a missed watch event would otherwise leave status stale.
 ACTIVE = ("Pending", "WaitingForDataset", "Queued", "Running", "Suspended")
+# Phases worth a Kubernetes Event: the ones a user waits for. The others show in status.
+EVENT_PHASES = ("Running", "Succeeded", "Failed")
 
 
 def _write(ftj: Manifest, fields: Manifest, reason: str) -> Manifest | None:
@@ -78,7 +80,7 @@ def _write(ftj: Manifest, fields: Manifest, reason: str) -> Manifest | None:
     updated = ctx.api.update_status(PLURAL, meta["namespace"], meta["name"], compute, current=ftj)
     after = ((updated or {}).get("status") or {}).get("phase")
     PHASES.record("FineTuneJob", meta["namespace"], meta["name"], after)
-    if updated is not None and after != before:
+    if updated is not None and after != before and after in EVENT_PHASES:
         kind = "Warning" if after == "Failed" else "Normal"
         kopf.event(
             cast(kopf.Body, updated),
