@@ -30,12 +30,14 @@ def reconcile(namespace: str, name: str) -> None:
     job = ctx.api.get_job(namespace, current)
     if job is None and not _settled(ds):
         ctx.api.ensure_service_account(service_account(namespace))
-        ctx.api.create_job(validation_job(ds, ctx.settings.trainer_image))
-        job = ctx.api.get_job(namespace, current)
-    # Jobs of earlier generations validated a spec that no longer exists.
-    for old in ctx.api.list_jobs(namespace, f"{LABEL_DATASET}={name}"):
-        if old["metadata"]["name"] != current and owner_name(old, "Dataset") == name:
-            ctx.api.delete_job(namespace, old["metadata"]["name"])
+        job = ctx.api.create_job(validation_job(ds, ctx.settings.trainer_image)) or ctx.api.get_job(
+            namespace, current
+        )
+        # Jobs of earlier generations validated a spec that no longer exists. Only a new
+        # generation makes them stale, so they are looked for only here, not per event.
+        for old in ctx.api.list_jobs(namespace, f"{LABEL_DATASET}={name}"):
+            if old["metadata"]["name"] != current and owner_name(old, "Dataset") == name:
+                ctx.api.delete_job(namespace, old["metadata"]["name"])
     pods = ctx.api.job_pods(namespace, current) if job is not None else []
     before = (ds.get("status") or {}).get("phase")
 
