@@ -181,6 +181,18 @@ COMMON_WORDS = [
 ]
 
 
+# The language model of every family: the same small size, so that the families learn
+# alike and a test's budget fits all of them.
+LANGUAGE_MODEL_SIZE: dict[str, Any] = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 4096,
+}
+
+
 def _tokenizer_corpus(family: str, extra_words: Iterable[str]) -> list[str]:
     words = [*COLOURS, *SHAPES, *COMMON_WORDS, *extra_words]
     phrases = [f"{c} {s}" for c in COLOURS for s in SHAPES]
@@ -259,12 +271,7 @@ def _build_qwen2_5_vl(extra_words: Iterable[str]) -> tuple[Any, Any]:
     config = Qwen2_5_VLConfig(
         text_config={
             "vocab_size": len(tokenizer),
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 4096,
+            **LANGUAGE_MODEL_SIZE,
             # mrope sections split head_dim/2 = 8 rotary frequencies over (time, height, width)
             "rope_parameters": {
                 "rope_type": "default",
@@ -340,12 +347,7 @@ def _build_llava(extra_words: Iterable[str]) -> tuple[Any, Any]:
         text_config={
             "model_type": "llama",
             "vocab_size": len(tokenizer),
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 4096,
+            **LANGUAGE_MODEL_SIZE,
             "bos_token_id": ids["<s>"],
             "eos_token_id": ids["</s>"],
             "pad_token_id": ids["<pad>"],
@@ -372,12 +374,7 @@ def _build_qwen2(extra_words: Iterable[str]) -> tuple[Any, Any]:
     tokenizer.chat_template = qwen2_5_chat_template
     config = Qwen2Config(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
+        **LANGUAGE_MODEL_SIZE,
         bos_token_id=None,
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
