@@ -29,6 +29,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import resource  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
@@ -103,7 +104,10 @@ def plain_trl(model: str, dataset: str, hyperparameters: dict[str, Any], result:
     )
     runtime = trainer.train().metrics["train_runtime"]
     samples = len(rows) * hyperparameters["epochs"]
-    Path(result).write_text(json.dumps({"samplesPerSecond": samples / runtime}))
+    # Measured as kubetune's report.json measures peakMemoryBytes: this process's own
+    # peak, read when its work is done.
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    Path(result).write_text(json.dumps({"samplesPerSecond": samples / runtime, "peakBytes": peak}))
 
 
 def main() -> None:
@@ -173,28 +177,37 @@ def main() -> None:
         }
         (work / "job.json").write_text(json.dumps(job))
         kubetune = str(Path(sys.executable).with_name("kubetune"))
-        runs: dict[str, list[tuple[float, int]]] = {"kubetune train": [], "plain TRL script": []}
+        runs: dict[str, list[tuple[float, int, int]]] = {
+            "kubetune train": [],
+            "plain TRL script": [],
+        }
         for _ in range(args.repeat):
             shutil.rmtree(work / "kubetune", ignore_errors=True)
             rss = run_child([kubetune, "train", "--config", str(work / "job.json")], env)
             report = json.loads((work / "kubetune" / "report.json").read_text())
-            runs["kubetune train"].append((report["samplesPerSecond"], rss))
+            runs["kubetune train"].append(
+                (report["samplesPerSecond"], report["peakMemoryBytes"], rss)
+            )
             result = work / "plain.json"
             rss = run_child(
                 [sys.executable, __file__, "--plain-trl", model, str(data), str(result)], env
             )
-            runs["plain TRL script"].append(
-                (json.loads(result.read_text())["samplesPerSecond"], rss)
-            )
+            plain = json.loads(result.read_text())
+            runs["plain TRL script"].append((plain["samplesPerSecond"], plain["peakBytes"], rss))
 
     print(
         f"tiny qwen2_5_vl, full tuning, {examples} examples x {args.epochs} epochs, "
         f"batch {args.batch_size}, CPU threads {os.cpu_count()}, median of {args.repeat}"
     )
+    print(f"{'':18s} {'samples/s':>10s} {'peak RSS':>10s} {'with exit':>10s}")
     for name, figures in runs.items():
         samples_per_second = statistics.median(f[0] for f in figures)
         peak = statistics.median(f[1] for f in figures)
-        print(f"{name:18s} {samples_per_second:8.1f} samples/s   peak RSS {peak / 2**20:7.0f} MiB")
+        with_exit = statistics.median(f[2] for f in figures)
+        print(
+            f"{name:18s} {samples_per_second:10.1f} {peak / 2**20:6.0f} MiB "
+            f"{with_exit / 2**20:6.0f} MiB"
+        )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from PIL import Image
 from kubetune_trainer.data.example import Example, ImageRef, Turn
 from kubetune_trainer.training.collate import (
     IGNORE_INDEX,
+    TOKENS,
     SFTCollator,
     assistant_labels,
     keep_length,
@@ -143,3 +144,32 @@ def test_overlong_examples_are_truncated_after_the_image_or_dropped(
     kept, truncated, dropped = plan_lengths(encoder, recs, max_length=image_end)
     assert (truncated, dropped) == (0, 1)
     assert json.loads(kept[0]["messages"])[-1]["content"][0]["text"] == "hello"
+
+
+def test_batches_from_planned_tokens_equal_the_processors(processing: Any, tmp_path: Path) -> None:
+    """The collator pads the tokens that planning encoded instead of encoding each batch
+    again; the batch must be the one the processor itself builds, images included."""
+    multimodal = is_multimodal(processing)
+    encoder = chat_encoder(processing, max_pixels=3136)
+    recs = records(processing, tmp_path, multi_turn(multimodal), short_chat(), multi_turn(False))
+    kept, _, _ = plan_lengths(encoder, recs, max_length=4096)
+    assert encoder.reuse_tokens is True
+    reused = SFTCollator(encoder)(kept)
+    fresh = SFTCollator(encoder)([{k: v for k, v in r.items() if k != TOKENS} for r in kept])
+    assert reused.keys() == fresh.keys()
+    for key, value in fresh.items():
+        assert torch.equal(reused[key], value), key
+    if multimodal:
+        assert "pixel_values" in reused
+
+
+def test_planned_tokens_are_not_reused_where_they_differ_from_the_processors(
+    processing: Any, tmp_path: Path
+) -> None:
+    encoder = chat_encoder(processing, max_pixels=3136)
+    encoder.pad_token_id += 1  # padding that is not the tokenizer's: batches would differ
+    recs = records(processing, tmp_path, multi_turn(is_multimodal(processing)), short_chat())
+    kept, _, _ = plan_lengths(encoder, recs, max_length=4096)
+    assert encoder.reuse_tokens is False
+    batch = SFTCollator(encoder)(kept)
+    assert batch["input_ids"][1, -1] == tokenizer_of(processing).pad_token_id

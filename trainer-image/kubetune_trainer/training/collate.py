@@ -7,11 +7,18 @@ max_length wherever it falls, image tokens included, which makes a VLM fail (its
 features must match its image tokens). The label masking itself is transformers' own:
 the chat template's ``{% generation %}`` markers, from TRL's training variant of the
 template when the model's lacks them.
+
+Each example is encoded once while planning (its kept length has to be known before
+training anyway). Its token sequences travel with the record, so that building a batch
+is padding them and running the image processor, not rendering and tokenizing again:
+where a processor's batches are more than that (checked on real records before
+training), every batch goes through the processor instead.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +31,11 @@ IGNORE_INDEX = -100
 # The per-token tensors a processor returns (shape batch x sequence); everything else
 # (pixel values, image grids) describes images and is left as it is by truncation.
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "labels", "token_type_ids", "mm_token_type_ids")
+
+TOKENS = "tokens"
+"""Record key: the example's per-token sequences from planning, cut to its kept length."""
+
+log = logging.getLogger("kubetune.train")
 
 ImageLoader = Callable[[str, str, int], Image.Image]
 """(image source, image root, dataset line) -> an RGB image fitted to maxPixels."""
@@ -39,6 +51,10 @@ class ChatEncoder:
     load_image: ImageLoader
     multimodal: bool
     image_token_ids: frozenset[int] = field(default_factory=frozenset)
+    pad_token_id: int = 0
+    # Whether batches are built from records' planned tokens: None until check_reuse has
+    # compared them with the processor's own batches, False once any comparison failed.
+    reuse_tokens: bool | None = None
 
     def conversations(
         self, records: Sequence[Mapping[str, Any]], *, prompt_only: bool
@@ -73,6 +89,13 @@ class ChatEncoder:
         """Token ids, attention mask, image tensors and (for whole chats) the
         ``assistant_masks`` of the batch. ``prompt_only`` drops the final reply and ends
         with the generation prompt, for generating that reply."""
+        if (
+            self.reuse_tokens
+            and not prompt_only
+            and padding_side == "right"
+            and all(TOKENS in record for record in records)
+        ):
+            return self.from_tokens(records)
         chats = self.conversations(records, prompt_only=prompt_only)
         common: dict[str, Any] = {
             "chat_template": self.chat_template,
@@ -93,6 +116,63 @@ class ChatEncoder:
                 chats, padding=True, tokenizer_kwargs={"padding_side": padding_side}, **common
             )
         return dict(out)
+
+    def planned_tokens(
+        self, encoded: Mapping[str, torch.Tensor], keep: int
+    ) -> dict[str, list[int]]:
+        """The per-token sequences of a one-example encoding, cut to ``keep`` tokens: what
+        a record carries under TOKENS."""
+        return {
+            key: encoded[key][0, :keep].tolist()
+            for key in (*SEQUENCE_KEYS, "assistant_masks")
+            if key in encoded
+        }
+
+    def from_tokens(self, records: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        """The batch from the records' planned tokens, right-padded, and their images
+        through the image processor (nested per record, as a processor passes them)."""
+        rows = [record[TOKENS] for record in records]
+        width = max(len(row["input_ids"]) for row in rows)
+        batch: dict[str, Any] = {}
+        for key in rows[0]:
+            pad = self.pad_token_id if key == "input_ids" else 0
+            batch[key] = torch.tensor(
+                [row[key] + [pad] * (width - len(row[key])) for row in rows], dtype=torch.long
+            )
+        if self.multimodal:
+            images = [
+                [
+                    self.load_image(source, record["root"], record["line"])
+                    for source in record["images"]
+                ]
+                for record in records
+            ]
+            if any(images):
+                batch.update(self.processing.image_processor(images=images, return_tensors="pt"))
+        return batch
+
+    def check_reuse(self, whole: Sequence[Mapping[str, Any]]) -> None:
+        """Compare a batch built from planned tokens with the processor's own batch of the
+        same records, and reuse tokens only while every such comparison matched. ``whole``
+        holds records kept untruncated (a truncated row differs in its padding); the
+        sample is three records, two with images where the dataset has them, so that
+        padding and images across rows are compared."""
+        with_images = [r for r in whole if r.get("images")][:2]
+        sample = with_images + [r for r in whole if not r.get("images")][: 3 - len(with_images)]
+        if not sample or self.reuse_tokens is False:
+            return
+        fresh = self.encode([{k: v for k, v in r.items() if k != TOKENS} for r in sample])
+        reused = self.from_tokens(sample)
+        same = fresh.keys() == reused.keys() and all(
+            fresh[key].dtype == reused[key].dtype and torch.equal(fresh[key], reused[key])
+            for key in fresh
+        )
+        if not same:
+            log.info(
+                "this processor's batches are not its tokens plus its image processor's "
+                "output: encoding each batch in full"
+            )
+        self.reuse_tokens = same
 
 
 def assistant_labels(

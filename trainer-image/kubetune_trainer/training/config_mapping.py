@@ -8,12 +8,15 @@ Each method gets one function that returns its TRL config (``sft_config``,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from peft import LoraConfig
-from trl import DPOConfig, SFTConfig
+from trl import SFTConfig
 
 from kubetune_trainer.config import TrainingConfig
+
+if TYPE_CHECKING:
+    from trl import DPOConfig
 
 # transformers reads warmup_steps below 1 as a ratio of the total steps and 1 or more as
 # a step count, so a ratio of exactly 1 (warm up for the whole run) is passed just below.
@@ -106,6 +109,8 @@ def sft_config(config: TrainingConfig, hw: Hardware, *, has_eval: bool) -> SFTCo
 def dpo_config(config: TrainingConfig, hw: Hardware, *, has_eval: bool) -> DPOConfig:
     hp = config.hyperparameters.resolved(config.method, config.tuning)
     assert hp.beta is not None
+    from trl import DPOConfig  # imported for DPO runs only, as runner imports DPOTrainer
+
     return DPOConfig(
         **training_arguments(config, hw, has_eval=has_eval),
         beta=hp.beta,

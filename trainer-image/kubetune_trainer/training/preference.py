@@ -26,6 +26,7 @@ from kubetune_trainer.data.example import Example
 from kubetune_trainer.training.checkpoints import ResumableCheckpoints
 from kubetune_trainer.training.collate import (
     IGNORE_INDEX,
+    TOKENS,
     ChatEncoder,
     assistant_labels,
     keep_length,
@@ -40,6 +41,8 @@ from kubetune_trainer.training.inputs import (
 )
 from kubetune_trainer.training.models import default_lora_targets, is_multimodal
 from kubetune_trainer.training.records import to_messages, to_record
+
+REJECTED_TOKENS = "rejected_tokens"
 
 
 def to_preference_record(example: Example, image_root: Any, *, multimodal: bool) -> dict[str, Any]:
@@ -70,7 +73,8 @@ def to_preference_record(example: Example, image_root: Any, *, multimodal: bool)
 def branches(
     records: Sequence[Mapping[str, Any]],
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(chosen, rejected): each pair as two plain chat records for the encoder."""
+    """(chosen, rejected): each pair as two plain chat records for the encoder, with the
+    planned tokens of each branch once planning has set them."""
     chosen, rejected = [], []
     for r in records:
         common = {"root": r["root"], "line": r["line"]}
@@ -80,6 +84,7 @@ def branches(
                 "messages": r["messages"],
                 "images": r.get("images", []),
                 "keep": r.get("keep"),
+                **({TOKENS: r[TOKENS]} if TOKENS in r else {}),
             }
         )
         rejected.append(
@@ -88,6 +93,7 @@ def branches(
                 "messages": r["rejected_messages"],
                 "images": r.get("rejected_images", []),
                 "keep": r.get("rejected_keep"),
+                **({TOKENS: r[REJECTED_TOKENS]} if REJECTED_TOKENS in r else {}),
             }
         )
     return chosen, rejected
@@ -126,9 +132,11 @@ def plan_pairs(
     (``rejected_keep``) rejected chat, and how many were truncated and dropped: a pair
     is dropped when either chat would have to lose image tokens or its whole reply."""
     kept: list[dict[str, Any]] = []
+    whole: list[dict[str, Any]] = []
     truncated = dropped = 0
     for record in records:
         keeps: list[int] = []
+        tokens: list[dict[str, list[int]]] = []
         cut = 0
         for branch in branches([record]):
             encoded = encoder.encode(branch)
@@ -149,12 +157,25 @@ def plan_pairs(
             if keep is None:
                 break
             keeps.append(keep)
+            tokens.append(encoder.planned_tokens(encoded, keep))
             cut += keep < len(input_ids)
         if len(keeps) < 2:
             dropped += 1
             continue
         truncated += cut
-        kept.append({**record, "keep": keeps[0], "rejected_keep": keeps[1]})
+        kept.append(
+            {
+                **record,
+                "keep": keeps[0],
+                "rejected_keep": keeps[1],
+                TOKENS: tokens[0],
+                REJECTED_TOKENS: tokens[1],
+            }
+        )
+        if not cut:
+            chosen, rejected = branches([kept[-1]])
+            whole += chosen + rejected
+    encoder.check_reuse(whole)
     return kept, truncated, dropped
 
 

@@ -31,7 +31,6 @@ from kubetune_trainer.training.config_mapping import Hardware, model_dtype
 from kubetune_trainer.training.inputs import DataStats, JobError, TrainerInputs
 from kubetune_trainer.training.metrics import TrainMetrics, metrics_port
 from kubetune_trainer.training.models import is_multimodal, load_model, load_processing
-from kubetune_trainer.training.preference import build_dpo_trainer
 from kubetune_trainer.training.records import file_sha256, split_validation
 from kubetune_trainer.training.report import (
     build_report,
@@ -48,6 +47,16 @@ from kubetune_trainer.transfer import FetchError, upload_s3
 log = logging.getLogger("kubetune.train")
 
 Builder = Callable[[TrainerInputs], tuple[Trainer, DataStats]]
+
+
+def build_dpo_trainer(inputs: TrainerInputs) -> tuple[Trainer, DataStats]:
+    # Imported only for a DPO run: TRL's DPOTrainer brings modules (rich's progress
+    # display among them) that an SFT run would otherwise hold in memory throughout.
+    from kubetune_trainer.training.preference import build_dpo_trainer as build
+
+    return build(inputs)
+
+
 BUILDERS: dict[str, Builder] = {"sft": build_sft_trainer, "dpo": build_dpo_trainer}
 
 

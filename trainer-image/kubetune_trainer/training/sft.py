@@ -10,7 +10,7 @@ from trl import SFTTrainer
 
 from kubetune_trainer.data import DatasetError
 from kubetune_trainer.training.checkpoints import ResumableCheckpoints
-from kubetune_trainer.training.collate import ChatEncoder, SFTCollator, keep_length
+from kubetune_trainer.training.collate import TOKENS, ChatEncoder, SFTCollator, keep_length
 from kubetune_trainer.training.config_mapping import lora_config, sft_config
 from kubetune_trainer.training.images import ImageFitter
 from kubetune_trainer.training.inputs import (
@@ -23,6 +23,7 @@ from kubetune_trainer.training.models import (
     default_lora_targets,
     image_token_ids,
     is_multimodal,
+    tokenizer_of,
     training_chat_template,
 )
 from kubetune_trainer.training.records import to_record
@@ -39,6 +40,7 @@ def chat_encoder(processing: Any, max_pixels: int) -> ChatEncoder:
         load_image=ImageFitter(max_pixels),
         multimodal=is_multimodal(processing),
         image_token_ids=image_token_ids(processing),
+        pad_token_id=tokenizer_of(processing).pad_token_id or 0,
     )
 
 
@@ -47,8 +49,10 @@ def plan_lengths(
 ) -> tuple[list[dict[str, Any]], int, int]:
     """The records to train on, each with its ``keep`` length, and how many were
     truncated and dropped. Each example is encoded once here, images included, which
-    also finds unreadable images before training starts rather than hours into it."""
+    also finds unreadable images before training starts rather than hours into it; its
+    tokens stay with the record for the collator."""
     kept: list[dict[str, Any]] = []
+    whole: list[dict[str, Any]] = []
     truncated = dropped = 0
     for record in records:
         encoded = encoder.encode([record])
@@ -64,7 +68,10 @@ def plan_lengths(
             dropped += 1
             continue
         truncated += keep < len(input_ids)
-        kept.append({**record, "keep": keep})
+        kept.append({**record, "keep": keep, TOKENS: encoder.planned_tokens(encoded, keep)})
+        if keep == len(input_ids):
+            whole.append(kept[-1])
+    encoder.check_reuse(whole)
     return kept, truncated, dropped
 
 
