@@ -140,8 +140,10 @@ class Api:
 
     def set_job_suspended(self, namespace: str, name: str, suspend: bool) -> None:
         _counted(
-            lambda: self.batch.patch_namespaced_job(
-                name, namespace, {"spec": {"suspend": suspend}}, **RAW
+            lambda: _drained(
+                self.batch.patch_namespaced_job(
+                    name, namespace, {"spec": {"suspend": suspend}}, **RAW
+                )
             )
         )
 
@@ -171,8 +173,10 @@ class Api:
     def ensure_config_map(self, body: Manifest) -> None:
         payload: Any = body  # the client serialises plain dicts as they are
         _create(
-            lambda: self.core.create_namespaced_config_map(
-                body["metadata"]["namespace"], payload, **RAW
+            lambda: _drained(
+                self.core.create_namespaced_config_map(
+                    body["metadata"]["namespace"], payload, **RAW
+                )
             )
         )
 
@@ -182,11 +186,17 @@ class Api:
         if (namespace, name) in self.known_accounts:
             return
         if (
-            _or_none(lambda: self.core.read_namespaced_service_account(name, namespace, **RAW))
+            _or_none(
+                lambda: _drained(self.core.read_namespaced_service_account(name, namespace, **RAW))
+            )
             is None
         ):
             payload: Any = body
-            _create(lambda: self.core.create_namespaced_service_account(namespace, payload, **RAW))
+            _create(
+                lambda: _drained(
+                    self.core.create_namespaced_service_account(namespace, payload, **RAW)
+                )
+            )
         # Pods name it; if someone deletes it later, pod creation says so in the Job.
         self.known_accounts.add((namespace, name))
 
@@ -198,6 +208,14 @@ RAW: dict[str, Any] = {"_preload_content": False}
 
 def _json(response: Any) -> Any:
     return json.loads(response.data)
+
+
+def _drained(response: Any) -> bool:
+    """Read a raw response that is not needed: an unread one keeps its connection out
+    of the pool, and the next request pays for a new TLS handshake."""
+    response.drain_conn()
+    response.release_conn()
+    return True
 
 
 def scrape(ip: str, port: int, timeout: float) -> str | None:
