@@ -189,6 +189,13 @@ def test_dataset_and_finetunejob_train_a_tiny_vlm(
     metrics = operator.metrics()
     assert 'kubetune_operator_objects{kind="FineTuneJob",phase="Succeeded"}' in metrics
     assert "kubetune_operator_reconcile_duration_seconds_count" in metrics
+    # What the user applied is all that metadata holds: no kopf bookkeeping for Argo CD
+    # to show as drift.
+    for kind, name in (("ftj", "shapes"), ("kds", "shapes")):
+        obj = kubectl.get(kind, name, "-n", ns)
+        annotations = set(obj["metadata"].get("annotations") or {})
+        assert annotations <= {"kubectl.kubernetes.io/last-applied-configuration"}, annotations
+        assert not obj["metadata"].get("finalizers")
 
 
 def test_an_invalid_dataset_fails_the_job_with_line_numbers(

@@ -22,6 +22,7 @@ from kubetune_operator.resources.status import (
     job_state,
     set_condition,
     status_from_job,
+    unobserved,
 )
 from kubetune_operator.resources.validation_job import validation_job
 from kubetune_trainer.config import TrainingConfig
@@ -353,6 +354,22 @@ def _ds(phase: str, generation: int = 1, observed: int = 1) -> dict[str, Any]:
         "metadata": {"generation": generation},
         "status": {"phase": phase, "observedGeneration": observed, "message": "line 3: bad"},
     }
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [
+        (None, True),  # new: never reconciled
+        ({"phase": "Pending"}, True),  # a status without observedGeneration
+        ({"phase": "Running", "observedGeneration": 1}, True),  # spec changed since
+        ({"phase": "Running", "observedGeneration": 2}, False),  # the echo of a status write
+    ],
+)
+def test_unobserved(status: dict[str, Any] | None, expected: bool) -> None:
+    obj: dict[str, Any] = {"metadata": {"generation": 2}}
+    if status is not None:
+        obj["status"] = status
+    assert unobserved(obj) is expected
 
 
 def test_dataset_gate() -> None:

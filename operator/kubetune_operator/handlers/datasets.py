@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, cast
 
@@ -11,11 +12,13 @@ from kubetune_operator.handlers.common import context, now
 from kubetune_operator.kube import Manifest, owner_name
 from kubetune_operator.observability import PHASES, RECONCILE_SECONDS
 from kubetune_operator.resources.common import LABEL_DATASET
-from kubetune_operator.resources.status import DONE, dataset_status
+from kubetune_operator.resources.status import DONE, dataset_status, unobserved
 from kubetune_operator.resources.training_job import service_account
 from kubetune_operator.resources.validation_job import validation_job, validation_job_name
 
 PLURAL = "datasets"
+
+log = logging.getLogger(__name__)
 
 
 def reconcile(namespace: str, name: str) -> None:
@@ -60,7 +63,7 @@ def reconcile(namespace: str, name: str) -> None:
     RECONCILE_SECONDS.labels("Dataset").observe(time.monotonic() - started)
 
 
-def _settled(ds: Manifest) -> bool:
+def _settled(ds: Manifest | kopf.Body) -> bool:
     status = ds.get("status") or {}
     return (
         status.get("observedGeneration") == ds["metadata"].get("generation")
@@ -68,11 +71,18 @@ def _settled(ds: Manifest) -> bool:
     )
 
 
-@kopf.on.create("kubetune.io", "v1alpha1", PLURAL)
-@kopf.on.update("kubetune.io", "v1alpha1", PLURAL, field="spec")
-@kopf.on.resume("kubetune.io", "v1alpha1", PLURAL)
-def dataset_changed(namespace: str | None, name: str, **_: Any) -> None:
-    if namespace:
+@kopf.on.event("kubetune.io", "v1alpha1", PLURAL)
+def dataset_changed(
+    type: str | None, body: kopf.Body, namespace: str | None, name: str, **_: Any
+) -> None:
+    """Reconciled when the spec is new or changed, and at the operator's start (the
+    initial listing, `type` None) until validation has settled; in between, the
+    validation Job's events drive it. As for FineTuneJobs, no kopf bookkeeping, and the
+    periodic resync retries what failed."""
+    if type == "DELETED":
+        PHASES.record("Dataset", namespace, name, None)
+        return
+    if namespace and (unobserved(body) or (type is None and not _settled(body))):
         reconcile(namespace, name)
 
 
@@ -83,6 +93,13 @@ def validation_job_event(body: kopf.Body, namespace: str | None, **_: Any) -> No
         reconcile(namespace, owner)
 
 
-@kopf.on.delete("kubetune.io", "v1alpha1", PLURAL, optional=True)
-def dataset_deleted(namespace: str | None, name: str, **_: Any) -> None:
-    PHASES.record("Dataset", namespace, name, None)
+def resync(namespaces: tuple[str, ...]) -> None:
+    """Reconcile every Dataset whose validation has not settled."""
+    api = context().api
+    for ds in api.list_all(PLURAL, namespaces):
+        if not _settled(ds):
+            meta = ds["metadata"]
+            try:
+                reconcile(meta["namespace"], meta["name"])
+            except Exception:
+                log.exception("resync of %s/%s failed", meta["namespace"], meta["name"])

@@ -29,6 +29,7 @@ from kubetune_operator.resources.status import (
     job_state,
     set_condition,
     status_from_job,
+    unobserved,
 )
 
 log = logging.getLogger(__name__)
@@ -125,11 +126,11 @@ def _reconcile(namespace: str, name: str, ftj: Manifest | None, job: Manifest | 
     # status write) falls back to reading it.
     created: Manifest = {}
     if job is None:
-        ds = api.get_object("datasets", namespace, spec.dataset.name)
+        ds = ctx.dataset(namespace, spec.dataset.name)
         val_ds = None
         gates = [dataset_gate(ds, "training", spec.dataset.name)]
         if spec.validation is not None and spec.validation.dataset is not None:
-            val_ds = api.get_object("datasets", namespace, spec.validation.dataset.name)
+            val_ds = ctx.dataset(namespace, spec.validation.dataset.name)
             gates.append(dataset_gate(val_ds, "validation", spec.validation.dataset.name))
         blocked = next((g for g in gates if g is not None), None)
         if blocked is not None:
@@ -215,12 +216,24 @@ def _scrape_into_status(ftj: Manifest, state: JobState) -> None:
     ctx.api.update_status(PLURAL, meta["namespace"], meta["name"], compute)
 
 
-@kopf.on.create("kubetune.io", "v1alpha1", PLURAL)
-@kopf.on.update("kubetune.io", "v1alpha1", PLURAL, field="spec")
-@kopf.on.resume("kubetune.io", "v1alpha1", PLURAL)
-def finetunejob_changed(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> None:
-    if namespace:
+@kopf.on.event("kubetune.io", "v1alpha1", PLURAL)
+def finetunejob_event(
+    type: str | None, body: kopf.Body, namespace: str | None, name: str, **_: Any
+) -> None:
+    """Every FineTuneJob watch event. Reconciled when its spec is new or changed, and at
+    the operator's start (the initial listing, `type` None) while it is active, which
+    resumes whatever a previous operator left. An event handler leaves no kopf
+    bookkeeping on the object and has no kopf retries: a failed reconcile leaves the
+    object unobserved, and the periodic resync takes it up again."""
+    if type == "DELETED":
+        PHASES.record("FineTuneJob", namespace, name, None)
+        return
+    if namespace and (unobserved(body) or (type is None and _active(body))):
         reconcile(namespace, name, ftj=_plain(body))
+
+
+def _active(ftj: Manifest | kopf.Body) -> bool:
+    return (ftj.get("status") or {}).get("phase") in ACTIVE
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_FINETUNEJOB: kopf.PRESENT})
@@ -238,9 +251,19 @@ def training_object_event(body: kopf.Body, namespace: str | None, **_: Any) -> N
 
 
 @kopf.on.event("kubetune.io", "v1alpha1", "datasets")
-def dataset_event(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> None:
+def dataset_event(
+    type: str | None, body: kopf.Body, namespace: str | None, name: str, **_: Any
+) -> None:
+    """Keep the watch's copy of every Dataset, and when one is done validating, move on
+    the FineTuneJobs waiting for it."""
+    if not namespace:
+        return
+    if type == "DELETED":
+        context().datasets.pop((namespace, name), None)
+        return
+    context().datasets[(namespace, name)] = _plain(body)
     phase = (body.get("status") or {}).get("phase")
-    if phase not in ("Ready", "Invalid", "Failed") or not namespace:
+    if phase not in ("Ready", "Invalid", "Failed"):
         return
     for ftj in context().api.list_objects(PLURAL, namespace):
         spec = ftj.get("spec", {})
@@ -256,21 +279,17 @@ def dataset_event(body: kopf.Body, namespace: str | None, name: str, **_: Any) -
             reconcile(namespace, ftj["metadata"]["name"])
 
 
-@kopf.on.delete("kubetune.io", "v1alpha1", PLURAL, optional=True)
-def finetunejob_deleted(namespace: str | None, name: str, **_: Any) -> None:
-    PHASES.record("FineTuneJob", namespace, name, None)
-
-
 def resync(namespaces: tuple[str, ...]) -> None:
-    """Reconcile every active FineTuneJob: reads the trainers' metrics while they run.
-    A periodic loop rather than a kopf timer, because kopf puts a finalizer on objects
-    with timers, and a FineTuneJob must stay deletable while the operator is away."""
+    """Reconcile every active or unobserved FineTuneJob: reads the trainers' metrics
+    while they run, and retries a reconcile that failed. A periodic loop rather than a
+    kopf timer, because kopf puts a finalizer on objects with timers, and a FineTuneJob
+    must stay deletable while the operator is away."""
     api = context().api
     for ftj in api.list_all(PLURAL, namespaces):
-        if (ftj.get("status") or {}).get("phase") in ACTIVE:
+        if _active(ftj) or unobserved(ftj):
             meta = ftj["metadata"]
             try:
-                reconcile(meta["namespace"], meta["name"])
+                reconcile(meta["namespace"], meta["name"], ftj=ftj)
             except Exception:
                 log.exception("resync of %s/%s failed", meta["namespace"], meta["name"])
 

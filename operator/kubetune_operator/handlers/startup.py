@@ -8,25 +8,20 @@ from typing import Any
 
 import kopf
 
-from kubetune_operator.handlers import finetunejobs
+from kubetune_operator.handlers import datasets, finetunejobs
 from kubetune_operator.handlers.common import Context, configure
 from kubetune_operator.kube import Api, load_config
 from kubetune_operator.settings import Settings
 
 log = logging.getLogger(__name__)
 
-PREFIX = "kubetune.io"
 HANDLER_THREADS = 16
 
 
 def apply_kopf_settings(settings: kopf.OperatorSettings) -> None:
-    # kopf's bookkeeping goes into kubetune.io/ annotations only: never into spec, and
-    # not into status, which the CRD schema would prune. Argo CD ignores annotations
-    # that Git does not set, so it shows no drift.
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=PREFIX, key="last-handled-configuration"
-    )
+    # Every resource handler is an event handler (level-triggered on generation versus
+    # observedGeneration), so kopf writes no bookkeeping onto the objects: nothing in
+    # spec or annotations for Argo CD to see as drift, and no request per object for it.
     # kopf would post a Kubernetes Event for every handler it ran; only warnings and
     # errors, and the events the handlers post themselves, are worth a user's attention.
     settings.posting.level = logging.WARNING
@@ -56,7 +51,8 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 async def _resync_forever(settings: Settings) -> None:
     while True:
         await asyncio.sleep(settings.scrape_interval)
-        try:
-            await asyncio.to_thread(finetunejobs.resync, settings.namespaces)
-        except Exception:
-            log.exception("periodic resync failed")
+        for resync in (datasets.resync, finetunejobs.resync):
+            try:
+                await asyncio.to_thread(resync, settings.namespaces)
+            except Exception:
+                log.exception("periodic resync failed")

@@ -218,6 +218,15 @@ def job_state(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -> JobS
 FINAL = ("Succeeded", "Failed")
 
 
+def unobserved(obj: Mapping[str, Any]) -> bool:
+    """Whether the object's current spec has not been acted on: new, changed, or its
+    last reconcile failed before writing status. Handlers are level-triggered, so a
+    watch event for an object whose status observed its generation (the echo of a
+    status write, a label edit) needs no work of its own."""
+    observed = (obj.get("status") or {}).get("observedGeneration")
+    return bool(observed is None or observed != obj.get("metadata", {}).get("generation"))
+
+
 def dataset_gate(ds: Manifest | None, role: str, name: str) -> tuple[str, str, str] | None:
     """None when the Dataset is Ready; else the (phase, reason, message) the job waits or fails with."""
     if ds is None:
