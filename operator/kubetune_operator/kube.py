@@ -170,15 +170,19 @@ class Api:
         items: list[Manifest] = _json(pods)["items"]
         return items
 
-    def ensure_config_map(self, body: Manifest) -> None:
+    def ensure_config_map(self, body: Manifest) -> Manifest | None:
+        """Create the ConfigMap: None when created, else the one already there (which
+        a deleted namesake of its owner may have left)."""
+        namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
         payload: Any = body  # the client serialises plain dicts as they are
-        _create(
-            lambda: _drained(
-                self.core.create_namespaced_config_map(
-                    body["metadata"]["namespace"], payload, **RAW
-                )
-            )
+        if _create(
+            lambda: _drained(self.core.create_namespaced_config_map(namespace, payload, **RAW))
+        ):
+            return None
+        existing: Manifest | None = _or_none(
+            lambda: _json(self.core.read_namespaced_config_map(name, namespace, **RAW))
         )
+        return existing
 
     def ensure_service_account(self, body: Manifest) -> None:
         namespace = body["metadata"]["namespace"]
@@ -257,6 +261,14 @@ def _create(call: Callable[[], Any]) -> Any:
             API_ERRORS.labels(str(exc.status)).inc()
             raise
         return None
+
+
+def owned_by(obj: Mapping[str, Any], uid: str) -> bool:
+    """Whether `obj` names the object with this uid as an owner: a child found by name
+    may instead belong to a deleted object of the same name, until the garbage
+    collector removes it."""
+    refs = obj.get("metadata", {}).get("ownerReferences") or []
+    return any(ref.get("uid") == uid for ref in refs)
 
 
 def owner_name(obj: Mapping[str, Any], kind: str) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -319,3 +320,93 @@ def test_deleting_a_finetunejob_removes_what_it_owned(
         60,
         "garbage collection of the Job and ConfigMap",
     )
+
+
+def leftovers(kubectl: Kubectl, ns: str, owner: str, *children: dict[str, Any]) -> None:
+    """Children as a deleted namesake leaves them until the garbage collector gets to
+    them: here owned by a ConfigMap `owner`, which keeps them until the test deletes it."""
+    kubectl.apply({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": owner}}, "-n", ns)
+    uid = kubectl.get("configmap", owner, "-n", ns)["metadata"]["uid"]
+    ref = {"apiVersion": "v1", "kind": "ConfigMap", "name": owner, "uid": uid}
+    for child in children:
+        child["metadata"]["ownerReferences"] = [ref]
+        kubectl.apply(child, "-n", ns)
+
+
+def old_job(name: str, labels: dict[str, str]) -> dict[str, Any]:
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {
+            "suspend": True,
+            "template": {
+                "spec": {
+                    "restartPolicy": "Never",
+                    "containers": [{"name": "old", "image": "old", "command": ["true"]}],
+                }
+            },
+        },
+    }
+
+
+def test_a_finetunejob_never_takes_over_a_deleted_namesakes_children(
+    kubectl: Kubectl, ns: str, operator: Operator
+) -> None:
+    """A FineTuneJob deleted and applied again can find its predecessor's Job and
+    ConfigMap still there: using them would train with the old settings."""
+    labels = {"kubetune.io/finetunejob": "again"}
+    leftovers(
+        kubectl,
+        ns,
+        "old-ftj",
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "again-job", "labels": labels},
+            "data": {"job.json": "{}"},
+        },
+        old_job("again-train", labels),
+    )
+    kubectl.apply(finetunejob("again", "shapes", suspend=True), "-n", ns)
+    waiting = wait_for(
+        lambda: (st := status(kubectl, "ftj", ns, "again")).get("message") and st,
+        60,
+        "the FineTuneJob to report what it waits for",
+        on_timeout=operator.tail,
+    )
+    assert waiting["phase"] == "Pending", waiting
+    assert "ConfigMap again-job" in waiting["message"], waiting
+    assert "jobName" not in waiting
+
+    kubectl.run("delete", "configmap", "old-ftj", "-n", ns)
+    wait_for(
+        lambda: phase_in(kubectl, "ftj", ns, "again", ("Suspended",)),
+        60,
+        "the FineTuneJob to get its own Job once the old ones are gone",
+        on_timeout=operator.tail,
+    )
+    uid = kubectl.get("ftj", "again", "-n", ns)["metadata"]["uid"]
+    for kind, name in (("job", "again-train"), ("configmap", "again-job")):
+        refs = kubectl.get(kind, name, "-n", ns)["metadata"]["ownerReferences"]
+        assert [r["uid"] for r in refs] == [uid], (kind, refs)
+
+
+def test_a_dataset_never_takes_a_deleted_namesakes_validation_result(
+    kubectl: Kubectl, ns: str, operator: Operator
+) -> None:
+    leftovers(
+        kubectl, ns, "old-ds", old_job("reborn-validate-1", {"kubetune.io/dataset": "reborn"})
+    )
+    kubectl.apply(dataset("reborn", "shapes/train.jsonl"), "-n", ns)
+    time.sleep(3)  # more than a resync interval of the test operator
+    assert not status(kubectl, "kds", ns, "reborn"), "status taken from the old Job"
+
+    kubectl.run("delete", "configmap", "old-ds", "-n", ns)
+    ready = wait_for(
+        lambda: phase_in(kubectl, "kds", ns, "reborn", ("Ready", "Invalid", "Failed")),
+        120,
+        "the Dataset validated by its own Job",
+        on_timeout=operator.tail,
+    )
+    assert (ready["phase"], ready["examples"]) == ("Ready", 36), ready

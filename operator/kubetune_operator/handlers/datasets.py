@@ -9,7 +9,7 @@ from typing import Any, cast
 import kopf
 
 from kubetune_operator.handlers.common import context, now
-from kubetune_operator.kube import Manifest, owner_name
+from kubetune_operator.kube import Manifest, owned_by, owner_name
 from kubetune_operator.observability import PHASES, RECONCILE_SECONDS
 from kubetune_operator.resources.common import LABEL_DATASET
 from kubetune_operator.resources.status import DONE, dataset_status, unobserved
@@ -31,6 +31,13 @@ def reconcile(namespace: str, name: str) -> None:
     generation = ds["metadata"].get("generation", 1)
     current = validation_job_name(name, generation)
     job = ctx.api.get_job(namespace, current)
+    if job is not None and not owned_by(job, ds["metadata"]["uid"]):
+        # A deleted Dataset of the same name left it: its result is about other data.
+        # Its deletion event (or the periodic resync) brings this Dataset back here.
+        log.info(
+            "%s/%s: waiting for the deletion of Job %s of a namesake", namespace, name, current
+        )
+        return
     if job is None and not _settled(ds):
         ctx.api.ensure_service_account(service_account(namespace))
         job = ctx.api.create_job(validation_job(ds, ctx.settings.trainer_image)) or ctx.api.get_job(

@@ -13,7 +13,7 @@ import kopf
 from kubetune_operator.api.dataset import DatasetSpec
 from kubetune_operator.api.finetunejob import FineTuneJobSpec
 from kubetune_operator.handlers.common import context, now
-from kubetune_operator.kube import Manifest, scrape
+from kubetune_operator.kube import Manifest, owned_by, scrape
 from kubetune_operator.observability import PHASES, RECONCILE_SECONDS
 from kubetune_operator.resources import training_job as tj
 from kubetune_operator.resources.common import LABEL_FINETUNEJOB
@@ -119,6 +119,9 @@ def _reconcile(namespace: str, name: str, ftj: Manifest | None, job: Manifest | 
     ):
         return
     spec = FineTuneJobSpec.model_validate(ftj["spec"])
+    uid = ftj["metadata"]["uid"]
+    if job is not None and not owned_by(job, uid):
+        job = None  # an event of a deleted namesake's Job: look for this one's own
     if job is None and status.get("jobName"):
         job = api.get_job(namespace, tj.job_name(name))
     # Without a recorded jobName the Job most likely does not exist: creating it
@@ -148,11 +151,18 @@ def _reconcile(namespace: str, name: str, ftj: Manifest | None, job: Manifest | 
         )
         plan = tj.plan(inputs, ctx.settings.trainer_image)
         api.ensure_service_account(tj.service_account(namespace))
-        api.ensure_config_map(tj.config_map(plan))
+        config_map = tj.config_map(plan)
+        existing = api.ensure_config_map(config_map)
+        if existing is not None and not owned_by(existing, uid):
+            _wait_for_namesake(ftj, "ConfigMap", config_map["metadata"]["name"])
+            return
         job = api.create_job(tj.training_job(plan)) or api.get_job(namespace, tj.job_name(name))
         if job is None:
             return
         created = {"datasetSha256": inputs.dataset_sha256, "outputModel": {"uri": plan.output_uri}}
+    if not owned_by(job, uid):
+        _wait_for_namesake(ftj, "Job", job["metadata"]["name"])
+        return
     _sync_suspend(spec, job)
     pods = api.job_pods(namespace, job["metadata"]["name"]) if _may_have_pods(job) else []
     state = job_state(job, pods)
@@ -165,6 +175,19 @@ def _reconcile(namespace: str, name: str, ftj: Manifest | None, job: Manifest | 
     updated = _write(ftj, fields, state.reason or state.phase)
     if state.phase == "Running":
         _scrape_into_status(updated or ftj, state)
+
+
+def _wait_for_namesake(ftj: Manifest, kind: str, name: str) -> None:
+    """A child's name is taken by an object this FineTuneJob does not own: most likely
+    left by a deleted FineTuneJob of the same name and about to be garbage-collected.
+    Using it would train with another job's settings or report another job's outcome;
+    the Job's deletion event, or the periodic resync, tries again."""
+    message = (
+        f"{kind} {name} exists but does not belong to this FineTuneJob (a deleted "
+        "FineTuneJob of the same name left it, or someone else made it); waiting for it "
+        "to be deleted"
+    )
+    _write(ftj, {"phase": "Pending", "message": message}, "WaitingForCleanup")
 
 
 def _may_have_pods(job: Manifest) -> bool:
@@ -238,16 +261,21 @@ def _active(ftj: Manifest | kopf.Body) -> bool:
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_FINETUNEJOB: kopf.PRESENT})
 @kopf.on.event("", "v1", "pods", labels={LABEL_FINETUNEJOB: kopf.PRESENT})
-def training_object_event(body: kopf.Body, namespace: str | None, **_: Any) -> None:
+def training_object_event(
+    type: str | None, body: kopf.Body, namespace: str | None, **_: Any
+) -> None:
     # Both the Job and its pods carry the FineTuneJob's name as a label.
     owner = (body.get("metadata", {}).get("labels") or {}).get(LABEL_FINETUNEJOB)
     if not owner or not namespace:
         return
-    if body.get("kind") == "Job" and not body.get("status"):
+    if body.get("kind") == "Job" and not body.get("status") and type != "DELETED":
         # A Job nothing has acted on yet: the reconcile that created it wrote the status
         # this would give; its pods and its controller's first update will tell more.
         return
-    reconcile(namespace, owner, job=_plain(body) if body.get("kind") == "Job" else None)
+    # A deleted Job's last body is no state to report: the reconcile reads afresh (and
+    # makes the Job again while the FineTuneJob still wants one).
+    current = body.get("kind") == "Job" and type != "DELETED"
+    reconcile(namespace, owner, job=_plain(body) if current else None)
 
 
 @kopf.on.event("kubetune.io", "v1alpha1", "datasets")
