@@ -318,9 +318,12 @@ start_plane() {
 start_kcm() {
   local api_port="$1"
   # No job/cronjob controllers: the project's local executor plays Job controller.
+  # The deployment and replicaset controllers are the real ones: a ModelDeployment's
+  # Deployment gets real status, and its pods pass Pod Security admission or fail it
+  # (no scheduler or kubelet runs them).
   start_proc kube-controller-manager "${BIN_DIR}/kube-controller-manager" \
     --kubeconfig="${KUBECONFIG_PATH}" \
-    --controllers=garbage-collector-controller,namespace-controller,serviceaccount-controller,serviceaccount-token-controller,root-ca-certificate-publisher-controller,clusterrole-aggregation-controller \
+    --controllers=garbage-collector-controller,namespace-controller,serviceaccount-controller,serviceaccount-token-controller,root-ca-certificate-publisher-controller,clusterrole-aggregation-controller,deployment-controller,replicaset-controller \
     --use-service-account-credentials=false \
     --leader-elect=false \
     --secure-port=0 \

@@ -10,7 +10,7 @@ import logging
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
@@ -31,11 +31,21 @@ def load_config() -> None:
         config.load_kube_config()
 
 
+# Server-side apply: the operator owns the fields it sets and nothing else.
+FIELD_MANAGER = "kubetune-operator"
+APPLY: dict[str, Any] = {
+    "field_manager": FIELD_MANAGER,
+    "force": True,
+    "_content_type": "application/apply-patch+yaml",
+}
+
+
 @dataclass
 class Api:
     core: client.CoreV1Api
     batch: client.BatchV1Api
     custom: client.CustomObjectsApi
+    apps: client.AppsV1Api
     known_accounts: set[tuple[str, str]] = field(default_factory=set)
 
     @classmethod
@@ -49,6 +59,7 @@ class Api:
             client.CoreV1Api(api_client),
             client.BatchV1Api(api_client),
             client.CustomObjectsApi(api_client),
+            client.AppsV1Api(api_client),
         )
 
     # kubetune objects -------------------------------------------------------------
@@ -88,6 +99,23 @@ class Api:
             )
         )
 
+    def apply_object(self, plural: str, body: Manifest) -> Manifest:
+        """Create or update a kubetune object to `body` (server-side apply)."""
+        meta = body["metadata"]
+        applied: Manifest = _counted(
+            lambda: self.custom.patch_namespaced_custom_object(
+                GROUP, VERSION, meta["namespace"], plural, meta["name"], body, **APPLY
+            )
+        )
+        return applied
+
+    def delete_object(self, plural: str, namespace: str, name: str) -> None:
+        _or_none(
+            lambda: self.custom.delete_namespaced_custom_object(
+                GROUP, VERSION, namespace, plural, name
+            )
+        )
+
     def update_status(
         self,
         plural: str,
@@ -124,6 +152,33 @@ class Api:
                     API_ERRORS.labels(str(exc.status)).inc()
                     raise
         raise RuntimeError(f"{plural}/{name}: status kept changing under {CONFLICT_RETRIES} writes")
+
+    # Deployments and Services (model serving) --------------------------------------
+
+    def get_deployment(self, namespace: str, name: str) -> Manifest | None:
+        return _or_none(lambda: _json(self.apps.read_namespaced_deployment(name, namespace, **RAW)))
+
+    def apply_deployment(self, body: Manifest) -> Manifest:
+        meta = body["metadata"]
+        payload: Any = body
+        return cast(
+            Manifest,
+            _counted(
+                lambda: _json(
+                    self.apps.patch_namespaced_deployment(
+                        meta["name"], meta["namespace"], payload, **APPLY, **RAW
+                    )
+                )
+            ),
+        )
+
+    def ensure_service(self, body: Manifest) -> None:
+        payload: Any = body
+        _create(
+            lambda: _drained(
+                self.core.create_namespaced_service(body["metadata"]["namespace"], payload, **RAW)
+            )
+        )
 
     # Jobs, pods and their companions ----------------------------------------------
 

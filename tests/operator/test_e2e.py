@@ -410,3 +410,62 @@ def test_a_dataset_never_takes_a_deleted_namesakes_validation_result(
         on_timeout=operator.tail,
     )
     assert (ready["phase"], ready["examples"]) == ("Ready", 36), ready
+
+
+def test_a_finetunejob_with_deploy_gets_a_vllm_server(
+    kubectl: Kubectl, ns: str, operator: Operator
+) -> None:
+    hyperparameters = {"epochs": 2, "batchSize": 4, "learningRate": 0.002, "maxPixels": 3136}
+    kubectl.apply(
+        finetunejob(
+            "served",
+            "shapes",
+            tuning="lora",
+            hyperparameters=hyperparameters,
+            deploy={"enabled": True},
+        ),
+        "-n",
+        ns,
+    )
+    final = wait_for(
+        lambda: phase_in(kubectl, "ftj", ns, "served", ("Succeeded", "Failed")),
+        300,
+        "the FineTuneJob to finish",
+        on_timeout=operator.tail,
+    )
+    assert final["phase"] == "Succeeded", final
+    assert final["deployment"] == {"name": "served"}
+    # No kubelet runs vLLM here: the real deployment controller's status says the
+    # server is on its way, and its pod passed the namespace's restricted Pod Security.
+    md = wait_for(
+        lambda: phase_in(kubectl, "mdep", ns, "served", ("Progressing", "Available", "Failed")),
+        60,
+        "the ModelDeployment",
+        on_timeout=operator.tail,
+    )
+    assert md["phase"] == "Progressing", md
+    assert md["endpoint"] == f"http://served.{ns}.svc:8000/v1"
+    assert md["servedModels"] == ["tiny-vlm", "served"]
+    deploy = kubectl.get("deployment", "served", "-n", ns)
+    args = deploy["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--lora-modules") + 1] == "served=/models/adapters/0/out/served"
+    pods = wait_for(
+        lambda: kubectl.get("pods", "-n", ns, "-l", "kubetune.io/modeldeployment=served")["items"],
+        60,
+        "the server pod",
+    )
+    assert pods[0]["spec"]["containers"][0]["command"] == ["vllm", "serve"]
+    assert kubectl.get("service", "served", "-n", ns)["spec"]["ports"][0]["port"] == 8000
+
+    kubectl.run(
+        "patch", "ftj", "served", "-n", ns, "--type=merge", "-p", '{"spec": {"deploy": null}}'
+    )
+    wait_for(
+        lambda: (
+            not kubectl.get("mdep", "-n", ns, "--field-selector", "metadata.name=served")["items"]
+        ),
+        60,
+        "the ModelDeployment to go with deploy",
+        on_timeout=operator.tail,
+    )
+    assert "deployment" not in status(kubectl, "ftj", ns, "served")

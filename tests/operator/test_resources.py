@@ -20,6 +20,7 @@ from kubetune_operator.resources.status import (
     dataset_result,
     dataset_status,
     job_state,
+    phase_patch,
     set_condition,
     status_from_job,
     unobserved,
@@ -437,3 +438,19 @@ def test_dataset_status_follows_the_validation_job() -> None:
         "t",
     )
     assert failed["phase"] == "Failed" and "cannot download" in failed["message"]
+
+
+def test_phase_patch_writes_only_what_changed() -> None:
+    patch = phase_patch({}, {"phase": "Running", "message": "training"}, "Running", None, 3, "t1")
+    assert patch is not None
+    assert (patch["phase"], patch["observedGeneration"]) == ("Running", 3)
+    ready = [c for c in patch["conditions"] if c["type"] == "Ready"]
+    assert ready[0]["status"] == "Unknown" and ready[0]["reason"] == "Running"
+    # The same again is no write; a new reason, phase or generation is.
+    assert (
+        phase_patch(patch, {"phase": "Running", "message": "training"}, "Running", None, 3, "t2")
+        is None
+    )
+    assert phase_patch(patch, {"phase": "Running", "message": "training"}, "Resumed", None, 3, "t2")
+    assert phase_patch(patch, {"phase": "Succeeded"}, "Succeeded", True, 3, "t2")
+    assert phase_patch(patch, {"phase": "Running", "message": "training"}, "Running", None, 4, "t2")

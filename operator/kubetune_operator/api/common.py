@@ -203,7 +203,9 @@ class Resources(CamelModel):
     gpu_resource: Annotated[str, StringConstraints(min_length=1, max_length=253)] = Field(
         "nvidia.com/gpu", description="Extended resource name of the GPU."
     )
-    cpu: Quantity | None = Field(None, description="CPU request and limit, e.g. 8 or 500m.")
+    cpu: Quantity | None = Field(
+        None, description="CPU request, e.g. 8 or 500m (no limit: a pod may use idle cores)."
+    )
     memory: Quantity | None = Field(None, description="Memory request and limit, e.g. 64Gi.")
     node_selector: dict[str, Annotated[str, StringConstraints(max_length=63)]] | None = Field(
         None, max_length=64, description="Node labels the pods must match."

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any, cast
 
 import kopf
@@ -22,8 +21,12 @@ log = logging.getLogger(__name__)
 
 
 def reconcile(namespace: str, name: str) -> None:
+    with RECONCILE_SECONDS.labels("Dataset").time():
+        _reconcile(namespace, name)
+
+
+def _reconcile(namespace: str, name: str) -> None:
     ctx = context()
-    started = time.monotonic()
     ds = ctx.api.get_object(PLURAL, namespace, name)
     if ds is None or ds["metadata"].get("deletionTimestamp"):
         PHASES.record("Dataset", namespace, name, None)
@@ -67,7 +70,6 @@ def reconcile(namespace: str, name: str) -> None:
             reason=after,
             message=message,
         )
-    RECONCILE_SECONDS.labels("Dataset").observe(time.monotonic() - started)
 
 
 def _settled(ds: Manifest | kopf.Body) -> bool:

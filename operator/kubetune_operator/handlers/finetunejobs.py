@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import copy
 import logging
-import time
-from typing import Any, cast
+from typing import Any
 
 import kopf
 
 from kubetune_operator.api.dataset import DatasetSpec
 from kubetune_operator.api.finetunejob import FineTuneJobSpec
-from kubetune_operator.handlers.common import context, now
+from kubetune_operator.handlers import modeldeployments
+from kubetune_operator.handlers.common import context, now, write_phase
 from kubetune_operator.kube import Manifest, owned_by, scrape
 from kubetune_operator.observability import PHASES, RECONCILE_SECONDS
+from kubetune_operator.resources import model_deployment as serving
 from kubetune_operator.resources import training_job as tj
 from kubetune_operator.resources.common import LABEL_FINETUNEJOB
 from kubetune_operator.resources.metrics import (
@@ -27,7 +28,6 @@ from kubetune_operator.resources.status import (
     JobState,
     dataset_gate,
     job_state,
-    set_condition,
     status_from_job,
     unobserved,
 )
@@ -43,53 +43,18 @@ EVENT_PHASES = ("Running", "Succeeded", "Failed")
 
 
 def _write(ftj: Manifest, fields: Manifest, reason: str) -> Manifest | None:
-    """Write phase-changing status fields with the Ready condition and observedGeneration."""
-    ctx = context()
-    meta = ftj["metadata"]
-    generation = meta.get("generation")
-
-    def compute(obj: Manifest) -> Manifest | None:
-        current = obj.get("status") or {}
-        if current.get("phase") in FINAL and current.get("observedGeneration") == generation:
-            return None  # phases only move forward
-        patch = dict(fields)
-        phase = patch["phase"]
-        ready = True if phase == "Succeeded" else False if phase == "Failed" else None
-        patch["conditions"] = set_condition(
-            current.get("conditions") or [],
-            "Ready",
-            ready,
-            reason,
-            patch.get("message") or phase,
-            generation,
-            now(),
-        )
-        patch["observedGeneration"] = generation
-        if all(current.get(k) == v for k, v in patch.items() if k != "conditions") and current.get(
-            "conditions"
-        ):
-            same = [c for c in current["conditions"] if c.get("type") == "Ready"]
-            if (
-                same
-                and same[0].get("status") == patch["conditions"][-1]["status"]
-                and same[0].get("reason") == reason
-            ):
-                return None
-        return patch
-
-    before = (ftj.get("status") or {}).get("phase")
-    updated = ctx.api.update_status(PLURAL, meta["namespace"], meta["name"], compute, current=ftj)
-    after = ((updated or {}).get("status") or {}).get("phase")
-    PHASES.record("FineTuneJob", meta["namespace"], meta["name"], after)
-    if updated is not None and after != before and after in EVENT_PHASES:
-        kind = "Warning" if after == "Failed" else "Normal"
-        kopf.event(
-            cast(kopf.Body, updated),
-            type=kind,
-            reason=reason,
-            message=str(updated["status"].get("message") or after)[:1024],
-        )
-    return updated
+    phase = fields["phase"]
+    ready = True if phase == "Succeeded" else False if phase == "Failed" else None
+    return write_phase(
+        PLURAL,
+        "FineTuneJob",
+        ftj,
+        fields,
+        reason,
+        ready=ready,
+        final=FINAL,
+        event_phases=EVENT_PHASES,
+    )
 
 
 def reconcile(
@@ -98,11 +63,8 @@ def reconcile(
     """Bring one FineTuneJob's children and status in line with its spec. `ftj` and
     `job` are bodies a watch event already delivered; they spare a read, and a stale one
     only costs a retried status write."""
-    started = time.monotonic()
-    try:
+    with RECONCILE_SECONDS.labels("FineTuneJob").time():
         _reconcile(namespace, name, ftj, job)
-    finally:
-        RECONCILE_SECONDS.labels("FineTuneJob").observe(time.monotonic() - started)
 
 
 def _reconcile(namespace: str, name: str, ftj: Manifest | None, job: Manifest | None) -> None:
@@ -172,7 +134,12 @@ def _reconcile(namespace: str, name: str, ftj: Manifest | None, job: Manifest | 
         **created,
         "jobName": job["metadata"]["name"],
     }
+    if state.phase == "Succeeded":
+        fields |= _deploy(ftj, spec)
     updated = _write(ftj, fields, state.reason or state.phase)
+    after = ((updated or {}).get("status") or {}).get("phase")
+    if after in FINAL and after != status.get("phase"):
+        modeldeployments.finetunejob_finished(namespace, name)
     if state.phase == "Running":
         _scrape_into_status(updated or ftj, state)
 
@@ -188,6 +155,28 @@ def _wait_for_namesake(ftj: Manifest, kind: str, name: str) -> None:
         "to be deleted"
     )
     _write(ftj, {"phase": "Pending", "message": message}, "WaitingForCleanup")
+
+
+def _deploy(ftj: Manifest, spec: FineTuneJobSpec) -> Manifest:
+    """Serve the result as spec.deploy says: apply its ModelDeployment, or delete the one
+    it made once deploy is turned off. Returns the status fields to write with it."""
+    api = context().api
+    meta = ftj["metadata"]
+    existing = api.get_object("modeldeployments", meta["namespace"], meta["name"])
+    if existing is not None and not owned_by(existing, meta["uid"]):
+        if spec.deploy is not None and spec.deploy.enabled:
+            return {
+                "deployment": None,
+                "message": f"trained, but not deployed: ModelDeployment {meta['name']} "
+                "exists and belongs to something else",
+            }
+        return {"deployment": None}
+    if spec.deploy is not None and spec.deploy.enabled:
+        md = api.apply_object("modeldeployments", serving.for_finetunejob(ftj, spec.deploy))
+        return {"deployment": {"name": md["metadata"]["name"]}}
+    if existing is not None:
+        api.delete_object("modeldeployments", meta["namespace"], meta["name"])
+    return {"deployment": None}
 
 
 def _may_have_pods(job: Manifest) -> bool:

@@ -8,7 +8,7 @@ from typing import Any
 
 import kopf
 
-from kubetune_operator.handlers import datasets, finetunejobs
+from kubetune_operator.handlers import datasets, finetunejobs, modeldeployments
 from kubetune_operator.handlers.common import Context, configure
 from kubetune_operator.kube import Api, load_config
 from kubetune_operator.settings import Settings
@@ -51,7 +51,7 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 async def _resync_forever(settings: Settings) -> None:
     while True:
         await asyncio.sleep(settings.scrape_interval)
-        for resync in (datasets.resync, finetunejobs.resync):
+        for resync in (datasets.resync, finetunejobs.resync, modeldeployments.resync):
             try:
                 await asyncio.to_thread(resync, settings.namespaces)
             except Exception:

@@ -7,7 +7,7 @@ import hashlib
 from collections.abc import Mapping
 from typing import Any
 
-from kubetune_operator.api.common import API_VERSION
+from kubetune_operator.api.common import API_VERSION, Resources
 
 Manifest = dict[str, Any]
 
@@ -73,3 +73,31 @@ def container_security_context() -> Manifest:
         "capabilities": {"drop": ["ALL"]},
         "seccompProfile": {"type": "RuntimeDefault"},
     }
+
+
+def container_resources(res: Resources) -> Manifest:
+    """Requests and limits: GPUs and memory limited to what is requested; CPU only
+    requested, so that a pod may use idle cores."""
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    if res.gpus:
+        requests[res.gpu_resource] = limits[res.gpu_resource] = str(res.gpus)
+    if res.cpu:
+        requests["cpu"] = res.cpu
+    if res.memory:
+        requests["memory"] = limits["memory"] = res.memory
+    return {k: v for k, v in (("requests", requests), ("limits", limits)) if v}
+
+
+def scheduling(res: Resources) -> Manifest:
+    """The pod spec fields that place a pod: node selector, tolerations, priority."""
+    fields: Manifest = {}
+    if res.node_selector:
+        fields["nodeSelector"] = dict(res.node_selector)
+    if res.tolerations:
+        fields["tolerations"] = [
+            t.model_dump(by_alias=True, exclude_none=True) for t in res.tolerations
+        ]
+    if res.priority_class_name:
+        fields["priorityClassName"] = res.priority_class_name
+    return fields

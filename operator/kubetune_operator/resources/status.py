@@ -49,6 +49,34 @@ def set_condition(
     return out
 
 
+def phase_patch(
+    current: Mapping[str, Any],
+    fields: Manifest,
+    reason: str,
+    ready: bool | None,
+    generation: int | None,
+    now: str,
+) -> Manifest | None:
+    """The status patch that sets `fields` (a phase, its message, ...) with the Ready
+    condition and observedGeneration; None when `current` status already says it all."""
+    patch = dict(fields)
+    message = patch.get("message") or patch["phase"]
+    conditions = current.get("conditions") or []
+    patch["conditions"] = set_condition(
+        conditions, "Ready", ready, reason, message, generation, now
+    )
+    patch["observedGeneration"] = generation
+    old = next((c for c in conditions if c.get("type") == "Ready"), None)
+    new = next(c for c in patch["conditions"] if c.get("type") == "Ready")
+    if (
+        all(current.get(k) == v for k, v in patch.items() if k != "conditions")
+        and old is not None
+        and (old.get("status"), old.get("reason")) == (new.get("status"), reason)
+    ):
+        return None
+    return patch
+
+
 def parse_termination_message(text: str | None) -> Manifest | None:
     """The trainer's JSON summary, or None when the message is not one (for example the
     log tail that FallbackToLogsOnError puts there after a crash)."""

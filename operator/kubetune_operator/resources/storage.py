@@ -7,7 +7,7 @@ import json
 import posixpath
 from dataclasses import dataclass, field
 
-from kubetune_operator.api.common import ModelRef, S3Location, SecretRef
+from kubetune_operator.api.common import ModelRef, ModelSource, S3Location, SecretRef
 from kubetune_operator.api.dataset import DatasetSpec
 from kubetune_operator.api.finetunejob import OutputStorage
 from kubetune_operator.resources.common import Manifest, container_security_context
@@ -146,7 +146,7 @@ def dataset_input(volume: str, spec: DatasetSpec, mount_path: str, image: str) -
 
 
 def base_model_input(model: ModelRef, mount_path: str, image: str) -> Mounted:
-    """The base model as the trainer loads it: a folder, or a hub id."""
+    """The base model as the trainer (or the server) loads it: a folder, or a hub id."""
     src = model.source
     if src is None or src.hugging_face is not None:
         env = []
@@ -157,26 +157,32 @@ def base_model_input(model: ModelRef, mount_path: str, image: str) -> Mounted:
         ):
             env = _secret_env(src.hugging_face.token_secret_ref, {"HF_TOKEN": "HF_TOKEN"})
         return Mounted(path=model.name, env=env)
+    return model_folder_input("base-model", src, mount_path, image)
+
+
+def model_folder_input(volume: str, src: ModelSource, mount_path: str, image: str) -> Mounted:
+    """A model or adapter folder, read-only: mounted from its PVC, or fetched from S3 by
+    the trainer image into an emptyDir first."""
     if src.pvc is not None:
         return Mounted(
             path=posixpath.join(mount_path, src.pvc.path),
             volumes=[
                 {
-                    "name": "base-model",
+                    "name": volume,
                     "persistentVolumeClaim": {"claimName": src.pvc.claim_name, "readOnly": True},
                 }
             ],
-            mounts=[{"name": "base-model", "mountPath": mount_path, "readOnly": True}],
+            mounts=[{"name": volume, "mountPath": mount_path, "readOnly": True}],
         )
-    assert src.s3 is not None
-    fetch_mount = {"name": "base-model", "mountPath": mount_path}
+    assert src.s3 is not None  # the CRD admits exactly one source
+    fetch_mount = {"name": volume, "mountPath": mount_path}
     return Mounted(
         path=mount_path,
-        volumes=[{"name": "base-model", "emptyDir": {}}],
-        mounts=[{"name": "base-model", "mountPath": mount_path, "readOnly": True}],
+        volumes=[{"name": volume, "emptyDir": {}}],
+        mounts=[{"name": volume, "mountPath": mount_path, "readOnly": True}],
         init_containers=[
             _fetch_container(
-                "fetch-base-model",
+                f"fetch-{volume}",
                 image,
                 {"s3": {"uri": src.s3.uri}},
                 mount_path,

@@ -22,10 +22,12 @@ from kubetune_operator.resources.common import (
     TRAINER_SERVICE_ACCOUNT,
     Manifest,
     child_name,
+    container_resources,
     container_security_context,
     labels,
     owner_reference,
     pod_security_context,
+    scheduling,
 )
 from kubetune_operator.resources.storage import (
     Mounted,
@@ -147,19 +149,6 @@ def trainer_command(gpus: int) -> Manifest:
     }
 
 
-def _resources(spec: FineTuneJobSpec) -> Manifest:
-    res = spec.resources
-    requests: dict[str, str] = {}
-    limits: dict[str, str] = {}
-    if res.gpus:
-        requests[res.gpu_resource] = limits[res.gpu_resource] = str(res.gpus)
-    if res.cpu:
-        requests["cpu"] = res.cpu
-    if res.memory:
-        requests["memory"] = limits["memory"] = res.memory
-    return {k: v for k, v in (("requests", requests), ("limits", limits)) if v}
-
-
 def training_job(plan: Plan) -> Manifest:
     ftj = plan.finetunejob
     meta = ftj["metadata"]
@@ -189,7 +178,7 @@ def training_job(plan: Plan) -> Manifest:
                 "ports": [
                     {"name": METRICS_PORT_NAME, "containerPort": METRICS_PORT, "protocol": "TCP"}
                 ],
-                "resources": _resources(spec),
+                "resources": container_resources(spec.resources),
                 "terminationMessagePath": TERMINATION_LOG,
                 "terminationMessagePolicy": "FallbackToLogsOnError",
                 "volumeMounts": [
@@ -209,15 +198,7 @@ def training_job(plan: Plan) -> Manifest:
             *mounted.volumes,
         ],
     }
-    res = spec.resources
-    if res.node_selector:
-        pod_spec["nodeSelector"] = dict(res.node_selector)
-    if res.tolerations:
-        pod_spec["tolerations"] = [
-            t.model_dump(by_alias=True, exclude_none=True) for t in res.tolerations
-        ]
-    if res.priority_class_name:
-        pod_spec["priorityClassName"] = res.priority_class_name
+    pod_spec |= scheduling(spec.resources)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
