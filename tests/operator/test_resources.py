@@ -218,6 +218,8 @@ kubetune_epoch 0.75
 kubetune_eta_seconds 90
 kubetune_best_eval_loss 1.4
 kubetune_best_step 20
+kubetune_train_reward_margin 0.123456789
+kubetune_eval_preference_accuracy 0.75
 python_gc_objects_collected_total{generation="0"} 10
 """
 
@@ -239,6 +241,9 @@ def test_metrics_text_becomes_progress_and_losses() -> None:
         1.4,
         20,
     )
+    # DPO's figures come through as they are named in status (five significant digits).
+    assert (metrics.train_reward_margin, metrics.eval_preference_accuracy) == (0.12346, 0.75)
+    assert metrics.train_kl is None
     assert parse_samples("not prometheus {{{") == {}
     assert progress_from_samples({}) is None
 
@@ -391,14 +396,19 @@ def test_status_from_job() -> None:
         )["phase"]
         == "Suspended"
     )
-    summary = '{"ok": true, "trainLoss": 0.123456789, "evalLoss": 0.2, "bestStep": 40, "steps": 40, "totalSteps": 40, "epoch": 3.0}'
+    summary = '{"ok": true, "trainLoss": 0.123456789, "evalLoss": 0.2, "bestStep": 40, "evalKl": 0.01, "steps": 40, "totalSteps": 40, "epoch": 3.0, "outputDir": "/out"}'
     done = job_state(
         _job([{"type": "Complete", "status": "True"}]),
         [_pod("Succeeded", {"terminated": {"exitCode": 0, "message": summary}})],
     )
     status = status_from_job(_ftj(), done, "pvc://models/out", "now")
     assert status["phase"] == "Succeeded" and status["completionTime"] == "now"
-    assert status["metrics"] == {"trainLoss": 0.12346, "evalLoss": 0.2, "bestStep": 40}
+    assert status["metrics"] == {
+        "trainLoss": 0.12346,
+        "evalLoss": 0.2,
+        "bestStep": 40,
+        "evalKl": 0.01,
+    }
     assert status["progress"] == {
         "step": 40,
         "totalSteps": 40,

@@ -99,6 +99,7 @@ def test_telemetry_logs_a_line_and_updates_gauges_per_logging_step(
     assert values["kubetune_train_total_steps"] == 100
     assert values["kubetune_train_loss"] == 2.5
     assert values["kubetune_eval_loss"] == values["kubetune_best_eval_loss"] == 2.0
+    assert values["kubetune_best_step"] == 10
     assert values["kubetune_learning_rate"] == 1e-4
     assert values["kubetune_train_tokens_per_second"] > 0
     assert values["kubetune_train_samples_per_second"] > 0

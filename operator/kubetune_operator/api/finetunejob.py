@@ -203,12 +203,31 @@ class Progress(CamelModel):
 
 
 class TrainingMetrics(CamelModel):
-    """Losses, read from the trainer's metrics and its final summary."""
+    """Losses and the method's own figures, read from the trainer's metrics while it
+    runs and from its final summary at the end (the best evaluation's, where kept)."""
 
     train_loss: float | None = Field(None, description="Latest training loss.")
     eval_loss: float | None = Field(None, description="Latest validation loss.")
     best_eval_loss: float | None = Field(None, description="Lowest validation loss so far.")
     best_step: int | None = Field(None, ge=0, description="Step of the lowest validation loss.")
+    train_reward_margin: float | None = Field(
+        None, description="DPO: mean reward margin (chosen minus rejected), latest logging step."
+    )
+    eval_reward_margin: float | None = Field(
+        None, description="DPO: mean reward margin on the validation pairs."
+    )
+    train_preference_accuracy: float | None = Field(
+        None, description="DPO: share of training pairs whose chosen reply got the higher reward."
+    )
+    eval_preference_accuracy: float | None = Field(
+        None, description="DPO: share of validation pairs whose chosen reply got the higher reward."
+    )
+    train_kl: float | None = Field(
+        None, description="preserveGeneralSkills: mean per-token KL(base || tuned) in training."
+    )
+    eval_kl: float | None = Field(
+        None, description="preserveGeneralSkills: mean per-token KL(base || tuned) on validation."
+    )
 
 
 class OutputModelStatus(CamelModel):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -46,11 +47,31 @@ def loss(value: float | None) -> float | None:
     return None if value is None else float(f"{value:.5g}")
 
 
+# The trainer's gauge behind each status.metrics field, by the field's camelCase name.
+METRIC_GAUGES = {
+    "trainLoss": "kubetune_train_loss",
+    "evalLoss": "kubetune_eval_loss",
+    "bestEvalLoss": "kubetune_best_eval_loss",
+    "bestStep": "kubetune_best_step",
+    "trainRewardMargin": "kubetune_train_reward_margin",
+    "evalRewardMargin": "kubetune_eval_reward_margin",
+    "trainPreferenceAccuracy": "kubetune_train_preference_accuracy",
+    "evalPreferenceAccuracy": "kubetune_eval_preference_accuracy",
+    "trainKl": "kubetune_train_kl",
+    "evalKl": "kubetune_eval_kl",
+}
+
+
+def status_metrics(values: Mapping[str, float | None]) -> TrainingMetrics | None:
+    """status.metrics from figures by field name (the trainer's summary uses the same
+    names): five significant digits, the best step a whole number."""
+    fields = {
+        name: _int(value) if name == "bestStep" else loss(value)
+        for name, value in values.items()
+        if name in METRIC_GAUGES and value is not None
+    }
+    return TrainingMetrics.model_validate(fields) if fields else None
+
+
 def metrics_from_samples(samples: dict[str, float]) -> TrainingMetrics | None:
-    found = TrainingMetrics(
-        train_loss=loss(samples.get("kubetune_train_loss")),
-        eval_loss=loss(samples.get("kubetune_eval_loss")),
-        best_eval_loss=loss(samples.get("kubetune_best_eval_loss")),
-        best_step=_int(samples.get("kubetune_best_step")),
-    )
-    return found if found.model_dump(exclude_none=True) else None
+    return status_metrics({name: samples.get(gauge) for name, gauge in METRIC_GAUGES.items()})

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kubetune_operator.resources.metrics import loss
+from kubetune_operator.resources.metrics import status_metrics
 
 Manifest = dict[str, Any]
 
@@ -296,13 +296,9 @@ def status_from_job(ftj: Manifest, state: JobState, output_uri: str, now: str) -
     summary = state.summary or {}
     if phase in FINAL:
         status["completionTime"] = state.completion_time or now
-        final = {
-            k: loss(summary[k]) if k != "bestStep" else summary[k]
-            for k in ("trainLoss", "evalLoss", "bestEvalLoss", "bestStep")
-            if summary.get(k) is not None
-        }
-        if final:
-            status["metrics"] = final
+        final = status_metrics(summary)
+        if final is not None:
+            status["metrics"] = final.model_dump(by_alias=True, exclude_none=True)
     if phase == "Succeeded":
         status["outputModel"] = {"uri": summary.get("outputUri") or output_uri}
         steps = summary.get("steps")

@@ -110,6 +110,7 @@ class Telemetry(TrainerCallback):
         self.metrics = metrics
         self.eval_loss: float | None = None
         self.best_eval_loss: float | None = None
+        self.best_step: int | None = None
         self.eval_values: dict[str, float] = {}  # method-specific gauges of the latest evaluation
         self._samples_per_step = 1
         self._start_time = 0.0
@@ -129,6 +130,7 @@ class Telemetry(TrainerCallback):
         self._last = (now, state.global_step, 0.0)
         if state.best_metric is not None:  # resumed
             self.best_eval_loss = state.best_metric
+            self.best_step = state.best_global_step
         if state.is_world_process_zero:
             resumed = f" (resuming at step {state.global_step})" if state.global_step else ""
             log.info("training for %d steps%s", state.max_steps, resumed)
@@ -155,6 +157,7 @@ class Telemetry(TrainerCallback):
             self.eval_loss = logs["eval_loss"]
             if self.best_eval_loss is None or self.eval_loss < self.best_eval_loss:
                 self.best_eval_loss = self.eval_loss
+                self.best_step = state.global_step
             self.eval_values = {
                 gauge: logs[key] for key, gauge in EVAL_LOG_GAUGES.items() if key in logs
             }
@@ -209,6 +212,8 @@ class Telemetry(TrainerCallback):
             progress["kubetune_eval_loss"] = self.eval_loss
         if self.best_eval_loss is not None:
             progress["kubetune_best_eval_loss"] = self.best_eval_loss
+        if self.best_step is not None:
+            progress["kubetune_best_step"] = float(self.best_step)
         eta = self.eta_seconds(state, time.monotonic())
         if eta is not None:
             progress["kubetune_eta_seconds"] = eta

@@ -26,6 +26,7 @@ GAUGES: dict[str, str] = {
     "kubetune_train_loss": "Training loss, averaged over the latest logging interval.",
     "kubetune_eval_loss": "Validation loss at the latest evaluation.",
     "kubetune_best_eval_loss": "Lowest validation loss so far.",
+    "kubetune_best_step": "Step of the lowest validation loss so far.",
     "kubetune_learning_rate": "Learning rate at the latest logging step.",
     "kubetune_grad_norm": "Gradient norm at the latest logging step.",
     "kubetune_train_step": "Optimizer steps done.",
