@@ -36,37 +36,50 @@ Job controller (batch/v1 Jobs, NonIndexed completion mode, not ``spec.managedBy`
     ServiceAccount not there yet) are retried.
 
 Kubelet (node ``local-executor``: every Pod with ``spec.nodeName: local-executor``)
-    Runs the first container's ``command`` + ``args`` (``$(VAR)`` expanded) as a local
-    process; the image is ignored. The command is looked up on PATH with this Python's
-    bin directory first, so ``kubetune`` is the venv's. Environment: ``env`` (values,
-    configMapKeyRef, secretKeyRef, fieldRef) and ``envFrom``, plus HOSTNAME, PATH and the
-    host variables named by ``--pass-env`` (HOME, LANG, LC_ALL, TZ, TMPDIR by default);
-    nothing else from the host leaks in. Working directory: ``workingDir``, else a
-    per-pod scratch folder.
+    Runs the ``initContainers`` one after the other, each to completion, then the first
+    regular container, each as a local process of its own ``command`` + ``args``
+    (``$(VAR)`` expanded); the image is ignored. The command is looked up on PATH with
+    this Python's bin directory first, so ``kubetune`` is the venv's. Each container has
+    its own environment: ``env`` (values, configMapKeyRef, secretKeyRef, fieldRef) and
+    ``envFrom``, plus HOSTNAME, PATH and the host variables named by ``--pass-env`` (HOME,
+    LANG, LC_ALL, TZ, TMPDIR by default); nothing else from the host leaks in. Working
+    directory: ``workingDir``, else a per-pod scratch folder. Every container's env,
+    command and mounts are resolved, and the volumes written, before the first one
+    starts (see Limitations).
     Volumes become folders under the state dir: persistentVolumeClaim ->
     ``<state>/pvc/<namespace>/<claimName>/`` (the PVC object need not exist); emptyDir ->
-    a per-pod folder; configMap, secret, downwardAPI and projected (including the
-    service-account token, requested through the TokenRequest API) -> files written per
-    pod. The process runs in a private mount namespace (``unshare --mount``; ``unshare
-    --user --map-root-user --mount`` when not root) in which each volumeMount
-    (``subPath``/``subPathExpr`` honoured) is bind-mounted onto its ``mountPath``,
-    read-only where asked and always for configMap/secret/downwardAPI/projected volumes,
-    so absolute paths such as ``/etc/kubetune`` or ``/data`` work without rewriting the
-    command. Missing mount points are created on the host (empty folders or files; as
-    root only). A per-container file is bind-mounted onto ``terminationMessagePath``
+    a per-pod folder, shared by all the Pod's containers (what an init container writes
+    there is what the regular container reads); configMap, secret, downwardAPI and
+    projected (including the service-account token, requested through the TokenRequest
+    API) -> files written per pod. Each process runs in a private mount namespace
+    (``unshare --mount``; ``unshare --user --map-root-user --mount`` when not root) in
+    which each of its container's volumeMounts (``subPath``/``subPathExpr`` honoured) is
+    bind-mounted onto its ``mountPath``, read-only where asked and always for
+    configMap/secret/downwardAPI/projected volumes, so absolute paths such as
+    ``/etc/kubetune`` or ``/data`` work without rewriting the command. Missing mount
+    points are created on the host (empty folders or files; as root only). A
+    per-container file is bind-mounted onto ``terminationMessagePath``
     (``/dev/termination-log`` by default). The process still sees the host's filesystem,
     so where a mountPath would hide the Python, the venv or the project it runs from
     (``/tmp`` over a checkout under /tmp, ``/usr``), those paths are bound back on top;
     a mountPath onto or inside them is refused with reason StartError.
-    Pod status is reported like a kubelet: Running with PodScheduled, Initialized,
-    ContainersReady and Ready, then Succeeded/Failed with ``state.terminated``
-    (exitCode, reason Completed | Error | OOMKilled | StartError, the termination
-    message truncated to 4096 bytes -- or, with ``FallbackToLogsOnError`` and a non-zero
-    exit, the last 80 lines / 2048 bytes of the log). ``podIP``/``hostIP`` are
-    127.0.0.1. A missing ConfigMap/Secret leaves the Pod Pending (CreateContainerConfigError
-    or ContainerCreating) and is retried. A Pod deleted through the API (by the Job
-    controller, the garbage collector, a user) has its process group sent SIGTERM, then
-    SIGKILL after its grace period (capped at 10 s), before the deletion is confirmed.
+    Pod status is reported like a kubelet: while an init container runs, Pending with
+    ``initContainerStatuses`` (done ones terminated, the current one running, later ones
+    waiting with PodInitializing), the regular container waiting with PodInitializing and
+    Initialized False (ContainersNotInitialized); then Running with PodScheduled,
+    Initialized, ContainersReady and Ready, then Succeeded/Failed with
+    ``state.terminated`` (exitCode, reason Completed | Error | OOMKilled | StartError, the
+    termination message truncated to 4096 bytes -- or, with ``FallbackToLogsOnError`` and
+    a non-zero exit, the last 80 lines / 2048 bytes of the log). An init container that
+    fails (or cannot start) fails the Pod at once, as with restartPolicy Never: it shows
+    terminated with its exit code and message, the regular container never starts and
+    stays waiting with PodInitializing; the executor's log shows the end of the init
+    container's log. ``podIP``/``hostIP`` are 127.0.0.1. A missing ConfigMap/Secret
+    leaves the Pod Pending (CreateContainerConfigError or ContainerCreating, on the
+    container that needs it) and is retried. A Pod deleted through the API (by the Job
+    controller, the garbage collector, a user) has the process group of its current
+    container sent SIGTERM, then SIGKILL after its grace period (capped at 10 s), before
+    the deletion is confirmed; no later container starts.
 
 Environment contract: ``KUBETUNE_METRICS_PORT``
     Every local process shares 127.0.0.1, so two trainers cannot both listen on :9090.
@@ -80,11 +93,18 @@ Limitations (it is a stand-in, not a node)
     * Processes run as the executor's user (root here): runAsUser, capabilities,
       seccomp and readOnlyRootFilesystem are admitted by the API server but not enforced;
       resources (GPUs included) are neither reserved nor limited; the image is ignored.
-    * Only the first container runs; init containers, sidecars and probes are ignored.
-      restartPolicy OnFailure/Always behave like Never (the Job controller part creates
-      a new Pod instead of restarting in place).
+    * Only the init containers and the first regular container run; other regular
+      containers, sidecars (init containers with ``restartPolicy: Always``, also left
+      out of the status) and probes are ignored. restartPolicy OnFailure/Always behave
+      like Never: a failed container, init or not, fails the Pod (the Job controller part
+      creates a new Pod instead of restarting in place).
+    * Env, command and mounts of every container are resolved before the first one
+      starts, not as each starts: a ConfigMap/Secret missing for any container keeps the
+      whole Pod Pending, even one the regular container alone needs (a kubelet would run
+      the init containers first), and one changed while init containers run is not seen.
     * ``kubectl logs`` and ``kubectl exec`` cannot work without a kubelet API: read the
-      log at ``<state>/logs/<namespace>/<pod>.log``.
+      log at ``<state>/logs/<namespace>/<pod>.log``, or ``<pod>/<name>.log`` for init
+      container ``name`` (``kubectl logs -c name``).
     * OOMKilled is a guess: a process killed by SIGKILL that the executor did not send.
     * Indexed Jobs, podFailurePolicy, successPolicy and scaling parallelism down are not
       implemented; resourceFieldRef env/volume items are refused. Stopping the executor
@@ -157,7 +177,7 @@ ERROR_RETRY_SECONDS = 1.0
 WATCH_TIMEOUT_SECONDS = 300
 REQUEST_TIMEOUT_SECONDS = 30.0
 INIT_COMMAND = "_container-init"
-TERMINATION_FILE = "termination-log"  # in the per-pod folder
+TERMINATION_FILE = "termination-log"  # in each container's folder (container_dir)
 START_ERROR_FILE = "start-error"
 
 MERGE_PATCH = "application/merge-patch+json"
@@ -301,9 +321,15 @@ def pod_ref(pod: Obj) -> PodRef:
 
 
 def _finished_at(pod: Obj, default: datetime) -> datetime:
+    status = pod.get("status", {})
+    # A Pod whose init container failed has only that one terminated.
+    statuses = [
+        *(status.get("initContainerStatuses") or []),
+        *(status.get("containerStatuses") or []),
+    ]
     times = [
         parse_time(s["state"]["terminated"]["finishedAt"])
-        for s in pod.get("status", {}).get("containerStatuses") or []
+        for s in statuses
         if s.get("state", {}).get("terminated", {}).get("finishedAt")
     ]
     return max(times, default=default)
@@ -635,37 +661,113 @@ def plan_job(
 
 # ------------------------------------------------------- kubelet status, pure ---
 
+POD_INITIALIZING = "PodInitializing"
 
-@dataclass(frozen=True)
-class Report:
-    """What the kubelet reports for a Pod: its phase and its container's state."""
 
-    phase: str
-    state: Obj
+def waiting_state(reason: str, message: str = "") -> Obj:
+    return {"waiting": {"reason": reason, "message": message}}
 
-    @staticmethod
-    def waiting(reason: str, message: str) -> Report:
-        return Report("Pending", {"waiting": {"reason": reason, "message": message}})
 
-    @staticmethod
-    def running(started_at: str) -> Report:
-        return Report("Running", {"running": {"startedAt": started_at}})
+def running_state(started_at: str) -> Obj:
+    return {"running": {"startedAt": started_at}}
 
-    @staticmethod
-    def terminated(
-        exit_code: int, reason: str, message: str, started_at: str, finished_at: str
-    ) -> Report:
-        terminated = {
+
+def terminated_state(
+    exit_code: int, reason: str, message: str, started_at: str, finished_at: str
+) -> Obj:
+    return {
+        "terminated": {
             "exitCode": exit_code,
             "reason": reason,
             "message": message,
             "startedAt": started_at,
             "finishedAt": finished_at,
         }
-        return Report("Succeeded" if exit_code == 0 else "Failed", {"terminated": terminated})
+    }
 
 
-def _pod_conditions(old: Sequence[Obj], phase: str, container: str, now: str) -> list[Obj]:
+def _exited_ok(state: Obj) -> bool:
+    return bool("terminated" in state and state["terminated"].get("exitCode") == 0)
+
+
+def _phase_of(state: Obj) -> str:
+    """A Pod's phase from its (only running) regular container's state."""
+    if "running" in state:
+        return "Running"
+    if "terminated" in state:
+        return "Succeeded" if _exited_ok(state) else "Failed"
+    return "Pending"
+
+
+@dataclass(frozen=True)
+class Report:
+    """What the kubelet reports for a Pod: its phase, its (first) regular container's
+    state and the states of the init containers that got a turn, in order (the others
+    wait with PodInitializing)."""
+
+    phase: str
+    state: Obj
+    init_states: tuple[Obj, ...] = ()
+
+    @staticmethod
+    def waiting(reason: str, message: str) -> Report:
+        return Report("Pending", waiting_state(reason, message))
+
+    @staticmethod
+    def running(started_at: str) -> Report:
+        return Report("Running", running_state(started_at))
+
+    @staticmethod
+    def terminated(
+        exit_code: int, reason: str, message: str, started_at: str, finished_at: str
+    ) -> Report:
+        state = terminated_state(exit_code, reason, message, started_at, finished_at)
+        return Report(_phase_of(state), state)
+
+
+def kubelet_report(init_count: int, states: Sequence[Obj]) -> Report:
+    """The report for a Pod whose containers, in the order the kubelet runs them (its
+    ``init_count`` init containers, then the regular one), got as far as ``states``.
+
+    Init containers run one at a time, each to completion, so an init container that
+    ended without a next container starting ended the Pod: it failed, or (exit 0) the
+    Pod was deleted meanwhile. Either way the Pod is Failed -- restartPolicy Never is
+    all the local kubelet knows -- and the regular container still waits.
+    """
+    init_states = tuple(states[:init_count])
+    if len(states) > init_count:
+        return Report(_phase_of(states[init_count]), states[init_count], init_states)
+    ended = bool(init_states) and "terminated" in init_states[-1]
+    return Report("Failed" if ended else "Pending", waiting_state(POD_INITIALIZING), init_states)
+
+
+def init_containers(spec: Obj) -> list[Obj]:
+    """The init containers the local kubelet runs: sidecars (``restartPolicy: Always``)
+    never complete, so they are ignored like the other extra containers."""
+    return [c for c in spec.get("initContainers") or [] if c.get("restartPolicy") != "Always"]
+
+
+def _initialized(
+    names: Sequence[str], init_states: Sequence[Obj], report: Report
+) -> tuple[str, ...]:
+    """The Initialized condition (status, reason, message), as the kubelet's
+    GeneratePodInitializedCondition: True once every init container exited 0, or once
+    the regular container was created."""
+    if report.phase == "Succeeded":
+        return "True", "PodCompleted", ""
+    incomplete = [n for n, s in zip(names, init_states, strict=True) if not _exited_ok(s)]
+    if not incomplete or "waiting" not in report.state:
+        return "True", "", ""
+    return (
+        "False",
+        "ContainersNotInitialized",
+        f"containers with incomplete status: [{' '.join(incomplete)}]",
+    )
+
+
+def _pod_conditions(
+    old: Sequence[Obj], phase: str, container: str, initialized: tuple[str, ...], now: str
+) -> list[Obj]:
     unready = ("False", "ContainersNotReady", f"containers with unready status: [{container}]")
     ready = {
         "Running": ("True", "", ""),
@@ -674,7 +776,7 @@ def _pod_conditions(old: Sequence[Obj], phase: str, container: str, now: str) ->
     terminal = phase in ("Succeeded", "Failed")
     wanted = [
         ("PodReadyToStartContainers", "False" if terminal else "True", "", ""),
-        ("Initialized", "True", "PodCompleted" if phase == "Succeeded" else "", ""),
+        ("Initialized", *initialized),
         ("Ready", *ready),
         ("ContainersReady", *ready),
         ("PodScheduled", "True", "", ""),
@@ -697,35 +799,50 @@ def _pod_conditions(old: Sequence[Obj], phase: str, container: str, now: str) ->
     return conditions
 
 
+def _container_status(pod: Obj, container: Obj, state: Obj, *, init: bool) -> Obj:
+    running = "running" in state
+    # A completed init container counts as ready; a regular one only while it runs.
+    ready = _exited_ok(state) if init else running
+    suffix = f"/{container['name']}" if init else ""
+    return {
+        "name": container["name"],
+        "image": container.get("image", ""),
+        "imageID": "",
+        # Only a created container has an ID.
+        "containerID": "" if "waiting" in state else f"local://{pod['metadata']['uid']}{suffix}",
+        "ready": ready,
+        "started": running,
+        "restartCount": 0,
+        "state": state,
+    }
+
+
 def pod_status(pod: Obj, report: Report, now: datetime) -> Obj:
-    """The Pod status a kubelet would write for ``report`` (first container only)."""
+    """The Pod status a kubelet would write for ``report``: the init containers and the
+    first regular container (the only one that runs)."""
     old = pod.get("status") or {}
     container = pod["spec"]["containers"][0]
-    running = "running" in report.state
+    inits = init_containers(pod["spec"])
+    not_yet = [waiting_state(POD_INITIALIZING)] * (len(inits) - len(report.init_states))
+    init_states = [*report.init_states, *not_yet]
+    initialized = _initialized([c["name"] for c in inits], init_states, report)
     stamp = rfc3339(now)
     return prune(
         {
             "phase": report.phase,
             "conditions": _pod_conditions(
-                old.get("conditions") or [], report.phase, container["name"], stamp
+                old.get("conditions") or [], report.phase, container["name"], initialized, stamp
             ),
             "hostIP": POD_IP,
             "hostIPs": [{"ip": POD_IP}],
             "podIP": POD_IP,
             "podIPs": [{"ip": POD_IP}],
             "startTime": old.get("startTime") or stamp,
-            "containerStatuses": [
-                {
-                    "name": container["name"],
-                    "image": container.get("image", ""),
-                    "imageID": "",
-                    "containerID": f"local://{pod['metadata']['uid']}",
-                    "ready": running,
-                    "started": running,
-                    "restartCount": 0,
-                    "state": report.state,
-                }
+            "initContainerStatuses": [
+                _container_status(pod, c, s, init=True)
+                for c, s in zip(inits, init_states, strict=True)
             ],
+            "containerStatuses": [_container_status(pod, container, report.state, init=False)],
         }
     )
 
@@ -755,12 +872,14 @@ def termination_message(message: bytes, log_tail: bytes, policy: str, exit_code:
 
 class PodSetupError(Exception):
     """The Pod cannot start yet (e.g. a missing Secret); the kubelet keeps it Pending
-    with this waiting reason and retries."""
+    with this waiting reason and retries. ``container`` is the position, in the order
+    containers run (init containers first), of the one that waits with it."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str, container: int = 0) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
+        self.container = container
 
 
 class StartError(Exception):
@@ -1333,18 +1452,43 @@ class Launch:
     keep: list[str]
 
 
+@dataclass(frozen=True)
+class Step:
+    """One container of a Pod, in the order the kubelet runs them: each init container,
+    then the first regular container. ``launch`` is None when it cannot start at all
+    (``start_error`` says why), which is reported as StartError when its turn comes."""
+
+    name: str
+    init: bool
+    message_policy: str
+    launch: Launch | None
+    start_error: str = ""
+
+
+def container_dir(pod_dir: Path, name: str) -> Path:
+    """A container's own files in the per-pod folder (termination message, start error):
+    each container has its own, as each has its own ``/dev/termination-log``."""
+    return pod_dir / "containers" / name
+
+
 @dataclass
 class ContainerRun:
-    """The local process of one Pod, from its start until its exit is reported."""
+    """The local processes of one Pod, one container at a time (``steps``: its init
+    containers, then its first regular container), from the first start until the last
+    exit is reported. ``process``, ``log_path``, ``started_at``, ``exit_code``,
+    ``finished_at`` and ``killed`` are the current step's; the kubelet's thread moves
+    them on to the next step only once ``exit_code`` is set."""
 
     namespace: str
     pod: str
     uid: str
-    message_policy: str
     pod_dir: Path
-    log_path: Path
+    steps: tuple[Step, ...]
     process: subprocess.Popen[bytes]
+    log_path: Path
     started_at: str
+    ended: list[Obj] = field(default_factory=list)  # states of the init containers done
+    index: int = 0  # of the step that runs
     exit_code: int | None = None
     finished_at: str | None = None
     terminating: bool = False
@@ -1356,12 +1500,20 @@ class ContainerRun:
         return self.namespace, self.pod
 
     @property
+    def step(self) -> Step:
+        return self.steps[self.index]
+
+    @property
+    def init_count(self) -> int:
+        return len(self.steps) - 1
+
+    @property
     def termination_file(self) -> Path:
-        return self.pod_dir / TERMINATION_FILE
+        return container_dir(self.pod_dir, self.step.name) / TERMINATION_FILE
 
     @property
     def start_error_file(self) -> Path:
-        return self.pod_dir / START_ERROR_FILE
+        return container_dir(self.pod_dir, self.step.name) / START_ERROR_FILE
 
 
 def _read_head(path: Path, size: int) -> bytes:
@@ -1395,11 +1547,47 @@ def _grace_seconds(pod: Obj) -> float:
     return float(min(seconds, MAX_GRACE_SECONDS))
 
 
-def _started_at(pod: Obj) -> str | None:
-    """When the Pod's container started running, if a kubelet reported it running."""
-    statuses = pod.get("status", {}).get("containerStatuses") or []
-    running = [s["state"]["running"] for s in statuses if "running" in (s.get("state") or {})]
-    return str(running[0].get("startedAt") or "") if running else None
+def _abandoned_states(pod: Obj, now: str) -> list[Obj] | None:
+    """The container states to report for a Pod one of whose containers (init or
+    regular) a kubelet reported running: an executor that has stopped since started it,
+    and killed it on stopping. That one ends as ContainerStatusUnknown, after the init
+    containers that ran before it; the Pod fails. None when no container ever ran."""
+    status = pod.get("status") or {}
+    # In the order they run; only the first regular container ever runs.
+    statuses = [
+        *(status.get("initContainerStatuses") or []),
+        *(status.get("containerStatuses") or [])[:1],
+    ]
+    states = [s.get("state") or {} for s in statuses]
+    for position, state in enumerate(states):
+        if "running" in state:
+            started = state["running"].get("startedAt") or now
+            message = "The container could not be located when the pod was terminated"
+            unknown = terminated_state(137, "ContainerStatusUnknown", message, started, now)
+            return [*states[:position], unknown]
+    return None
+
+
+def _running_report(run: ContainerRun) -> Report:
+    return kubelet_report(run.init_count, [*run.ended, running_state(run.started_at)])
+
+
+def _exit_state(run: ContainerRun) -> Obj:
+    """The terminated state of ``run``'s current container, which exited."""
+    assert run.exit_code is not None and run.finished_at is not None
+    start_error = _read_head(run.start_error_file, MAX_MESSAGE_BYTES).decode(errors="replace")
+    if start_error:
+        return terminated_state(
+            START_ERROR_EXIT, "StartError", start_error, run.started_at, run.finished_at
+        )
+    code, reason = exit_reason(run.exit_code, run.killed)
+    message = termination_message(
+        _read_head(run.termination_file, MAX_MESSAGE_BYTES),
+        _read_tail(run.log_path, 16 * FALLBACK_LOG_BYTES),
+        run.step.message_policy,
+        code,
+    )
+    return terminated_state(code, reason, message, run.started_at, run.finished_at)
 
 
 class LocalExecutor:
@@ -1442,9 +1630,12 @@ class LocalExecutor:
         """The folder that stands for PersistentVolumeClaim ``claim``."""
         return self.state_dir / "pvc" / namespace / claim
 
-    def log_path(self, namespace: str, pod: str) -> Path:
-        """Where a Pod's stdout and stderr go (``kubectl logs`` cannot work locally)."""
-        return self.state_dir / "logs" / namespace / f"{pod}.log"
+    def log_path(self, namespace: str, pod: str, init_container: str | None = None) -> Path:
+        """Where a container's stdout and stderr go, standing for ``kubectl logs POD [-c
+        NAME]`` (which cannot work locally): ``<pod>.log`` for the regular container,
+        ``<pod>/<name>.log`` for init container ``name``. Logs outlive their Pod."""
+        folder = self.state_dir / "logs" / namespace
+        return folder / pod / f"{init_container}.log" if init_container else folder / f"{pod}.log"
 
     def start(self, timeout: float = 30.0) -> None:
         if shutil.which("unshare") is None:
@@ -1753,12 +1944,11 @@ class LocalExecutor:
             if is_deleting(pod):
                 self._terminate(run, _grace_seconds(pod))
             else:
-                self._report(pod, Report.running(run.started_at))
+                self._report(pod, _running_report(run))
             return None
         if run is not None:
-            if not is_terminal(pod):
-                self._report(pod, self._exit_report(run))
-            self._forget(run)
+            if self._exited(pod, run):
+                return None
         elif not is_deleting(pod) and not is_terminal(pod):
             return self._start(pod)
         if is_deleting(pod):
@@ -1767,24 +1957,63 @@ class LocalExecutor:
 
     def _start(self, pod: Obj) -> float | None:
         now = rfc3339(utc_now())
-        if (started := _started_at(pod)) is not None:
-            # Started by an executor that has stopped since (and killed the process).
-            message = "The container could not be located when the pod was terminated"
-            report = Report.terminated(137, "ContainerStatusUnknown", message, started or now, now)
-            self._report(pod, report)
+        init_count = len(init_containers(pod["spec"]))
+        if (abandoned := _abandoned_states(pod, now)) is not None:
+            self._report(pod, kubelet_report(init_count, abandoned))
             return None
+        pod_dir = self._pod_dir(pod["metadata"]["uid"])
         try:
-            run = self._launch(pod)
-        except (PodSetupError, StartError) as exc:
-            shutil.rmtree(self._pod_dir(pod["metadata"]["uid"]), ignore_errors=True)
-            if isinstance(exc, StartError):
-                report = Report.terminated(START_ERROR_EXIT, "StartError", str(exc), now, now)
-                self._report(pod, report)
-                return None
-            self._report(pod, Report.waiting(exc.reason, exc.message))
+            steps = self._prepare_steps(pod, pod_dir)
+        except PodSetupError as exc:
+            shutil.rmtree(pod_dir, ignore_errors=True)
+            # The containers before the one that cannot start wait too: none has run.
+            waiting = [waiting_state(POD_INITIALIZING)] * exc.container
+            waiting.append(waiting_state(exc.reason, exc.message))
+            self._report(pod, kubelet_report(init_count, waiting))
             return SETUP_RETRY_SECONDS
-        self._report(pod, Report.running(run.started_at))
+        if steps[0].launch is None:
+            shutil.rmtree(pod_dir, ignore_errors=True)
+            failed = terminated_state(
+                START_ERROR_EXIT, "StartError", steps[0].start_error, now, now
+            )
+            self._report(pod, kubelet_report(init_count, [failed]))
+            return None
+        run = self._launch(pod, steps)
+        self._report(pod, _running_report(run))
         return None
+
+    def _exited(self, pod: Obj, run: ContainerRun) -> bool:
+        """``run``'s current container exited: start the next one (True), or report how
+        the Pod ended and forget the run (False). Nothing changes before the report is
+        written, so a failed write is simply retried."""
+        states = [*run.ended, _exit_state(run)]
+        if self._goes_on(pod, run, states[-1]):
+            following = run.steps[run.index + 1]
+            if following.launch is not None:
+                self._run_next(run, states[-1])
+                self._report(pod, _running_report(run))
+                return True
+            now = rfc3339(utc_now())
+            states.append(
+                terminated_state(START_ERROR_EXIT, "StartError", following.start_error, now, now)
+            )
+        if not is_terminal(pod):
+            self._report(pod, kubelet_report(run.init_count, states))
+        self._forget(run)
+        return False
+
+    def _goes_on(self, pod: Obj, run: ContainerRun, ended: Obj) -> bool:
+        """Whether a next container starts after ``run``'s current one ``ended``: only
+        after an init container that exited 0, and not while the Pod or the executor is
+        going away (restartPolicy Never: a failed init container fails the Pod)."""
+        return (
+            run.index < run.init_count
+            and _exited_ok(ended)
+            and not run.terminating
+            and not is_deleting(pod)
+            and not is_terminal(pod)
+            and not self._stopping.is_set()
+        )
 
     def _pod_dir(self, uid: str) -> Path:
         return self.state_dir / "pods" / uid
@@ -1796,44 +2025,114 @@ class LocalExecutor:
         merged["PATH"] = f"{self._bin_dir}{os.pathsep}{path}"
         return merged
 
-    def _launch(self, pod: Obj) -> ContainerRun:
-        meta, spec = pod["metadata"], pod["spec"]
-        if len(spec["containers"]) > 1 or spec.get("initContainers"):
-            log.warning("pod %s/%s: only the first container runs", meta["namespace"], meta["name"])
-        container = spec["containers"][0]
+    def _launch(self, pod: Obj, steps: Sequence[Step]) -> ContainerRun:
+        """Start the Pod's first container (its first init container, if any)."""
+        meta = pod["metadata"]
         pod_dir = self._pod_dir(meta["uid"])
-        launch = self._prepare(pod, container, pod_dir)
-        log_path = self.log_path(meta["namespace"], meta["name"])
-        process = _spawn(launch, pod_dir, log_path)
+        process, log_path = self._spawn_step(meta["namespace"], meta["name"], pod_dir, steps[0])
         run = ContainerRun(
             namespace=meta["namespace"],
             pod=meta["name"],
             uid=meta["uid"],
-            message_policy=container.get("terminationMessagePolicy", "File"),
             pod_dir=pod_dir,
-            log_path=log_path,
+            steps=tuple(steps),
             process=process,
+            log_path=log_path,
             started_at=rfc3339(utc_now()),
         )
         with self._lock:
             self._runs[run.uid] = run
+        self._watch_exit(run)
+        return run
+
+    def _run_next(self, run: ContainerRun, ended: Obj) -> None:
+        """Start the container after ``run``'s init container, which ``ended`` with 0."""
+        # What the init container left running dies with it, as in a container runtime.
+        _signal_group(run, signal.SIGKILL)
+        following = run.steps[run.index + 1]
+        process, log_path = self._spawn_step(run.namespace, run.pod, run.pod_dir, following)
+        with self._lock:
+            run.ended.append(ended)
+            run.index += 1
+            run.process, run.log_path, run.started_at = process, log_path, rfc3339(utc_now())
+            run.exit_code = run.finished_at = None
+            run.killed = False
+        self._watch_exit(run)
+
+    def _spawn_step(
+        self, namespace: str, pod: str, pod_dir: Path, step: Step
+    ) -> tuple[subprocess.Popen[bytes], Path]:
+        assert step.launch is not None
+        log_path = self.log_path(namespace, pod, step.name if step.init else None)
+        process = _spawn(step.launch, pod_dir, container_dir(pod_dir, step.name), log_path)
+        # Only the command: $(VAR) expansion may have put Secret values in the arguments.
+        log.info(
+            "pod %s/%s: %s started %s (pid %d)",
+            namespace,
+            pod,
+            _describe_step(step),
+            step.launch.argv[0],
+            process.pid,
+        )
+        return process, log_path
+
+    def _watch_exit(self, run: ContainerRun) -> None:
         threading.Thread(
             target=self._wait_for_exit, args=(run,), name=f"pod {run.pod}", daemon=True
         ).start()
-        # Only the command: $(VAR) expansion may have put Secret values in the arguments.
-        log.info(
-            "pod %s/%s: started %s (pid %d)", run.namespace, run.pod, launch.argv[0], process.pid
-        )
-        return run
 
-    def _prepare(self, pod: Obj, container: Obj, pod_dir: Path) -> Launch:
-        """Resolve the environment, write the volumes, plan the mounts."""
-        env = container_env(pod, container, self.kube)
+    def _prepare_steps(self, pod: Obj, pod_dir: Path) -> list[Step]:
+        """The Pod's containers in the order they run, all resolved before the first one
+        starts: the volumes written once (an emptyDir an init container fills is what the
+        regular container mounts), then each container's environment, command and mounts.
+
+        A missing Secret or ConfigMap thus holds the whole Pod back, even one only the
+        regular container needs (a kubelet would run the init containers first).
+        """
+        meta, spec = pod["metadata"], pod["spec"]
+        if len(spec["containers"]) > 1:
+            log.warning("pod %s/%s: only the first container runs", meta["namespace"], meta["name"])
+        inits = init_containers(spec)
+        if len(inits) < len(spec.get("initContainers") or []):
+            log.warning(
+                "pod %s/%s: sidecar containers are ignored", meta["namespace"], meta["name"]
+            )
         volumes = materialize_volumes(pod, pod_dir / "volumes", self.state_dir / "pvc", self.kube)
+        containers = [*inits, spec["containers"][0]]
+        return [
+            self._step(pod, container, pod_dir, volumes, position, position < len(inits))
+            for position, container in enumerate(containers)
+        ]
+
+    def _step(
+        self,
+        pod: Obj,
+        container: Obj,
+        pod_dir: Path,
+        volumes: dict[str, Volume],
+        position: int,
+        init: bool,
+    ) -> Step:
+        policy = container.get("terminationMessagePolicy", "File")
+        try:
+            launch = self._prepare(pod, container, pod_dir, volumes)
+        except PodSetupError as exc:
+            raise PodSetupError(exc.reason, exc.message, position) from exc
+        except StartError as exc:
+            return Step(container["name"], init, policy, None, str(exc))
+        return Step(container["name"], init, policy, launch)
+
+    def _prepare(
+        self, pod: Obj, container: Obj, pod_dir: Path, volumes: dict[str, Volume]
+    ) -> Launch:
+        """Resolve the environment and the command, plan the mounts."""
+        env = container_env(pod, container, self.kube)
         argv = [expand(a, env) for a in [*container.get("command", []), *container.get("args", [])]]
         proc_env = self._process_env(pod, env)
         executable = _resolve_executable(argv, proc_env["PATH"])
-        termination = pod_dir / TERMINATION_FILE
+        own = container_dir(pod_dir, container["name"])
+        own.mkdir(parents=True, exist_ok=True)
+        termination = own / TERMINATION_FILE
         termination.write_bytes(b"")
         message_path = container.get("terminationMessagePath") or DEFAULT_TERMINATION_PATH
         mounts = [
@@ -1848,31 +2147,31 @@ class LocalExecutor:
         return Launch(argv, executable, proc_env, mounts, container.get("workingDir", ""), keep)
 
     def _wait_for_exit(self, run: ContainerRun) -> None:
-        returncode = run.process.wait()
+        # Fixed until exit_code is set: only then may the run move on to its next step.
+        process, step, log_path = run.process, run.step, run.log_path
+        returncode = process.wait()
         with self._lock:
             run.exit_code = returncode
             run.finished_at = rfc3339(utc_now())
-            timer = run.kill_timer
+            timer, stopped = run.kill_timer, run.terminating
         if timer is not None:
             timer.cancel()
-        log.info("pod %s/%s: exited with %d", run.namespace, run.pod, returncode)
-        self._pods.add(run.key)
-
-    def _exit_report(self, run: ContainerRun) -> Report:
-        assert run.exit_code is not None and run.finished_at is not None
-        start_error = _read_head(run.start_error_file, MAX_MESSAGE_BYTES).decode(errors="replace")
-        if start_error:
-            return Report.terminated(
-                START_ERROR_EXIT, "StartError", start_error, run.started_at, run.finished_at
-            )
-        code, reason = exit_reason(run.exit_code, run.killed)
-        message = termination_message(
-            _read_head(run.termination_file, MAX_MESSAGE_BYTES),
-            _read_tail(run.log_path, 16 * FALLBACK_LOG_BYTES),
-            run.message_policy,
-            code,
+        log.info(
+            "pod %s/%s: %s exited with %d", run.namespace, run.pod, _describe_step(step), returncode
         )
-        return Report.terminated(code, reason, message, run.started_at, run.finished_at)
+        if step.init and returncode != 0 and not stopped:
+            # Its status message follows the kubelet's rules and is often empty (policy
+            # File): the executor's log shows why the Pod never got to its container.
+            tail = _read_tail(log_path, FALLBACK_LOG_BYTES).decode(errors="replace").rstrip()
+            log.warning(
+                "pod %s/%s: init container %s failed; the end of %s:\n%s",
+                run.namespace,
+                run.pod,
+                step.name,
+                log_path,
+                tail,
+            )
+        self._pods.add(run.key)
 
     def _report(self, pod: Obj, report: Report) -> None:
         desired = pod_status(pod, report, utc_now())
@@ -1926,16 +2225,17 @@ class LocalExecutor:
                 raise
 
 
-def _spawn(launch: Launch, pod_dir: Path, log_path: Path) -> subprocess.Popen[bytes]:
+def _spawn(launch: Launch, pod_dir: Path, own_dir: Path, log_path: Path) -> subprocess.Popen[bytes]:
     """Start ``container_init`` in a new mount namespace, as the leader of a new process
-    group (so the whole tree can be signalled), logging to ``log_path``."""
+    group (so the whole tree can be signalled), logging to ``log_path``. ``own_dir`` is
+    the container's folder (``container_dir``), where a start error is written."""
     init_spec = {
         "mounts": [vars(m) for m in launch.mounts],
         "keep": launch.keep,
         "workingDir": launch.working_dir,
         "executable": launch.executable,
         "argv": launch.argv,
-        "startErrorFile": str(pod_dir / START_ERROR_FILE),
+        "startErrorFile": str(own_dir / START_ERROR_FILE),
     }
     default_cwd = pod_dir / "work"  # a mount cannot hide a process's cwd
     default_cwd.mkdir(parents=True, exist_ok=True)
@@ -1958,6 +2258,10 @@ def _spawn(launch: Launch, pod_dir: Path, log_path: Path) -> subprocess.Popen[by
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+
+
+def _describe_step(step: Step) -> str:
+    return f"{'init container' if step.init else 'container'} {step.name}"
 
 
 def _rejected_for_good(exc: ApiError) -> bool:

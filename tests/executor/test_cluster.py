@@ -462,3 +462,236 @@ def test_the_command_line_executor_stops_on_sigterm_and_kills_its_processes(
     finally:
         process.kill()
         process.wait()
+
+
+# ------------------------------------------------------------- init containers ---
+
+
+def init_container(name: str, script: str, **fields: Any) -> Obj:
+    """An init container running ``python3 -c script``, valid under `restricted`."""
+    return {
+        "name": name,
+        "image": "ghcr.io/kubetune/trainer:never-pulled",
+        "command": ["python3", "-c", textwrap.dedent(script)],
+        "securityContext": RESTRICTED_CONTAINER,
+        **fields,
+    }
+
+
+def container_state(pod: Obj, which: str, position: int = 0) -> Obj:
+    """The state in ``status.<which>`` (containerStatuses or initContainerStatuses)."""
+    state: Obj = pod["status"][which][position]["state"]
+    return state
+
+
+def test_init_containers_run_in_order_and_fill_the_emptydir_the_main_container_reads(
+    kubectl: Kubectl, namespace: str, executor: LocalExecutor
+) -> None:
+    gate = executor.pvc_dir(namespace, "gates") / "fill.go"
+    # The first init container waits for the test to open the gate, so that the status
+    # of a Pod initializing can be looked at.
+    first = """
+        import os, time
+        for _ in range(600):
+            if os.path.exists("/gates/fill.go"):
+                break
+            time.sleep(0.1)
+        else:
+            raise SystemExit(7)
+        open("/shared/greeting.txt", "w").write("hello from first")
+        print("first done")
+    """
+    second = """
+        text = open("greeting.txt").read()  # relative: workingDir is the emptyDir
+        open("greeting.txt", "w").write(text + " and second")
+        print("second done")
+    """
+    main = """
+        text = open("/input/greeting.txt").read()
+        try:
+            open("/input/other.txt", "w")
+            writable = "writable"
+        except OSError:
+            writable = "read-only"
+        open("/dev/termination-log", "w").write(f"{text} ({writable})")
+    """
+    shared = {"name": "shared", "mountPath": "/shared"}
+    pod = {
+        "initContainers": [
+            init_container(
+                "first",
+                first,
+                volumeMounts=[shared, {"name": "gates", "mountPath": "/gates", "readOnly": True}],
+            ),
+            init_container("second", second, workingDir="/shared", volumeMounts=[shared]),
+        ],
+        "volumes": [
+            {"name": "shared", "emptyDir": {}},
+            {"name": "gates", "persistentVolumeClaim": {"claimName": "gates"}},
+        ],
+    }
+    container = {
+        "volumeMounts": [{"name": "shared", "mountPath": "/input", "readOnly": True}],
+    }
+    kubectl.apply(job_manifest("fill", main, container=container, pod=pod), "-n", namespace)
+
+    def initializing() -> Obj | None:
+        pods = pods_of(kubectl, namespace, "fill")
+        inits = pods[0].get("status", {}).get("initContainerStatuses") if pods else None
+        return pods[0] if inits and "running" in inits[0]["state"] else None
+
+    pod_obj = wait_for("the first init container to run", initializing)
+    assert pod_obj["status"]["phase"] == "Pending"
+    assert container_state(pod_obj, "initContainerStatuses", 1)["waiting"]["reason"] == (
+        "PodInitializing"
+    )
+    assert container_state(pod_obj, "containerStatuses")["waiting"]["reason"] == "PodInitializing"
+    initialized = condition(pod_obj, "Initialized")
+    assert initialized is not None
+    assert (initialized["status"], initialized["reason"]) == ("False", "ContainersNotInitialized")
+    assert initialized["message"] == "containers with incomplete status: [first second]"
+    assert condition(pod_obj, "Ready")["status"] == "False"  # type: ignore[index]
+
+    gate.write_text("")
+    wait_condition(kubectl, namespace, "fill", "Complete")
+    (pod_obj,) = pods_of(kubectl, namespace, "fill")
+    assert pod_obj["status"]["phase"] == "Succeeded"
+    terminated = container_state(pod_obj, "containerStatuses")["terminated"]
+    assert (terminated["exitCode"], terminated["message"]) == (
+        0,
+        "hello from first and second (read-only)",
+    )
+    for position, name in enumerate(("first", "second")):
+        status = pod_obj["status"]["initContainerStatuses"][position]
+        assert (status["name"], status["ready"]) == (name, True)
+        assert (
+            status["state"]["terminated"]["exitCode"],
+            status["state"]["terminated"]["reason"],
+        ) == (
+            0,
+            "Completed",
+        )
+    # The second init container started once the first had finished.
+    inits = [s["state"]["terminated"] for s in pod_obj["status"]["initContainerStatuses"]]
+    assert inits[0]["finishedAt"] <= inits[1]["startedAt"] <= terminated["startedAt"]
+    assert condition(pod_obj, "Initialized")["status"] == "True"  # type: ignore[index]
+    pod_name = pod_obj["metadata"]["name"]
+    assert "first done" in executor.log_path(namespace, pod_name, "first").read_text()
+    assert "second done" in executor.log_path(namespace, pod_name, "second").read_text()
+    assert "done" not in executor.log_path(namespace, pod_name).read_text()
+
+
+def test_a_failing_init_container_fails_the_pod_before_the_main_container_runs(
+    kubectl: Kubectl,
+    namespace: str,
+    executor: LocalExecutor,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    marks = executor.pvc_dir(namespace, "marks")
+    mark = """
+        import os
+        open(f"/marks/{os.environ['WHO']}", "w").write("ran")
+    """
+    fail = """
+        import sys
+        print("no such object: s3://bucket/train.jsonl", file=sys.stderr)
+        sys.exit(4)
+    """
+
+    def marking(who: str) -> Obj:
+        return {
+            "env": [{"name": "WHO", "value": who}],
+            "volumeMounts": [{"name": "marks", "mountPath": "/marks"}],
+        }
+
+    pod = {
+        "initContainers": [
+            init_container("before", mark, **marking("before")),
+            init_container("fetch", fail, terminationMessagePolicy="FallbackToLogsOnError"),
+            init_container("after", mark, **marking("after")),
+        ],
+        "volumes": [{"name": "marks", "persistentVolumeClaim": {"claimName": "marks"}}],
+    }
+    manifest = job_manifest("init-fails", mark, container=marking("main"), pod=pod)
+    kubectl.apply(manifest, "-n", namespace)
+
+    job = wait_condition(kubectl, namespace, "init-fails", "Failed")
+    assert condition(job, "Failed")["reason"] == "BackoffLimitExceeded"  # type: ignore[index]
+    assert job["status"]["failed"] == 1
+    (pod_obj,) = pods_of(kubectl, namespace, "init-fails")
+    assert pod_obj["status"]["phase"] == "Failed"
+    before, fetch, after = (container_state(pod_obj, "initContainerStatuses", i) for i in range(3))
+    assert before["terminated"]["exitCode"] == 0
+    assert (fetch["terminated"]["exitCode"], fetch["terminated"]["reason"]) == (4, "Error")
+    assert fetch["terminated"]["message"] == "no such object: s3://bucket/train.jsonl\n"
+    assert after["waiting"]["reason"] == "PodInitializing"
+    assert container_state(pod_obj, "containerStatuses") == {
+        "waiting": {"reason": "PodInitializing"}
+    }
+    assert condition(pod_obj, "Initialized")["status"] == "False"  # type: ignore[index]
+    assert sorted(p.name for p in marks.iterdir()) == ["before"]
+    pod_name = pod_obj["metadata"]["name"]
+    assert not executor.log_path(namespace, pod_name).exists()
+    # Its status message is empty with the default policy: the executor's log has the end
+    # of the container's log.
+    assert f"{pod_name}: init container fetch failed" in caplog.text
+    assert "no such object: s3://bucket/train.jsonl" in caplog.text
+
+
+def test_an_init_container_gets_its_own_env_from_a_secret_once_the_secret_exists(
+    kubectl: Kubectl, namespace: str, executor: LocalExecutor
+) -> None:
+    report = """
+        import json, os, sys
+        names = ("AWS_ACCESS_KEY_ID", "AWS_ENDPOINT_URL")
+        report = {"env": {n: os.environ.get(n) for n in names}, "args": sys.argv[1:]}
+        open("/dev/termination-log", "w").write(json.dumps(report))
+    """
+    fetch = init_container(
+        "fetch",
+        report,
+        args=["--key", "$(AWS_ACCESS_KEY_ID)"],
+        env=[
+            {
+                "name": "AWS_ACCESS_KEY_ID",
+                "valueFrom": {"secretKeyRef": {"name": "s3-creds", "key": "AWS_ACCESS_KEY_ID"}},
+            },
+            {"name": "AWS_ENDPOINT_URL", "value": "http://127.0.0.1:9000"},
+        ],
+    )
+    manifest = job_manifest("init-env", report, pod={"initContainers": [fetch]})
+    kubectl.apply(manifest, "-n", namespace)
+
+    def waiting_init() -> Obj | None:
+        pods = pods_of(kubectl, namespace, "init-env")
+        inits = pods[0].get("status", {}).get("initContainerStatuses") if pods else None
+        return pods[0] if inits and "waiting" in inits[0]["state"] else None
+
+    pod_obj = wait_for("the init container to wait for its Secret", waiting_init)
+    waiting = container_state(pod_obj, "initContainerStatuses")["waiting"]
+    assert waiting["reason"] == "CreateContainerConfigError"
+    assert "s3-creds" in waiting["message"]
+    assert container_state(pod_obj, "containerStatuses")["waiting"]["reason"] == "PodInitializing"
+
+    kubectl.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "s3-creds"},
+            "stringData": {"AWS_ACCESS_KEY_ID": "AKIDLOCAL"},
+        },
+        "-n",
+        namespace,
+    )
+    wait_condition(kubectl, namespace, "init-env", "Complete")
+    (pod_obj,) = pods_of(kubectl, namespace, "init-env")
+    init_report = json.loads(
+        container_state(pod_obj, "initContainerStatuses")["terminated"]["message"]
+    )
+    assert init_report == {
+        "env": {"AWS_ACCESS_KEY_ID": "AKIDLOCAL", "AWS_ENDPOINT_URL": "http://127.0.0.1:9000"},
+        "args": ["--key", "AKIDLOCAL"],
+    }
+    # The main container has its own environment, without the init container's.
+    main_report = json.loads(container_state(pod_obj, "containerStatuses")["terminated"]["message"])
+    assert main_report["env"] == {"AWS_ACCESS_KEY_ID": None, "AWS_ENDPOINT_URL": None}

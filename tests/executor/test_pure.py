@@ -28,12 +28,16 @@ from local_executor import (
     exit_reason,
     expand,
     job_status_canonical,
+    kubelet_report,
     materialize_volumes,
     paths_to_keep,
     plan_job,
     pod_status,
     rfc3339,
+    running_state,
+    terminated_state,
     termination_message,
+    waiting_state,
 )
 
 Obj = dict[str, Any]
@@ -357,6 +361,106 @@ def test_running_then_succeeded_pod_status_like_a_kubelet() -> None:
     assert succeeded["containerStatuses"][0]["state"]["terminated"]["message"] == '{"ok": true}'
     assert succeeded["startTime"] == running["startTime"]
     assert pod_status(pod, Report.terminated(2, "Error", "", "t", "t"), NOW)["phase"] == "Failed"
+
+
+def init_pod() -> Obj:
+    return {
+        "metadata": {"uid": "u1"},
+        "spec": {
+            "initContainers": [
+                {"name": "fetch", "image": "img"},
+                {"name": "sidecar", "image": "img", "restartPolicy": "Always"},
+                {"name": "unpack", "image": "img"},
+            ],
+            "containers": [{"name": "main", "image": "img"}],
+        },
+        "status": {"phase": "Pending"},
+    }
+
+
+def statuses(status: Obj, which: str) -> list[tuple[str, Obj]]:
+    return [(s["name"], s["state"]) for s in status[which]]
+
+
+def test_pod_status_while_init_containers_run_then_once_they_are_done() -> None:
+    pod, stamp = init_pod(), rfc3339(NOW)
+    done = terminated_state(0, "Completed", "", stamp, stamp)
+    report = kubelet_report(2, [running_state(stamp)])
+    initializing = pod_status(pod, report, NOW)
+    assert initializing["phase"] == "Pending"
+    # The sidecar never runs locally, so it is not listed.
+    assert statuses(initializing, "initContainerStatuses") == [
+        ("fetch", {"running": {"startedAt": stamp}}),
+        ("unpack", {"waiting": {"reason": "PodInitializing"}}),
+    ]
+    assert statuses(initializing, "containerStatuses") == [
+        ("main", {"waiting": {"reason": "PodInitializing"}})
+    ]
+    conditions = {c["type"]: c for c in initializing["conditions"]}
+    assert (conditions["Initialized"]["status"], conditions["Initialized"]["reason"]) == (
+        "False",
+        "ContainersNotInitialized",
+    )
+    assert (
+        conditions["Initialized"]["message"] == "containers with incomplete status: [fetch unpack]"
+    )
+    assert conditions["Ready"]["status"] == "False"
+    fetch = initializing["initContainerStatuses"][0]
+    assert (fetch["started"], fetch["ready"], fetch["containerID"]) == (
+        True,
+        False,
+        "local://u1/fetch",
+    )
+    assert "containerID" not in initializing["initContainerStatuses"][1]
+
+    second = pod_status(pod, kubelet_report(2, [done, running_state(stamp)]), NOW)
+    assert [c["ready"] for c in second["initContainerStatuses"]] == [True, False]
+    initialized = next(c for c in second["conditions"] if c["type"] == "Initialized")
+    assert initialized["message"] == "containers with incomplete status: [unpack]"
+
+    running = pod_status(pod, kubelet_report(2, [done, done, running_state(stamp)]), NOW)
+    assert running["phase"] == "Running"
+    assert {c["type"]: c["status"] for c in running["conditions"]} == {
+        "PodReadyToStartContainers": "True",
+        "Initialized": "True",
+        "Ready": "True",
+        "ContainersReady": "True",
+        "PodScheduled": "True",
+    }
+    assert [c["ready"] for c in running["initContainerStatuses"]] == [True, True]
+    finished = kubelet_report(2, [done, done, done])
+    assert pod_status(pod, finished, NOW)["phase"] == "Succeeded"
+
+
+def test_a_failed_init_container_fails_the_pod_and_the_main_container_waits() -> None:
+    pod, stamp = init_pod(), rfc3339(NOW)
+    failed = terminated_state(1, "Error", "cannot download", stamp, stamp)
+    report = kubelet_report(2, [failed])
+    assert report.phase == "Failed"
+    status = pod_status(pod, report, NOW)
+    assert status["phase"] == "Failed"
+    assert statuses(status, "initContainerStatuses") == [
+        ("fetch", failed),
+        ("unpack", {"waiting": {"reason": "PodInitializing"}}),
+    ]
+    assert statuses(status, "containerStatuses") == [
+        ("main", {"waiting": {"reason": "PodInitializing"}})
+    ]
+    conditions = {c["type"]: c["status"] for c in status["conditions"]}
+    assert (
+        conditions["Initialized"] == "False" and conditions["PodReadyToStartContainers"] == "False"
+    )
+    # An init container that exited 0 with nothing after it: the Pod was stopped.
+    done = terminated_state(0, "Completed", "", stamp, stamp)
+    assert kubelet_report(2, [done]).phase == "Failed"
+    # A container that cannot start yet: the Pod waits, and so do those after it.
+    waiting = kubelet_report(2, [waiting_state("PodInitializing"), waiting_state("Oops", "m")])
+    assert (waiting.phase, waiting.state) == (
+        "Pending",
+        {"waiting": {"reason": "PodInitializing", "message": ""}},
+    )
+    on_main = kubelet_report(0, [waiting_state("CreateContainerConfigError", "no secret")])
+    assert on_main == Report.waiting("CreateContainerConfigError", "no secret")
 
 
 @pytest.mark.parametrize(

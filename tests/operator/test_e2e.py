@@ -469,3 +469,63 @@ def test_a_finetunejob_with_deploy_gets_a_vllm_server(
         on_timeout=operator.tail,
     )
     assert "deployment" not in status(kubectl, "ftj", ns, "served")
+
+
+def test_a_dataset_on_s3_is_fetched_by_an_init_container_with_the_secrets_credentials(
+    kubectl: Kubectl, ns: str, operator: Operator, s3_endpoint: str
+) -> None:
+    """The validation pod's init container runs `kubetune fetch` against the moto S3
+    server. The local executor passes no AWS_* variable from the host (and HOME is an
+    emptyDir), so the only credentials the fetch has are the Secret's."""
+    import boto3
+
+    examples = [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {i} plus {i}?"},
+                {"role": "assistant", "content": str(2 * i)},
+            ]
+        }
+        for i in range(4)
+    ]
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.create_bucket(Bucket="kubetune-data")
+    body = "".join(json.dumps(e) + "\n" for e in examples).encode()
+    s3.put_object(Bucket="kubetune-data", Key="chat/train.jsonl", Body=body)
+    kubectl.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "s3-creds"},
+            "stringData": {
+                "AWS_ACCESS_KEY_ID": "test",
+                "AWS_SECRET_ACCESS_KEY": "test",
+                "AWS_REGION": "us-east-1",
+            },
+        },
+        "-n",
+        ns,
+    )
+    source = {
+        "uri": "s3://kubetune-data/chat/train.jsonl",
+        "endpoint": s3_endpoint,
+        "secretRef": {"name": "s3-creds"},
+    }
+    manifest = dataset("s3-chat", "unused")
+    manifest["spec"]["source"] = {"s3": source}
+    kubectl.apply(manifest, "-n", ns)
+
+    ds = wait_for(
+        lambda: phase_in(kubectl, "kds", ns, "s3-chat", ("Ready", "Invalid", "Failed")),
+        120,
+        "the Dataset on S3",
+        on_timeout=operator.tail,
+    )
+    assert ds["phase"] == "Ready", ds
+    assert (ds["examples"], ds["images"]) == (4, 0), ds
+    (pod,) = kubectl.get("pods", "-n", ns, "-l", "kubetune.io/dataset=s3-chat")["items"]
+    (fetch,) = pod["status"]["initContainerStatuses"]
+    assert fetch["name"] == "fetch-dataset"
+    assert fetch["state"]["terminated"]["exitCode"] == 0, fetch
+    env = {e["name"]: e for e in pod["spec"]["initContainers"][0]["env"]}
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "s3-creds"
