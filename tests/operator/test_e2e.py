@@ -529,3 +529,50 @@ def test_a_dataset_on_s3_is_fetched_by_an_init_container_with_the_secrets_creden
     assert fetch["state"]["terminated"]["exitCode"] == 0, fetch
     env = {e["name"]: e for e in pod["spec"]["initContainers"][0]["env"]}
     assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "s3-creds"
+
+
+def test_a_dataset_whose_fetch_fails_says_why(
+    kubectl: Kubectl, ns: str, operator: Operator, s3_endpoint: str
+) -> None:
+    """A wrong key fails the fetch, and its error is the Dataset's message; a Secret
+    that does not exist fails it at once instead of leaving it Validating."""
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="kubetune-empty")
+    kubectl.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "empty-creds"},
+            "stringData": {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"},
+        },
+        "-n",
+        ns,
+    )
+    for name, secret in (("no-such-key", "empty-creds"), ("no-such-secret", "missing-creds")):
+        manifest = dataset(name, "unused")
+        manifest["spec"]["source"] = {
+            "s3": {
+                "uri": "s3://kubetune-empty/nothing.jsonl",
+                "endpoint": s3_endpoint,
+                "secretRef": {"name": secret},
+            }
+        }
+        kubectl.apply(manifest, "-n", ns)
+    missing_key = wait_for(
+        lambda: phase_in(kubectl, "kds", ns, "no-such-key", ("Ready", "Invalid", "Failed")),
+        120,
+        "the Dataset with a wrong key",
+        on_timeout=operator.tail,
+    )
+    assert missing_key["phase"] == "Failed", missing_key
+    assert "fetch-dataset exited with code" in missing_key["message"], missing_key
+    assert "s3://kubetune-empty/nothing.jsonl" in missing_key["message"], missing_key
+    missing_secret = wait_for(
+        lambda: phase_in(kubectl, "kds", ns, "no-such-secret", ("Ready", "Invalid", "Failed")),
+        60,
+        "the Dataset with a missing Secret",
+        on_timeout=operator.tail,
+    )
+    assert missing_secret["phase"] == "Failed", missing_secret
+    assert "missing-creds" in missing_secret["message"], missing_secret

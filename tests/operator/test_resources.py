@@ -324,6 +324,31 @@ def test_job_state(
         assert state.summary == {"trainLoss": 0.5}
 
 
+def _initializing(init_state: dict[str, Any], phase: str = "Pending") -> dict[str, Any]:
+    pod = _pod(phase, {"waiting": {"reason": "PodInitializing"}})
+    pod["status"]["initContainerStatuses"] = [{"name": "fetch-train-data", "state": init_state}]
+    return pod
+
+
+def test_a_failed_fetch_names_the_init_container_and_its_error() -> None:
+    failed = _job([{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}])
+    log = "fetching s3://data/train.jsonl\nkubetune fetch: NoSuchKey: s3://data/train.jsonl"
+    pod = _initializing({"terminated": {"exitCode": 1, "message": log}}, "Failed")
+    state = job_state(failed, [pod])
+    assert (state.phase, state.reason) == ("Failed", "InitContainerFailed")
+    assert "fetch-train-data exited with code 1" in state.message
+    assert "NoSuchKey" in state.message
+
+
+def test_an_init_container_missing_its_secret_fails_at_once() -> None:
+    waiting = {
+        "waiting": {"reason": "CreateContainerConfigError", "message": 'secret "s3" not found'}
+    }
+    state = job_state(_job(), [_initializing(waiting)])
+    assert (state.phase, state.reason) == ("Failed", "CreateContainerConfigError")
+    assert state.message == 'secret "s3" not found'
+
+
 def test_a_trainer_failure_reports_the_trainer_s_message() -> None:
     failed = _job([{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}])
     summary = '{"ok": false, "phase": "Failed", "message": "the dataset changed: sha256 differs"}'

@@ -155,10 +155,28 @@ def _terminated(pod: Mapping[str, Any] | None) -> Mapping[str, Any]:
 
 
 def _waiting(pod: Mapping[str, Any] | None) -> Mapping[str, Any]:
-    for cs in (pod or {}).get("status", {}).get("containerStatuses") or []:
-        if "waiting" in (cs.get("state") or {}):
-            return cs["state"]["waiting"]
+    """Why the pod's containers wait, init containers first: while one of them waits
+    (a missing Secret, say), the main container only says PodInitializing."""
+    status = (pod or {}).get("status", {})
+    for key in ("initContainerStatuses", "containerStatuses"):
+        for cs in status.get(key) or []:
+            if "waiting" in (cs.get("state") or {}):
+                return cs["state"]["waiting"]
     return {}
+
+
+def _failed_init(pod: Mapping[str, Any] | None) -> tuple[str, Mapping[str, Any]] | None:
+    """The init container (a fetch of the dataset or model) that exited non-zero."""
+    for cs in (pod or {}).get("status", {}).get("initContainerStatuses") or []:
+        term = (cs.get("state") or {}).get("terminated") or {}
+        if term.get("exitCode"):
+            return cs["name"], term
+    return None
+
+
+def _tail(message: str | None) -> str:
+    lines = (message or "").strip().splitlines()[-3:]
+    return f": {' / '.join(lines)}" if lines else ""
 
 
 def _metrics_port(pod: Mapping[str, Any]) -> int | None:
@@ -172,6 +190,13 @@ def _metrics_port(pod: Mapping[str, Any]) -> int | None:
 def _failure_message(
     job_reason: str, job_message: str, pod: Mapping[str, Any] | None
 ) -> tuple[str, str]:
+    init = _failed_init(pod)
+    if init is not None:
+        name, term = init
+        return "InitContainerFailed", (
+            f"{name} exited with code {term['exitCode']} before the main container"
+            f"{_tail(term.get('message'))}"
+        )
     term = _terminated(pod)
     summary = parse_termination_message(term.get("message"))
     if term.get("reason") == "OOMKilled":
@@ -182,9 +207,9 @@ def _failure_message(
     if summary and summary.get("ok") is False and summary.get("message"):
         return job_reason or "TrainerError", str(summary["message"])
     if term.get("exitCode"):
-        tail = (term.get("message") or "").strip().splitlines()[-3:]
-        detail = f": {' / '.join(tail)}" if tail else ""
-        return job_reason or "Error", f"the trainer exited with code {term['exitCode']}{detail}"
+        return job_reason or "Error", (
+            f"the container exited with code {term['exitCode']}{_tail(term.get('message'))}"
+        )
     if job_reason == "DeadlineExceeded":
         return job_reason, "the Job ran past its activeDeadlineSeconds"
     return job_reason or "Failed", job_message or "the training Job failed"

@@ -84,6 +84,9 @@ def _fetch_container(
         ],
         "env": [{"name": "HOME", "value": "/tmp"}, *env],
         "volumeMounts": [mount, {"name": "tmp", "mountPath": "/tmp"}],
+        # `kubetune fetch` prints why it failed (no such key, access denied): that text
+        # becomes the status message.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": container_security_context(),
     }
 
