@@ -4,6 +4,8 @@ helm is built from Go modules by hack/helm.sh on first use."""
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -12,12 +14,28 @@ import pytest
 import yaml
 from kube import Kubectl
 
+from kubetune_operator.api.dataset import DatasetSpec
+from kubetune_operator.resources import training_job as tj
+from kubetune_operator.resources.common import LABEL_FINETUNEJOB
+from kubetune_trainer.training.metrics import GAUGES
+
 pytestmark = pytest.mark.apiserver
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "kubetune"
 RULES = yaml.safe_load((CHART / "files" / "operator-rules.yaml").read_text())
 CLUSTER_RULES = yaml.safe_load((CHART / "files" / "operator-cluster-rules.yaml").read_text())
+FTJ = {
+    "apiVersion": "kubetune.io/v1alpha1",
+    "kind": "FineTuneJob",
+    "metadata": {"name": "run", "namespace": "team", "uid": "u-1", "generation": 1},
+    "spec": {
+        "baseModel": {"name": "org/model"},
+        "dataset": {"name": "train"},
+        "outputModel": {"name": "out", "storage": {"pvc": {"claimName": "models"}}},
+    },
+}
+DATASET = DatasetSpec.model_validate({"source": {"pvc": {"claimName": "data", "path": "t.jsonl"}}})
 
 
 def helm(*args: str) -> str:
@@ -84,3 +102,58 @@ def test_namespaced_install_gets_a_role_per_watched_namespace(
     path = tmp_path / "chart.yaml"
     path.write_text(yaml.safe_dump_all(docs))
     kubectl.run("apply", "--dry-run=server", "-f", str(path))
+
+
+def test_monitoring_finds_the_trainer_pods_the_operator_builds() -> None:
+    """The PodMonitor's selector matches the pods of a real training Job, and turns
+    their FineTuneJob label into the `finetunejob` label the dashboard filters on."""
+    docs = render(
+        "kubetune-system",
+        "--set",
+        "monitoring.podMonitor.enabled=true",
+        "--set",
+        "monitoring.grafanaDashboard.enabled=true",
+    )
+    monitors = {d["metadata"]["name"]: d for d in by_kind(docs, "PodMonitor")}
+    trainers = monitors["kubetune-trainers"]["spec"]
+    job = tj.training_job(
+        tj.plan(
+            tj.Inputs(finetunejob=FTJ, dataset=DATASET, dataset_sha256="a" * 64), "trainer:test"
+        )
+    )
+    pod = job["spec"]["template"]
+    assert trainers["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    (endpoint,) = trainers["podMetricsEndpoints"]
+    ports = {p["name"]: p["containerPort"] for p in pod["spec"]["containers"][0]["ports"]}
+    assert endpoint["port"] in ports
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(ports[endpoint["port"]])
+    source = "__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", LABEL_FINETUNEJOB)
+    assert {"sourceLabels": [source], "targetLabel": "finetunejob"} in endpoint["relabelings"]
+
+    (dashboard_map,) = [
+        d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"] == "kubetune-dashboard"
+    ]
+    assert dashboard_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dashboard = json.loads(dashboard_map["data"]["kubetune.json"])
+    assert dashboard["uid"] == "kubetune-finetuning"
+
+
+def test_the_dashboard_queries_only_metrics_that_exist() -> None:
+    dashboard = json.loads((CHART / "files" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    exprs += [v["definition"] for v in dashboard["templating"]["list"] if "definition" in v]
+    used = {m for e in exprs for m in re.findall(r"\bkubetune_\w+", e)}
+    operator = {
+        "kubetune_operator_objects",
+        "kubetune_operator_api_errors_total",
+        *(
+            f"kubetune_operator_reconcile_duration_seconds{s}"
+            for s in ("_bucket", "_count", "_sum")
+        ),
+    }
+    assert used and used <= set(GAUGES) | operator, used - set(GAUGES) - operator
+    # Every trainer gauge a person reads during a run has a panel.
+    for gauge in ("kubetune_train_loss", "kubetune_eval_loss", "kubetune_eta_seconds"):
+        assert gauge in used
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))

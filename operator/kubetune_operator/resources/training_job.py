@@ -212,7 +212,19 @@ def training_job(plan: Plan) -> Manifest:
             "backoffLimit": BACKOFF_LIMIT,
             # Kueue admits a queued Job by unsuspending it; a suspended FineTuneJob too.
             "suspend": bool(spec.queue_name) or spec.suspend,
-            "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
+            "template": {
+                "metadata": {
+                    "labels": pod_labels,
+                    # For a Prometheus that discovers pods by annotation; the chart's
+                    # PodMonitor finds them by label.
+                    "annotations": {
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": str(METRICS_PORT),
+                        "prometheus.io/path": "/metrics",
+                    },
+                },
+                "spec": pod_spec,
+            },
         },
     }
 

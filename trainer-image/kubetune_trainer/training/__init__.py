@@ -1,8 +1,9 @@
-"""Training: SFT (and, next, DPO and preserve-skills) of VLMs and LLMs with TRL and PEFT.
+"""Training: SFT, DPO and preserve-skills SFT of VLMs and LLMs with TRL and PEFT.
 
 - ``commands``: ``kubetune train`` and ``kubetune evaluate``; the only module the CLI
   imports at start-up, and it imports torch lazily.
-- ``runner``: one run of any method end to end; ``sft``: the SFT trainer builder.
+- ``runner``: one run of any method end to end; ``sft``, ``preference`` (DPO) and
+  ``preserve``: each method's trainer builder.
 - ``config_mapping``: TrainingConfig -> TRL/PEFT/transformers settings (pure).
 - ``records``, ``collate``, ``images``: examples -> chat records -> model inputs with
   assistant-only labels; images fitted to maxPixels.
