@@ -470,6 +470,38 @@ def test_a_finetunejob_with_deploy_gets_a_vllm_server(
     )
     assert "deployment" not in status(kubectl, "ftj", ns, "served")
 
+    # With its Job gone (a cleanup policy, a user), a finished run never trains again:
+    # turning deploy back on only brings the server back.
+    kubectl.run("delete", "job", "served-train", "-n", ns, "--cascade=background")
+    wait_for(
+        lambda: (
+            not kubectl.get("jobs", "-n", ns, "--field-selector", "metadata.name=served-train")[
+                "items"
+            ]
+        ),
+        60,
+        "the training Job to be deleted",
+    )
+    kubectl.run(
+        "patch",
+        "ftj",
+        "served",
+        "-n",
+        ns,
+        "--type=merge",
+        "-p",
+        '{"spec": {"deploy": {"enabled": true}}}',
+    )
+    again = wait_for(
+        lambda: (st := status(kubectl, "ftj", ns, "served")).get("deployment") and st,
+        60,
+        "the ModelDeployment to come back",
+        on_timeout=operator.tail,
+    )
+    assert again["phase"] == "Succeeded" and again["observedGeneration"] == 3, again
+    assert kubectl.get("mdep", "served", "-n", ns)
+    assert not kubectl.get("jobs", "-n", ns, "-l", "kubetune.io/finetunejob=served")["items"]
+
 
 def test_a_dataset_on_s3_is_fetched_by_an_init_container_with_the_secrets_credentials(
     kubectl: Kubectl, ns: str, operator: Operator, s3_endpoint: str

@@ -86,6 +86,9 @@ def _reconcile(namespace: str, name: str, ftj: Manifest | None, job: Manifest | 
         job = None  # an event of a deleted namesake's Job: look for this one's own
     if job is None and status.get("jobName"):
         job = api.get_job(namespace, tj.job_name(name))
+    if job is None and status.get("phase") in FINAL:
+        _finished_without_job(ftj, spec, status)
+        return
     # Without a recorded jobName the Job most likely does not exist: creating it
     # straight away saves a read, and AlreadyExists (after a crash between create and
     # status write) falls back to reading it.
@@ -142,6 +145,19 @@ def _reconcile(namespace: str, name: str, ftj: Manifest | None, job: Manifest | 
         modeldeployments.finetunejob_finished(namespace, name)
     if state.phase == "Running":
         _scrape_into_status(updated or ftj, state)
+
+
+def _finished_without_job(ftj: Manifest, spec: FineTuneJobSpec, status: Manifest) -> None:
+    """A finished run whose Job is gone (deleted, or removed by a cleanup policy) got a
+    spec edit: the fields that define the run are immutable, so it never trains again;
+    only deploy can change what follows from it."""
+    fields: Manifest = {"phase": status["phase"], "message": status.get("message")}
+    if status["phase"] == "Succeeded":
+        fields |= _deploy(ftj, spec)
+    ready: Manifest = next(
+        (c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {}
+    )
+    _write(ftj, fields, ready.get("reason") or status["phase"])
 
 
 def _wait_for_namesake(ftj: Manifest, kind: str, name: str) -> None:
