@@ -215,11 +215,17 @@ def deployment(serving: Serving) -> Manifest:
                 "command": ["vllm", "serve"],
                 "args": list(serving.args),
                 "env": [
-                    # The root filesystem is read-only: caches go to the emptyDirs.
+                    # The root filesystem is read-only: caches go to the emptyDirs. The
+                    # user id has no passwd entry, and torch's compile cache asks for
+                    # a user name.
                     {"name": "HOME", "value": "/tmp"},
+                    {"name": "USER", "value": "vllm"},
                     {"name": "HF_HOME", "value": "/cache/huggingface"},
                     {"name": "VLLM_CACHE_ROOT", "value": "/cache/vllm"},
                     {"name": "XDG_CACHE_HOME", "value": "/cache"},
+                    {"name": "TORCHINDUCTOR_CACHE_DIR", "value": "/cache/torchinductor"},
+                    {"name": "TRITON_CACHE_DIR", "value": "/cache/triton"},
+                    {"name": "NUMBA_CACHE_DIR", "value": "/cache/numba"},
                     {"name": "VLLM_NO_USAGE_STATS", "value": "1"},
                     *mounted.env,
                 ],
