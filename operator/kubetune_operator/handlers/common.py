@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import cast
@@ -15,22 +16,55 @@ from kubetune_operator.resources.status import phase_patch
 from kubetune_operator.settings import Settings
 
 
+class Watched:
+    """The latest body the watch delivered of each kubetune object, by plural and
+    (namespace, name). Reconciles read Datasets from here, wake-ups find who depends
+    on what, and the periodic resync walks these instead of listing everything again.
+    Handler threads share it, hence the lock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._bodies: dict[str, dict[tuple[str, str], Manifest]] = {}
+
+    def remember(self, plural: str, body: Manifest) -> None:
+        meta = body["metadata"]
+        with self._lock:
+            self._bodies.setdefault(plural, {})[(meta["namespace"], meta["name"])] = body
+
+    def remember_first(self, plural: str, body: Manifest) -> None:
+        """Keep a body read from the API unless the watch delivered one meanwhile."""
+        meta = body["metadata"]
+        with self._lock:
+            self._bodies.setdefault(plural, {}).setdefault((meta["namespace"], meta["name"]), body)
+
+    def forget(self, plural: str, namespace: str, name: str) -> None:
+        with self._lock:
+            self._bodies.get(plural, {}).pop((namespace, name), None)
+
+    def get(self, plural: str, namespace: str, name: str) -> Manifest | None:
+        with self._lock:
+            return self._bodies.get(plural, {}).get((namespace, name))
+
+    def all(self, plural: str, namespace: str | None = None) -> list[Manifest]:
+        with self._lock:
+            bodies = list(self._bodies.get(plural, {}).items())
+        return [body for (ns, _), body in bodies if namespace is None or ns == namespace]
+
+
 @dataclass
 class Context:
     api: Api
     settings: Settings
-    # Dataset bodies as the Dataset watch last delivered them: a FineTuneJob reads its
-    # dataset's spec and status from here instead of asking the API server each time.
-    datasets: dict[tuple[str, str], Manifest] = field(default_factory=dict)
+    watched: Watched = field(default_factory=Watched)
 
     def dataset(self, namespace: str, name: str) -> Manifest | None:
         """The Dataset, from the watch's copy, or read (and kept) when the watch has not
         delivered it yet."""
-        body = self.datasets.get((namespace, name))
+        body = self.watched.get("datasets", namespace, name)
         if body is None:
             body = self.api.get_object("datasets", namespace, name)
             if body is not None:
-                self.datasets.setdefault((namespace, name), body)
+                self.watched.remember_first("datasets", body)
         return body
 
 

@@ -253,11 +253,16 @@ def finetunejob_event(
     resumes whatever a previous operator left. An event handler leaves no kopf
     bookkeeping on the object and has no kopf retries: a failed reconcile leaves the
     object unobserved, and the periodic resync takes it up again."""
+    if not namespace:
+        return
     if type == "DELETED":
+        context().watched.forget(PLURAL, namespace, name)
         PHASES.record("FineTuneJob", namespace, name, None)
         return
-    if namespace and (unobserved(body) or (type is None and _active(body))):
-        reconcile(namespace, name, ftj=_plain(body))
+    ftj = _plain(body)
+    context().watched.remember(PLURAL, ftj)
+    if unobserved(ftj) or (type is None and _active(ftj)):
+        reconcile(namespace, name, ftj=ftj)
 
 
 def _active(ftj: Manifest | kopf.Body) -> bool:
@@ -291,14 +296,15 @@ def dataset_event(
     the FineTuneJobs waiting for it."""
     if not namespace:
         return
+    watched = context().watched
     if type == "DELETED":
-        context().datasets.pop((namespace, name), None)
+        watched.forget("datasets", namespace, name)
         return
-    context().datasets[(namespace, name)] = _plain(body)
+    watched.remember("datasets", _plain(body))
     phase = (body.get("status") or {}).get("phase")
     if phase not in ("Ready", "Invalid", "Failed"):
         return
-    for ftj in context().api.list_objects(PLURAL, namespace):
+    for ftj in watched.all(PLURAL, namespace):
         spec = ftj.get("spec", {})
         uses = {
             spec.get("dataset", {}).get("name"),

@@ -84,11 +84,16 @@ def modeldeployment_event(
 ) -> None:
     """Reconciled when its spec is new or changed, and at the operator's start; the
     Deployment's events keep its status current after that."""
+    if not namespace:
+        return
     if type == "DELETED":
+        context().watched.forget(PLURAL, namespace, name)
         PHASES.record("ModelDeployment", namespace, name, None)
         return
-    if namespace and (unobserved(body) or type is None):
-        reconcile(namespace, name, md=copy.deepcopy(dict(body)))
+    md = copy.deepcopy(dict(body))
+    context().watched.remember(PLURAL, md)
+    if unobserved(md) or type is None:
+        reconcile(namespace, name, md=md)
 
 
 @kopf.on.event("apps", "v1", "deployments", labels={serving.LABEL_MODELDEPLOYMENT: kopf.PRESENT})
@@ -101,10 +106,10 @@ def deployment_event(type: str | None, body: kopf.Body, namespace: str | None, *
 
 def finetunejob_finished(namespace: str, finetunejob: str) -> None:
     """Move on the ModelDeployments that wait for this FineTuneJob's adapter."""
-    for md in context().api.list_objects(PLURAL, namespace):
+    for md in context().watched.all(PLURAL, namespace):
         adapters = (md.get("spec") or {}).get("adapters") or []
         if any(a.get("fineTuneJob") == finetunejob for a in adapters):
-            reconcile(namespace, md["metadata"]["name"], md=md)
+            reconcile(namespace, md["metadata"]["name"])
 
 
 def resync(namespaces: tuple[str, ...]) -> None:
