@@ -145,6 +145,17 @@ def test_a_model_without_adapters_is_served_without_lora() -> None:
     assert "--enable-lora" not in args and "--lora-modules" not in args
 
 
+def test_remote_code_runs_only_when_the_spec_opts_in() -> None:
+    def args(base: dict[str, Any]) -> list[str]:
+        body = md()
+        body["spec"]["baseModel"] = base
+        container = deployment_of(body)["spec"]["template"]["spec"]["containers"][0]
+        return list(container["args"])
+
+    assert "--trust-remote-code" not in args(BASE)
+    assert "--trust-remote-code" in args({**BASE, "trustRemoteCode": True})
+
+
 def test_the_spec_hash_follows_the_spec() -> None:
     one = deployment_of(md(replicas=1))["metadata"]["annotations"][serving.SPEC_HASH]
     again = deployment_of(md(replicas=1))["metadata"]["annotations"][serving.SPEC_HASH]

@@ -135,6 +135,9 @@ def test_overlong_examples_are_truncated_after_the_image_or_dropped(
 
     kept, truncated, dropped = plan_lengths(encoder, recs, max_length=full - 10)
     assert (truncated, dropped) == (1, 0)
+    # The only image example was truncated: nothing showed that this processor's image
+    # batches are its tokens plus its image processor's output, so batches are encoded.
+    assert encoder.reuse_tokens is False
     assert kept[0]["keep"] == full - 10
     batch = SFTCollator(encoder)(kept)
     assert batch["input_ids"].shape[1] == full - 10

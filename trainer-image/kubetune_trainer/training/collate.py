@@ -151,15 +151,23 @@ class ChatEncoder:
                 batch.update(self.processing.image_processor(images=images, return_tensors="pt"))
         return batch
 
-    def check_reuse(self, whole: Sequence[Mapping[str, Any]]) -> None:
+    def check_reuse(
+        self, kept: Sequence[Mapping[str, Any]], whole: Sequence[Mapping[str, Any]]
+    ) -> None:
         """Compare a batch built from planned tokens with the processor's own batch of the
         same records, and reuse tokens only while every such comparison matched. ``whole``
-        holds records kept untruncated (a truncated row differs in its padding); the
-        sample is three records, two with images where the dataset has them, so that
-        padding and images across rows are compared."""
+        holds the records of ``kept`` left untruncated (a truncated row differs in its
+        padding); the sample is three of them, two with images, so that padding and
+        images across rows are compared. Images that only truncated records have cannot
+        be compared, so their batches are encoded in full."""
         with_images = [r for r in whole if r.get("images")][:2]
         sample = with_images + [r for r in whole if not r.get("images")][: 3 - len(with_images)]
-        if not sample or self.reuse_tokens is False:
+        if self.reuse_tokens is False:
+            return
+        if not with_images and any(r.get("images") for r in kept):
+            self.reuse_tokens = False
+            return
+        if not sample:
             return
         fresh = self.encode([{k: v for k, v in r.items() if k != TOKENS} for r in sample])
         reused = self.from_tokens(sample)

@@ -132,7 +132,8 @@ def plan_pairs(
     (``rejected_keep``) rejected chat, and how many were truncated and dropped: a pair
     is dropped when either chat would have to lose image tokens or its whole reply."""
     kept: list[dict[str, Any]] = []
-    whole: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []  # both branches of every kept pair
+    whole: list[dict[str, Any]] = []  # those of the pairs kept untruncated
     truncated = dropped = 0
     for record in records:
         keeps: list[int] = []
@@ -172,10 +173,11 @@ def plan_pairs(
                 REJECTED_TOKENS: tokens[1],
             }
         )
+        chosen, rejected = branches([kept[-1]])
+        rows += chosen + rejected
         if not cut:
-            chosen, rejected = branches([kept[-1]])
             whole += chosen + rejected
-    encoder.check_reuse(whole)
+    encoder.check_reuse(rows, whole)
     return kept, truncated, dropped
 
 

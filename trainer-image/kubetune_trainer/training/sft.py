@@ -71,7 +71,7 @@ def plan_lengths(
         kept.append({**record, "keep": keep, TOKENS: encoder.planned_tokens(encoded, keep)})
         if keep == len(input_ids):
             whole.append(kept[-1])
-    encoder.check_reuse(whole)
+    encoder.check_reuse(kept, whole)
     return kept, truncated, dropped
 
 
