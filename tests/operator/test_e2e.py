@@ -130,6 +130,24 @@ def status(kubectl: Kubectl, kind: str, ns: str, name: str) -> dict[str, Any]:
     return st
 
 
+def wait_phase(
+    operator: Operator,
+    kubectl: Kubectl,
+    kind: str,
+    ns: str,
+    name: str,
+    phases: tuple[str, ...],
+    timeout: float,
+    what: str,
+) -> dict[str, Any]:
+    """The object's status once its phase is one of `phases`; the operator's log on a
+    timeout."""
+    st: dict[str, Any] = wait_for(
+        lambda: phase_in(kubectl, kind, ns, name, phases), timeout, what, on_timeout=operator.tail
+    )
+    return st
+
+
 def phase_in(
     kubectl: Kubectl, kind: str, ns: str, name: str, phases: tuple[str, ...]
 ) -> dict[str, Any] | None:
@@ -152,11 +170,8 @@ def test_dataset_and_finetunejob_train_a_tiny_vlm(
     kubectl.apply(
         finetunejob("shapes", "shapes", tuning="lora", hyperparameters=hyperparameters), "-n", ns
     )
-    ds = wait_for(
-        lambda: phase_in(kubectl, "kds", ns, "shapes", ("Ready", "Invalid", "Failed")),
-        120,
-        "the Dataset",
-        on_timeout=operator.tail,
+    ds = wait_phase(
+        operator, kubectl, "kds", ns, "shapes", ("Ready", "Invalid", "Failed"), 120, "the Dataset"
     )
     assert ds["phase"] == "Ready", ds
     assert (ds["examples"], ds["images"]) == (36, 36) and len(ds["sha256"]) == 64
@@ -204,21 +219,15 @@ def test_an_invalid_dataset_fails_the_job_with_line_numbers(
 ) -> None:
     kubectl.apply(dataset("bad", "bad/train.jsonl"), "-n", ns)
     kubectl.apply(finetunejob("bad", "bad"), "-n", ns)
-    ds = wait_for(
-        lambda: phase_in(kubectl, "kds", ns, "bad", ("Ready", "Invalid", "Failed")),
-        120,
-        "the Dataset",
-        on_timeout=operator.tail,
+    ds = wait_phase(
+        operator, kubectl, "kds", ns, "bad", ("Ready", "Invalid", "Failed"), 120, "the Dataset"
     )
     assert ds["phase"] == "Invalid", ds
     lines = [e["line"] for e in ds["errors"]]
     assert lines == [3, 4], ds["errors"]
     assert ds["errorCount"] == 2
-    ftj = wait_for(
-        lambda: phase_in(kubectl, "ftj", ns, "bad", ("Failed",)),
-        60,
-        "the FineTuneJob to fail",
-        on_timeout=operator.tail,
+    ftj = wait_phase(
+        operator, kubectl, "ftj", ns, "bad", ("Failed",), 60, "the FineTuneJob to fail"
     )
     ready = next(c for c in ftj["conditions"] if c["type"] == "Ready")
     assert ready["reason"] == "DatasetInvalid" and "line 3" in ftj["message"]
@@ -231,19 +240,11 @@ def test_operator_restart_mid_training_makes_no_second_job(
     kubectl: Kubectl, ns: str, operator: Operator
 ) -> None:
     kubectl.apply(finetunejob("restart", "shapes"), "-n", ns)
-    wait_for(
-        lambda: phase_in(kubectl, "ftj", ns, "restart", ("Running",)),
-        120,
-        "training to start",
-        on_timeout=operator.tail,
-    )
+    wait_phase(operator, kubectl, "ftj", ns, "restart", ("Running",), 120, "training to start")
     operator.kill()
     operator.start()
-    final = wait_for(
-        lambda: phase_in(kubectl, "ftj", ns, "restart", ("Succeeded", "Failed")),
-        900,
-        "the job to finish",
-        on_timeout=operator.tail,
+    final = wait_phase(
+        operator, kubectl, "ftj", ns, "restart", ("Succeeded", "Failed"), 900, "the job to finish"
     )
     assert final["phase"] == "Succeeded", final
     jobs = kubectl.get("jobs", "-n", ns, "-l", "kubetune.io/finetunejob=restart")["items"]
@@ -252,12 +253,7 @@ def test_operator_restart_mid_training_makes_no_second_job(
 
 def test_queue_and_suspend_drive_the_job(kubectl: Kubectl, ns: str, operator: Operator) -> None:
     kubectl.apply(finetunejob("queued", "shapes", queueName="gpu-queue"), "-n", ns)
-    queued = wait_for(
-        lambda: phase_in(kubectl, "ftj", ns, "queued", ("Queued",)),
-        60,
-        "Queued",
-        on_timeout=operator.tail,
-    )
+    queued = wait_phase(operator, kubectl, "ftj", ns, "queued", ("Queued",), 60, "Queued")
     assert "gpu-queue" in queued["message"]
     job = kubectl.get("job", "queued-train", "-n", ns)
     assert job["spec"]["suspend"] is True
@@ -265,12 +261,7 @@ def test_queue_and_suspend_drive_the_job(kubectl: Kubectl, ns: str, operator: Op
     kubectl.run(
         "patch", "ftj", "queued", "-n", ns, "--type=merge", "-p", '{"spec": {"suspend": true}}'
     )
-    wait_for(
-        lambda: phase_in(kubectl, "ftj", ns, "queued", ("Suspended",)),
-        60,
-        "Suspended",
-        on_timeout=operator.tail,
-    )
+    wait_phase(operator, kubectl, "ftj", ns, "queued", ("Suspended",), 60, "Suspended")
     # Kueue admits by unsuspending the Job; a suspended FineTuneJob suspends it again.
     kubectl.run(
         "patch",
@@ -290,24 +281,14 @@ def test_queue_and_suspend_drive_the_job(kubectl: Kubectl, ns: str, operator: Op
     kubectl.run(
         "patch", "ftj", "queued", "-n", ns, "--type=merge", "-p", '{"spec": {"suspend": false}}'
     )
-    wait_for(
-        lambda: phase_in(kubectl, "ftj", ns, "queued", ("Queued",)),
-        60,
-        "Queued again",
-        on_timeout=operator.tail,
-    )
+    wait_phase(operator, kubectl, "ftj", ns, "queued", ("Queued",), 60, "Queued again")
 
 
 def test_deleting_a_finetunejob_removes_what_it_owned(
     kubectl: Kubectl, ns: str, operator: Operator
 ) -> None:
     kubectl.apply(finetunejob("doomed", "shapes", suspend=True), "-n", ns)
-    wait_for(
-        lambda: phase_in(kubectl, "ftj", ns, "doomed", ("Suspended",)),
-        60,
-        "Suspended",
-        on_timeout=operator.tail,
-    )
+    wait_phase(operator, kubectl, "ftj", ns, "doomed", ("Suspended",), 60, "Suspended")
     assert kubectl.get("job", "doomed-train", "-n", ns)
     assert kubectl.get("configmap", "doomed-job", "-n", ns)
     kubectl.run("delete", "ftj", "doomed", "-n", ns, "--timeout=30s")
@@ -380,11 +361,15 @@ def test_a_finetunejob_never_takes_over_a_deleted_namesakes_children(
     assert "jobName" not in waiting
 
     kubectl.run("delete", "configmap", "old-ftj", "-n", ns)
-    wait_for(
-        lambda: phase_in(kubectl, "ftj", ns, "again", ("Suspended",)),
+    wait_phase(
+        operator,
+        kubectl,
+        "ftj",
+        ns,
+        "again",
+        ("Suspended",),
         60,
         "the FineTuneJob to get its own Job once the old ones are gone",
-        on_timeout=operator.tail,
     )
     uid = kubectl.get("ftj", "again", "-n", ns)["metadata"]["uid"]
     for kind, name in (("job", "again-train"), ("configmap", "again-job")):
@@ -403,11 +388,15 @@ def test_a_dataset_never_takes_a_deleted_namesakes_validation_result(
     assert not status(kubectl, "kds", ns, "reborn"), "status taken from the old Job"
 
     kubectl.run("delete", "configmap", "old-ds", "-n", ns)
-    ready = wait_for(
-        lambda: phase_in(kubectl, "kds", ns, "reborn", ("Ready", "Invalid", "Failed")),
+    ready = wait_phase(
+        operator,
+        kubectl,
+        "kds",
+        ns,
+        "reborn",
+        ("Ready", "Invalid", "Failed"),
         120,
         "the Dataset validated by its own Job",
-        on_timeout=operator.tail,
     )
     assert (ready["phase"], ready["examples"]) == ("Ready", 36), ready
 
@@ -427,21 +416,29 @@ def test_a_finetunejob_with_deploy_gets_a_vllm_server(
         "-n",
         ns,
     )
-    final = wait_for(
-        lambda: phase_in(kubectl, "ftj", ns, "served", ("Succeeded", "Failed")),
+    final = wait_phase(
+        operator,
+        kubectl,
+        "ftj",
+        ns,
+        "served",
+        ("Succeeded", "Failed"),
         300,
         "the FineTuneJob to finish",
-        on_timeout=operator.tail,
     )
     assert final["phase"] == "Succeeded", final
     assert final["deployment"] == {"name": "served"}
     # No kubelet runs vLLM here: the real deployment controller's status says the
     # server is on its way, and its pod passed the namespace's restricted Pod Security.
-    md = wait_for(
-        lambda: phase_in(kubectl, "mdep", ns, "served", ("Progressing", "Available", "Failed")),
+    md = wait_phase(
+        operator,
+        kubectl,
+        "mdep",
+        ns,
+        "served",
+        ("Progressing", "Available", "Failed"),
         60,
         "the ModelDeployment",
-        on_timeout=operator.tail,
     )
     assert md["phase"] == "Progressing", md
     assert md["endpoint"] == f"http://served.{ns}.svc:8000/v1"
@@ -547,11 +544,15 @@ def test_a_dataset_on_s3_is_fetched_by_an_init_container_with_the_secrets_creden
     manifest["spec"]["source"] = {"s3": source}
     kubectl.apply(manifest, "-n", ns)
 
-    ds = wait_for(
-        lambda: phase_in(kubectl, "kds", ns, "s3-chat", ("Ready", "Invalid", "Failed")),
+    ds = wait_phase(
+        operator,
+        kubectl,
+        "kds",
+        ns,
+        "s3-chat",
+        ("Ready", "Invalid", "Failed"),
         120,
         "the Dataset on S3",
-        on_timeout=operator.tail,
     )
     assert ds["phase"] == "Ready", ds
     assert (ds["examples"], ds["images"]) == (4, 0), ds
@@ -591,20 +592,28 @@ def test_a_dataset_whose_fetch_fails_says_why(
             }
         }
         kubectl.apply(manifest, "-n", ns)
-    missing_key = wait_for(
-        lambda: phase_in(kubectl, "kds", ns, "no-such-key", ("Ready", "Invalid", "Failed")),
+    missing_key = wait_phase(
+        operator,
+        kubectl,
+        "kds",
+        ns,
+        "no-such-key",
+        ("Ready", "Invalid", "Failed"),
         120,
         "the Dataset with a wrong key",
-        on_timeout=operator.tail,
     )
     assert missing_key["phase"] == "Failed", missing_key
     assert "fetch-dataset exited with code" in missing_key["message"], missing_key
     assert "s3://kubetune-empty/nothing.jsonl" in missing_key["message"], missing_key
-    missing_secret = wait_for(
-        lambda: phase_in(kubectl, "kds", ns, "no-such-secret", ("Ready", "Invalid", "Failed")),
+    missing_secret = wait_phase(
+        operator,
+        kubectl,
+        "kds",
+        ns,
+        "no-such-secret",
+        ("Ready", "Invalid", "Failed"),
         60,
         "the Dataset with a missing Secret",
-        on_timeout=operator.tail,
     )
     assert missing_secret["phase"] == "Failed", missing_secret
     assert "missing-creds" in missing_secret["message"], missing_secret
