@@ -88,6 +88,18 @@ def now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def live_object(
+    plural: str, kind: str, namespace: str, name: str, body: Manifest | None = None
+) -> Manifest | None:
+    """The object to reconcile: `body` (what an event delivered) or a fresh read. None,
+    and no longer counted by phase, when it is gone or being deleted."""
+    obj = body if body is not None else context().api.get_object(plural, namespace, name)
+    if obj is None or obj["metadata"].get("deletionTimestamp"):
+        PHASES.record(kind, namespace, name, None)
+        return None
+    return obj
+
+
 def write_phase(
     plural: str,
     kind: str,

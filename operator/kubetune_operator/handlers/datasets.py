@@ -7,7 +7,7 @@ from typing import Any, cast
 
 import kopf
 
-from kubetune_operator.handlers.common import context, now
+from kubetune_operator.handlers.common import context, live_object, now
 from kubetune_operator.kube import Manifest, owned_by, owner_name
 from kubetune_operator.observability import PHASES, RECONCILE_SECONDS
 from kubetune_operator.resources.common import LABEL_DATASET
@@ -27,9 +27,8 @@ def reconcile(namespace: str, name: str) -> None:
 
 def _reconcile(namespace: str, name: str) -> None:
     ctx = context()
-    ds = ctx.api.get_object(PLURAL, namespace, name)
-    if ds is None or ds["metadata"].get("deletionTimestamp"):
-        PHASES.record("Dataset", namespace, name, None)
+    ds = live_object(PLURAL, "Dataset", namespace, name)
+    if ds is None:
         return
     generation = ds["metadata"].get("generation", 1)
     current = validation_job_name(name, generation)

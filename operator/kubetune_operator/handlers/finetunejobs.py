@@ -12,7 +12,7 @@ import kopf
 from kubetune_operator.api.dataset import DatasetSpec
 from kubetune_operator.api.finetunejob import FineTuneJobSpec
 from kubetune_operator.handlers import modeldeployments
-from kubetune_operator.handlers.common import context, now, write_phase
+from kubetune_operator.handlers.common import context, live_object, now, write_phase
 from kubetune_operator.kube import Manifest, owned_by, scrape
 from kubetune_operator.observability import PHASES, RECONCILE_SECONDS
 from kubetune_operator.resources import model_deployment as serving
@@ -70,10 +70,8 @@ def reconcile(
 def _reconcile(namespace: str, name: str, ftj: Manifest | None, job: Manifest | None) -> None:
     ctx = context()
     api = ctx.api
+    ftj = live_object(PLURAL, "FineTuneJob", namespace, name, ftj)
     if ftj is None:
-        ftj = api.get_object(PLURAL, namespace, name)
-    if ftj is None or ftj["metadata"].get("deletionTimestamp"):
-        PHASES.record("FineTuneJob", namespace, name, None)
         return
     status = ftj.get("status") or {}
     if status.get("phase") in FINAL and status.get("observedGeneration") == ftj["metadata"].get(

@@ -10,7 +10,7 @@ from typing import Any
 import kopf
 
 from kubetune_operator.api.modeldeployment import ModelDeploymentSpec
-from kubetune_operator.handlers.common import context, write_phase
+from kubetune_operator.handlers.common import context, live_object, write_phase
 from kubetune_operator.kube import Manifest, owned_by
 from kubetune_operator.observability import PHASES, RECONCILE_SECONDS
 from kubetune_operator.resources import model_deployment as serving
@@ -39,10 +39,8 @@ def reconcile(
 def _reconcile(namespace: str, name: str, md: Manifest | None, deploy: Manifest | None) -> None:
     ctx = context()
     api = ctx.api
+    md = live_object(PLURAL, "ModelDeployment", namespace, name, md)
     if md is None:
-        md = api.get_object(PLURAL, namespace, name)
-    if md is None or md["metadata"].get("deletionTimestamp"):
-        PHASES.record("ModelDeployment", namespace, name, None)
         return
     spec = ModelDeploymentSpec.model_validate(md["spec"])
     finetunejobs = {
