@@ -14,7 +14,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -106,7 +108,7 @@ def main() -> int:
         json.dumps(
             {
                 key: status.get(key)
-                for key in ("phase", "message", "metrics", "progress", "outputModel")
+                for key in ("phase", "message", "metrics", "progress", "outputModel", "deployment")
             },
             indent=2,
         )
@@ -145,6 +147,13 @@ def main() -> int:
             print(
                 f"  {'tuned' if model == out else 'base '}: {shown} of {figures.get('examples', '?')} examples"
             )
+        served = _served(k)
+        if served:
+            print(
+                f"\nserved by ModelDeployment shapes-demo: {served.get('phase')}, "
+                f"endpoint {served.get('endpoint')}, models {served.get('servedModels')}; "
+                "no GPU or vLLM image here, so its pod is created but never runs"
+            )
         print(
             f"stop the stack with `make dev-down`; meanwhile `export KUBECONFIG={kubeconfig}` and use kubectl"
         )
@@ -154,6 +163,18 @@ def main() -> int:
         file=sys.stderr,
     )
     return 1
+
+
+def _served(k: Callable[..., str]) -> dict[str, Any]:
+    """The ModelDeployment's status once the operator has written it (a few seconds)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        found = json.loads(k("get", "mdep", "-n", NAMESPACE, "-o", "json"))["items"]
+        status: dict[str, Any] = (found[0].get("status") or {}) if found else {}
+        if status.get("phase"):
+            return status
+        time.sleep(1)
+    return {}
 
 
 if __name__ == "__main__":
