@@ -30,8 +30,8 @@ BASE_MODEL = "/models/base"
 ADAPTERS = "/models/adapters"
 LABEL_MODELDEPLOYMENT = "kubetune.io/modeldeployment"
 SPEC_HASH = "kubetune.io/spec-hash"
-# vLLM accepts only these --max-lora-rank values.
-LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+# vLLM accepts only these --max-lora-rank values (vllm/config/lora.py MaxLoRARanks).
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # vLLM's own default, kept where an adapter's rank is not known (a source folder).
 VLLM_DEFAULT_LORA_RANK = 16
 # Loading a large model takes minutes: the startup probe allows 20 before the pod restarts.
