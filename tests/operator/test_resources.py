@@ -168,6 +168,10 @@ def test_credentials_come_only_from_secret_references() -> None:
     }
     assert all("value" not in e for e in env if e["name"] in secret_vars)
     assert plan.config.output_uri == "s3://bucket/run" == plan.output_uri
+    # Checkpoints on the pod's emptyDir are copied next to the output, for a replacement
+    # pod to resume from.
+    assert plan.config.checkpoint_uri == "s3://bucket/run/checkpoints"
+    assert _plan().config.checkpoint_uri is None  # a PVC keeps them itself
 
 
 def test_remote_datasets_are_fetched_by_an_init_container() -> None:

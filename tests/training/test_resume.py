@@ -82,3 +82,72 @@ def train_report(config: Any) -> dict[str, Any]:
 
     report: dict[str, Any] = json.loads(Path(config.output_dir, "report.json").read_text())
     return report
+
+
+def test_a_run_on_a_fresh_disk_resumes_from_its_checkpoint_copies_in_s3(
+    tiny_qwen2_5_vl: Path, shapes_task: Any, job: JobFactory, tmp_path: Path, s3_endpoint: str
+) -> None:
+    """With checkpointUri, a replacement pod whose disk is empty (an emptyDir after
+    preemption) brings the latest complete copy back and goes on from it; once the run
+    has succeeded, the copies are removed."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.create_bucket(Bucket="kubetune-runs")
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(shapes_task.train.read_text().splitlines(keepends=True)[:24]))
+
+    def config(disk: str) -> Any:
+        return job(
+            tiny_qwen2_5_vl,
+            data,
+            tuning="full",
+            outputDir=str(tmp_path / disk),
+            imageRoot=str(shapes_task.train.parent),
+            validation={"split": 0.25},
+            hyperparameters=HYPERPARAMETERS,
+            checkpointUri="s3://kubetune-runs/shapes/checkpoints",
+        )
+
+    def copied() -> list[int]:
+        listing = s3.list_objects_v2(Bucket="kubetune-runs", Prefix="shapes/checkpoints/")
+        return sorted(
+            int(obj["Key"].split("/")[2].removeprefix("checkpoint-"))
+            for obj in listing.get("Contents", [])
+            if obj["Key"].endswith("/trainer_state.json")
+        )
+
+    first = write_job(config("first-pod"), tmp_path / "first.json")
+    process = subprocess.Popen(
+        [KUBETUNE, "train", "--config", str(first)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not any(step >= 10 for step in copied()) and time.monotonic() < deadline:
+            assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
+            time.sleep(0.05)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait()
+    assert not Path(tmp_path / "first-pod" / "report.json").exists()  # stopped mid-way
+    latest = max(copied())
+    assert latest >= 10
+    # Five checkpoints were written by then; the ones rotated away locally are gone
+    # from S3 too.
+    assert len(copied()) <= 3
+
+    second = config("second-pod")  # a fresh, empty disk
+    restarted = subprocess.run(
+        [KUBETUNE, "train", "--config", str(write_job(second, tmp_path / "second.json"))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert restarted.returncode == 0, restarted.stderr
+    report = train_report(second)
+    assert report["resumedFrom"] is not None
+    assert int(report["resumedFrom"].rsplit("-", 1)[1]) >= latest
+    assert report["steps"] == 54
+    assert copied() == []

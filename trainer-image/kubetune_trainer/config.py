@@ -233,8 +233,21 @@ class TrainingConfig(CamelModel):
     checkpoint_dir: str | None = Field(
         None, description="Where resumable checkpoints go. Default: <outputDir>/checkpoints."
     )
+    checkpoint_uri: str | None = Field(
+        None,
+        pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$",
+        description=(
+            "When set, each checkpoint is copied to this s3:// prefix as it is written, "
+            "and a run whose checkpointDir has none (a pod on a fresh disk) resumes from "
+            "the latest copy. Removed when the run has succeeded."
+        ),
+    )
     resume: bool = Field(
-        True, description="Resume from the latest checkpoint in checkpointDir if one exists."
+        True,
+        description=(
+            "Resume from the latest checkpoint in checkpointDir (or, with checkpointUri, "
+            "its latest copy there) if one exists."
+        ),
     )
     trust_remote_code: bool = Field(
         False, description="Allow model code from the model repository to run."

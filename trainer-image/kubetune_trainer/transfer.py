@@ -68,25 +68,68 @@ def _split(uri: str) -> tuple[str, str]:
     return parsed.netloc, parsed.path.lstrip("/")
 
 
-def upload_s3(folder: Path, uri: str, exclude: tuple[str, ...] = ()) -> int:
+def upload_s3(
+    folder: Path, uri: str, exclude: tuple[str, ...] = (), last: tuple[str, ...] = ()
+) -> int:
     """Every file under `folder` (but the top-level names in `exclude`) to the prefix
-    `uri`; returns the number of files. Keys keep their relative paths."""
+    `uri`, the top-level names in `last` after all others; returns the number of files.
+    Keys keep their relative paths."""
     bucket, prefix = _split(uri)
     prefix = prefix.rstrip("/")
     s3 = _s3_client()
-    count = 0
+    files = [
+        path
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.relative_to(folder).parts[0] not in exclude
+    ]
+    files.sort(key=lambda path: path.relative_to(folder).parts[0] in last)
     try:
-        for path in sorted(folder.rglob("*")):
-            rel = path.relative_to(folder)
-            if not path.is_file() or rel.parts[0] in exclude:
-                continue
-            s3.upload_file(
-                str(path), bucket, f"{prefix}/{rel.as_posix()}" if prefix else rel.as_posix()
-            )
-            count += 1
+        for path in files:
+            rel = path.relative_to(folder).as_posix()
+            s3.upload_file(str(path), bucket, f"{prefix}/{rel}" if prefix else rel)
     except Exception as exc:
         raise FetchError(f"cannot upload {folder} to {uri}: {exc}") from exc
-    return count
+    return len(files)
+
+
+def s3_folders(uri: str) -> list[str]:
+    """The names of the "folders" (common prefixes) right under the prefix `uri`."""
+    bucket, prefix = _split(uri)
+    prefix = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
+    s3 = _s3_client()
+    try:
+        names = []
+        paginator = s3.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
+            names += [
+                p["Prefix"][len(prefix) :].rstrip("/") for p in page.get("CommonPrefixes", [])
+            ]
+        return names
+    except Exception as exc:
+        raise FetchError(f"cannot list {uri}: {exc}") from exc
+
+
+def s3_exists(uri: str) -> bool:
+    bucket, key = _split(uri)
+    s3 = _s3_client()
+    try:
+        return bool(s3.list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1).get("KeyCount"))
+    except Exception as exc:
+        raise FetchError(f"cannot read {uri}: {exc}") from exc
+
+
+def delete_s3(uri: str) -> None:
+    """Every object under the prefix `uri`."""
+    bucket, prefix = _split(uri)
+    s3 = _s3_client()
+    try:
+        paginator = s3.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+            keys = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]
+            if keys:
+                s3.delete_objects(Bucket=bucket, Delete={"Objects": keys})
+    except Exception as exc:
+        raise FetchError(f"cannot delete {uri}: {exc}") from exc
 
 
 def fetch_s3(uri: str, out: Path) -> None:

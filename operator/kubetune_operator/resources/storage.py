@@ -197,8 +197,8 @@ def model_folder_input(volume: str, src: ModelSource, mount_path: str, image: st
 
 
 def output_location(storage: OutputStorage, mount_path: str) -> tuple[Mounted, str]:
-    """The output folder and the URI reported in status. Only a PVC keeps checkpoints
-    across pod restarts, which is what makes preemption lose nothing."""
+    """The output folder and the URI reported in status. On a PVC checkpoints outlive
+    the pod; with S3 the trainer keeps copies there (see training_job.plan)."""
     if storage.pvc is not None:
         pvc = storage.pvc
         mounted = Mounted(
@@ -209,7 +209,8 @@ def output_location(storage: OutputStorage, mount_path: str) -> tuple[Mounted, s
         return mounted, f"pvc://{pvc.claim_name}/{pvc.path}".rstrip("/")
     assert storage.s3 is not None
     # The trainer uploads the exported model to S3 at the end (TrainingConfig.outputUri);
-    # checkpoints stay in the pod's emptyDir, so a replacement pod starts over.
+    # checkpoints are written to the pod's emptyDir and copied to S3 as they are written
+    # (checkpointUri), which is where a replacement pod resumes from.
     mounted = Mounted(
         path=mount_path,
         volumes=[{"name": "output", "emptyDir": {}}],

@@ -112,6 +112,9 @@ def plan(inputs: Inputs, default_image: str) -> Plan:
         early_stopping=spec.early_stopping,
         output_dir=output.path,
         output_uri=uri if uri.startswith("s3://") else None,
+        # Checkpoints in the pod's emptyDir die with the pod: copies in S3 let a
+        # replacement pod (after preemption) resume.
+        checkpoint_uri=f"{uri.rstrip('/')}/checkpoints" if uri.startswith("s3://") else None,
         trust_remote_code=spec.base_model.trust_remote_code,
         metrics_port=METRICS_PORT,
         termination_log=TERMINATION_LOG,

@@ -26,7 +26,12 @@ from transformers import (
 from kubetune_trainer.config import TrainingConfig
 from kubetune_trainer.data import DatasetError, read_examples
 from kubetune_trainer.training.callbacks import EvalSaveSchedule, Telemetry
-from kubetune_trainer.training.checkpoints import latest_checkpoint
+from kubetune_trainer.training.checkpoints import (
+    CheckpointMirror,
+    drop_copies,
+    latest_checkpoint,
+    restore_checkpoint,
+)
 from kubetune_trainer.training.config_mapping import Hardware, model_dtype
 from kubetune_trainer.training.inputs import DataStats, JobError, TrainerInputs
 from kubetune_trainer.training.metrics import TrainMetrics, metrics_port
@@ -139,6 +144,8 @@ def run(config: TrainingConfig, *, callbacks: Sequence[TrainerCallback] = ()) ->
             return 1
         log.info("uploaded %d files to %s", sent, config.output_uri)
         report = {**report, "outputUri": config.output_uri}
+    if main and report is not None and config.checkpoint_uri:
+        drop_copies(config.checkpoint_uri)
     if main and report is not None:
         write_termination_log(config.termination_log, termination_summary(report))
         log.info(
@@ -150,6 +157,19 @@ def run(config: TrainingConfig, *, callbacks: Sequence[TrainerCallback] = ()) ->
             report["outputDir"],
         )
     return 0
+
+
+def _checkpoint_to_resume(config: TrainingConfig) -> Path | None:
+    """The latest checkpoint in checkpointDir; with checkpointUri, brought back from
+    there first when checkpointDir has none (a replacement pod on a fresh disk)."""
+    if not config.resume:
+        return None
+    if not config.checkpoint_uri:
+        return latest_checkpoint(config.effective_checkpoint_dir)
+    try:
+        return restore_checkpoint(config.checkpoint_uri, config.effective_checkpoint_dir)
+    except FetchError as exc:
+        raise JobError(f"cannot read the checkpoint copies: {exc}") from exc
 
 
 def _inner_dirs(config: TrainingConfig) -> tuple[str, ...]:
@@ -192,6 +212,8 @@ def _train(
         callbacks.append(
             EarlyStoppingCallback(early_stopping_patience=config.early_stopping.patience)
         )
+    if config.checkpoint_uri:
+        callbacks.append(CheckpointMirror(config.checkpoint_uri))
     trainer, stats = builder(
         TrainerInputs(
             config=config,
@@ -210,7 +232,7 @@ def _train(
     del train, validation
     # Telemetry prints the log lines; the Trainer's own printer would repeat them as dicts.
     trainer.remove_callback(PrinterCallback)
-    resume = latest_checkpoint(config.effective_checkpoint_dir) if config.resume else None
+    resume = _checkpoint_to_resume(config)
     if resume:
         log.info("resuming from %s", resume)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
