@@ -16,7 +16,7 @@ or embed it (pytest fixtures)::
     with LocalExecutor(kubeconfig, state_dir, namespaces=[ns]) as executor:
         ...
 
-Job controller (batch/v1 Jobs, NonIndexed completion mode, not ``spec.managedBy``)
+Job controller (batch/v1 Jobs, NonIndexed and Indexed completion modes, not ``spec.managedBy``)
     Creates each Job's Pods from ``spec.template`` through the API, so Pod Security
     admission judges them: generateName ``<job>-``, a controller ownerReference, the
     job-name/controller-uid labels, the ``batch.kubernetes.io/job-tracking`` finalizer and
@@ -29,6 +29,21 @@ Job controller (batch/v1 Jobs, NonIndexed completion mode, not ``spec.managedBy`
     an exponential backoff starting at ``--pod-failure-backoff`` seconds (the real
     controller starts at 10 s).
     Events on the Job: FailedCreate, Completed, and the failure reason.
+    Indexed Jobs (``completionMode: Indexed``): one Pod per pending completion index,
+    lowest first, at most ``parallelism`` active, each with generateName
+    ``<job>-<index>-``, the ``batch.kubernetes.io/job-completion-index`` annotation and
+    label, ``spec.hostname: <job>-<index>`` (the template's ``subdomain`` kept) and, in
+    every container and init container that does not define it, the env var
+    ``JOB_COMPLETION_INDEX`` as a fieldRef to that annotation (so
+    ``$(JOB_COMPLETION_INDEX)`` expands in args). A succeeded Pod's index goes to
+    ``completedIndexes`` ("0-2,4"; ``succeeded`` is their number, no UID is tracked); a
+    failed Pod counts in ``failed`` and its index gets a new Pod after the backoff, until
+    backoffLimit is exceeded (the Job then fails as above and its other Pods are
+    deleted); SuccessCriteriaMet then Complete once every index 0..completions-1
+    succeeded. Suspend/resume as for NonIndexed Jobs. Not implemented for Indexed Jobs:
+    backoffLimitPerIndex/maxFailedIndexes/failedIndexes, successPolicy, and deleting
+    duplicate Pods of one index or Pods with an index >= completions (the executor
+    never creates them, but it would leave such Pods running and count them as active).
     Deviation: a Pod rejected for good at creation (Pod Security, or invalid: HTTP 403
     "violates PodSecurity" / 422) fails the Job with reason ``PodCreateFailed`` and the
     API server's message; the real controller would retry forever, which in a test only
@@ -41,7 +56,8 @@ Kubelet (node ``local-executor``: every Pod with ``spec.nodeName: local-executor
     (``$(VAR)`` expanded); the image is ignored. The command is looked up on PATH with
     this Python's bin directory first, so ``kubetune`` is the venv's. Each container has
     its own environment: ``env`` (values, configMapKeyRef, secretKeyRef, fieldRef) and
-    ``envFrom``, plus HOSTNAME, PATH and the host variables named by ``--pass-env`` (HOME,
+    ``envFrom``, plus HOSTNAME (``spec.hostname``, else the Pod name), PATH and the host
+    variables named by ``--pass-env`` (HOME,
     LANG, LC_ALL, TZ, TMPDIR by default); nothing else from the host leaks in. Working
     directory: ``workingDir``, else a per-pod scratch folder. Every container's env,
     command and mounts are resolved, and the volumes written, before the first one
@@ -102,12 +118,21 @@ Limitations (it is a stand-in, not a node)
       starts, not as each starts: a ConfigMap/Secret missing for any container keeps the
       whole Pod Pending, even one the regular container alone needs (a kubelet would run
       the init containers first), and one changed while init containers run is not seen.
+    * Name resolution: there is no cluster DNS. A Pod with ``spec.subdomain`` gets a
+      generated hosts file (the host's /etc/hosts plus ``<hostname>.<subdomain>``,
+      ``.<namespace>.svc`` and ``.svc.cluster.local`` forms of its own hostname and, for
+      an Indexed Job's Pod, of every index ``<job>-<i>`` of its Job, all 127.0.0.1)
+      bind-mounted read-only onto /etc/hosts (unless a volumeMount targets /etc/hosts).
+      Since every Pod shares 127.0.0.1, two Pods of one Job cannot listen on the same
+      port. Other Services' names do not resolve, and the Service itself is not checked.
+      HOSTNAME is ``spec.hostname`` when set (else the Pod name), but the process's UTS
+      hostname (``socket.gethostname()``) stays the host's.
     * ``kubectl logs`` and ``kubectl exec`` cannot work without a kubelet API: read the
       log at ``<state>/logs/<namespace>/<pod>.log``, or ``<pod>/<name>.log`` for init
       container ``name`` (``kubectl logs -c name``).
     * OOMKilled is a guess: a process killed by SIGKILL that the executor did not send.
-    * Indexed Jobs, podFailurePolicy, successPolicy and scaling parallelism down are not
-      implemented; resourceFieldRef env/volume items are refused. Stopping the executor
+    * podFailurePolicy, successPolicy, backoffLimitPerIndex and scaling parallelism down
+      are not implemented; resourceFieldRef env/volume items are refused. Stopping the executor
       kills its processes; their Pods are marked Failed (ContainerStatusUnknown) by the
       next executor that sees them, as no kubelet could reattach to a killed process.
     * One executor per namespace: two executors watching the same namespace would both
@@ -135,7 +160,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -155,6 +180,9 @@ JOB_NAME_LABELS = ("batch.kubernetes.io/job-name", "job-name")
 CONTROLLER_UID_LABELS = ("batch.kubernetes.io/controller-uid", "controller-uid")
 METRICS_PORT_NAME = "metrics"
 METRICS_PORT_ENV = "KUBETUNE_METRICS_PORT"
+COMPLETION_INDEX_KEY = "batch.kubernetes.io/job-completion-index"  # annotation and label
+COMPLETION_INDEX_ENV = "JOB_COMPLETION_INDEX"
+CLUSTER_DOMAIN = "cluster.local"
 DEFAULT_TERMINATION_PATH = "/dev/termination-log"
 DEFAULT_PASS_ENV = ("HOME", "LANG", "LC_ALL", "TZ", "TMPDIR")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -250,16 +278,62 @@ def free_local_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def build_pod(job: Obj, free_port: Callable[[], int] = free_local_port) -> Obj:
+def is_indexed(job: Obj) -> bool:
+    return job["spec"].get("completionMode", "NonIndexed") == "Indexed"
+
+
+def completion_index(pod: Obj) -> int | None:
+    """The Job controller's getCompletionIndex: the annotation, else the label; None
+    when missing or not a non-negative number."""
+    meta = pod["metadata"]
+    for source in (meta.get("annotations") or {}, meta.get("labels") or {}):
+        if (value := source.get(COMPLETION_INDEX_KEY)) is not None:
+            return int(value) if str(value).isdigit() else None
+    return None
+
+
+def format_indexes(indexes: Iterable[int]) -> str:
+    """``status.completedIndexes``: sorted, consecutive runs as ``first-last`` ("0-2,4")."""
+    runs: list[list[int]] = []
+    for index in sorted(set(indexes)):
+        if runs and runs[-1][1] == index - 1:
+            runs[-1][1] = index
+        else:
+            runs.append([index, index])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def parse_indexes(text: str | None, completions: int) -> set[int]:
+    """The inverse of ``format_indexes``; indexes >= ``completions`` are dropped (as the
+    real controller does when completions shrank) and malformed parts ignored."""
+    indexes: set[int] = set()
+    for part in (text or "").split(","):
+        first, _, last = part.strip().partition("-")
+        if not first.isdigit() or (last and not last.isdigit()):
+            continue
+        indexes.update(range(int(first), min(int(last or first), completions - 1) + 1))
+    return indexes
+
+
+def build_pod(
+    job: Obj, free_port: Callable[[], int] = free_local_port, index: int | None = None
+) -> Obj:
     """The Pod the Job controller creates from ``job.spec.template``.
 
     Container ports named ``metrics`` get a free local port and ``KUBETUNE_METRICS_PORT``
     (see the module docstring): every local Pod shares 127.0.0.1.
+
+    For an Indexed Job, ``index`` is the completion index: like the real controller, the
+    Pod gets the ``batch.kubernetes.io/job-completion-index`` annotation and label,
+    generateName ``<job>-<index>-``, ``spec.hostname: <job>-<index>``, and every
+    container and init container the env var ``JOB_COMPLETION_INDEX`` (a fieldRef to
+    that annotation) unless it already defines it.
     """
     meta = job["metadata"]
     template = copy.deepcopy(job["spec"]["template"])
     template_meta = template.get("metadata") or {}
     labels = dict(template_meta.get("labels") or {})
+    annotations = dict(template_meta.get("annotations") or {})
     for label in JOB_NAME_LABELS:
         labels.setdefault(label, meta["name"])
     for label in CONTROLLER_UID_LABELS:
@@ -267,14 +341,21 @@ def build_pod(job: Obj, free_port: Callable[[], int] = free_local_port) -> Obj:
     spec = template["spec"]
     for container in spec["containers"]:
         _assign_metrics_port(container, free_port)
+    generate_name = f"{meta['name']}-"
+    if index is not None:
+        annotations[COMPLETION_INDEX_KEY] = labels[COMPLETION_INDEX_KEY] = str(index)
+        generate_name = f"{meta['name']}-{index}-"
+        spec["hostname"] = f"{meta['name']}-{index}"
+        for container in [*spec["containers"], *(spec.get("initContainers") or [])]:
+            _add_completion_index_env(container)
     return {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {
-            "generateName": f"{meta['name']}-",
+            "generateName": generate_name,
             "namespace": meta["namespace"],
             "labels": labels,
-            "annotations": template_meta.get("annotations") or {},
+            "annotations": annotations,
             "finalizers": [*(template_meta.get("finalizers") or []), TRACKING_FINALIZER],
             "ownerReferences": [
                 {
@@ -298,6 +379,14 @@ def _assign_metrics_port(container: Obj, free_port: Callable[[], int]) -> None:
             env = [e for e in container.get("env") or [] if e.get("name") != METRICS_PORT_ENV]
             env.append({"name": METRICS_PORT_ENV, "value": str(port["containerPort"])})
             container["env"] = env
+
+
+def _add_completion_index_env(container: Obj) -> None:
+    env = container.setdefault("env", [])
+    if any(var.get("name") == COMPLETION_INDEX_ENV for var in env):
+        return
+    path = f"metadata.annotations['{COMPLETION_INDEX_KEY}']"
+    env.append({"name": COMPLETION_INDEX_ENV, "valueFrom": {"fieldRef": {"fieldPath": path}}})
 
 
 # ---------------------------------------------------------- Job status, pure ---
@@ -370,6 +459,7 @@ class JobPlan:
     status: Obj
     backoff: Backoff
     create: int = 0
+    create_indexes: tuple[int, ...] = ()  # Indexed Job: the completion index of each
     delete: tuple[PodRef, ...] = ()  # failed Job: delete, still counted
     untrack_and_delete: tuple[PodRef, ...] = ()  # suspended Job: not counted
     release: tuple[PodRef, ...] = ()
@@ -523,10 +613,13 @@ def _track_finished(
     only_replace_failed: bool,
     letting_go: bool,
     failing: bool,
+    indexed: bool = False,
 ) -> list[PodRef]:
     """Record finished Pods' UIDs in ``uncounted`` (succeeded, failed) and return the Pods
     whose tracking finalizer can go: finished ones, or all once the Job is finishing
-    (``letting_go``). When the Job fails, every Pod that did not succeed failed."""
+    (``letting_go``). When the Job fails, every Pod that did not succeed failed. An
+    Indexed Job counts its succeeded Pods by completion index (completedIndexes), not by
+    UID, as the real controller does."""
     uncounted_ok, uncounted_failed = uncounted
     release = []
     for pod in tracked:
@@ -537,6 +630,8 @@ def _track_finished(
         release.append(pod_ref(pod))
         uid = pod["metadata"]["uid"]
         if pod_succeeded and uid not in uncounted_failed:
+            if indexed:
+                continue
             bucket = uncounted_ok
         elif pod_failed or failing:
             bucket = uncounted_failed
@@ -571,6 +666,24 @@ def _enact(status: Obj, target: Target, settled: bool, now: datetime) -> Obj | N
     return final
 
 
+def _index_in(pod: Obj, completions: int) -> set[int]:
+    """The Pod's completion index when valid for the Job, as a set (empty otherwise)."""
+    index = completion_index(pod)
+    return {index} if index is not None and index < completions else set()
+
+
+def _pending_indexes(
+    completions: int, completed: set[int], pods: Sequence[Obj], only_replace_failed: bool
+) -> list[int]:
+    """firstPendingIndexes: the indexes without success nor an active Pod (nor, when
+    only failed Pods are replaced, a terminating one), lowest first."""
+    taken = set(completed)
+    for pod in pods:
+        if is_active(pod) or (only_replace_failed and is_deleting(pod) and not is_terminal(pod)):
+            taken |= _index_in(pod, completions)
+    return [i for i in range(completions) if i not in taken]
+
+
 def plan_job(
     job: Obj,
     pods: Sequence[Obj],
@@ -580,8 +693,8 @@ def plan_job(
     create_error: str | None = None,
     pod_failure_backoff: float = DEFAULT_POD_FAILURE_BACKOFF,
 ) -> JobPlan:
-    """kube-controller-manager v1.33 syncJob for a NonIndexed Job, as a pure function of
-    the Job, the Pods it controls and the time.
+    """kube-controller-manager v1.33 syncJob for a NonIndexed or Indexed Job, as a pure
+    function of the Job, the Pods it controls and the time.
 
     Finished Pods are counted the way the real controller does, so counts survive Pods
     being deleted: their UIDs first go to ``status.uncountedTerminatedPods``, then their
@@ -589,6 +702,13 @@ def plan_job(
     lost the finalizer into ``succeeded``/``failed``. A terminal condition is preceded by
     its interim one (SuccessCriteriaMet, FailureTarget) and only set once nothing is left
     uncounted or terminating -- the v1.33 status validation rejects anything else.
+
+    Indexed Jobs: a succeeded Pod's completion index goes straight to
+    ``completedIndexes`` (``succeeded`` is their number); failed Pods are counted as
+    above. ``create_indexes`` names the lowest indexes neither completed nor held by an
+    active Pod (nor, with podReplacementPolicy Failed, a terminating one), at most
+    ``parallelism`` active in all; the Job is complete once every index
+    0..completions-1 has succeeded.
     """
     status: Obj = copy.deepcopy(job.get("status") or {})
     tracked = [p for p in pods if is_tracked(p)]
@@ -598,6 +718,7 @@ def plan_job(
     suspended = bool(spec.get("suspend"))
     deleting = bool(job["metadata"].get("deletionTimestamp"))
     only_replace_failed = spec.get("podReplacementPolicy") == "Failed"
+    indexed = is_indexed(job)
 
     uncounted = _count_released(status, {p["metadata"]["uid"] for p in tracked})
     fresh = [p for p in tracked if p["metadata"]["uid"] not in {*uncounted[0], *uncounted[1]}]
@@ -605,6 +726,14 @@ def plan_job(
     new_failed = [p for p in fresh if is_pod_failed(p, only_replace_failed)]
     succeeded = status["succeeded"] + len(new_ok) + len(uncounted[0])
     failed = status["failed"] + len(new_failed) + len(uncounted[1])
+    completed: set[int] = set()
+    if indexed:
+        completions = int(spec["completions"])
+        completed = parse_indexes(status.get("completedIndexes"), completions)
+        new_ok = [p for p in new_ok if _index_in(p, completions) - completed]
+        completed |= {i for p in new_ok for i in _index_in(p, completions)}
+        succeeded = status["succeeded"] = len(completed)
+        status["completedIndexes"] = format_indexes(completed)
     backoff = backoff.after(new_ok, new_failed, now)
     if not status.get("startTime") and not suspended:
         status["startTime"] = rfc3339(now)
@@ -613,6 +742,7 @@ def plan_job(
     terminating = sum(is_deleting(p) and not is_terminal(p) for p in pods)
     target, requeue = _terminal_target(spec, status, failed, create_error, now)
     create, delete, untrack = 0, [], []
+    create_indexes: tuple[int, ...] = ()
     if target is not None:
         delete, active = active, []
     elif not deleting:
@@ -623,6 +753,13 @@ def plan_job(
                 spec, succeeded, len(active), terminating, backoff, pod_failure_backoff, now
             )
             requeue = min((t for t in (requeue, wait) if t is not None), default=None)
+            if indexed and create:
+                create_indexes = tuple(
+                    _pending_indexes(
+                        int(spec["completions"]), completed, pods, only_replace_failed
+                    )[:create]
+                )
+                create = len(create_indexes)
         if _complete(spec, succeeded, len(active) + create):
             target = Target(
                 "SuccessCriteriaMet",
@@ -635,7 +772,7 @@ def plan_job(
 
     failing = target is not None and target.type != "SuccessCriteriaMet"
     release = _track_finished(
-        tracked, uncounted, only_replace_failed, deleting or target is not None, failing
+        tracked, uncounted, only_replace_failed, deleting or target is not None, failing, indexed
     )
     status["uncountedTerminatedPods"] = {
         k: v for k, v in zip(("succeeded", "failed"), uncounted, strict=True) if v
@@ -651,6 +788,7 @@ def plan_job(
         status=status,
         backoff=backoff,
         create=create,
+        create_indexes=create_indexes,
         delete=tuple(map(pod_ref, delete)),
         untrack_and_delete=tuple(map(pod_ref, untrack)),
         release=tuple(release),
@@ -1818,8 +1956,13 @@ class LocalExecutor:
         spec, uid = job["spec"], job["metadata"]["uid"]
         if spec.get("managedBy", JOB_CONTROLLER) != JOB_CONTROLLER:
             return None
-        if spec.get("completionMode", "NonIndexed") != "NonIndexed":
-            log.warning("job %s/%s: Indexed Jobs are not supported, ignored", namespace, name)
+        if spec.get("completionMode", "NonIndexed") not in ("NonIndexed", "Indexed"):
+            log.warning(
+                "job %s/%s: completionMode %s is not supported, ignored",
+                namespace,
+                name,
+                spec["completionMode"],
+            )
             return None
         pods = self.kube.request(
             "GET", pod_path(namespace), query={"labelSelector": f"{CONTROLLER_UID_LABELS[0]}={uid}"}
@@ -1837,7 +1980,10 @@ class LocalExecutor:
         for ref in plan.untrack_and_delete:
             self._release(namespace, ref)
             self._delete_pod(namespace, ref)
-        if self._create_pods(job, plan.create):
+        indexes: Sequence[int | None] = (
+            plan.create_indexes if is_indexed(job) else [None] * plan.create
+        )
+        if self._create_pods(job, indexes):
             return 0.0  # a Pod was rejected for good: the next pass fails the Job
         if job_status_canonical(plan.status) != job_status_canonical(job.get("status")):
             self.kube.request(
@@ -1866,12 +2012,15 @@ class LocalExecutor:
             condition["reason"],
         )
 
-    def _create_pods(self, job: Obj, count: int) -> bool:
-        """Create ``count`` Pods; True when one was rejected in a way retrying cannot fix."""
+    def _create_pods(self, job: Obj, indexes: Sequence[int | None]) -> bool:
+        """Create a Pod per entry of ``indexes`` (completion indexes, None for NonIndexed);
+        True when one was rejected in a way retrying cannot fix."""
         meta = job["metadata"]
-        for _ in range(count):
+        for index in indexes:
             try:
-                pod = self.kube.request("POST", pod_path(meta["namespace"]), build_pod(job))
+                pod = self.kube.request(
+                    "POST", pod_path(meta["namespace"]), build_pod(job, index=index)
+                )
             except ApiError as exc:
                 if exc.namespace_terminating:
                     return False  # the namespace controller is deleting the Job too
@@ -2020,7 +2169,8 @@ class LocalExecutor:
 
     def _process_env(self, pod: Obj, env: dict[str, str]) -> dict[str, str]:
         inherited = {k: os.environ[k] for k in self._pass_env if k in os.environ}
-        merged = {**inherited, "HOSTNAME": pod["metadata"]["name"], **env}
+        hostname = pod["spec"].get("hostname") or pod["metadata"]["name"]
+        merged = {**inherited, "HOSTNAME": hostname, **env}
         path = env.get("PATH") or os.environ.get("PATH") or DEFAULT_PATH
         merged["PATH"] = f"{self._bin_dir}{os.pathsep}{path}"
         return merged
@@ -2098,11 +2248,37 @@ class LocalExecutor:
                 "pod %s/%s: sidecar containers are ignored", meta["namespace"], meta["name"]
             )
         volumes = materialize_volumes(pod, pod_dir / "volumes", self.state_dir / "pvc", self.kube)
+        hosts = self._hosts_file(pod, pod_dir)
         containers = [*inits, spec["containers"][0]]
         return [
-            self._step(pod, container, pod_dir, volumes, position, position < len(inits))
+            self._step(pod, container, pod_dir, volumes, position, position < len(inits), hosts)
             for position, container in enumerate(containers)
         ]
+
+    def _hosts_file(self, pod: Obj, pod_dir: Path) -> Path | None:
+        """For a Pod with a ``subdomain``: a copy of the host's /etc/hosts plus the names
+        of the Pod itself and, for a Job's Pod, of every completion index of its Job
+        (``indexed_host_names``), all 127.0.0.1. Bind-mounted onto /etc/hosts."""
+        spec, meta = pod["spec"], pod["metadata"]
+        subdomain = spec.get("subdomain")
+        if not subdomain:
+            return None
+        hostnames = [spec.get("hostname") or meta["name"]]
+        job_name = (meta.get("labels") or {}).get(JOB_NAME_LABELS[0])
+        job = self.kube.get(job_path(meta["namespace"], job_name)) if job_name else None
+        if job is not None and is_indexed(job):
+            completions = int(job["spec"]["completions"])
+            hostnames += [f"{job_name}-{i}" for i in range(completions)]
+        try:
+            host_hosts = Path("/etc/hosts").read_text()
+        except OSError:
+            host_hosts = ""
+        path = pod_dir / "etc-hosts"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(
+            hosts_file_text(host_hosts, dict.fromkeys(hostnames), subdomain, meta["namespace"])
+        )
+        return path
 
     def _step(
         self,
@@ -2112,10 +2288,11 @@ class LocalExecutor:
         volumes: dict[str, Volume],
         position: int,
         init: bool,
+        hosts: Path | None = None,
     ) -> Step:
         policy = container.get("terminationMessagePolicy", "File")
         try:
-            launch = self._prepare(pod, container, pod_dir, volumes)
+            launch = self._prepare(pod, container, pod_dir, volumes, hosts)
         except PodSetupError as exc:
             raise PodSetupError(exc.reason, exc.message, position) from exc
         except StartError as exc:
@@ -2123,7 +2300,12 @@ class LocalExecutor:
         return Step(container["name"], init, policy, launch)
 
     def _prepare(
-        self, pod: Obj, container: Obj, pod_dir: Path, volumes: dict[str, Volume]
+        self,
+        pod: Obj,
+        container: Obj,
+        pod_dir: Path,
+        volumes: dict[str, Volume],
+        hosts: Path | None = None,
     ) -> Launch:
         """Resolve the environment and the command, plan the mounts."""
         env = container_env(pod, container, self.kube)
@@ -2139,6 +2321,8 @@ class LocalExecutor:
             *container_mounts(container, volumes, env),
             Mount(str(termination), message_path, False),
         ]
+        if hosts is not None and all(os.path.normpath(m.target) != "/etc/hosts" for m in mounts):
+            mounts.append(Mount(str(hosts), "/etc/hosts", True))
         # The Python, the venv and the project (installed in editable mode) it runs from.
         needed = [sys.prefix, sys.base_prefix, str(Path(__file__).resolve().parents[1])]
         if "/" not in argv[0]:
@@ -2223,6 +2407,20 @@ class LocalExecutor:
         except ApiError as exc:
             if exc.status not in (404, 409):
                 raise
+
+
+def hosts_file_text(
+    host_hosts: str, hostnames: Iterable[str], subdomain: str, namespace: str
+) -> str:
+    """The host's hosts file plus, for each hostname, ``<hostname>.<subdomain>``, its
+    ``.<namespace>.svc`` and ``.svc.<cluster domain>`` forms and the bare hostname, all
+    at 127.0.0.1 (what cluster DNS and the kubelet's hosts file give a Pod)."""
+    lines = [host_hosts.rstrip("\n"), "# local executor: pods of the subdomain"]
+    for host in hostnames:
+        fqdn = f"{host}.{subdomain}.{namespace}.svc"
+        names = [f"{fqdn}.{CLUSTER_DOMAIN}", fqdn, f"{host}.{subdomain}", host]
+        lines.append(f"{POD_IP}\t{' '.join(names)}")
+    return "\n".join(lines).lstrip("\n") + "\n"
 
 
 def _spawn(launch: Launch, pod_dir: Path, own_dir: Path, log_path: Path) -> subprocess.Popen[bytes]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -695,3 +696,189 @@ def test_an_init_container_gets_its_own_env_from_a_secret_once_the_secret_exists
     # The main container has its own environment, without the init container's.
     main_report = json.loads(container_state(pod_obj, "containerStatuses")["terminated"]["message"])
     assert main_report["env"] == {"AWS_ACCESS_KEY_ID": None, "AWS_ENDPOINT_URL": None}
+
+
+# --------------------------------------------------------------- Indexed Jobs ---
+
+INDEX_KEY = "batch.kubernetes.io/job-completion-index"
+
+
+def indexed_job(name: str, script: str, **fields: Any) -> Obj:
+    """An Indexed Job of ``completions`` Pods in subdomain ``name``, all at once, each
+    running ``python3 -c script $(JOB_COMPLETION_INDEX)``."""
+    container = {"args": ["$(JOB_COMPLETION_INDEX)"], **fields.pop("container", {})}
+    completions = fields.pop("completions", 2)
+    return job_manifest(
+        name,
+        script,
+        container=container,
+        pod={"subdomain": name, **fields.pop("pod", {})},
+        completionMode="Indexed",
+        completions=completions,
+        parallelism=completions,
+        **fields,
+    )
+
+
+def headless_service(kubectl: Kubectl, ns: str, name: str) -> None:
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name},
+        "spec": {"clusterIP": "None", "selector": {"batch.kubernetes.io/job-name": name}},
+    }
+    kubectl.apply(service, "-n", ns)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# Index 0 listens on 0.0.0.0; index 1 connects to <job>-0.<job> by name. Each resolves
+# the names of the other index and writes what it saw into its termination message.
+RENDEZVOUS = """
+    import json, os, socket, sys, time
+    index = int(os.environ["JOB_COMPLETION_INDEX"])
+    assert sys.argv[1] == str(index), sys.argv
+    job, ns, port = os.environ["JOB"], os.environ["NS"], int(os.environ["PORT"])
+    other = f"{job}-{1 - index}"
+    names = [f"{other}.{job}", f"{other}.{job}.{ns}.svc", f"{other}.{job}.{ns}.svc.cluster.local"]
+    resolved = {n: socket.gethostbyname(n) for n in names}
+    if index == 0:
+        server = socket.create_server(("0.0.0.0", port))
+        server.settimeout(60)
+        conn, _ = server.accept()
+        got = conn.recv(100).decode()
+        conn.sendall(b"hello from 0")
+    else:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                conn = socket.create_connection((f"{job}-0.{job}", port), timeout=5)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        conn.sendall(b"hello from 1")
+        got = conn.recv(100).decode()
+    conn.close()
+    report = {"index": index, "got": got, "resolved": resolved,
+              "hostname": os.environ["HOSTNAME"]}
+    open("/dev/termination-log", "w").write(json.dumps(report))
+"""
+
+
+def test_indexed_job_pods_run_together_and_reach_each_other_by_name(
+    kubectl: Kubectl, namespace: str, executor: LocalExecutor
+) -> None:
+    name, port = "rdzv", free_port()
+    headless_service(kubectl, namespace, name)
+    env = [
+        {"name": "JOB", "value": name},
+        {"name": "NS", "value": namespace},
+        {"name": "PORT", "value": str(port)},
+    ]
+    manifest = indexed_job(name, RENDEZVOUS, container={"env": env})
+    kubectl.apply(manifest, "-n", namespace)
+
+    job = wait_condition(kubectl, namespace, name, "Complete")
+    status = job["status"]
+    assert [c["type"] for c in status["conditions"]] == ["SuccessCriteriaMet", "Complete"]
+    assert status["completedIndexes"] == "0-1"
+    assert status["succeeded"] == 2 and status.get("failed", 0) == 0
+    assert status.get("active", 0) == 0
+
+    pods = pods_of(kubectl, namespace, name)
+    assert len(pods) == 2
+    by_index = {int(p["metadata"]["annotations"][INDEX_KEY]): p for p in pods}
+    assert sorted(by_index) == [0, 1]
+    for index, pod in by_index.items():
+        meta, spec = pod["metadata"], pod["spec"]
+        assert meta["labels"][INDEX_KEY] == str(index)
+        assert meta["name"].startswith(f"{name}-{index}-")
+        assert (spec["hostname"], spec["subdomain"]) == (f"{name}-{index}", name)
+        terminated = pod["status"]["containerStatuses"][0]["state"]["terminated"]
+        assert terminated["exitCode"] == 0, executor.log_path(namespace, meta["name"]).read_text()
+        report = json.loads(terminated["message"])
+        # The exchanged messages prove both processes ran at the same time.
+        assert report["index"] == index and report["got"] == f"hello from {1 - index}"
+        assert report["hostname"] == f"{name}-{index}"
+        assert set(report["resolved"].values()) == {"127.0.0.1"}
+        assert len(report["resolved"]) == 3
+
+
+def test_indexed_pod_resolves_every_index_name_of_its_job(
+    kubectl: Kubectl, namespace: str, executor: LocalExecutor
+) -> None:
+    script = """
+        import os, socket
+        job = os.environ["JOB"]
+        names = [f"{job}-{i}.{job}" for i in range(3)]
+        print(" ".join(socket.gethostbyname(n) for n in names), end="",
+              file=open("/dev/termination-log", "w"))
+    """
+    env = [{"name": "JOB", "value": "names"}]
+    kubectl.apply(
+        indexed_job("names", script, completions=3, container={"env": env}), "-n", namespace
+    )
+    wait_condition(kubectl, namespace, "names", "Complete")
+    for pod in pods_of(kubectl, namespace, "names"):
+        terminated = pod["status"]["containerStatuses"][0]["state"]["terminated"]
+        assert terminated["message"] == "127.0.0.1 127.0.0.1 127.0.0.1"
+
+
+def test_a_failed_index_is_replaced_and_the_indexed_job_completes(
+    kubectl: Kubectl, namespace: str, executor: LocalExecutor
+) -> None:
+    script = """
+        import os, sys
+        index = os.environ["JOB_COMPLETION_INDEX"]
+        marker = f"/data/failed-{index}"
+        if index == "1" and not os.path.exists(marker):
+            open(marker, "w").close()
+            sys.exit(1)
+        open("/dev/termination-log", "w").write(index)
+    """
+    mounts = {"volumeMounts": [{"name": "work", "mountPath": "/data"}]}
+    volumes = {"volumes": [{"name": "work", "persistentVolumeClaim": {"claimName": "retry"}}]}
+    manifest = indexed_job("retry", script, container=mounts, pod=volumes, backoffLimit=1)
+    kubectl.apply(manifest, "-n", namespace)
+
+    job = wait_condition(kubectl, namespace, "retry", "Complete")
+    status = job["status"]
+    assert status["completedIndexes"] == "0-1"
+    assert (status["succeeded"], status["failed"]) == (2, 1)
+    pods = pods_of(kubectl, namespace, "retry")
+    outcomes = sorted((p["metadata"]["annotations"][INDEX_KEY], p["status"]["phase"]) for p in pods)
+    assert outcomes == [("0", "Succeeded"), ("1", "Failed"), ("1", "Succeeded")]
+    assert (executor.pvc_dir(namespace, "retry") / "failed-1").exists()
+
+
+def test_an_indexed_job_beyond_its_backoff_limit_fails_and_deletes_its_other_pods(
+    kubectl: Kubectl, namespace: str, executor: LocalExecutor
+) -> None:
+    script = """
+        import os, sys, time
+        if os.environ["JOB_COMPLETION_INDEX"] == "1":
+            sys.exit(2)
+        time.sleep(120)
+    """
+    kubectl.apply(indexed_job("doomed", script, backoffLimit=0), "-n", namespace)
+
+    job = wait_condition(kubectl, namespace, "doomed", "Failed")
+    failed = condition(job, "Failed")
+    assert failed is not None and failed["reason"] == "BackoffLimitExceeded"
+    assert job["status"]["failed"] == 2, "the deleted index-0 Pod counts as failed"
+    assert job["status"].get("completedIndexes", "") == ""
+    assert job["status"].get("active", 0) == 0
+
+    def index_0_gone() -> bool:
+        return all(
+            p["metadata"]["annotations"][INDEX_KEY] != "0" or p["status"]["phase"] == "Failed"
+            for p in pods_of(kubectl, namespace, "doomed")
+        )
+
+    wait_for("the index-0 pod to be deleted or failed", index_0_gone)

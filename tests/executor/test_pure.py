@@ -27,9 +27,12 @@ from local_executor import (
     container_mounts,
     exit_reason,
     expand,
+    format_indexes,
+    hosts_file_text,
     job_status_canonical,
     kubelet_report,
     materialize_volumes,
+    parse_indexes,
     paths_to_keep,
     plan_job,
     pod_status,
@@ -162,6 +165,69 @@ def test_metrics_port_gets_a_free_local_port_and_the_env_var_names_it() -> None:
         {"name": "A", "value": "1"},
         {"name": METRICS_PORT_ENV, "value": "41234"},
     ]
+
+
+def test_an_indexed_pod_gets_its_index_hostname_and_env_var() -> None:
+    job = make_job(completionMode="Indexed", completions=3, parallelism=3)
+    template = job["spec"]["template"]["spec"]
+    template["subdomain"] = "train"
+    template["initContainers"] = [{"name": "prep", "image": "trainer"}]
+    original = copy.deepcopy(job)
+    pod = build_pod(job, free_port=lambda: 41234, index=2)
+    meta = pod["metadata"]
+    assert meta["generateName"] == "train-2-"
+    assert meta["annotations"] == {"batch.kubernetes.io/job-completion-index": "2"}
+    assert meta["labels"]["batch.kubernetes.io/job-completion-index"] == "2"
+    assert (pod["spec"]["hostname"], pod["spec"]["subdomain"]) == ("train-2", "train")
+    index_env = {
+        "name": "JOB_COMPLETION_INDEX",
+        "valueFrom": {
+            "fieldRef": {
+                "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+            }
+        },
+    }
+    main, prep = pod["spec"]["containers"][0], pod["spec"]["initContainers"][0]
+    assert main["env"] == [
+        {"name": "A", "value": "1"},
+        {"name": METRICS_PORT_ENV, "value": "41234"},
+        index_env,
+    ]
+    assert prep["env"] == [index_env]
+    # The kubelet side resolves it, and $(JOB_COMPLETION_INDEX) in args expands.
+    pod["metadata"].update(name="train-2-abcde", namespace="ns")
+    env = container_env(pod, main, FakeSource())
+    assert env["JOB_COMPLETION_INDEX"] == "2"
+    assert expand("--node_rank=$(JOB_COMPLETION_INDEX)", env) == "--node_rank=2"
+    assert job == original, "the Job must not be modified"
+    assert "hostname" not in build_pod(job)["spec"], "NonIndexed Pods keep the template's"
+
+
+@pytest.mark.parametrize(
+    ("indexes", "text"),
+    [
+        ([], ""),
+        ([0], "0"),
+        ([0, 1], "0-1"),
+        ([4, 0, 2, 1], "0-2,4"),
+        ([1, 3, 5, 6, 7, 9], "1,3,5-7,9"),
+    ],
+)
+def test_completed_indexes_are_compressed_into_ranges(indexes: list[int], text: str) -> None:
+    assert format_indexes(indexes) == text
+    assert parse_indexes(text, 100) == set(indexes)
+
+
+def test_parsing_completed_indexes_drops_those_beyond_completions() -> None:
+    assert parse_indexes("0-2,4,7-9", 5) == {0, 1, 2, 4}
+
+
+def test_hosts_file_adds_every_pod_name_of_the_subdomain() -> None:
+    text = hosts_file_text("127.0.0.1 localhost\n", ["j-0", "j-1"], "j", "ns")
+    lines = text.splitlines()
+    assert lines[0] == "127.0.0.1 localhost"
+    assert "127.0.0.1\tj-1.j.ns.svc.cluster.local j-1.j.ns.svc j-1.j j-1" in lines
+    assert "127.0.0.1\tj-0.j.ns.svc.cluster.local j-0.j.ns.svc j-0.j j-0" in lines
 
 
 # ------------------------------------------------------------------- plan_job ---
@@ -646,3 +712,95 @@ def test_work_queue_deduplicates_delays_and_closes() -> None:
     assert [queue.get(), queue.get(), queue.get()] == [("ns", "a"), ("ns", "b"), ("ns", "later")]
     queue.close()
     assert queue.get() is None
+
+
+# ------------------------------------------------------------- Indexed plan_job ---
+
+
+def indexed_job(status: Obj | None = None, **spec: Any) -> Obj:
+    fields = {"completionMode": "Indexed", "completions": 3, "parallelism": 2, **spec}
+    return make_job(status, **fields)
+
+
+def indexed_pod(name: str, index: int, phase: str = "Running", **kwargs: Any) -> Obj:
+    pod = make_pod(name, phase, **kwargs)
+    pod["metadata"]["annotations"] = {"batch.kubernetes.io/job-completion-index": str(index)}
+    return pod
+
+
+def test_an_indexed_job_creates_the_lowest_pending_indexes_up_to_parallelism() -> None:
+    job = indexed_job()
+    first = plan_job(job, [], NOW)
+    assert (first.create, first.create_indexes) == (2, (0, 1))
+
+    job = advance(job, first)
+    pods = [indexed_pod("a", 0), indexed_pod("b", 1, "Succeeded")]
+    second = plan_job(job, pods, NOW)
+    assert (second.create, second.create_indexes) == (1, (2,))
+    assert second.status["completedIndexes"] == "1" and second.status["succeeded"] == 1
+    assert "uncountedTerminatedPods" not in job_status_canonical(second.status), (
+        "succeeded Pods of an Indexed Job are counted by index, not by UID"
+    )
+    assert second.release == (("b", "b-uid"),)
+    assert (second.status["active"], second.status["ready"]) == (1, 1)
+
+
+def test_an_indexed_job_completes_once_every_index_succeeded() -> None:
+    job = indexed_job(status={"startTime": rfc3339(NOW), "completedIndexes": "2", "succeeded": 1})
+    pods = [indexed_pod("a", 0, "Succeeded"), indexed_pod("b", 1)]
+    partial = plan_job(job, pods, NOW)
+    assert partial.status["completedIndexes"] == "0,2" and partial.status["succeeded"] == 2
+    assert partial.create == 0 and condition_types(partial) == []
+    assert_idempotent(job, pods, partial)
+
+    job = advance(job, partial)
+    pods = [indexed_pod("a", 0, "Succeeded", tracked=False), indexed_pod("b", 1, "Succeeded")]
+    done = plan_job(job, pods, NOW)
+    assert done.status["completedIndexes"] == "0-2" and done.status["succeeded"] == 3
+    assert condition_types(done) == ["SuccessCriteriaMet", "Complete"]
+    assert done.finished is not None and done.finished["reason"] == "CompletionsReached"
+    assert done.status["completionTime"] == rfc3339(NOW)
+    assert done.release == (("b", "b-uid"),)
+
+
+def test_a_failed_index_is_replaced_after_the_backoff() -> None:
+    job = indexed_job(completions=2, status={"startTime": rfc3339(NOW)})
+    pods = [indexed_pod("a", 0), indexed_pod("b", 1, "Failed")]
+    plan = plan_job(job, pods, NOW, pod_failure_backoff=2.0)
+    assert plan.create == 0 and plan.requeue_after == pytest.approx(2.0)
+    assert plan.status["uncountedTerminatedPods"] == {"failed": ["b-uid"]}
+
+    job = advance(job, plan)
+    pods = [indexed_pod("a", 0), indexed_pod("b", 1, "Failed", tracked=False)]
+    later = plan_job(job, pods, NOW + timedelta(seconds=2), plan.backoff, pod_failure_backoff=2.0)
+    assert (later.create, later.create_indexes) == (1, (1,))
+    assert later.status["failed"] == 1 and condition_types(later) == []
+
+
+def test_an_indexed_job_beyond_its_backoff_limit_deletes_the_other_pods_and_fails() -> None:
+    job = indexed_job(completions=2, backoffLimit=0, status={"startTime": rfc3339(NOW)})
+    pods = [indexed_pod("a", 0), indexed_pod("b", 1, "Failed")]
+    plan = plan_job(job, pods, NOW)
+    assert condition_types(plan) == ["FailureTarget"]
+    assert plan.status["conditions"][0]["reason"] == "BackoffLimitExceeded"
+    assert plan.delete == (("a", "a-uid"),) and plan.create == 0
+    assert plan.finished is None
+
+    job = advance(job, plan)
+    gone = [indexed_pod("b", 1, "Failed", tracked=False)]
+    final = plan_job(job, gone, NOW)
+    assert condition_types(final) == ["FailureTarget", "Failed"]
+    assert final.finished is not None and final.finished["reason"] == "BackoffLimitExceeded"
+    assert final.status.get("completedIndexes", "") == ""
+
+
+def test_a_suspended_indexed_job_deletes_its_pods_and_resumes_the_pending_indexes() -> None:
+    job = indexed_job(suspend=True, status={"startTime": rfc3339(NOW), "completedIndexes": "1"})
+    plan = plan_job(job, [indexed_pod("a", 0)], NOW)
+    assert plan.untrack_and_delete == (("a", "a-uid"),) and plan.create == 0
+    assert condition_types(plan) == ["Suspended"]
+
+    job = advance(job, plan)
+    job["spec"]["suspend"] = False
+    resumed = plan_job(job, [], NOW)
+    assert resumed.create_indexes == (0, 2)
