@@ -106,7 +106,7 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ),
     ("lambda-negative", _ftj(preserveGeneralSkills={"enabled": True, "lambda": -1}), "lambda"),
     ("gpus-negative", _ftj(resources={"gpus": -1}), "gpus"),
-    ("two-nodes", _ftj(resources={"nodes": 2}), "nodes"),
+    ("too-many-nodes", _ftj(resources={"nodes": 65}), "nodes"),
     ("bad-method", _ftj(method="ppo"), "method"),
     (
         "s3-uri",

@@ -4,6 +4,7 @@ the test API server, with the local executor playing kubelet for Jobs."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from collections.abc import Iterator
@@ -617,3 +618,35 @@ def test_a_dataset_whose_fetch_fails_says_why(
     )
     assert missing_secret["phase"] == "Failed", missing_secret
     assert "missing-creds" in missing_secret["message"], missing_secret
+
+
+def test_a_two_node_run_trains_data_parallel_across_its_pods(
+    kubectl: Kubectl, ns: str, operator: Operator, state_dir: Path
+) -> None:
+    """nodes: 2 is an Indexed Job of two pods that torchrun joins into one
+    data-parallel run (gloo on the CPU here), meeting at the first pod's DNS name."""
+    hyperparameters = {"epochs": 2, "batchSize": 2, "learningRate": 0.002, "maxPixels": 3136}
+    kubectl.apply(
+        finetunejob(
+            "pair", "shapes", hyperparameters=hyperparameters, resources={"gpus": 0, "nodes": 2}
+        ),
+        "-n",
+        ns,
+    )
+    final = wait_phase(
+        operator, kubectl, "ftj", ns, "pair", ("Succeeded", "Failed"), 300, "the two-node run"
+    )
+    assert final["phase"] == "Succeeded", final
+    pods = kubectl.get("pods", "-n", ns, "-l", "batch.kubernetes.io/job-name=pair-train")["items"]
+    indexes = sorted(
+        p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] for p in pods
+    )
+    assert indexes == ["0", "1"]
+    assert all(p["status"]["phase"] == "Succeeded" for p in pods)
+    assert kubectl.get("service", "pair-train", "-n", ns)["spec"]["clusterIP"] == "None"
+    report = json.loads(
+        (pvc_dir(state_dir, ns, "models") / "out" / "pair" / "report.json").read_text()
+    )
+    # Each step took a batch on each of the two nodes.
+    per_epoch = math.ceil(report["trainExamples"] / (2 * 2))
+    assert report["steps"] == per_epoch * 2, report

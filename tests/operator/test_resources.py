@@ -493,3 +493,59 @@ def test_phase_patch_writes_only_what_changed() -> None:
     assert phase_patch(patch, {"phase": "Running", "message": "training"}, "Resumed", None, 3, "t2")
     assert phase_patch(patch, {"phase": "Succeeded"}, "Succeeded", True, 3, "t2")
     assert phase_patch(patch, {"phase": "Running", "message": "training"}, "Running", None, 4, "t2")
+
+
+def test_several_nodes_train_as_an_indexed_job_that_meets_at_the_first_pod() -> None:
+    plan = _plan(resources={"gpus": 4, "nodes": 2})
+    job = tj.training_job(plan)
+    assert (job["spec"]["completionMode"], job["spec"]["completions"]) == ("Indexed", 2)
+    assert job["spec"]["parallelism"] == 2  # every node at once: they rendezvous
+    pod = job["spec"]["template"]["spec"]
+    assert pod["subdomain"] == "run-train"
+    container = pod["containers"][0]
+    assert container["command"] == ["torchrun"]
+    args = container["args"]
+    for arg in (
+        "--nnodes=2",
+        "--nproc_per_node=4",
+        "--node_rank=$(JOB_COMPLETION_INDEX)",
+        "--master_addr=run-train-0.run-train",
+    ):
+        assert arg in args
+    assert args[args.index("--no-python") + 1 :] == [
+        "kubetune",
+        "train",
+        "--config",
+        "/etc/kubetune/job.json",
+    ]
+    assert {"name": "rendezvous", "containerPort": 29500, "protocol": "TCP"} in container["ports"]
+    svc = tj.rendezvous_service(plan)
+    assert svc["metadata"]["name"] == pod["subdomain"]
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"]
+    assert svc["spec"]["selector"] == {"batch.kubernetes.io/job-name": "run-train"}
+    # One node keeps a plain Job.
+    single = tj.training_job(_plan(resources={"gpus": 4}))
+    assert "completionMode" not in single["spec"]
+    assert "subdomain" not in single["spec"]["template"]["spec"]
+
+
+def _node_pod(index: int, phase: str, state: dict[str, Any], created: str) -> dict[str, Any]:
+    pod = _pod(phase, state, created)
+    pod["metadata"]["annotations"] = {"batch.kubernetes.io/job-completion-index": str(index)}
+    return pod
+
+
+def test_a_multi_node_run_follows_its_first_node_and_blames_the_failed_one() -> None:
+    running = [
+        _node_pod(0, "Running", {"running": {}}, "1"),
+        _node_pod(1, "Pending", {"waiting": {"reason": "ContainerCreating"}}, "2"),
+    ]
+    state = job_state(_job(), running)
+    assert (state.phase, state.metrics_port) == ("Running", 9999)
+    failed = _job([{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}])
+    pods = [
+        _node_pod(0, "Failed", {"terminated": {"exitCode": 143, "message": "stopped"}}, "1"),
+        _node_pod(1, "Failed", {"terminated": {"exitCode": 1, "message": "CUDA error"}}, "2"),
+    ]
+    state = job_state(failed, pods)
+    assert state.phase == "Failed" and "CUDA error" in state.message

@@ -135,10 +135,11 @@ class TrainingResources(Resources):
     nodes: int = Field(
         1,
         ge=1,
-        le=1,
+        le=64,
         description=(
-            "Training nodes (pods). Only 1 so far; several GPUs on that node train "
-            "data-parallel (see gpus)."
+            "Training nodes (pods), data-parallel with the GPUs on each (torchrun). More "
+            "than 1 needs the dataset and the output on storage every node can mount (a "
+            "ReadWriteMany PersistentVolumeClaim, or S3)."
         ),
     )
 

@@ -119,6 +119,8 @@ def _reconcile(namespace: str, name: str, ftj: Manifest | None, job: Manifest | 
         if existing is not None and not owned_by(existing, uid):
             _wait_for_namesake(ftj, "ConfigMap", config_map["metadata"]["name"])
             return
+        if spec.resources.nodes > 1:
+            api.ensure_service(tj.rendezvous_service(plan))
         job = api.create_job(tj.training_job(plan)) or api.get_job(namespace, tj.job_name(name))
         if job is None:
             return

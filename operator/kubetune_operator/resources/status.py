@@ -139,12 +139,27 @@ def _condition(job: Mapping[str, Any], type_: str) -> Mapping[str, Any] | None:
     return None
 
 
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+
+
 def newest_pod(pods: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
     if not pods:
         return None
     return max(
         pods, key=lambda p: (p["metadata"].get("creationTimestamp") or "", p["metadata"]["name"])
     )
+
+
+def lead_pod(pods: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The pod a run's status follows: the newest of the first node's (completion index
+    0 of a multi-node run, which serves the metrics and writes the summary), or of all
+    the pods of a single-node Job (which have no index)."""
+    first = [
+        p
+        for p in pods
+        if (p["metadata"].get("annotations") or {}).get(COMPLETION_INDEX, "0") == "0"
+    ]
+    return newest_pod(first or pods)
 
 
 def _terminated(pod: Mapping[str, Any] | None) -> Mapping[str, Any]:
@@ -217,7 +232,7 @@ def _failure_message(
 
 def job_state(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -> JobState:
     status = job.get("status", {})
-    pod = newest_pod(pods)
+    pod = lead_pod(pods)
     start, end = status.get("startTime"), status.get("completionTime")
     if _condition(job, "Complete"):
         term = _terminated(pod)
@@ -231,7 +246,11 @@ def job_state(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -> JobS
         )
     failed = _condition(job, "Failed")
     if failed:
-        reason, message = _failure_message(failed.get("reason", ""), failed.get("message", ""), pod)
+        # Whichever node failed says why; the others were only stopped.
+        culprit = newest_pod([p for p in pods if p.get("status", {}).get("phase") == "Failed"])
+        reason, message = _failure_message(
+            failed.get("reason", ""), failed.get("message", ""), culprit or pod
+        )
         return JobState(
             "Failed",
             reason,

@@ -44,6 +44,8 @@ VALIDATION_DATA = "/data/validation"
 BASE_MODEL = "/models/base"
 OUTPUT = "/output"
 METRICS_PORT = 9090
+# torchrun's rendezvous on the first node, for runs on several nodes.
+RENDEZVOUS_PORT = 29500
 # Retries cover preemption and node loss; each retry resumes from the last checkpoint.
 BACKOFF_LIMIT = 3
 
@@ -141,14 +143,54 @@ def config_map(plan: Plan) -> Manifest:
     }
 
 
-def trainer_command(gpus: int) -> Manifest:
-    """One process per GPU: several GPUs on the node train data-parallel under torchrun."""
+def trainer_command(gpus: int, nodes: int = 1, job: str = "") -> Manifest:
+    """One process per GPU. Several GPUs on one node train data-parallel under
+    torchrun; several nodes are the pods of an Indexed Job, each torchrun knowing its
+    node rank from its completion index and meeting the others at the first pod
+    (`<job>-0.<job>`, through the headless Service of that name)."""
     train = ["train", "--config", f"{CONFIG_DIR}/{CONFIG_KEY}"]
+    if nodes > 1:
+        return {
+            "command": ["torchrun"],
+            "args": [
+                f"--nnodes={nodes}",
+                f"--nproc_per_node={max(gpus, 1)}",
+                "--node_rank=$(JOB_COMPLETION_INDEX)",
+                f"--master_addr={job}-0.{job}",
+                f"--master_port={RENDEZVOUS_PORT}",
+                "--no-python",
+                "kubetune",
+                *train,
+            ],
+        }
     if gpus <= 1:
         return {"command": ["kubetune"], "args": train}
     return {
         "command": ["torchrun"],
         "args": ["--standalone", f"--nproc_per_node={gpus}", "--no-python", "kubetune", *train],
+    }
+
+
+def rendezvous_service(plan: Plan) -> Manifest:
+    """The headless Service that gives each pod of a multi-node run a DNS name
+    (`<job>-<index>.<job>`), resolvable before the pods are ready."""
+    meta = plan.finetunejob["metadata"]
+    name = job_name(meta["name"])
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": name,
+            "namespace": meta["namespace"],
+            "labels": labels("training", meta["name"], {LABEL_FINETUNEJOB: meta["name"]}),
+            "ownerReferences": [owner_reference(plan.finetunejob)],
+        },
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {"batch.kubernetes.io/job-name": name},
+            "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "protocol": "TCP"}],
+        },
     }
 
 
@@ -161,6 +203,7 @@ def training_job(plan: Plan) -> Manifest:
         extra[LABEL_KUEUE_QUEUE] = spec.queue_name
     job_labels = labels("training", meta["name"], extra)
     pod_labels = {k: v for k, v in job_labels.items() if k != LABEL_KUEUE_QUEUE}
+    nodes = spec.resources.nodes
     pod_spec: Manifest = {
         "restartPolicy": "Never",
         "serviceAccountName": TRAINER_SERVICE_ACCOUNT,
@@ -171,7 +214,7 @@ def training_job(plan: Plan) -> Manifest:
             {
                 "name": "trainer",
                 "image": image,
-                **trainer_command(spec.resources.gpus),
+                **trainer_command(spec.resources.gpus, nodes, job_name(meta["name"])),
                 "env": [
                     {"name": "HOME", "value": "/tmp"},
                     {"name": "HF_HOME", "value": "/tmp/hf"},
@@ -179,7 +222,18 @@ def training_job(plan: Plan) -> Manifest:
                     *mounted.env,
                 ],
                 "ports": [
-                    {"name": METRICS_PORT_NAME, "containerPort": METRICS_PORT, "protocol": "TCP"}
+                    {"name": METRICS_PORT_NAME, "containerPort": METRICS_PORT, "protocol": "TCP"},
+                    *(
+                        [
+                            {
+                                "name": "rendezvous",
+                                "containerPort": RENDEZVOUS_PORT,
+                                "protocol": "TCP",
+                            }
+                        ]
+                        if nodes > 1
+                        else []
+                    ),
                 ],
                 "resources": container_resources(spec.resources),
                 "terminationMessagePath": TERMINATION_LOG,
@@ -202,6 +256,12 @@ def training_job(plan: Plan) -> Manifest:
         ],
     }
     pod_spec |= scheduling(spec.resources)
+    job_spec: Manifest = {}
+    if nodes > 1:
+        # All the nodes' pods run at once, each with its own completion index (its node
+        # rank) and hostname; the subdomain is rendezvous_service's.
+        pod_spec["subdomain"] = job_name(meta["name"])
+        job_spec = {"completionMode": "Indexed", "completions": nodes, "parallelism": nodes}
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -212,6 +272,7 @@ def training_job(plan: Plan) -> Manifest:
             "ownerReferences": [owner_reference(ftj)],
         },
         "spec": {
+            **job_spec,
             "backoffLimit": BACKOFF_LIMIT,
             # Kueue admits a queued Job by unsuspending it; a suspended FineTuneJob too.
             "suspend": bool(spec.queue_name) or spec.suspend,
