@@ -14,6 +14,7 @@ from transformers import PreTrainedModel, TrainerCallback
 from kubetune_trainer.config import TrainingConfig
 from kubetune_trainer.data.example import Example
 from kubetune_trainer.training.config_mapping import Hardware
+from kubetune_trainer.training.models import is_multimodal
 
 
 @dataclass(frozen=True)
@@ -41,20 +42,45 @@ class JobError(ValueError):
     """The job cannot run as configured (not a bug): reported without a traceback."""
 
 
-Planner = Callable[[Sequence[Example], Any], tuple[list[dict[str, Any]], int, int]]
+RecordMaker = Callable[..., dict[str, Any]]
+"""(example, image root, *, multimodal) -> the record a method's collator encodes."""
+Planner = Callable[[Any, list[dict[str, Any]], int], tuple[list[dict[str, Any]], int, int]]
+"""(encoder, records, maxContextLength) -> (records kept with their lengths, truncated,
+dropped)."""
 
 log = logging.getLogger("kubetune.train")
 
 
-def plan_splits(
-    inputs: TrainerInputs, plan: Planner, unit: str
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], DataStats]:
-    """Both splits through `plan` (records, truncated, dropped), with the counts logged
-    and a job that has nothing left to train on refused. `unit` names what is counted:
-    "examples" or "pairs"."""
+@dataclass(frozen=True)
+class PreparedData:
+    """Both splits as datasets.Dataset for a TRL trainer (validation None when there is
+    none), and the counts."""
+
+    train: Any
+    validation: Any | None
+    stats: DataStats
+
+
+def prepare_data(
+    inputs: TrainerInputs,
+    encoder: Any,
+    make_record: RecordMaker,
+    plan: Planner,
+    unit: str,
+    image_columns: tuple[str, ...] = ("images",),
+) -> PreparedData:
+    """Both splits made into records and planned (kept lengths, the encoder's planned
+    tokens), with the counts logged and a job that has nothing left to train on
+    refused, then made datasets. `unit` names what is counted: "examples" or "pairs"."""
     hp = inputs.config.hyperparameters
-    train, train_cut, train_dropped = plan(inputs.train, inputs.train_root)
-    validation, eval_cut, eval_dropped = plan(inputs.validation, inputs.validation_root)
+    multimodal = is_multimodal(inputs.processing)
+
+    def planned(examples: Sequence[Example], root: Path) -> tuple[list[dict[str, Any]], int, int]:
+        records = [make_record(e, root, multimodal=multimodal) for e in examples]
+        return plan(encoder, records, hp.max_context_length)
+
+    train, train_cut, train_dropped = planned(inputs.train, inputs.train_root)
+    validation, eval_cut, eval_dropped = planned(inputs.validation, inputs.validation_root)
     stats = DataStats(
         train_examples=len(train),
         eval_examples=len(validation),
@@ -74,7 +100,13 @@ def plan_splits(
         raise JobError(f"no training {unit[:-1]} fits maxContextLength={hp.max_context_length}")
     if inputs.validation and not validation:
         raise JobError(f"no validation {unit[:-1]} fits maxContextLength={hp.max_context_length}")
-    return train, validation, stats
+    return PreparedData(
+        train=records_dataset(train, multimodal=multimodal, image_columns=image_columns),
+        validation=records_dataset(validation, multimodal=multimodal, image_columns=image_columns)
+        if validation
+        else None,
+        stats=stats,
+    )
 
 
 def records_dataset(

@@ -36,10 +36,9 @@ from kubetune_trainer.training.config_mapping import dpo_config, lora_config
 from kubetune_trainer.training.inputs import (
     DataStats,
     TrainerInputs,
-    plan_splits,
-    records_dataset,
+    prepare_data,
 )
-from kubetune_trainer.training.models import default_lora_targets, is_multimodal
+from kubetune_trainer.training.models import default_lora_targets
 from kubetune_trainer.training.records import to_messages, to_record
 
 REJECTED_TOKENS = "rejected_tokens"
@@ -195,20 +194,15 @@ def build_dpo_trainer(inputs: TrainerInputs) -> tuple[DPOTrainer, DataStats]:
     from kubetune_trainer.training.sft import chat_encoder
 
     config = inputs.config
-    hp = config.hyperparameters
-    multimodal = is_multimodal(inputs.processing)
-    encoder = chat_encoder(inputs.processing, hp.max_pixels)
-
-    def planned(examples: Sequence[Example], root: Any) -> tuple[list[dict[str, Any]], int, int]:
-        records = [to_preference_record(e, root, multimodal=multimodal) for e in examples]
-        return plan_pairs(encoder, records, hp.max_context_length)
-
-    train, validation, stats = plan_splits(inputs, planned, "pairs")
-
-    def dataset(records: list[dict[str, Any]]) -> Any:
-        return records_dataset(
-            records, multimodal=multimodal, image_columns=("images", "rejected_images")
-        )
+    encoder = chat_encoder(inputs.processing, config.hyperparameters.max_pixels)
+    data = prepare_data(
+        inputs,
+        encoder,
+        to_preference_record,
+        plan_pairs,
+        "pairs",
+        image_columns=("images", "rejected_images"),
+    )
 
     # With LoRA the reference is the model with its adapter switched off (TRL does that
     # when ref_model is None and the model is a PEFT model): no second copy. With full
@@ -220,12 +214,12 @@ def build_dpo_trainer(inputs: TrainerInputs) -> tuple[DPOTrainer, DataStats]:
     trainer = KubetuneDPOTrainer(
         model=inputs.model,
         ref_model=ref_model,
-        args=dpo_config(config, inputs.hardware, has_eval=bool(validation)),
+        args=dpo_config(config, inputs.hardware, has_eval=data.validation is not None),
         data_collator=PreferenceCollator(encoder),
-        train_dataset=dataset(train),
-        eval_dataset=dataset(validation) if validation else None,
+        train_dataset=data.train,
+        eval_dataset=data.validation,
         processing_class=inputs.processing,
         peft_config=lora_config(config, default_lora_targets(inputs.model)),
         callbacks=list(inputs.callbacks),
     )
-    return trainer, stats
+    return trainer, data.stats

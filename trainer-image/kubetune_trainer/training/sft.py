@@ -16,8 +16,7 @@ from kubetune_trainer.training.images import ImageFitter
 from kubetune_trainer.training.inputs import (
     DataStats,
     TrainerInputs,
-    plan_splits,
-    records_dataset,
+    prepare_data,
 )
 from kubetune_trainer.training.models import (
     default_lora_targets,
@@ -77,25 +76,14 @@ def plan_lengths(
 
 def build_sft_trainer(inputs: TrainerInputs) -> tuple[SFTTrainer, DataStats]:
     config = inputs.config
-    hp = config.hyperparameters
-    multimodal = is_multimodal(inputs.processing)
-    encoder = chat_encoder(inputs.processing, hp.max_pixels)
-
-    def planned(examples: Sequence[Any], root: Any) -> tuple[list[dict[str, Any]], int, int]:
-        records = [to_record(e, root, multimodal=multimodal) for e in examples]
-        return plan_lengths(encoder, records, hp.max_context_length)
-
-    train, validation, stats = plan_splits(inputs, planned, "examples")
-
-    def dataset(records: list[dict[str, Any]]) -> Any:
-        return records_dataset(records, multimodal=multimodal)
-
+    encoder = chat_encoder(inputs.processing, config.hyperparameters.max_pixels)
+    data = prepare_data(inputs, encoder, to_record, plan_lengths, "examples")
     arguments: dict[str, Any] = {
         "model": inputs.model,
-        "args": sft_config(config, inputs.hardware, has_eval=bool(validation)),
+        "args": sft_config(config, inputs.hardware, has_eval=data.validation is not None),
         "data_collator": SFTCollator(encoder),
-        "train_dataset": dataset(train),
-        "eval_dataset": dataset(validation) if validation else None,
+        "train_dataset": data.train,
+        "eval_dataset": data.validation,
         "processing_class": inputs.processing,
         "peft_config": lora_config(config, default_lora_targets(inputs.model)),
         "callbacks": list(inputs.callbacks),
@@ -109,4 +97,4 @@ def build_sft_trainer(inputs: TrainerInputs) -> tuple[SFTTrainer, DataStats]:
         )
     else:
         trainer = KubetuneSFTTrainer(**arguments)
-    return trainer, stats
+    return trainer, data.stats
