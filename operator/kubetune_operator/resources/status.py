@@ -368,8 +368,9 @@ DONE = ("Ready", "Invalid", "Failed")
 
 def dataset_status(
     ds: Manifest, job: Manifest | None, pods: Sequence[Mapping[str, Any]], now: str
-) -> Manifest:
-    """The Dataset's status from its validation Job (pure)."""
+) -> Manifest | None:
+    """The Dataset's status patch from its validation Job (pure); None when its status
+    already says so."""
     generation = ds["metadata"].get("generation")
     previous = ds.get("status") or {}
     status: Manifest
@@ -387,20 +388,6 @@ def dataset_status(
         else:
             status = {"phase": "Validating", "message": "validating the dataset"}
         status["validationJob"] = job["metadata"]["name"]
-    ready = status["phase"] == "Ready"
-    reason = {"Ready": "Validated", "Invalid": "InvalidData", "Failed": "ValidationFailed"}.get(
-        status["phase"], "Validating"
-    )
-    status["conditions"] = set_condition(
-        previous.get("conditions") or [],
-        "Ready",
-        ready if status["phase"] in DONE else None,
-        reason,
-        status["message"],
-        generation,
-        now,
-    )
-    status["observedGeneration"] = generation
     if status["phase"] not in ("Ready", "Invalid"):
         # Counts from an earlier generation would describe another file.
         status.update(
@@ -412,4 +399,8 @@ def dataset_status(
             warningCount=None,
             errors=[],
         )
-    return status
+    reason = {"Ready": "Validated", "Invalid": "InvalidData", "Failed": "ValidationFailed"}.get(
+        status["phase"], "Validating"
+    )
+    ready = status["phase"] == "Ready" if status["phase"] in DONE else None
+    return phase_patch(previous, status, reason, ready, generation, now)
