@@ -12,6 +12,8 @@ import shutil
 import sys
 import tempfile
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -68,6 +70,22 @@ def _split(uri: str) -> tuple[str, str]:
     return parsed.netloc, parsed.path.lstrip("/")
 
 
+@contextmanager
+def _s3_errors(what: str) -> Iterator[None]:
+    """Any failure of the S3 calls inside as a FetchError that says what was being done."""
+    try:
+        yield
+    except FetchError:
+        raise
+    except Exception as exc:
+        raise FetchError(f"{what}: {exc}") from exc
+
+
+def _keys(s3: Any, bucket: str, prefix: str) -> Iterator[str]:
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        yield from (obj["Key"] for obj in page.get("Contents", []))
+
+
 def upload_s3(
     folder: Path, uri: str, exclude: tuple[str, ...] = (), last: tuple[str, ...] = ()
 ) -> int:
@@ -83,12 +101,10 @@ def upload_s3(
         if path.is_file() and path.relative_to(folder).parts[0] not in exclude
     ]
     files.sort(key=lambda path: path.relative_to(folder).parts[0] in last)
-    try:
+    with _s3_errors(f"cannot upload {folder} to {uri}"):
         for path in files:
             rel = path.relative_to(folder).as_posix()
             s3.upload_file(str(path), bucket, f"{prefix}/{rel}" if prefix else rel)
-    except Exception as exc:
-        raise FetchError(f"cannot upload {folder} to {uri}: {exc}") from exc
     return len(files)
 
 
@@ -97,67 +113,53 @@ def s3_folders(uri: str) -> list[str]:
     bucket, prefix = _split(uri)
     prefix = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
     s3 = _s3_client()
-    try:
-        names = []
+    names: list[str] = []
+    with _s3_errors(f"cannot list {uri}"):
         paginator = s3.get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
             names += [
                 p["Prefix"][len(prefix) :].rstrip("/") for p in page.get("CommonPrefixes", [])
             ]
-        return names
-    except Exception as exc:
-        raise FetchError(f"cannot list {uri}: {exc}") from exc
+    return names
 
 
 def s3_exists(uri: str) -> bool:
     bucket, key = _split(uri)
-    s3 = _s3_client()
-    try:
-        return bool(s3.list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1).get("KeyCount"))
-    except Exception as exc:
-        raise FetchError(f"cannot read {uri}: {exc}") from exc
+    with _s3_errors(f"cannot read {uri}"):
+        listing = _s3_client().list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1)
+        return bool(listing.get("KeyCount"))
 
 
 def delete_s3(uri: str) -> None:
     """Every object under the prefix `uri`."""
     bucket, prefix = _split(uri)
     s3 = _s3_client()
-    try:
-        paginator = s3.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
-            keys = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]
-            if keys:
-                s3.delete_objects(Bucket=bucket, Delete={"Objects": keys})
-    except Exception as exc:
-        raise FetchError(f"cannot delete {uri}: {exc}") from exc
+    with _s3_errors(f"cannot delete {uri}"):
+        keys = [{"Key": key} for key in _keys(s3, bucket, prefix)]
+        for start in range(0, len(keys), 1000):  # delete_objects takes 1000 at most
+            s3.delete_objects(Bucket=bucket, Delete={"Objects": keys[start : start + 1000]})
 
 
 def fetch_s3(uri: str, out: Path) -> None:
     """An object to a file, or every object under a prefix (ending in '/') to a folder."""
     bucket, key = _split(uri)
     s3 = _s3_client()
-    try:
+    with _s3_errors(f"cannot download {uri}"):
         if not key.endswith("/") and key:
             fd, tmp = _atomic_target(out)
             os.close(fd)
             s3.download_file(bucket, key, tmp)
             os.replace(tmp, out)
             return
-        paginator = s3.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=bucket, Prefix=key):
-            for obj in page.get("Contents", []):
-                rel = obj["Key"][len(key) :]
-                if not rel or rel.endswith("/"):
-                    continue
-                target = (out / rel).resolve()
-                if not target.is_relative_to(out.resolve()):
-                    raise FetchError(f"object key {obj['Key']!r} would land outside {out}")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                s3.download_file(bucket, obj["Key"], str(target))
-    except FetchError:
-        raise
-    except Exception as exc:
-        raise FetchError(f"cannot download {uri}: {exc}") from exc
+        for name in _keys(s3, bucket, key):
+            rel = name[len(key) :]
+            if not rel or rel.endswith("/"):
+                continue
+            target = (out / rel).resolve()
+            if not target.is_relative_to(out.resolve()):
+                raise FetchError(f"object key {name!r} would land outside {out}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            s3.download_file(bucket, name, str(target))
 
 
 def fetch(source: dict[str, Any], out: Path) -> None:
