@@ -42,6 +42,15 @@ class Kubectl:
         text = manifest if isinstance(manifest, str) else yaml.safe_dump(manifest)
         return self.run("apply", "-f", "-", *args, input=text, check=check)
 
+    def apply_secret(self, namespace: str, name: str, data: dict[str, str]) -> None:
+        secret = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": name},
+            "stringData": data,
+        }
+        self.apply(secret, "-n", namespace)
+
     def get(self, *args: str) -> Any:
         return json.loads(self.run("get", *args, "-o", "json").stdout)
 

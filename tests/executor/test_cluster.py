@@ -144,16 +144,7 @@ def test_job_runs_with_env_mounts_and_termination_message(
         "-n",
         namespace,
     )
-    kubectl.apply(
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": "creds"},
-            "stringData": {"token": "s3cr3t"},
-        },
-        "-n",
-        namespace,
-    )
+    kubectl.apply_secret(namespace, "creds", {"token": "s3cr3t"})
     script = """
         import json, os
         config = json.load(open("/etc/kubetune/job.json"))
@@ -405,16 +396,7 @@ def test_a_missing_secret_keeps_the_pod_pending_until_it_exists(
     assert (
         wait_for("the pod to wait for its secret", waiting_reason) == "CreateContainerConfigError"
     )
-    kubectl.apply(
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": "late"},
-            "stringData": {"key": "finally"},
-        },
-        "-n",
-        namespace,
-    )
+    kubectl.apply_secret(namespace, "late", {"key": "finally"})
     wait_condition(kubectl, namespace, "patient", "Complete")
     (pod,) = pods_of(kubectl, namespace, "patient")
     assert pod["status"]["containerStatuses"][0]["state"]["terminated"]["message"] == "finally"
@@ -674,16 +656,7 @@ def test_an_init_container_gets_its_own_env_from_a_secret_once_the_secret_exists
     assert "s3-creds" in waiting["message"]
     assert container_state(pod_obj, "containerStatuses")["waiting"]["reason"] == "PodInitializing"
 
-    kubectl.apply(
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": "s3-creds"},
-            "stringData": {"AWS_ACCESS_KEY_ID": "AKIDLOCAL"},
-        },
-        "-n",
-        namespace,
-    )
+    kubectl.apply_secret(namespace, "s3-creds", {"AWS_ACCESS_KEY_ID": "AKIDLOCAL"})
     wait_condition(kubectl, namespace, "init-env", "Complete")
     (pod_obj,) = pods_of(kubectl, namespace, "init-env")
     init_report = json.loads(

@@ -149,6 +149,13 @@ def wait_phase(
     return st
 
 
+def wait_gone(
+    kubectl: Kubectl, what: str, *get_args: str, timeout: float = 60, on_timeout: Any = None
+) -> None:
+    """Wait until `kubectl get GET_ARGS` lists nothing."""
+    wait_for(lambda: not kubectl.get(*get_args)["items"], timeout, what, on_timeout=on_timeout)
+
+
 def phase_in(
     kubectl: Kubectl, kind: str, ns: str, name: str, phases: tuple[str, ...]
 ) -> dict[str, Any] | None:
@@ -293,14 +300,10 @@ def test_deleting_a_finetunejob_removes_what_it_owned(
     assert kubectl.get("job", "doomed-train", "-n", ns)
     assert kubectl.get("configmap", "doomed-job", "-n", ns)
     kubectl.run("delete", "ftj", "doomed", "-n", ns, "--timeout=30s")
-    wait_for(
-        lambda: (
-            not kubectl.get("jobs,configmaps", "-n", ns, "-l", "kubetune.io/finetunejob=doomed")[
-                "items"
-            ]
-        ),
-        60,
+    wait_gone(
+        kubectl,
         "garbage collection of the Job and ConfigMap",
+        *("jobs,configmaps", "-n", ns, "-l", "kubetune.io/finetunejob=doomed"),
     )
 
 
@@ -458,12 +461,10 @@ def test_a_finetunejob_with_deploy_gets_a_vllm_server(
     kubectl.run(
         "patch", "ftj", "served", "-n", ns, "--type=merge", "-p", '{"spec": {"deploy": null}}'
     )
-    wait_for(
-        lambda: (
-            not kubectl.get("mdep", "-n", ns, "--field-selector", "metadata.name=served")["items"]
-        ),
-        60,
+    wait_gone(
+        kubectl,
         "the ModelDeployment to go with deploy",
+        *("mdep", "-n", ns, "--field-selector", "metadata.name=served"),
         on_timeout=operator.tail,
     )
     assert "deployment" not in status(kubectl, "ftj", ns, "served")
@@ -471,14 +472,10 @@ def test_a_finetunejob_with_deploy_gets_a_vllm_server(
     # With its Job gone (a cleanup policy, a user), a finished run never trains again:
     # turning deploy back on only brings the server back.
     kubectl.run("delete", "job", "served-train", "-n", ns, "--cascade=background")
-    wait_for(
-        lambda: (
-            not kubectl.get("jobs", "-n", ns, "--field-selector", "metadata.name=served-train")[
-                "items"
-            ]
-        ),
-        60,
+    wait_gone(
+        kubectl,
         "the training Job to be deleted",
+        *("jobs", "-n", ns, "--field-selector", "metadata.name=served-train"),
     )
     kubectl.run(
         "patch",
@@ -522,19 +519,14 @@ def test_a_dataset_on_s3_is_fetched_by_an_init_container_with_the_secrets_creden
     s3.create_bucket(Bucket="kubetune-data")
     body = "".join(json.dumps(e) + "\n" for e in examples).encode()
     s3.put_object(Bucket="kubetune-data", Key="chat/train.jsonl", Body=body)
-    kubectl.apply(
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": "s3-creds"},
-            "stringData": {
-                "AWS_ACCESS_KEY_ID": "test",
-                "AWS_SECRET_ACCESS_KEY": "test",
-                "AWS_REGION": "us-east-1",
-            },
-        },
-        "-n",
+    kubectl.apply_secret(
         ns,
+        "s3-creds",
+        {
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_REGION": "us-east-1",
+        },
     )
     source = {
         "uri": "s3://kubetune-data/chat/train.jsonl",
@@ -573,15 +565,8 @@ def test_a_dataset_whose_fetch_fails_says_why(
     import boto3
 
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="kubetune-empty")
-    kubectl.apply(
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": "empty-creds"},
-            "stringData": {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"},
-        },
-        "-n",
-        ns,
+    kubectl.apply_secret(
+        ns, "empty-creds", {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
     )
     for name, secret in (("no-such-key", "empty-creds"), ("no-such-secret", "missing-creds")):
         manifest = dataset(name, "unused")
