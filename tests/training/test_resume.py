@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,28 +21,30 @@ pytestmark = pytest.mark.training
 HYPERPARAMETERS = {"epochs": 6, "batchSize": 2, "saveSteps": 2, "learningRate": 3e-3}
 
 
-def test_a_killed_run_resumes_and_matches_an_uninterrupted_one(
-    tiny_qwen2_5_vl: Path, shapes_task: Any, job: JobFactory, tmp_path: Path
-) -> None:
+def run_factory(
+    model: Path, shapes_task: Any, job: JobFactory, tmp_path: Path, **fields: Any
+) -> Callable[[str], Any]:
+    """Configs of one 54-step run on 24 shapes examples, by the folder it writes to."""
     data = tmp_path / "train.jsonl"
     data.write_text("".join(shapes_task.train.read_text().splitlines(keepends=True)[:24]))
 
-    def config(name: str) -> Any:
+    def config(folder: str) -> Any:
         return job(
-            tiny_qwen2_5_vl,
+            model,
             data,
             tuning="full",
-            outputDir=str(tmp_path / name),
+            outputDir=str(tmp_path / folder),
             imageRoot=str(shapes_task.train.parent),
             validation={"split": 0.25},
             hyperparameters=HYPERPARAMETERS,
+            **fields,
         )
 
-    uninterrupted = train(config("uninterrupted"))
+    return config
 
-    killed = config("killed")
-    job_file = write_job(killed, tmp_path / "job.json")
-    checkpoints = Path(killed.effective_checkpoint_dir)
+
+def kill_when(job_file: Path, ready: Callable[[], bool], poll: float) -> None:
+    """Start `kubetune train`, SIGKILL it once `ready()` holds (as a preempted pod is)."""
     process = subprocess.Popen(
         [KUBETUNE, "train", "--config", str(job_file)],
         stdout=subprocess.DEVNULL,
@@ -49,23 +52,41 @@ def test_a_killed_run_resumes_and_matches_an_uninterrupted_one(
     )
     try:
         deadline = time.monotonic() + 240
-        while (
-            latest_checkpoint(checkpoints) is None
-            or latest_checkpoint(checkpoints).name == "checkpoint-2"
-        ) and time.monotonic() < deadline:
+        while not ready() and time.monotonic() < deadline:
             assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
-            time.sleep(0.02)
+            time.sleep(poll)
         os.kill(process.pid, signal.SIGKILL)
     finally:
         process.wait()
     assert process.returncode == -signal.SIGKILL
+
+
+def restart(job_file: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [KUBETUNE, "train", "--config", str(job_file)], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_a_killed_run_resumes_and_matches_an_uninterrupted_one(
+    tiny_qwen2_5_vl: Path, shapes_task: Any, job: JobFactory, tmp_path: Path
+) -> None:
+    config = run_factory(tiny_qwen2_5_vl, shapes_task, job, tmp_path)
+    uninterrupted = train(config("uninterrupted"))
+
+    killed = config("killed")
+    job_file = write_job(killed, tmp_path / "job.json")
+    checkpoints = Path(killed.effective_checkpoint_dir)
+
+    def past_the_first() -> bool:
+        latest = latest_checkpoint(checkpoints)
+        return latest is not None and latest.name != "checkpoint-2"
+
+    kill_when(job_file, past_the_first, poll=0.02)
     assert not Path(killed.output_dir, "report.json").exists()  # it really stopped mid-way
     stopped_at = latest_checkpoint(checkpoints)
     assert stopped_at is not None
 
-    restarted = subprocess.run(
-        [KUBETUNE, "train", "--config", str(job_file)], capture_output=True, text=True, timeout=300
-    )
+    restarted = restart(job_file)
     assert restarted.returncode == 0, restarted.stderr
     assert "resuming from" in restarted.stderr
     resumed = train_report(killed)
@@ -94,20 +115,13 @@ def test_a_run_on_a_fresh_disk_resumes_from_its_checkpoint_copies_in_s3(
 
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
     s3.create_bucket(Bucket="kubetune-runs")
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(shapes_task.train.read_text().splitlines(keepends=True)[:24]))
-
-    def config(disk: str) -> Any:
-        return job(
-            tiny_qwen2_5_vl,
-            data,
-            tuning="full",
-            outputDir=str(tmp_path / disk),
-            imageRoot=str(shapes_task.train.parent),
-            validation={"split": 0.25},
-            hyperparameters=HYPERPARAMETERS,
-            checkpointUri="s3://kubetune-runs/shapes/checkpoints",
-        )
+    config = run_factory(
+        tiny_qwen2_5_vl,
+        shapes_task,
+        job,
+        tmp_path,
+        checkpointUri="s3://kubetune-runs/shapes/checkpoints",
+    )
 
     def copied() -> list[int]:
         listing = s3.list_objects_v2(Bucket="kubetune-runs", Prefix="shapes/checkpoints/")
@@ -118,19 +132,7 @@ def test_a_run_on_a_fresh_disk_resumes_from_its_checkpoint_copies_in_s3(
         )
 
     first = write_job(config("first-pod"), tmp_path / "first.json")
-    process = subprocess.Popen(
-        [KUBETUNE, "train", "--config", str(first)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + 240
-        while not any(step >= 10 for step in copied()) and time.monotonic() < deadline:
-            assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
-            time.sleep(0.05)
-        os.kill(process.pid, signal.SIGKILL)
-    finally:
-        process.wait()
+    kill_when(first, lambda: any(step >= 10 for step in copied()), poll=0.05)
     assert not Path(tmp_path / "first-pod" / "report.json").exists()  # stopped mid-way
     latest = max(copied())
     assert latest >= 10
@@ -139,12 +141,7 @@ def test_a_run_on_a_fresh_disk_resumes_from_its_checkpoint_copies_in_s3(
     assert len(copied()) <= 3
 
     second = config("second-pod")  # a fresh, empty disk
-    restarted = subprocess.run(
-        [KUBETUNE, "train", "--config", str(write_job(second, tmp_path / "second.json"))],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    restarted = restart(write_job(second, tmp_path / "second.json"))
     assert restarted.returncode == 0, restarted.stderr
     report = train_report(second)
     assert report["resumedFrom"] is not None
