@@ -136,3 +136,9 @@ def capture_trainers(monkeypatch: Any, method: str) -> list[Any]:
 
     monkeypatch.setitem(runner.BUILDERS, method, build)
     return built
+
+
+def subset(path: Path, n: int, out: Path) -> Path:
+    """The first ``n`` lines; their images stay beside ``path`` (pass imageRoot)."""
+    out.write_text("".join(path.read_text().splitlines(keepends=True)[:n]))
+    return out

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from training.support import KUBETUNE, JobFactory, train, write_job
+from training.support import KUBETUNE, JobFactory, subset, train, write_job
 
 from kubetune_trainer.training.checkpoints import latest_checkpoint
 
@@ -25,8 +25,7 @@ def run_factory(
     model: Path, shapes_task: Any, job: JobFactory, tmp_path: Path, **fields: Any
 ) -> Callable[[str], Any]:
     """Configs of one 54-step run on 24 shapes examples, by the folder it writes to."""
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(shapes_task.train.read_text().splitlines(keepends=True)[:24]))
+    data = subset(shapes_task.train, 24, tmp_path / "train.jsonl")
 
     def config(folder: str) -> Any:
         return job(

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from training.support import KUBETUNE, TORCHRUN, JobFactory, write_job
+from training.support import KUBETUNE, TORCHRUN, JobFactory, subset, write_job
 
 pytestmark = pytest.mark.training
 
@@ -16,8 +16,7 @@ pytestmark = pytest.mark.training
 def test_two_processes_split_each_batch(
     tiny_qwen2_5_vl: Path, shapes_task: Any, job: JobFactory, tmp_path: Path
 ) -> None:
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(shapes_task.train.read_text().splitlines(keepends=True)[:16]))
+    data = subset(shapes_task.train, 16, tmp_path / "train.jsonl")
     config = job(
         tiny_qwen2_5_vl,
         data,

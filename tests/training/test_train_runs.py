@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from safetensors import safe_open
-from training.support import JobFactory, train, write_text_dataset
+from training.support import JobFactory, subset, train, write_text_dataset
 from transformers import TrainerCallback
 
 from kubetune_trainer import cli
@@ -20,12 +20,6 @@ from kubetune_trainer.training.evaluate import evaluate
 from kubetune_trainer.training.runner import run
 
 pytestmark = pytest.mark.training
-
-
-def subset(path: Path, n: int, out: Path) -> Path:
-    """The first ``n`` lines; their images stay beside ``path`` (pass imageRoot)."""
-    out.write_text("".join(path.read_text().splitlines(keepends=True)[:n]))
-    return out
 
 
 def test_vlm_lora_exports_a_peft_adapter_that_evaluate_compares_with_its_base(
