@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from kubetune_trainer.data import DatasetError
+
 IGNORE_INDEX = -100
 
 # The per-token tensors a processor returns (shape batch x sequence); everything else
@@ -225,6 +227,37 @@ def keep_length(
     if not any(assistant_mask[:max_length]):
         return None
     return max_length
+
+
+def plan_row(
+    encoder: ChatEncoder,
+    record: Mapping[str, Any],
+    max_length: int,
+    *,
+    final_turn_only: bool = False,
+) -> tuple[int | None, int, dict[str, list[int]] | None]:
+    """Encode one chat: (kept length or None to drop it, full length, its planned tokens).
+    The loss falls on every assistant turn, or with ``final_turn_only`` on the last one
+    (DPO's completion); a chat whose template marks none is refused."""
+    encoded = encoder.encode([record])
+    input_ids = encoded["input_ids"][0].tolist()
+    if final_turn_only:
+        reply = assistant_labels(
+            encoded["input_ids"],
+            encoded["assistant_masks"],
+            encoded["attention_mask"],
+            final_turn_only=True,
+        )[0]
+        assistant = (reply != IGNORE_INDEX).int().tolist()
+    else:
+        assistant = encoded["assistant_masks"][0].tolist()
+    if not any(assistant):
+        raise DatasetError(
+            record["line"], "the chat template marks no token of this example as the assistant's"
+        )
+    keep = keep_length(input_ids, assistant, encoder.image_token_ids, max_length)
+    tokens = None if keep is None else encoder.planned_tokens(encoded, keep)
+    return keep, len(input_ids), tokens
 
 
 @dataclass

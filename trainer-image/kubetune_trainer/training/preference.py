@@ -29,7 +29,7 @@ from kubetune_trainer.training.collate import (
     TOKENS,
     ChatEncoder,
     assistant_labels,
-    keep_length,
+    plan_row,
     truncate_rows,
 )
 from kubetune_trainer.training.config_mapping import dpo_config, lora_config
@@ -139,26 +139,12 @@ def plan_pairs(
         tokens: list[dict[str, list[int]]] = []
         cut = 0
         for branch in branches([record]):
-            encoded = encoder.encode(branch)
-            input_ids = encoded["input_ids"][0].tolist()
-            reply = assistant_labels(
-                encoded["input_ids"],
-                encoded["assistant_masks"],
-                encoded["attention_mask"],
-                final_turn_only=True,
-            )[0]
-            assistant = (reply != IGNORE_INDEX).int().tolist()
-            if not any(assistant):
-                raise DatasetError(
-                    record["line"],
-                    "the chat template marks no token of this example as the assistant's",
-                )
-            keep = keep_length(input_ids, assistant, encoder.image_token_ids, max_length)
-            if keep is None:
+            keep, length, planned = plan_row(encoder, branch[0], max_length, final_turn_only=True)
+            if keep is None or planned is None:
                 break
             keeps.append(keep)
-            tokens.append(encoder.planned_tokens(encoded, keep))
-            cut += keep < len(input_ids)
+            tokens.append(planned)
+            cut += keep < length
         if len(keeps) < 2:
             dropped += 1
             continue

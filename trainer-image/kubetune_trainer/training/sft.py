@@ -8,9 +8,8 @@ from typing import Any
 
 from trl import SFTTrainer
 
-from kubetune_trainer.data import DatasetError
 from kubetune_trainer.training.checkpoints import ResumableCheckpoints
-from kubetune_trainer.training.collate import TOKENS, ChatEncoder, SFTCollator, keep_length
+from kubetune_trainer.training.collate import TOKENS, ChatEncoder, SFTCollator, plan_row
 from kubetune_trainer.training.config_mapping import lora_config, sft_config
 from kubetune_trainer.training.images import ImageFitter
 from kubetune_trainer.training.inputs import (
@@ -54,21 +53,13 @@ def plan_lengths(
     whole: list[dict[str, Any]] = []
     truncated = dropped = 0
     for record in records:
-        encoded = encoder.encode([record])
-        input_ids = encoded["input_ids"][0].tolist()
-        assistant = encoded["assistant_masks"][0].tolist()
-        if not any(assistant):
-            raise DatasetError(
-                record["line"],
-                "the chat template marks no token of this example as the assistant's",
-            )
-        keep = keep_length(input_ids, assistant, encoder.image_token_ids, max_length)
+        keep, length, tokens = plan_row(encoder, record, max_length)
         if keep is None:
             dropped += 1
             continue
-        truncated += keep < len(input_ids)
-        kept.append({**record, "keep": keep, TOKENS: encoder.planned_tokens(encoded, keep)})
-        if keep == len(input_ids):
+        truncated += keep < length
+        kept.append({**record, "keep": keep, TOKENS: tokens})
+        if keep == length:
             whole.append(kept[-1])
     encoder.check_reuse(kept, whole)
     return kept, truncated, dropped
