@@ -82,6 +82,8 @@ def test_hardware_decides_precision_and_checkpointing() -> None:
     )
     assert (cpu["bf16"], cpu["use_cpu"], cpu["activation_checkpointing"]) == (False, True, False)
     assert (gpu["bf16"], gpu["use_cpu"], gpu["activation_checkpointing"]) == (True, False, True)
+    assert (gpu["dataloader_num_workers"], gpu["dataloader_persistent_workers"]) == (2, True)
+    assert (cpu["dataloader_num_workers"], cpu["dataloader_persistent_workers"]) == (0, False)
     assert model_dtype(config(tuning="lora"), GPU) == "bfloat16"
     assert model_dtype(config(tuning="full"), GPU) == "float32"
     assert model_dtype(config(tuning="lora"), CPU) == "float32"
