@@ -113,6 +113,9 @@ class Operator:
             **os.environ,
             "KUBECONFIG": str(self.kubeconfig),
             "KUBETUNE_SCRAPE_INTERVAL": "2",
+            # Long enough for a test to apply a missing Secret, short enough to see a
+            # run fail without it.
+            "KUBETUNE_START_GRACE_SECONDS": "20",
             **self.env,
         }
         with self.log.open("ab") as log:

@@ -180,6 +180,18 @@ class Api:
             )
         )
 
+    def post_event(self, body: Manifest) -> None:
+        """Best effort, as a kubelet's Events are: a lost Event never fails a reconcile,
+        whose status write already said the same."""
+        payload: Any = body
+        try:
+            _drained(
+                self.core.create_namespaced_event(body["metadata"]["namespace"], payload, **RAW)
+            )
+        except ApiException as exc:
+            API_ERRORS.labels(str(exc.status)).inc()
+            log.warning("could not post Event %s: %s", body["reason"], exc.reason)
+
     # Jobs, pods and their companions ----------------------------------------------
 
     def get_job(self, namespace: str, name: str) -> Manifest | None:

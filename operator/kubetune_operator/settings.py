@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from kubetune_operator.resources.status import START_GRACE_SECONDS
+
 DEFAULT_TRAINER_IMAGE = "ghcr.io/kubetune/trainer:0.1.0"
 
 
@@ -17,6 +19,9 @@ class Settings:
     scrape_timeout: float = 3.0
     # Namespaces watched (globs allowed); empty means all.
     namespaces: tuple[str, ...] = ()
+    # How long a pod may wait for what its containers need (a Secret, an image) before
+    # its run fails.
+    start_grace: float = START_GRACE_SECONDS
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -25,4 +30,7 @@ class Settings:
             scrape_interval=float(os.environ.get("KUBETUNE_SCRAPE_INTERVAL", "15")),
             scrape_timeout=float(os.environ.get("KUBETUNE_SCRAPE_TIMEOUT", "3")),
             namespaces=tuple(n for n in os.environ.get("KUBETUNE_NAMESPACES", "").split(",") if n),
+            start_grace=float(
+                os.environ.get("KUBETUNE_START_GRACE_SECONDS", str(START_GRACE_SECONDS))
+            ),
         )

@@ -498,12 +498,8 @@ def test_a_finetunejob_with_deploy_gets_a_vllm_server(
     assert not kubectl.get("jobs", "-n", ns, "-l", "kubetune.io/finetunejob=served")["items"]
 
 
-def test_a_dataset_on_s3_is_fetched_by_an_init_container_with_the_secrets_credentials(
-    kubectl: Kubectl, ns: str, operator: Operator, s3_endpoint: str
-) -> None:
-    """The validation pod's init container runs `kubetune fetch` against the moto S3
-    server. The local executor passes no AWS_* variable from the host (and HOME is an
-    emptyDir), so the only credentials the fetch has are the Secret's."""
+def put_chat_jsonl(s3_endpoint: str, bucket: str, key: str) -> None:
+    """Four valid text-only chats at s3://BUCKET/KEY on the test's S3 server."""
     import boto3
 
     examples = [
@@ -516,9 +512,26 @@ def test_a_dataset_on_s3_is_fetched_by_an_init_container_with_the_secrets_creden
         for i in range(4)
     ]
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
-    s3.create_bucket(Bucket="kubetune-data")
+    s3.create_bucket(Bucket=bucket)
     body = "".join(json.dumps(e) + "\n" for e in examples).encode()
-    s3.put_object(Bucket="kubetune-data", Key="chat/train.jsonl", Body=body)
+    s3.put_object(Bucket=bucket, Key=key, Body=body)
+
+
+def s3_dataset(name: str, uri: str, endpoint: str, secret: str) -> dict[str, Any]:
+    manifest = dataset(name, "unused")
+    manifest["spec"]["source"] = {
+        "s3": {"uri": uri, "endpoint": endpoint, "secretRef": {"name": secret}}
+    }
+    return manifest
+
+
+def test_a_dataset_on_s3_is_fetched_by_an_init_container_with_the_secrets_credentials(
+    kubectl: Kubectl, ns: str, operator: Operator, s3_endpoint: str
+) -> None:
+    """The validation pod's init container runs `kubetune fetch` against the moto S3
+    server. The local executor passes no AWS_* variable from the host (and HOME is an
+    emptyDir), so the only credentials the fetch has are the Secret's."""
+    put_chat_jsonl(s3_endpoint, "kubetune-data", "chat/train.jsonl")
     kubectl.apply_secret(
         ns,
         "s3-creds",
@@ -528,14 +541,11 @@ def test_a_dataset_on_s3_is_fetched_by_an_init_container_with_the_secrets_creden
             "AWS_REGION": "us-east-1",
         },
     )
-    source = {
-        "uri": "s3://kubetune-data/chat/train.jsonl",
-        "endpoint": s3_endpoint,
-        "secretRef": {"name": "s3-creds"},
-    }
-    manifest = dataset("s3-chat", "unused")
-    manifest["spec"]["source"] = {"s3": source}
-    kubectl.apply(manifest, "-n", ns)
+    kubectl.apply(
+        s3_dataset("s3-chat", "s3://kubetune-data/chat/train.jsonl", s3_endpoint, "s3-creds"),
+        "-n",
+        ns,
+    )
 
     ds = wait_phase(
         operator,
@@ -560,24 +570,15 @@ def test_a_dataset_on_s3_is_fetched_by_an_init_container_with_the_secrets_creden
 def test_a_dataset_whose_fetch_fails_says_why(
     kubectl: Kubectl, ns: str, operator: Operator, s3_endpoint: str
 ) -> None:
-    """A wrong key fails the fetch, and its error is the Dataset's message; a Secret
-    that does not exist fails it at once instead of leaving it Validating."""
+    """A wrong key fails the fetch, and its error is the Dataset's message."""
     import boto3
 
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="kubetune-empty")
     kubectl.apply_secret(
         ns, "empty-creds", {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
     )
-    for name, secret in (("no-such-key", "empty-creds"), ("no-such-secret", "missing-creds")):
-        manifest = dataset(name, "unused")
-        manifest["spec"]["source"] = {
-            "s3": {
-                "uri": "s3://kubetune-empty/nothing.jsonl",
-                "endpoint": s3_endpoint,
-                "secretRef": {"name": secret},
-            }
-        }
-        kubectl.apply(manifest, "-n", ns)
+    uri = "s3://kubetune-empty/nothing.jsonl"
+    kubectl.apply(s3_dataset("no-such-key", uri, s3_endpoint, "empty-creds"), "-n", ns)
     missing_key = wait_phase(
         operator,
         kubectl,
@@ -590,19 +591,82 @@ def test_a_dataset_whose_fetch_fails_says_why(
     )
     assert missing_key["phase"] == "Failed", missing_key
     assert "fetch-dataset exited with code" in missing_key["message"], missing_key
-    assert "s3://kubetune-empty/nothing.jsonl" in missing_key["message"], missing_key
-    missing_secret = wait_phase(
-        operator,
-        kubectl,
-        "kds",
-        ns,
-        "no-such-secret",
-        ("Ready", "Invalid", "Failed"),
-        60,
-        "the Dataset with a missing Secret",
+    assert uri in missing_key["message"], missing_key
+
+
+def test_a_dataset_waits_for_a_secret_applied_after_it_and_fails_without_one(
+    kubectl: Kubectl, ns: str, operator: Operator, s3_endpoint: str
+) -> None:
+    """Argo CD, or an external-secrets controller, may create a Secret after the
+    Dataset that names it. Validation says at once what it waits for and starts once
+    the Secret exists; a Secret that never comes fails the Dataset after the start
+    grace (20 s for the test operator) and its validation Job is deleted."""
+    put_chat_jsonl(s3_endpoint, "kubetune-late", "train.jsonl")
+    uri = "s3://kubetune-late/train.jsonl"
+    for name in ("late", "never"):
+        kubectl.apply(s3_dataset(name, uri, s3_endpoint, f"{name}-creds"), "-n", ns)
+
+    def waiting_for_secret() -> dict[str, Any] | None:
+        st = status(kubectl, "kds", ns, "late")
+        reasons = {c.get("reason") for c in st.get("conditions") or []}
+        return st if "CreateContainerConfigError" in reasons else None
+
+    waiting = wait_for(
+        waiting_for_secret, 60, "the Dataset to say it waits", on_timeout=operator.tail
     )
-    assert missing_secret["phase"] == "Failed", missing_secret
-    assert "missing-creds" in missing_secret["message"], missing_secret
+    assert waiting["phase"] == "Validating", waiting
+    assert "late-creds" in waiting["message"], waiting
+    kubectl.apply_secret(
+        ns,
+        "late-creds",
+        {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1"},
+    )
+    late = wait_phase(
+        operator, kubectl, "kds", ns, "late", ("Ready", "Invalid", "Failed"), 120, "late"
+    )
+    assert late["phase"] == "Ready" and late["examples"] == 4, late
+
+    never = wait_phase(
+        operator, kubectl, "kds", ns, "never", ("Ready", "Invalid", "Failed"), 90, "never"
+    )
+    assert never["phase"] == "Failed", never
+    assert "could not start" in never["message"] and "never-creds" in never["message"], never
+    wait_gone(
+        kubectl, "the stuck validation Job", "jobs", "-n", ns, "-l", "kubetune.io/dataset=never"
+    )
+
+
+def test_a_run_whose_pod_cannot_start_fails_after_the_grace_and_frees_its_node(
+    kubectl: Kubectl, ns: str, operator: Operator
+) -> None:
+    """A training pod that waits for a Secret that never comes holds its node's GPUs:
+    the run says what it waits for, fails after the start grace (20 s here) with the
+    kubelet's reason, and its Job and pod are deleted."""
+    manifest = finetunejob("no-creds", "shapes")
+    manifest["spec"]["baseModel"]["source"] = {
+        "s3": {"uri": "s3://models/tiny-vlm/", "secretRef": {"name": "absent-creds"}}
+    }
+    kubectl.apply(manifest, "-n", ns)
+
+    def waiting() -> dict[str, Any] | None:
+        st = status(kubectl, "ftj", ns, "no-creds")
+        reasons = {c.get("reason") for c in st.get("conditions") or []}
+        return st if "CreateContainerConfigError" in reasons else None
+
+    pending = wait_for(waiting, 60, "the run to say what it waits for", on_timeout=operator.tail)
+    assert pending["phase"] == "Pending" and "absent-creds" in pending["message"], pending
+    failed = wait_phase(operator, kubectl, "ftj", ns, "no-creds", ("Failed",), 90, "Failed")
+    assert "could not start" in failed["message"] and "absent-creds" in failed["message"], failed
+    # Posted by whichever thread saw the grace run out: often the periodic resync,
+    # outside kopf's handlers.
+    events = kubectl.get("events", "-n", ns, "--field-selector", "involvedObject.name=no-creds")
+    assert "CreateContainerConfigError" in {e["reason"] for e in events["items"]}, events
+    wait_gone(
+        kubectl,
+        "the Job and pod of the run that could not start",
+        *("jobs,pods", "-n", ns, "-l", "kubetune.io/finetunejob=no-creds"),
+        on_timeout=operator.tail,
+    )
 
 
 def test_a_two_node_run_trains_data_parallel_across_its_pods(

@@ -9,7 +9,7 @@ import pytest
 
 from kubetune_operator.api.dataset import DatasetSpec
 from kubetune_operator.resources import training_job as tj
-from kubetune_operator.resources.common import child_name
+from kubetune_operator.resources.common import child_name, event
 from kubetune_operator.resources.metrics import (
     metrics_from_samples,
     parse_samples,
@@ -252,6 +252,10 @@ def test_metrics_text_becomes_progress_and_losses() -> None:
     assert progress_from_samples({}) is None
 
 
+NOW = "2026-01-01T00:10:00Z"
+EARLIER = {"a minute": "2026-01-01T00:09:00Z", "ten minutes": "2026-01-01T00:00:00Z"}
+
+
 def _job(conditions: list[dict[str, str]] | None = None, suspend: bool = False) -> dict[str, Any]:
     return {
         "spec": {"suspend": suspend},
@@ -308,9 +312,22 @@ def _pod(phase: str, state: dict[str, Any], created: str = "1") -> dict[str, Any
                 _pod(
                     "Pending",
                     {"waiting": {"reason": "ImagePullBackOff", "message": "no such image"}},
+                    EARLIER["ten minutes"],
                 )
             ],
             "Failed",
+            "ImagePullBackOff",
+        ),
+        (
+            _job(),
+            [
+                _pod(
+                    "Pending",
+                    {"waiting": {"reason": "ImagePullBackOff", "message": "no such image"}},
+                    EARLIER["a minute"],
+                )
+            ],
+            "Pending",
             "ImagePullBackOff",
         ),
     ],
@@ -318,7 +335,7 @@ def _pod(phase: str, state: dict[str, Any], created: str = "1") -> dict[str, Any
 def test_job_state(
     job: dict[str, Any], pods: list[dict[str, Any]], phase: str, reason: str
 ) -> None:
-    state = job_state(job, pods)
+    state = job_state(job, pods, NOW)
     assert (state.phase, state.reason) == (phase, reason)
     if phase == "Running":
         assert (state.pod_ip, state.metrics_port) == ("10.0.0.7", 9999)
@@ -338,25 +355,49 @@ def test_a_failed_fetch_names_the_init_container_and_its_error() -> None:
     failed = _job([{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}])
     log = "fetching s3://data/train.jsonl\nkubetune fetch: NoSuchKey: s3://data/train.jsonl"
     pod = _initializing({"terminated": {"exitCode": 1, "message": log}}, "Failed")
-    state = job_state(failed, [pod])
+    state = job_state(failed, [pod], NOW)
     assert (state.phase, state.reason) == ("Failed", "InitContainerFailed")
     assert "fetch-train-data exited with code 1" in state.message
     assert "NoSuchKey" in state.message
 
 
-def test_an_init_container_missing_its_secret_fails_at_once() -> None:
-    waiting = {
-        "waiting": {"reason": "CreateContainerConfigError", "message": 'secret "s3" not found'}
-    }
-    state = job_state(_job(), [_initializing(waiting)])
-    assert (state.phase, state.reason) == ("Failed", "CreateContainerConfigError")
-    assert state.message == 'secret "s3" not found'
+def test_a_pod_missing_its_secret_waits_for_it_then_fails_and_stops_its_job() -> None:
+    """The kubelet retries a missing Secret (Argo CD may apply it after the Dataset):
+    the run says what it waits for, and fails only once the grace period is over."""
+
+    def missing_secret(created: str) -> dict[str, Any]:
+        waiting = {
+            "waiting": {"reason": "CreateContainerConfigError", "message": 'secret "s3" not found'}
+        }
+        pod = _initializing(waiting)
+        pod["metadata"]["creationTimestamp"] = created
+        return pod
+
+    young = job_state(_job(), [missing_secret(EARLIER["a minute"])], NOW, start_grace=300)
+    assert (young.phase, young.reason, young.stop_job) == (
+        "Pending",
+        "CreateContainerConfigError",
+        False,
+    )
+    assert 'secret "s3" not found' in young.message and "300 s" in young.message
+    old = job_state(_job(), [missing_secret(EARLIER["ten minutes"])], NOW, start_grace=300)
+    assert (old.phase, old.reason, old.stop_job) == ("Failed", "CreateContainerConfigError", True)
+    assert old.message == 'the pod could not start in 600 s: secret "s3" not found'
+    assert old.completion_time == NOW
+
+
+def test_an_image_that_can_never_be_pulled_fails_at_once() -> None:
+    pod = _pod("Pending", {"waiting": {"reason": "InvalidImageName", "message": "bad"}}, NOW)
+    state = job_state(_job(), [pod], NOW)
+    assert (state.phase, state.reason, state.stop_job) == ("Failed", "InvalidImageName", True)
 
 
 def test_a_trainer_failure_reports_the_trainer_s_message() -> None:
     failed = _job([{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}])
     summary = '{"ok": false, "phase": "Failed", "message": "the dataset changed: sha256 differs"}'
-    state = job_state(failed, [_pod("Failed", {"terminated": {"exitCode": 1, "message": summary}})])
+    state = job_state(
+        failed, [_pod("Failed", {"terminated": {"exitCode": 1, "message": summary}})], NOW
+    )
     assert (state.phase, state.reason) == ("Failed", "BackoffLimitExceeded")
     assert state.message == "the dataset changed: sha256 differs"
 
@@ -417,11 +458,11 @@ def test_dataset_gate() -> None:
 
 
 def test_status_from_job() -> None:
-    queued = status_from_job(_ftj(queueName="q"), job_state(_job(suspend=True), []), "", "now")
+    queued = status_from_job(_ftj(queueName="q"), job_state(_job(suspend=True), [], NOW), "", "now")
     assert queued["phase"] == "Queued" and "'q'" in queued["message"]
     assert (
         status_from_job(
-            _ftj(queueName="q", suspend=True), job_state(_job(suspend=True), []), "", "now"
+            _ftj(queueName="q", suspend=True), job_state(_job(suspend=True), [], NOW), "", "now"
         )["phase"]
         == "Suspended"
     )
@@ -429,6 +470,7 @@ def test_status_from_job() -> None:
     done = job_state(
         _job([{"type": "Complete", "status": "True"}]),
         [_pod("Succeeded", {"terminated": {"exitCode": 0, "message": summary}})],
+        NOW,
     )
     status = status_from_job(_ftj(), done, "pvc://models/out", "now")
     assert status["phase"] == "Succeeded" and status["completionTime"] == "now"
@@ -450,15 +492,14 @@ def test_status_from_job() -> None:
 
 def test_dataset_status_follows_the_validation_job() -> None:
     ds = {"metadata": {"generation": 2}, "status": {}}
-    pending = dataset_status(ds, None, [], "t")
+    pending = dataset_status(ds, None, None, "t")
     assert pending["phase"] == "Pending" and pending["conditions"][0]["status"] == "Unknown"
     summary = json.dumps(
         {"valid": True, "examples": 5, "images": 3, "textOnlyExamples": 2, "sha256": SHA}
     )
     job = {"metadata": {"name": "d-validate-2"}, **_job([{"type": "Complete", "status": "True"}])}
-    ready = dataset_status(
-        ds, job, [_pod("Succeeded", {"terminated": {"exitCode": 0, "message": summary}})], "t"
-    )
+    done = [_pod("Succeeded", {"terminated": {"exitCode": 0, "message": summary}})]
+    ready = dataset_status(ds, "d-validate-2", job_state(job, done, NOW), "t")
     assert (ready["phase"], ready["examples"], ready["sha256"], ready["observedGeneration"]) == (
         "Ready",
         5,
@@ -472,11 +513,22 @@ def test_dataset_status_follows_the_validation_job() -> None:
     }
     failed = dataset_status(
         ds,
-        crashed,
-        [_pod("Failed", {"terminated": {"exitCode": 1, "message": "cannot download"}})],
+        "d-validate-2",
+        job_state(
+            crashed,
+            [_pod("Failed", {"terminated": {"exitCode": 1, "message": "cannot download"}})],
+            NOW,
+        ),
         "t",
     )
     assert failed["phase"] == "Failed" and "cannot download" in failed["message"]
+    waiting = {
+        "waiting": {"reason": "CreateContainerConfigError", "message": 'secret "s" not found'}
+    }
+    stuck = job_state(_job(), [_pod("Pending", waiting, EARLIER["a minute"])], NOW)
+    validating = dataset_status(ds, "d-validate-2", stuck, "t")
+    assert validating["phase"] == "Validating" and 'secret "s" not found' in validating["message"]
+    assert validating["conditions"][0]["reason"] == "CreateContainerConfigError"
 
 
 def test_phase_patch_writes_only_what_changed() -> None:
@@ -540,12 +592,19 @@ def test_a_multi_node_run_follows_its_first_node_and_blames_the_failed_one() -> 
         _node_pod(0, "Running", {"running": {}}, "1"),
         _node_pod(1, "Pending", {"waiting": {"reason": "ContainerCreating"}}, "2"),
     ]
-    state = job_state(_job(), running)
+    state = job_state(_job(), running, NOW)
     assert (state.phase, state.metrics_port) == ("Running", 9999)
     failed = _job([{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}])
     pods = [
         _node_pod(0, "Failed", {"terminated": {"exitCode": 143, "message": "stopped"}}, "1"),
         _node_pod(1, "Failed", {"terminated": {"exitCode": 1, "message": "CUDA error"}}, "2"),
     ]
-    state = job_state(failed, pods)
+    state = job_state(failed, pods, NOW)
     assert state.phase == "Failed" and "CUDA error" in state.message
+
+
+def test_an_event_names_its_object_and_fits_the_api_limits() -> None:
+    ev = event(_ftj(), "Warning", "Failed", "x" * 5000, "2026-01-01T00:00:00Z")
+    assert ev["metadata"] == {"generateName": "run.", "namespace": "team"}
+    assert ev["involvedObject"]["kind"] == "FineTuneJob" and ev["involvedObject"]["uid"] == "u-1"
+    assert (ev["type"], ev["reason"], len(ev["message"])) == ("Warning", "Failed", 1024)

@@ -6,14 +6,30 @@ import datetime as dt
 import threading
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import cast
-
-import kopf
 
 from kubetune_operator.kube import Api, Manifest
 from kubetune_operator.observability import PHASES
+from kubetune_operator.resources.common import event
 from kubetune_operator.resources.status import phase_patch
 from kubetune_operator.settings import Settings
+
+_STRIPES = 64
+# Striped, so that the table stays bounded however many objects come and go; one set
+# per kind, and a reconcile only ever nests one of another kind (a FineTuneJob's its
+# ModelDeployment's), so two threads never wait on each other.
+_RECONCILE_LOCKS = {
+    kind: tuple(threading.RLock() for _ in range(_STRIPES))
+    for kind in ("Dataset", "FineTuneJob", "ModelDeployment")
+}
+
+
+def one_at_a_time(kind: str, namespace: str, name: str) -> threading.RLock:
+    """The lock a reconcile of this object holds. kopf runs the handlers of one
+    object's own events in turn, but its Jobs', pods' and Deployments' events and the
+    periodic resync reach the same object from other threads; two reconciles at once
+    could each act on what the other is about to change (say, make a new Job for a run
+    the other is failing)."""
+    return _RECONCILE_LOCKS[kind][hash((namespace, name)) % _STRIPES]
 
 
 class Watched:
@@ -131,10 +147,14 @@ def write_phase(
     after = ((updated or {}).get("status") or {}).get("phase")
     PHASES.record(kind, meta["namespace"], meta["name"], after)
     if updated is not None and after != before and after in event_phases:
-        kopf.event(
-            cast(kopf.Body, updated),
-            type="Warning" if after == "Failed" else "Normal",
-            reason=reason,
-            message=str(updated["status"].get("message") or after)[:1024],
+        post_event(
+            updated,
+            "Warning" if after == "Failed" else "Normal",
+            reason,
+            str(updated["status"].get("message") or after),
         )
     return updated
+
+
+def post_event(obj: Manifest, type_: str, reason: str, message: str) -> None:
+    context().api.post_event(event(obj, type_, reason, message, now()))

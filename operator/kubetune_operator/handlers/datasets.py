@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, cast
+from typing import Any
 
 import kopf
 
-from kubetune_operator.handlers.common import context, live_object, now
+from kubetune_operator.handlers.common import context, live_object, now, one_at_a_time, post_event
 from kubetune_operator.kube import Manifest, owned_by, owner_name
 from kubetune_operator.observability import PHASES, RECONCILE_SECONDS
 from kubetune_operator.resources.common import LABEL_DATASET
-from kubetune_operator.resources.status import DONE, dataset_status, unobserved
+from kubetune_operator.resources.status import DONE, dataset_status, job_state, unobserved
 from kubetune_operator.resources.training_job import service_account
 from kubetune_operator.resources.validation_job import validation_job, validation_job_name
 
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 def reconcile(namespace: str, name: str) -> None:
-    with RECONCILE_SECONDS.labels("Dataset").time():
+    with one_at_a_time("Dataset", namespace, name), RECONCILE_SECONDS.labels("Dataset").time():
         _reconcile(namespace, name)
 
 
@@ -50,25 +50,28 @@ def _reconcile(namespace: str, name: str) -> None:
         for old in ctx.api.list_jobs(namespace, f"{LABEL_DATASET}={name}"):
             if old["metadata"]["name"] != current and owner_name(old, "Dataset") == name:
                 ctx.api.delete_job(namespace, old["metadata"]["name"])
-    pods = ctx.api.job_pods(namespace, current) if job is not None else []
+    at = now()
+    state = None
+    if job is not None:
+        pods = ctx.api.job_pods(namespace, current)
+        state = job_state(job, pods, at, ctx.settings.start_grace)
     before = (ds.get("status") or {}).get("phase")
 
     def compute(obj: Manifest) -> Manifest | None:
         if obj["metadata"].get("generation") != generation or _settled(obj):
             return None
-        return dataset_status(obj, job, pods, now())
+        return dataset_status(obj, current if job is not None else None, state, at)
 
     updated = ctx.api.update_status(PLURAL, namespace, name, compute)
+    if state is not None and state.stop_job:
+        # Only once the status says Failed: the Job's deletion brings this Dataset back
+        # here, and it must not find a Dataset that still wants a Job.
+        ctx.api.delete_job(namespace, current)
     after = ((updated or {}).get("status") or {}).get("phase")
     PHASES.record("Dataset", namespace, name, after)
     if updated is not None and after != before and after in DONE:
         message = updated["status"].get("message", "")
-        kopf.event(
-            cast(kopf.Body, updated),
-            type="Normal" if after == "Ready" else "Warning",
-            reason=after,
-            message=message,
-        )
+        post_event(updated, "Normal" if after == "Ready" else "Warning", after, message)
 
 
 def _settled(ds: Manifest | kopf.Body) -> bool:

@@ -12,7 +12,7 @@ import kopf
 from kubetune_operator.api.dataset import DatasetSpec
 from kubetune_operator.api.finetunejob import FineTuneJobSpec
 from kubetune_operator.handlers import modeldeployments
-from kubetune_operator.handlers.common import context, live_object, now, write_phase
+from kubetune_operator.handlers.common import context, live_object, now, one_at_a_time, write_phase
 from kubetune_operator.kube import Manifest, owned_by, scrape
 from kubetune_operator.observability import PHASES, RECONCILE_SECONDS
 from kubetune_operator.resources import model_deployment as serving
@@ -63,7 +63,10 @@ def reconcile(
     """Bring one FineTuneJob's children and status in line with its spec. `ftj` and
     `job` are bodies a watch event already delivered; they spare a read, and a stale one
     only costs a retried status write."""
-    with RECONCILE_SECONDS.labels("FineTuneJob").time():
+    with (
+        one_at_a_time("FineTuneJob", namespace, name),
+        RECONCILE_SECONDS.labels("FineTuneJob").time(),
+    ):
         _reconcile(namespace, name, ftj, job)
 
 
@@ -130,16 +133,21 @@ def _reconcile(namespace: str, name: str, ftj: Manifest | None, job: Manifest | 
         return
     _sync_suspend(spec, job)
     pods = api.job_pods(namespace, job["metadata"]["name"]) if _may_have_pods(job) else []
-    state = job_state(job, pods)
+    at = now()
+    state = job_state(job, pods, at, ctx.settings.start_grace)
     uri = (created.get("outputModel") or status.get("outputModel") or {}).get("uri", "")
     fields = {
-        **status_from_job(ftj, state, uri, now()),
+        **status_from_job(ftj, state, uri, at),
         **created,
         "jobName": job["metadata"]["name"],
     }
     if state.phase == "Succeeded":
         fields |= _deploy(ftj, spec)
     updated = _write(ftj, fields, state.reason or state.phase)
+    if state.stop_job:
+        # Only once the status says Failed: the Job's deletion brings this run back
+        # here, and it must not find a run that still wants a Job.
+        api.delete_job(namespace, job["metadata"]["name"])
     after = ((updated or {}).get("status") or {}).get("phase")
     if after in FINAL and after != status.get("phase"):
         modeldeployments.finetunejob_finished(namespace, name)

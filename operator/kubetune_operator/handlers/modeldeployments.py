@@ -10,7 +10,7 @@ from typing import Any
 import kopf
 
 from kubetune_operator.api.modeldeployment import ModelDeploymentSpec
-from kubetune_operator.handlers.common import context, live_object, write_phase
+from kubetune_operator.handlers.common import context, live_object, one_at_a_time, write_phase
 from kubetune_operator.kube import Manifest, owned_by
 from kubetune_operator.observability import PHASES, RECONCILE_SECONDS
 from kubetune_operator.resources import model_deployment as serving
@@ -32,7 +32,10 @@ def _write(md: Manifest, fields: Manifest, reason: str) -> Manifest | None:
 def reconcile(
     namespace: str, name: str, md: Manifest | None = None, deploy: Manifest | None = None
 ) -> None:
-    with RECONCILE_SECONDS.labels("ModelDeployment").time():
+    with (
+        one_at_a_time("ModelDeployment", namespace, name),
+        RECONCILE_SECONDS.labels("ModelDeployment").time(),
+    ):
         _reconcile(namespace, name, md, deploy)
 
 

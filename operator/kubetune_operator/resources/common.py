@@ -101,3 +101,31 @@ def scheduling(res: Resources) -> Manifest:
     if res.priority_class_name:
         fields["priorityClassName"] = res.priority_class_name
     return fields
+
+
+def event(obj: Mapping[str, Any], type_: str, reason: str, message: str, now: str) -> Manifest:
+    """A core/v1 Event about ``obj``: what `kubectl describe` and `kubectl get events`
+    show. Built here, not posted through kopf, whose posting only works inside its own
+    handlers and not in the operator's resync thread."""
+    meta = obj["metadata"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+        "involvedObject": {
+            "apiVersion": obj.get("apiVersion", API_VERSION),
+            "kind": obj.get("kind"),
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "uid": meta.get("uid"),
+            "resourceVersion": meta.get("resourceVersion"),
+        },
+        "type": type_,
+        "reason": reason,
+        "message": message[:1024],
+        "source": {"component": MANAGED_BY},
+        "reportingComponent": MANAGED_BY,
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+    }

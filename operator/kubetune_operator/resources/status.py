@@ -3,6 +3,7 @@ validation result, and where a training Job stands."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -13,8 +14,19 @@ from kubetune_operator.resources.metrics import status_metrics
 Manifest = dict[str, Any]
 
 MAX_STATUS_ERRORS = 20
-IMAGE_PULL_FAILURES = {"ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName"}
-CONFIG_FAILURES = {"CreateContainerConfigError", "CreateContainerError"}
+# Why a pod's container cannot start. The kubelet retries these, and they can clear
+# by themselves: a Secret or ConfigMap applied after the object that needs it (an Argo
+# CD sync, an external-secrets controller), a registry that is down for a while. A run
+# waits for them up to Settings.start_grace, then fails and its Job is deleted.
+RETRIED_START_FAILURES = {
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "ErrImagePull",
+    "ImagePullBackOff",
+}
+# These never clear without a change to the pod.
+PERMANENT_START_FAILURES = {"ErrImageNeverPull", "InvalidImageName"}
+START_GRACE_SECONDS = 300.0
 
 
 def set_condition(
@@ -130,6 +142,9 @@ class JobState:
     metrics_port: int | None = None
     start_time: str | None = None
     completion_time: str | None = None
+    # The run failed while its Job still runs (its pod never started): the Job is
+    # deleted, so that nothing starts after the status said Failed.
+    stop_job: bool = False
 
 
 def _condition(job: Mapping[str, Any], type_: str) -> Mapping[str, Any] | None:
@@ -230,7 +245,48 @@ def _failure_message(
     return job_reason or "Failed", job_message or "the training Job failed"
 
 
-def job_state(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -> JobState:
+def _seconds_between(earlier: str | None, later: str) -> float:
+    if not earlier:
+        return 0.0
+    return (dt.datetime.fromisoformat(later) - dt.datetime.fromisoformat(earlier)).total_seconds()
+
+
+def _start_failure(
+    pod: Mapping[str, Any] | None, start: str | None, now: str, grace: float
+) -> JobState | None:
+    """The state of a pod whose container cannot start: waiting while the kubelet
+    retries, failed once that has lasted ``grace`` seconds or cannot clear at all."""
+    waiting = _waiting(pod)
+    reason = waiting.get("reason", "")
+    if reason not in RETRIED_START_FAILURES | PERMANENT_START_FAILURES:
+        return None
+    detail = waiting.get("message") or reason
+    assert pod is not None
+    waited = _seconds_between(pod["metadata"].get("creationTimestamp"), now)
+    if reason in PERMANENT_START_FAILURES or waited >= grace:
+        after = "" if reason in PERMANENT_START_FAILURES else f" in {round(waited)} s"
+        return JobState(
+            "Failed",
+            reason,
+            f"the pod could not start{after}: {detail}",
+            start_time=start,
+            completion_time=now,
+            stop_job=True,
+        )
+    return JobState(
+        "Pending",
+        reason,
+        f"the pod cannot start yet: {detail} (retried for {round(grace)} s, then the run fails)",
+        start_time=start,
+    )
+
+
+def job_state(
+    job: Mapping[str, Any],
+    pods: Sequence[Mapping[str, Any]],
+    now: str,
+    start_grace: float = START_GRACE_SECONDS,
+) -> JobState:
     status = job.get("status", {})
     pod = lead_pod(pods)
     start, end = status.get("startTime"), status.get("completionTime")
@@ -263,14 +319,9 @@ def job_state(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -> JobS
         return JobState(
             "Suspended", "JobSuspended", "the training Job is suspended", start_time=start
         )
-    waiting = _waiting(pod)
-    if waiting.get("reason") in IMAGE_PULL_FAILURES | CONFIG_FAILURES:
-        return JobState(
-            "Failed",
-            waiting["reason"],
-            waiting.get("message") or waiting["reason"],
-            start_time=start,
-        )
+    stuck = _start_failure(pod, start, now, start_grace)
+    if stuck is not None:
+        return stuck
     if pod is not None and pod.get("status", {}).get("phase") == "Running":
         return JobState(
             "Running",
@@ -367,17 +418,17 @@ DONE = ("Ready", "Invalid", "Failed")
 
 
 def dataset_status(
-    ds: Manifest, job: Manifest | None, pods: Sequence[Mapping[str, Any]], now: str
+    ds: Manifest, job_name: str | None, state: JobState | None, now: str
 ) -> Manifest | None:
-    """The Dataset's status patch from its validation Job (pure); None when its status
-    already says so."""
+    """The Dataset's status patch from the state of its validation Job (pure; no Job
+    yet: None); None when its status already says so."""
     generation = ds["metadata"].get("generation")
     previous = ds.get("status") or {}
     status: Manifest
-    if job is None:
+    waiting_reason = None
+    if job_name is None or state is None:
         status = {"phase": "Pending", "message": "creating the validation Job"}
     else:
-        state = job_state(job, pods)
         if state.summary is not None and "valid" in state.summary:
             status = dataset_result(state.summary)
         elif state.phase == "Failed":
@@ -385,9 +436,12 @@ def dataset_status(
                 "phase": "Failed",
                 "message": f"validation could not run: {state.reason}: {state.message}",
             }
+        elif state.reason in RETRIED_START_FAILURES:
+            status = {"phase": "Validating", "message": state.message}
+            waiting_reason = state.reason
         else:
             status = {"phase": "Validating", "message": "validating the dataset"}
-        status["validationJob"] = job["metadata"]["name"]
+        status["validationJob"] = job_name
     if status["phase"] not in ("Ready", "Invalid"):
         # Counts from an earlier generation would describe another file.
         status.update(
@@ -399,8 +453,10 @@ def dataset_status(
             warningCount=None,
             errors=[],
         )
-    reason = {"Ready": "Validated", "Invalid": "InvalidData", "Failed": "ValidationFailed"}.get(
-        status["phase"], "Validating"
-    )
+    reason = waiting_reason or {
+        "Ready": "Validated",
+        "Invalid": "InvalidData",
+        "Failed": "ValidationFailed",
+    }.get(status["phase"], "Validating")
     ready = status["phase"] == "Ready" if status["phase"] in DONE else None
     return phase_patch(previous, status, reason, ready, generation, now)
