@@ -120,7 +120,7 @@ def run_case(
     )
     api = client.ApiClient()
     custom, batch = client.CustomObjectsApi(api), client.BatchV1Api(api)
-    env = {**os.environ, "KUBECONFIG": str(kubectl.kubeconfig), "KUBETUNE_NAMESPACES": ns}
+    env = {**os.environ, "KUBECONFIG": str(kubectl.kubeconfig)}
     log = (workdir / f"{label}.log").open("wb")
     proc = subprocess.Popen(
         [*command, "--namespace", ns], env=env, stdout=log, stderr=subprocess.STDOUT

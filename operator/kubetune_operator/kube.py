@@ -4,7 +4,6 @@ resourceVersion and retried on conflict."""
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import logging
 import urllib.request
@@ -70,27 +69,6 @@ class Api:
                 GROUP, VERSION, namespace, plural, name
             )
         )
-
-    def list_objects(self, plural: str, namespace: str) -> list[Manifest]:
-        items: list[Manifest] = _counted(
-            lambda: self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, plural)
-        )["items"]
-        return items
-
-    def list_all(self, plural: str, namespaces: tuple[str, ...]) -> list[Manifest]:
-        """Objects in the given namespaces (globs allowed), or in all when none are given."""
-        if namespaces and not any(set(ns) & set("*?[") for ns in namespaces):
-            return [obj for ns in namespaces for obj in self.list_objects(plural, ns)]
-        items: list[Manifest] = _counted(
-            lambda: self.custom.list_cluster_custom_object(GROUP, VERSION, plural)
-        )["items"]
-        if not namespaces:
-            return items
-        return [
-            o
-            for o in items
-            if any(fnmatch.fnmatch(o["metadata"]["namespace"], ns) for ns in namespaces)
-        ]
 
     def create_object(self, plural: str, namespace: str, body: Manifest) -> None:
         _create(

@@ -17,8 +17,6 @@ class Settings:
     # How often a Running job's metrics are read.
     scrape_interval: float = 15.0
     scrape_timeout: float = 3.0
-    # Namespaces watched (globs allowed); empty means all.
-    namespaces: tuple[str, ...] = ()
     # How long a pod may wait for what its containers need (a Secret, an image) before
     # its run fails.
     start_grace: float = START_GRACE_SECONDS
@@ -29,7 +27,6 @@ class Settings:
             trainer_image=os.environ.get("KUBETUNE_TRAINER_IMAGE", DEFAULT_TRAINER_IMAGE),
             scrape_interval=float(os.environ.get("KUBETUNE_SCRAPE_INTERVAL", "15")),
             scrape_timeout=float(os.environ.get("KUBETUNE_SCRAPE_TIMEOUT", "3")),
-            namespaces=tuple(n for n in os.environ.get("KUBETUNE_NAMESPACES", "").split(",") if n),
             start_grace=float(
                 os.environ.get("KUBETUNE_START_GRACE_SECONDS", str(START_GRACE_SECONDS))
             ),

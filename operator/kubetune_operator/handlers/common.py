@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import threading
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from kubetune_operator.kube import Api, Manifest
@@ -12,6 +13,8 @@ from kubetune_operator.observability import PHASES
 from kubetune_operator.resources.common import event
 from kubetune_operator.resources.status import phase_patch
 from kubetune_operator.settings import Settings
+
+log = logging.getLogger(__name__)
 
 _STRIPES = 64
 # Striped, so that the table stays bounded however many objects come and go; one set
@@ -35,8 +38,8 @@ def one_at_a_time(kind: str, namespace: str, name: str) -> threading.RLock:
 class Watched:
     """The latest body the watch delivered of each kubetune object, by plural and
     (namespace, name). Reconciles read Datasets from here, wake-ups find who depends
-    on what, and the periodic resync walks these instead of listing everything again.
-    Handler threads share it, hence the lock."""
+    on what, and the periodic resync picks from these instead of listing everything
+    again. Handler threads share it, hence the lock."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -110,10 +113,29 @@ def live_object(
     """The object to reconcile: `body` (what an event delivered) or a fresh read. None,
     and no longer counted by phase, when it is gone or being deleted."""
     obj = body if body is not None else context().api.get_object(plural, namespace, name)
+    if obj is None:
+        # Deleted while the watch was away (a relist sends no DELETED event): the
+        # resync must stop picking its copy.
+        context().watched.forget(plural, namespace, name)
     if obj is None or obj["metadata"].get("deletionTimestamp"):
         PHASES.record(kind, namespace, name, None)
         return None
     return obj
+
+
+def resync_each(
+    plural: str, wanted: Callable[[Manifest], bool], reconcile: Callable[[str, str], None]
+) -> None:
+    """Reconcile each watched object that ``wanted`` picks, from a fresh read: the
+    watch's copy only chooses, so finished objects, which pile up in a long-lived
+    cluster, cost no request at all."""
+    for body in context().watched.all(plural):
+        if wanted(body):
+            meta = body["metadata"]
+            try:
+                reconcile(meta["namespace"], meta["name"])
+            except Exception:
+                log.exception("resync of %s/%s failed", meta["namespace"], meta["name"])
 
 
 def write_phase(

@@ -7,7 +7,14 @@ from typing import Any
 
 import kopf
 
-from kubetune_operator.handlers.common import context, live_object, now, one_at_a_time, post_event
+from kubetune_operator.handlers.common import (
+    context,
+    live_object,
+    now,
+    one_at_a_time,
+    post_event,
+    resync_each,
+)
 from kubetune_operator.kube import Manifest, owned_by, owner_name
 from kubetune_operator.observability import PHASES, RECONCILE_SECONDS
 from kubetune_operator.resources.common import LABEL_DATASET
@@ -104,13 +111,6 @@ def validation_job_event(body: kopf.Body, namespace: str | None, **_: Any) -> No
         reconcile(namespace, owner)
 
 
-def resync(namespaces: tuple[str, ...]) -> None:
+def resync() -> None:
     """Reconcile every Dataset whose validation has not settled."""
-    api = context().api
-    for ds in api.list_all(PLURAL, namespaces):
-        if not _settled(ds):
-            meta = ds["metadata"]
-            try:
-                reconcile(meta["namespace"], meta["name"])
-            except Exception:
-                log.exception("resync of %s/%s failed", meta["namespace"], meta["name"])
+    resync_each(PLURAL, lambda ds: not _settled(ds), reconcile)

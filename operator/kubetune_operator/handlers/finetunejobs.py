@@ -12,7 +12,14 @@ import kopf
 from kubetune_operator.api.dataset import DatasetSpec
 from kubetune_operator.api.finetunejob import FineTuneJobSpec
 from kubetune_operator.handlers import modeldeployments
-from kubetune_operator.handlers.common import context, live_object, now, one_at_a_time, write_phase
+from kubetune_operator.handlers.common import (
+    context,
+    live_object,
+    now,
+    one_at_a_time,
+    resync_each,
+    write_phase,
+)
 from kubetune_operator.kube import Manifest, owned_by, scrape
 from kubetune_operator.observability import PHASES, RECONCILE_SECONDS
 from kubetune_operator.resources import model_deployment as serving
@@ -326,19 +333,12 @@ def dataset_event(
             reconcile(namespace, ftj["metadata"]["name"])
 
 
-def resync(namespaces: tuple[str, ...]) -> None:
+def resync() -> None:
     """Reconcile every active or unobserved FineTuneJob: reads the trainers' metrics
     while they run, and retries a reconcile that failed. A periodic loop rather than a
     kopf timer, because kopf puts a finalizer on objects with timers, and a FineTuneJob
     must stay deletable while the operator is away."""
-    api = context().api
-    for ftj in api.list_all(PLURAL, namespaces):
-        if _active(ftj) or unobserved(ftj):
-            meta = ftj["metadata"]
-            try:
-                reconcile(meta["namespace"], meta["name"], ftj=ftj)
-            except Exception:
-                log.exception("resync of %s/%s failed", meta["namespace"], meta["name"])
+    resync_each(PLURAL, lambda ftj: _active(ftj) or unobserved(ftj), reconcile)
 
 
 def _plain(body: kopf.Body) -> Manifest:

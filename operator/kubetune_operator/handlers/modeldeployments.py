@@ -10,7 +10,13 @@ from typing import Any
 import kopf
 
 from kubetune_operator.api.modeldeployment import ModelDeploymentSpec
-from kubetune_operator.handlers.common import context, live_object, one_at_a_time, write_phase
+from kubetune_operator.handlers.common import (
+    context,
+    live_object,
+    one_at_a_time,
+    resync_each,
+    write_phase,
+)
 from kubetune_operator.kube import Manifest, owned_by
 from kubetune_operator.observability import PHASES, RECONCILE_SECONDS
 from kubetune_operator.resources import model_deployment as serving
@@ -113,13 +119,11 @@ def finetunejob_finished(namespace: str, finetunejob: str) -> None:
             reconcile(namespace, md["metadata"]["name"])
 
 
-def resync(namespaces: tuple[str, ...]) -> None:
+def resync() -> None:
     """Reconcile every ModelDeployment that is not Available: retries what failed and
     picks up adapters whose FineTuneJob finished while an event was missed."""
-    for md in context().api.list_all(PLURAL, namespaces):
-        if unobserved(md) or (md.get("status") or {}).get("phase") != "Available":
-            meta = md["metadata"]
-            try:
-                reconcile(meta["namespace"], meta["name"], md=md)
-            except Exception:
-                log.exception("resync of %s/%s failed", meta["namespace"], meta["name"])
+    resync_each(
+        PLURAL,
+        lambda md: unobserved(md) or (md.get("status") or {}).get("phase") != "Available",
+        reconcile,
+    )

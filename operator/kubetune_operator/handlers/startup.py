@@ -53,6 +53,6 @@ async def _resync_forever(settings: Settings) -> None:
         await asyncio.sleep(settings.scrape_interval)
         for resync in (datasets.resync, finetunejobs.resync, modeldeployments.resync):
             try:
-                await asyncio.to_thread(resync, settings.namespaces)
+                await asyncio.to_thread(resync)
             except Exception:
                 log.exception("periodic resync failed")
