@@ -26,7 +26,12 @@ from kubetune_operator.resources.status import (
     unobserved,
 )
 from kubetune_operator.resources.validation_job import validation_job
-from kubetune_trainer.config import TrainingConfig
+from kubetune_trainer.config import (
+    EXIT_CANNOT_SUCCEED,
+    EXIT_FAILED,
+    EXIT_INVALID_JOB,
+    TrainingConfig,
+)
 
 IMAGE = "registry.local/kubetune/trainer:test"
 
@@ -118,6 +123,20 @@ def test_training_job_is_restricted_and_owned() -> None:
     assert job["spec"]["suspend"] is False
     assert job["spec"]["backoffLimit"] >= 1
     assert {"name": "metrics", "containerPort": 9090, "protocol": "TCP"} in container["ports"]
+
+
+def test_final_trainer_exits_fail_the_job_and_disruptions_use_no_retry() -> None:
+    job = tj.training_job(_plan())
+    fail_job, ignore = job["spec"]["podFailurePolicy"]["rules"]
+    assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"  # the API requires it
+    assert fail_job["action"] == "FailJob"
+    assert fail_job["onExitCodes"]["containerName"] == "trainer"
+    assert set(fail_job["onExitCodes"]["values"]) == {EXIT_INVALID_JOB, EXIT_CANNOT_SUCCEED}
+    assert EXIT_FAILED not in fail_job["onExitCodes"]["values"]
+    assert ignore == {
+        "action": "Ignore",
+        "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+    }
 
 
 def test_scheduling_fields_and_queue() -> None:

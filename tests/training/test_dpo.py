@@ -25,6 +25,7 @@ from training.support import (
 )
 
 from kubetune_trainer import cli
+from kubetune_trainer.config import EXIT_CANNOT_SUCCEED
 from kubetune_trainer.training.evaluate import evaluate
 from kubetune_trainer.training.runner import run
 
@@ -211,6 +212,6 @@ def test_dpo_refuses_data_without_rejected_replies(
     tiny_qwen2: Path, job: JobFactory, tmp_path: Path
 ) -> None:
     config = job(tiny_qwen2, write_text_dataset(tmp_path / "sft.jsonl", 4), method="dpo")
-    assert run(config) == 1
+    assert run(config) == EXIT_CANNOT_SUCCEED
     summary = json.loads(Path(config.termination_log).read_text())
     assert "line 1" in summary["message"] and "rejected reply" in summary["message"]

@@ -16,6 +16,7 @@ from training.support import JobFactory, subset, train, write_text_dataset
 from transformers import TrainerCallback
 
 from kubetune_trainer import cli
+from kubetune_trainer.config import EXIT_CANNOT_SUCCEED, EXIT_FAILED, EXIT_INVALID_JOB
 from kubetune_trainer.training.evaluate import evaluate
 from kubetune_trainer.training.runner import run
 
@@ -242,7 +243,7 @@ def test_a_dataset_whose_checksum_differs_is_refused(
 ) -> None:
     data = write_text_dataset(tmp_path / "text.jsonl", 4)
     config = job(tiny_qwen2, data, datasetSha256="0" * 64)
-    assert run(config) == 1
+    assert run(config) == EXIT_CANNOT_SUCCEED
     summary = json.loads(Path(config.termination_log).read_text())
     assert summary["ok"] is False and "SHA-256" in summary["message"]
     assert not Path(config.output_dir, "report.json").exists()
@@ -254,8 +255,23 @@ def test_early_stopping_without_validation_is_refused(
     config = job(
         tiny_qwen2, write_text_dataset(tmp_path / "text.jsonl", 4), earlyStopping={"patience": 1}
     )
-    assert run(config) == 1
+    assert run(config) == EXIT_CANNOT_SUCCEED
     assert "validation" in json.loads(Path(config.termination_log).read_text())["message"]
+
+
+def test_exit_codes_tell_final_failures_from_those_worth_a_retry(
+    tiny_qwen2: Path, job: JobFactory, tmp_path: Path, s3_endpoint: str
+) -> None:
+    """The operator's Job fails at once on 2 and 3 and retries 1 (see podFailurePolicy
+    in resources/training_job.py)."""
+    data = write_text_dataset(tmp_path / "text.jsonl", 4)
+    # Storage that cannot be read now (here a bucket not made yet) may be for the next pod.
+    away = job(tiny_qwen2, data, checkpointUri="s3://not-made-yet/checkpoints")
+    assert run(away) == EXIT_FAILED
+    assert "cannot read the checkpoint copies" in Path(away.termination_log).read_text()
+    invalid = tmp_path / "job.json"
+    invalid.write_text(json.dumps({"baseModel": "m", "dataset": str(data)}))  # no outputDir
+    assert cli.main(["train", "--config", str(invalid)]) == EXIT_INVALID_JOB
 
 
 def test_output_is_uploaded_to_s3_without_checkpoints(

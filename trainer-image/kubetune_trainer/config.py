@@ -24,6 +24,13 @@ DEFAULT_LORA_ALPHA = 32
 DEFAULT_LORA_DROPOUT = 0.05
 DEFAULT_DPO_BETA = 0.1
 
+# `kubetune train` exit codes. The operator's training Job fails at once on the final
+# ones rather than spend its retries, each a GPU pod loading the model again.
+EXIT_FAILED = 1  # may succeed when run again: a crash, a lost node, storage away
+EXIT_INVALID_JOB = 2  # job.json unreadable or not a valid TrainingConfig
+EXIT_CANNOT_SUCCEED = 3  # the job as written cannot succeed: its data or settings
+FINAL_EXIT_CODES = (EXIT_INVALID_JOB, EXIT_CANNOT_SUCCEED)
+
 
 class CamelModel(BaseModel):
     """Base for every contract type: camelCase in JSON/YAML, unknown keys rejected."""

@@ -35,7 +35,7 @@ from kubetune_operator.resources.storage import (
     dataset_input,
     output_location,
 )
-from kubetune_trainer.config import TrainingConfig, TrainValidation
+from kubetune_trainer.config import FINAL_EXIT_CODES, TrainingConfig, TrainValidation
 
 CONFIG_DIR = "/etc/kubetune"
 CONFIG_KEY = "job.json"
@@ -46,8 +46,27 @@ OUTPUT = "/output"
 METRICS_PORT = 9090
 # torchrun's rendezvous on the first node, for runs on several nodes.
 RENDEZVOUS_PORT = 29500
-# Retries cover preemption and node loss; each retry resumes from the last checkpoint.
+# Retries cover crashes and lost nodes; each retry resumes from the last checkpoint.
 BACKOFF_LIMIT = 3
+TRAINER_CONTAINER = "trainer"
+# A pod the trainer ended with a final exit code fails the Job at once: a retry would
+# book a GPU to fail the same way. A pod preempted, evicted or drained (the
+# DisruptionTarget condition) is replaced without using up a retry, so a run on spot
+# or preemptible GPUs survives any number of them. Only a single process per pod
+# reports its exit code; torchrun exits 1 for any failed worker.
+POD_FAILURE_POLICY = {
+    "rules": [
+        {
+            "action": "FailJob",
+            "onExitCodes": {
+                "containerName": TRAINER_CONTAINER,
+                "operator": "In",
+                "values": list(FINAL_EXIT_CODES),
+            },
+        },
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+    ]
+}
 
 
 @dataclass(frozen=True)
@@ -212,7 +231,7 @@ def training_job(plan: Plan) -> Manifest:
         "initContainers": mounted.init_containers,
         "containers": [
             {
-                "name": "trainer",
+                "name": TRAINER_CONTAINER,
                 "image": image,
                 **trainer_command(spec.resources.gpus, nodes, job_name(meta["name"])),
                 "env": [
@@ -274,6 +293,7 @@ def training_job(plan: Plan) -> Manifest:
         "spec": {
             **job_spec,
             "backoffLimit": BACKOFF_LIMIT,
+            "podFailurePolicy": POD_FAILURE_POLICY,
             # Kueue admits a queued Job by unsuspending it; a suspended FineTuneJob too.
             "suspend": bool(spec.queue_name) or spec.suspend,
             "template": {

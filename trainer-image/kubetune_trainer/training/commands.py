@@ -86,16 +86,16 @@ def _quiet_libraries() -> None:
 def train_command(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from kubetune_trainer.config import TrainingConfig
+    from kubetune_trainer.config import EXIT_INVALID_JOB, TrainingConfig
 
     try:
         config = TrainingConfig.model_validate_json(Path(args.config).read_bytes())
     except OSError as exc:
         print(f"kubetune train: cannot read {args.config}: {exc.strerror}", file=sys.stderr)
-        return 2
+        return EXIT_INVALID_JOB
     except ValidationError as exc:
         print(f"kubetune train: {args.config} is not a valid job:\n{exc}", file=sys.stderr)
-        return 2
+        return EXIT_INVALID_JOB
     _quiet_libraries()
     from kubetune_trainer.training.runner import run
 

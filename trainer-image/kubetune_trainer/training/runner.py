@@ -23,7 +23,7 @@ from transformers import (
     TrainerState,
 )
 
-from kubetune_trainer.config import TrainingConfig
+from kubetune_trainer.config import EXIT_CANNOT_SUCCEED, EXIT_FAILED, TrainingConfig
 from kubetune_trainer.data import DatasetError, read_examples
 from kubetune_trainer.training.callbacks import EvalSaveSchedule, Telemetry
 from kubetune_trainer.training.checkpoints import (
@@ -112,8 +112,8 @@ def peak_memory() -> dict[str, int | None]:
 
 
 def run(config: TrainingConfig, *, callbacks: Sequence[TrainerCallback] = ()) -> int:
-    """Train as ``config`` says; return the process exit code (0 done, 1 failed). The
-    outcome also goes to the termination log (main process only)."""
+    """Train as ``config`` says; return the process exit code (0 done, else one of
+    config's EXIT_*). The outcome also goes to the termination log (main process only)."""
     main = is_main_process()
     metrics = TrainMetrics() if main else None
     port = metrics_port(config.metrics_port)
@@ -121,15 +121,15 @@ def run(config: TrainingConfig, *, callbacks: Sequence[TrainerCallback] = ()) ->
     try:
         report = _train(config, metrics, callbacks)
     except Exception as exc:
-        if isinstance(exc, DatasetError | JobError):
-            log.error("training failed: %s", exc)  # a problem with the job, not a bug: no traceback
+        if isinstance(exc, DatasetError | JobError | FetchError):
+            log.error("training failed: %s", exc)  # not a bug: no traceback
         else:
             log.exception("training failed")
         if main:
             write_termination_log(
                 config.termination_log, failure_summary(f"{type(exc).__name__}: {exc}")
             )
-        return 1
+        return EXIT_CANNOT_SUCCEED if isinstance(exc, DatasetError | JobError) else EXIT_FAILED
     finally:
         if stop_metrics:
             stop_metrics()
@@ -141,7 +141,7 @@ def run(config: TrainingConfig, *, callbacks: Sequence[TrainerCallback] = ()) ->
         except FetchError as exc:
             log.error("training failed: %s", exc)
             write_termination_log(config.termination_log, failure_summary(str(exc)))
-            return 1
+            return EXIT_FAILED
         log.info("uploaded %d files to %s", sent, config.output_uri)
         report = {**report, "outputUri": config.output_uri}
     if main and report is not None and config.checkpoint_uri:
@@ -169,7 +169,8 @@ def _checkpoint_to_resume(config: TrainingConfig) -> Path | None:
     try:
         return restore_checkpoint(config.checkpoint_uri, config.effective_checkpoint_dir)
     except FetchError as exc:
-        raise JobError(f"cannot read the checkpoint copies: {exc}") from exc
+        # Storage may be back for the next pod: not a JobError, which would end the run.
+        raise FetchError(f"cannot read the checkpoint copies: {exc}") from exc
 
 
 def _inner_dirs(config: TrainingConfig) -> tuple[str, ...]:
