@@ -28,6 +28,23 @@ Job controller (batch/v1 Jobs, NonIndexed and Indexed completion modes, not ``sp
     without counting them; resuming resets startTime). Failed Pods are replaced after
     an exponential backoff starting at ``--pod-failure-backoff`` seconds (the real
     controller starts at 10 s).
+    ``spec.podFailurePolicy`` as upstream's matchPodFailurePolicy: the rules, in order,
+    are matched against each Failed Pod and the first match decides. ``onExitCodes``
+    (``containerName`` optional, In/NotIn; exit code 0 never matches) looks at the
+    terminated regular containers, then the init containers; ``onPodConditions`` at
+    the Pod's conditions (``status`` defaults to True). FailJob: FailureTarget then
+    Failed with reason PodFailurePolicy and upstream's message ("Container main for pod
+    ns/p failed with exit code 3 matching FailJob rule at index 0"; "Pod ns/p has
+    condition DisruptionTarget matching ..."), checked before the backoff limit, the
+    other Pods deleted as for BackoffLimitExceeded. Ignore: the Pod loses its tracking
+    finalizer without being counted in ``failed`` or towards backoffLimit, and is
+    replaced (after the backoff, which ignored failures still lengthen, as upstream).
+    Count, and a Pod no rule matches: counted as without a policy. FailIndex (valid
+    only with backoffLimitPerIndex, not implemented) counts the failure like Count; the
+    index is not marked failed. A rule with an unknown action is skipped. As upstream,
+    a podFailurePolicy implies podReplacementPolicy Failed (the API server defaults it
+    so): a deleted Pod is neither failed nor replaced until it reaches phase Failed,
+    and counts as ``terminating`` meanwhile.
     Events on the Job: FailedCreate, Completed, and the failure reason.
     Indexed Jobs (``completionMode: Indexed``): one Pod per pending completion index,
     lowest first, at most ``parallelism`` active, each with generateName
@@ -93,9 +110,19 @@ Kubelet (node ``local-executor``: every Pod with ``spec.nodeName: local-executor
     container's log. ``podIP``/``hostIP`` are 127.0.0.1. A missing ConfigMap/Secret
     leaves the Pod Pending (CreateContainerConfigError or ContainerCreating, on the
     container that needs it) and is retried. A Pod deleted through the API (by the Job
-    controller, the garbage collector, a user) has the process group of its current
-    container sent SIGTERM, then SIGKILL after its grace period (capped at 10 s), before
-    the deletion is confirmed; no later container starts.
+    controller, the garbage collector, a user, an eviction) has the process group of its
+    current container sent SIGTERM, then SIGKILL after its grace period (capped at
+    10 s); no later container starts. Before the deletion is confirmed (DELETE with
+    grace 0; the Job's tracking finalizer still holds the object), its terminal status
+    is written like a kubelet's: Failed with the container terminated (143 if SIGTERM
+    killed it; Succeeded if it exited 0). A deleted Pod none of whose containers runs
+    here (not started yet, or run by an earlier executor) is written Failed with its
+    container states as they were (a running one as ContainerStatusUnknown). Conditions the
+    kubelet does not own -- notably ``DisruptionTarget`` (reason EvictionByEvictionAPI),
+    which the API server adds when a Pod is evicted through
+    ``POST .../pods/NAME/eviction`` -- are kept in every status written, and each status
+    patch carries the resourceVersion it was computed from (a 409 rereads the Pod), so
+    an evicted Pod ends Failed with DisruptionTarget for a podFailurePolicy to match.
 
 Environment contract: ``KUBETUNE_METRICS_PORT``
     Every local process shares 127.0.0.1, so two trainers cannot both listen on :9090.
@@ -131,10 +158,11 @@ Limitations (it is a stand-in, not a node)
       log at ``<state>/logs/<namespace>/<pod>.log``, or ``<pod>/<name>.log`` for init
       container ``name`` (``kubectl logs -c name``).
     * OOMKilled is a guess: a process killed by SIGKILL that the executor did not send.
-    * podFailurePolicy, successPolicy, backoffLimitPerIndex and scaling parallelism down
-      are not implemented; resourceFieldRef env/volume items are refused. Stopping the executor
-      kills its processes; their Pods are marked Failed (ContainerStatusUnknown) by the
-      next executor that sees them, as no kubelet could reattach to a killed process.
+    * successPolicy, backoffLimitPerIndex (so podFailurePolicy's FailIndex) and scaling
+      parallelism down are not implemented; resourceFieldRef env/volume items are
+      refused. Stopping the executor kills its processes; their Pods are marked Failed
+      (ContainerStatusUnknown) by the next executor that sees them, as no kubelet could
+      reattach to a killed process.
     * One executor per namespace: two executors watching the same namespace would both
       act as its Job controller and kubelet (scope them with ``--namespace``).
     * The kubeconfig may use client certificates or a static token (no exec plugins).
@@ -524,8 +552,119 @@ def job_status_canonical(status: Obj | None) -> Obj:
     return dict(canonical)
 
 
+class PolicyMatch(NamedTuple):
+    """matchPodFailurePolicy's answer for a failed Pod: the Job's failure message when a
+    FailJob rule matched, whether the failure counts in ``failed`` and towards
+    backoffLimit (not when an Ignore rule matched), and the matched rule's action (None
+    when no rule matched: the failure counts, as without a policy)."""
+
+    fail_job_message: str | None
+    count_failed: bool
+    action: str | None
+
+
+def _matching_container(statuses: Sequence[Obj], requirement: Obj) -> Obj | None:
+    """The first terminated container status whose non-zero exit code meets an onExitCodes
+    requirement (exit code 0 never matches, not even ``NotIn``)."""
+    name = requirement.get("containerName")
+    values = requirement.get("values") or []
+    operator = requirement.get("operator")
+    for status in statuses:
+        terminated = (status.get("state") or {}).get("terminated")
+        if terminated is None or (name is not None and status.get("name") != name):
+            continue
+        code = terminated.get("exitCode", 0)
+        if code != 0 and (
+            (operator == "In" and code in values) or (operator == "NotIn" and code not in values)
+        ):
+            return status
+    return None
+
+
+def _matching_condition(conditions: Sequence[Obj], patterns: Sequence[Obj]) -> Obj | None:
+    """The first Pod condition that one of the onPodConditions patterns (``status``
+    defaults to True) matches."""
+    for condition in conditions:
+        for pattern in patterns:
+            if condition.get("type") == pattern.get("type") and condition.get(
+                "status"
+            ) == pattern.get("status", "True"):
+                return condition
+    return None
+
+
+def match_pod_failure_policy(policy: Obj | None, pod: Obj) -> PolicyMatch:
+    """kube-controller-manager v1.33 matchPodFailurePolicy: the rules of
+    ``spec.podFailurePolicy`` in order, the first that matches the Pod decides.
+
+    ``onExitCodes`` looks at the regular containers' terminated states, then the init
+    containers'; ``onPodConditions`` at ``status.conditions``. FailJob fails the Job with
+    upstream's message, Ignore does not count the failure, Count and FailIndex count it
+    (FailIndex needs backoffLimitPerIndex, which the executor does not implement: the
+    index itself is not marked failed). A rule with an unknown action is skipped.
+    """
+    if policy is None:
+        return PolicyMatch(None, True, None)
+    status = pod.get("status") or {}
+    meta = pod["metadata"]
+    pod_name = f"{meta.get('namespace', '')}/{meta.get('name', '')}"
+    for index, rule in enumerate(policy.get("rules") or []):
+        action = rule.get("action")
+        if (requirement := rule.get("onExitCodes")) is not None:
+            container = _matching_container(
+                status.get("containerStatuses") or [], requirement
+            ) or _matching_container(status.get("initContainerStatuses") or [], requirement)
+            if container is None:
+                continue
+            code = container["state"]["terminated"]["exitCode"]
+            message = (
+                f"Container {container.get('name')} for pod {pod_name} failed with exit code"
+                f" {code} matching {action} rule at index {index}"
+            )
+        elif (patterns := rule.get("onPodConditions")) is not None:
+            found = _matching_condition(status.get("conditions") or [], patterns)
+            if found is None:
+                continue
+            message = (
+                f"Pod {pod_name} has condition {found.get('type')} matching {action} rule"
+                f" at index {index}"
+            )
+        else:
+            continue
+        if action == "Ignore":
+            return PolicyMatch(None, False, action)
+        if action in ("Count", "FailIndex"):
+            return PolicyMatch(None, True, action)
+        if action == "FailJob":
+            return PolicyMatch(message, True, action)
+    return PolicyMatch(None, True, None)
+
+
+def only_replaces_failed(spec: Obj) -> bool:
+    """onlyReplaceFailedPods: podReplacementPolicy Failed, which a podFailurePolicy
+    implies (the API server defaults it so and allows nothing else)."""
+    return spec.get("podReplacementPolicy") == "Failed" or spec.get("podFailurePolicy") is not None
+
+
+def _fail_job_message(policy: Obj | None, pods: Sequence[Obj]) -> str | None:
+    """getFailJobMessage: the message of the first Failed Pod that matches a FailJob rule."""
+    if policy is None:
+        return None
+    messages = (
+        match_pod_failure_policy(policy, pod).fail_job_message
+        for pod in pods
+        if is_pod_failed(pod, only_replace_failed=True)
+    )
+    return next((m for m in messages if m is not None), None)
+
+
 def _terminal_target(
-    spec: Obj, status: Obj, failed: int, create_error: str | None, now: datetime
+    spec: Obj,
+    status: Obj,
+    failed: int,
+    create_error: str | None,
+    now: datetime,
+    fail_job_message: str | None = None,
 ) -> tuple[Target | None, float | None]:
     """Where the Job is heading, and when to look again for activeDeadlineSeconds."""
     conditions = status.get("conditions") or []
@@ -533,6 +672,8 @@ def _terminal_target(
         return Target("SuccessCriteriaMet", met.get("reason", ""), met.get("message", "")), None
     if failing := _true_condition(conditions, "FailureTarget"):
         return Target("Failed", failing.get("reason", ""), failing.get("message", "")), None
+    if fail_job_message is not None:
+        return Target("FailureTarget", "PodFailurePolicy", fail_job_message), None
     if failed > spec.get("backoffLimit", DEFAULT_BACKOFF_LIMIT):
         return Target(
             "FailureTarget", "BackoffLimitExceeded", "Job has reached the specified backoff limit"
@@ -590,7 +731,7 @@ def _pods_to_create(
 ) -> tuple[int, float | None]:
     """How many Pods to create now, or how long to wait for the failure backoff."""
     missing = _wanted_active(spec, succeeded, active) - active
-    if spec.get("podReplacementPolicy") == "Failed":
+    if only_replaces_failed(spec):
         missing -= terminating
     if missing <= 0:
         return 0, None
@@ -614,12 +755,14 @@ def _track_finished(
     letting_go: bool,
     failing: bool,
     indexed: bool = False,
+    policy: Obj | None = None,
 ) -> list[PodRef]:
     """Record finished Pods' UIDs in ``uncounted`` (succeeded, failed) and return the Pods
     whose tracking finalizer can go: finished ones, or all once the Job is finishing
     (``letting_go``). When the Job fails, every Pod that did not succeed failed. An
     Indexed Job counts its succeeded Pods by completion index (completedIndexes), not by
-    UID, as the real controller does."""
+    UID, as the real controller does. A failed Pod that a podFailurePolicy Ignore rule
+    matches is let go without being recorded: it never counts."""
     uncounted_ok, uncounted_failed = uncounted
     release = []
     for pod in tracked:
@@ -633,7 +776,9 @@ def _track_finished(
             if indexed:
                 continue
             bucket = uncounted_ok
-        elif pod_failed or failing:
+        elif (pod_failed or failing) and (
+            uid in uncounted_failed or match_pod_failure_policy(policy, pod).count_failed
+        ):
             bucket = uncounted_failed
         else:
             continue
@@ -709,6 +854,12 @@ def plan_job(
     active Pod (nor, with podReplacementPolicy Failed, a terminating one), at most
     ``parallelism`` active in all; the Job is complete once every index
     0..completions-1 has succeeded.
+
+    ``spec.podFailurePolicy`` (``match_pod_failure_policy``): a Failed Pod matching a
+    FailJob rule sets FailureTarget (reason PodFailurePolicy) before the backoff limit is
+    looked at; one matching an Ignore rule loses its finalizer without being counted in
+    ``failed``, though it still delays the next Pod. As upstream, a policy implies
+    podReplacementPolicy Failed: a terminating Pod counts as failed only once Failed.
     """
     status: Obj = copy.deepcopy(job.get("status") or {})
     tracked = [p for p in pods if is_tracked(p)]
@@ -717,15 +868,18 @@ def plan_job(
     spec = job["spec"]
     suspended = bool(spec.get("suspend"))
     deleting = bool(job["metadata"].get("deletionTimestamp"))
-    only_replace_failed = spec.get("podReplacementPolicy") == "Failed"
+    policy = spec.get("podFailurePolicy")
+    only_replace_failed = only_replaces_failed(spec)
     indexed = is_indexed(job)
 
     uncounted = _count_released(status, {p["metadata"]["uid"] for p in tracked})
     fresh = [p for p in tracked if p["metadata"]["uid"] not in {*uncounted[0], *uncounted[1]}]
     new_ok = [p for p in fresh if pod_phase(p) == "Succeeded"]
     new_failed = [p for p in fresh if is_pod_failed(p, only_replace_failed)]
+    # Failures an Ignore rule matches do not count (but do delay the next Pod).
+    counted = [p for p in new_failed if match_pod_failure_policy(policy, p).count_failed]
     succeeded = status["succeeded"] + len(new_ok) + len(uncounted[0])
-    failed = status["failed"] + len(new_failed) + len(uncounted[1])
+    failed = status["failed"] + len(counted) + len(uncounted[1])
     completed: set[int] = set()
     if indexed:
         completions = int(spec["completions"])
@@ -740,7 +894,9 @@ def plan_job(
 
     active = [p for p in pods if is_active(p)]
     terminating = sum(is_deleting(p) and not is_terminal(p) for p in pods)
-    target, requeue = _terminal_target(spec, status, failed, create_error, now)
+    target, requeue = _terminal_target(
+        spec, status, failed, create_error, now, _fail_job_message(policy, pods)
+    )
     create, delete, untrack = 0, [], []
     create_indexes: tuple[int, ...] = ()
     if target is not None:
@@ -772,7 +928,13 @@ def plan_job(
 
     failing = target is not None and target.type != "SuccessCriteriaMet"
     release = _track_finished(
-        tracked, uncounted, only_replace_failed, deleting or target is not None, failing, indexed
+        tracked,
+        uncounted,
+        only_replace_failed,
+        deleting or target is not None,
+        failing,
+        indexed,
+        policy,
     )
     status["uncountedTerminatedPods"] = {
         k: v for k, v in zip(("succeeded", "failed"), uncounted, strict=True) if v
@@ -903,6 +1065,12 @@ def _initialized(
     )
 
 
+# The Pod conditions the kubelet owns; it keeps the others as they are.
+KUBELET_CONDITIONS = frozenset(
+    ("PodReadyToStartContainers", "Initialized", "Ready", "ContainersReady", "PodScheduled")
+)
+
+
 def _pod_conditions(
     old: Sequence[Obj], phase: str, container: str, initialized: tuple[str, ...], now: str
 ) -> list[Obj]:
@@ -934,6 +1102,9 @@ def _pod_conditions(
                 "lastTransitionTime": since or now,
             }
         )
+    # Conditions others own (the API server's DisruptionTarget on eviction, readiness
+    # gates) are kept, as the kubelet's status manager does.
+    conditions.extend(c for c in old if c.get("type") not in KUBELET_CONDITIONS)
     return conditions
 
 
@@ -1706,6 +1877,22 @@ def _abandoned_states(pod: Obj, now: str) -> list[Obj] | None:
     return None
 
 
+def deleted_report(pod: Obj, now: datetime) -> Report:
+    """The report for a deleted Pod none of whose containers runs here: Failed, with the
+    container that a kubelet reported running (an earlier executor's, killed when it
+    stopped) as ContainerStatusUnknown, or else the states as they were reported."""
+    stamp = rfc3339(now)
+    init_count = len(init_containers(pod["spec"]))
+    if (abandoned := _abandoned_states(pod, stamp)) is not None:
+        return kubelet_report(init_count, abandoned)
+    status = pod.get("status") or {}
+    regular = (status.get("containerStatuses") or [{}])[0].get("state")
+    inits = [s.get("state") or {} for s in status.get("initContainerStatuses") or []]
+    return Report(
+        "Failed", regular or waiting_state("ContainerCreating"), tuple(inits[:init_count])
+    )
+
+
 def _running_report(run: ContainerRun) -> Report:
     return kubelet_report(run.init_count, [*run.ended, running_state(run.started_at)])
 
@@ -2100,6 +2287,10 @@ class LocalExecutor:
                 return None
         elif not is_deleting(pod) and not is_terminal(pod):
             return self._start(pod)
+        elif is_deleting(pod) and not is_terminal(pod):
+            # None of its containers runs here (never started, or killed with an earlier
+            # executor): a kubelet still gives a deleted Pod a terminal phase first.
+            self._report(pod, deleted_report(pod, utc_now()))
         if is_deleting(pod):
             self._confirm_deletion(pod)
         return None
@@ -2363,10 +2554,14 @@ class LocalExecutor:
         if all(prune(current.get(k)) == v for k, v in desired.items()):
             return
         meta = pod["metadata"]
+        # A merge patch replaces the conditions list: the resourceVersion makes it fail
+        # (409, read again) rather than drop a condition written since the Pod was read,
+        # such as the DisruptionTarget an eviction adds.
+        precondition = {"uid": meta["uid"], "resourceVersion": meta.get("resourceVersion")}
         self.kube.request(
             "PATCH",
             pod_path(meta["namespace"], meta["name"]) + "/status",
-            {"metadata": {"uid": meta["uid"]}, "status": desired},
+            {"metadata": prune(precondition), "status": desired},
             content_type=MERGE_PATCH,
         )
 

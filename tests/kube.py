@@ -54,6 +54,17 @@ class Kubectl:
     def get(self, *args: str) -> Any:
         return json.loads(self.run("get", *args, "-o", "json").stdout)
 
+    def evict(self, namespace: str, pod: str) -> None:
+        """Evict a pod through the Eviction API, as a node drain or a preemption would:
+        the API server marks it DisruptionTarget, then deletes it."""
+        eviction = {
+            "apiVersion": "policy/v1",
+            "kind": "Eviction",
+            "metadata": {"name": pod, "namespace": namespace},
+        }
+        path = f"/api/v1/namespaces/{namespace}/pods/{pod}/eviction"
+        self.run("create", "--raw", path, "-f", "-", input=json.dumps(eviction))
+
     def new_namespace(self, prefix: str, labels: dict[str, str] | None = None) -> str:
         name = f"{prefix}-{uuid.uuid4().hex[:6]}"
         self.apply(

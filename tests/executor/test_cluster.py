@@ -855,3 +855,91 @@ def test_an_indexed_job_beyond_its_backoff_limit_fails_and_deletes_its_other_pod
         )
 
     wait_for("the index-0 pod to be deleted or failed", index_0_gone)
+
+
+# ------------------------------------------------------------ podFailurePolicy ---
+
+
+def test_a_fail_job_rule_fails_the_job_at_the_first_matching_exit_code(
+    kubectl: Kubectl, namespace: str, executor: LocalExecutor
+) -> None:
+    rule = {
+        "action": "FailJob",
+        "onExitCodes": {"containerName": "main", "operator": "In", "values": [3]},
+    }
+    manifest = job_manifest(
+        "nonretriable",
+        "import sys; sys.exit(3)",
+        backoffLimit=3,
+        podFailurePolicy={"rules": [rule]},
+    )
+    kubectl.apply(manifest, "-n", namespace)
+
+    job = wait_condition(kubectl, namespace, "nonretriable", "Failed")
+    (pod,) = pods_of(kubectl, namespace, "nonretriable")
+    name = pod["metadata"]["name"]
+    message = (
+        f"Container main for pod {namespace}/{name} failed with exit code 3"
+        " matching FailJob rule at index 0"
+    )
+    for ctype in ("FailureTarget", "Failed"):
+        found = condition(job, ctype)
+        assert found is not None and (found["reason"], found["message"]) == (
+            "PodFailurePolicy",
+            message,
+        )
+    assert job["spec"]["podReplacementPolicy"] == "Failed", "the API server's default"
+    assert job["status"]["failed"] == 1 and job["status"].get("active", 0) == 0
+
+
+def test_an_evicted_pod_ignored_by_the_policy_is_replaced_without_counting(
+    kubectl: Kubectl, namespace: str, executor: LocalExecutor
+) -> None:
+    script = """
+        import os, sys, time
+        if os.path.exists("/data/evicted-started"):
+            sys.exit(0)
+        open("/data/evicted-started", "w").close()
+        open(f"/data/{os.environ['POD']}.pid", "w").write(str(os.getpid()))
+        time.sleep(120)
+    """
+    ignore = {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+    manifest = job_manifest(
+        "evicted",
+        script,
+        container=SLEEPER_CONTAINER,
+        pod=SLEEPER_POD,
+        podFailurePolicy={"rules": [ignore]},
+    )
+    # A finalizer of the test's own keeps the evicted Pod around to be looked at.
+    manifest["spec"]["template"]["metadata"] = {"finalizers": ["kubetune.test/keep"]}
+    kubectl.apply(manifest, "-n", namespace)
+    pid_dir = executor.pvc_dir(namespace, "work")
+    first, pid = wait_running_pid(kubectl, namespace, "evicted", pid_dir)
+
+    kubectl.evict(namespace, first)
+    job = wait_condition(kubectl, namespace, "evicted", "Complete")
+    assert not alive(pid)
+    assert job["status"]["succeeded"] == 1 and job["status"].get("failed", 0) == 0
+
+    pods = {p["metadata"]["name"]: p for p in pods_of(kubectl, namespace, "evicted")}
+    assert len(pods) == 2 and pods.pop(first)["status"]["phase"] == "Failed"
+    (replacement,) = pods.values()
+    assert replacement["status"]["phase"] == "Succeeded"
+    evicted = kubectl.get("pod", first, "-n", namespace)
+    disruption = next(c for c in evicted["status"]["conditions"] if c["type"] == "DisruptionTarget")
+    assert (disruption["status"], disruption["reason"]) == ("True", "EvictionByEvictionAPI")
+    terminated = evicted["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert terminated["exitCode"] == 128 + signal.SIGTERM
+    assert evicted["metadata"]["finalizers"] == ["kubetune.test/keep"], "released by the Job"
+    for name in (first, replacement["metadata"]["name"]):
+        kubectl.run(
+            "patch",
+            "pod",
+            name,
+            "-n",
+            namespace,
+            "--type=merge",
+            "-p",
+            '{"metadata": {"finalizers": null}}',
+        )

@@ -25,12 +25,14 @@ from local_executor import (
     build_pod,
     container_env,
     container_mounts,
+    deleted_report,
     exit_reason,
     expand,
     format_indexes,
     hosts_file_text,
     job_status_canonical,
     kubelet_report,
+    match_pod_failure_policy,
     materialize_volumes,
     parse_indexes,
     paths_to_keep,
@@ -804,3 +806,228 @@ def test_a_suspended_indexed_job_deletes_its_pods_and_resumes_the_pending_indexe
     job["spec"]["suspend"] = False
     resumed = plan_job(job, [], NOW)
     assert resumed.create_indexes == (0, 2)
+
+
+# ------------------------------------------------------------ podFailurePolicy ---
+
+
+def exited_pod(
+    name: str,
+    *codes: tuple[str, int],
+    init: tuple[tuple[str, int], ...] = (),
+    conditions: tuple[tuple[str, str], ...] = (),
+    **kwargs: Any,
+) -> Obj:
+    """A Failed Pod of namespace ``ns`` whose containers (and init containers) ``codes``
+    terminated with those exit codes, carrying ``conditions`` (type, status)."""
+    pod = make_pod(name, "Failed", **kwargs)
+    pod["metadata"]["namespace"] = "ns"
+
+    def statuses(pairs: tuple[tuple[str, int], ...]) -> list[Obj]:
+        return [
+            {"name": c, "state": {"terminated": {"exitCode": code, "finishedAt": rfc3339(NOW)}}}
+            for c, code in pairs
+        ]
+
+    pod["status"]["containerStatuses"] = statuses(codes)
+    if init:
+        pod["status"]["initContainerStatuses"] = statuses(init)
+    pod["status"]["conditions"] = [{"type": t, "status": v} for t, v in conditions]
+    return pod
+
+
+def exit_rule(action: str, operator: str, *values: int, container: str | None = None) -> Obj:
+    on_exit: Obj = {"operator": operator, "values": list(values)}
+    if container is not None:
+        on_exit["containerName"] = container
+    return {"action": action, "onExitCodes": on_exit}
+
+
+def policy(*rules: Obj) -> Obj:
+    return {"rules": list(rules)}
+
+
+def test_the_first_matching_rule_decides_with_upstreams_fail_job_message() -> None:
+    pod = exited_pod("p1", ("main", 3))
+    rules = policy(exit_rule("Ignore", "In", 1, 2), exit_rule("FailJob", "In", 3))
+    match = match_pod_failure_policy(rules, pod)
+    assert match.action == "FailJob" and match.count_failed
+    assert match.fail_job_message == (
+        "Container main for pod ns/p1 failed with exit code 3 matching FailJob rule at index 1"
+    )
+    rules = policy(exit_rule("Count", "In", 3), exit_rule("FailJob", "In", 3))
+    assert match_pod_failure_policy(rules, pod) == (None, True, "Count")
+    assert match_pod_failure_policy(policy(exit_rule("Ignore", "In", 3)), pod) == (
+        None,
+        False,
+        "Ignore",
+    )
+    assert match_pod_failure_policy(policy(exit_rule("Ignore", "In", 4)), pod) == (
+        None,
+        True,
+        None,
+    ), "no rule matched: the failure counts as without a policy"
+    assert match_pod_failure_policy(None, pod) == (None, True, None)
+
+
+def test_not_in_never_matches_exit_code_zero_and_container_name_narrows_the_match() -> None:
+    not_in = policy(exit_rule("FailJob", "NotIn", 1))
+    assert match_pod_failure_policy(not_in, exited_pod("p1", ("main", 0))).action is None
+    assert match_pod_failure_policy(not_in, exited_pod("p1", ("main", 1))).action is None
+    assert match_pod_failure_policy(not_in, exited_pod("p1", ("main", 2))).action == "FailJob"
+
+    pod = exited_pod("p1", ("main", 0), init=(("setup", 5),))
+    named = policy(exit_rule("FailJob", "In", 5, container="main"))
+    assert match_pod_failure_policy(named, pod).action is None
+    named = policy(exit_rule("FailJob", "In", 5, container="setup"))
+    message = match_pod_failure_policy(named, pod).fail_job_message
+    assert message is not None and message.startswith("Container setup for pod ns/p1 ")
+    # Init containers count too, after the regular ones.
+    assert match_pod_failure_policy(policy(exit_rule("Ignore", "In", 5)), pod).action == "Ignore"
+
+
+def test_on_pod_conditions_status_defaults_to_true() -> None:
+    disrupted = exited_pod("p1", ("main", 143), conditions=(("DisruptionTarget", "True"),))
+    ignore = policy({"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]})
+    assert match_pod_failure_policy(ignore, disrupted) == (None, False, "Ignore")
+    assert match_pod_failure_policy(ignore, exited_pod("p2", ("main", 143))).action is None
+    falsy = exited_pod("p3", ("main", 143), conditions=(("DisruptionTarget", "False"),))
+    assert match_pod_failure_policy(ignore, falsy).action is None
+    fail = policy(
+        {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "False"}]}
+    )
+    assert match_pod_failure_policy(fail, falsy).fail_job_message == (
+        "Pod ns/p3 has condition DisruptionTarget matching FailJob rule at index 0"
+    )
+
+
+def test_unknown_actions_are_skipped_and_fail_index_counts() -> None:
+    pod = exited_pod("p1", ("main", 3))
+    rules = policy(exit_rule("Explode", "In", 3), exit_rule("FailIndex", "In", 3))
+    assert match_pod_failure_policy(rules, pod) == (None, True, "FailIndex")
+
+
+def test_a_fail_job_rule_fails_the_job_at_once_and_deletes_the_other_pods() -> None:
+    rules = policy(exit_rule("FailJob", "In", 3, container="main"))
+    job = make_job(
+        backoffLimit=3,
+        parallelism=2,
+        completions=2,
+        podFailurePolicy=rules,
+        status={"startTime": rfc3339(NOW), "active": 2},
+    )
+    pods = [exited_pod("p1", ("main", 3)), make_pod("p2")]
+    plan = plan_job(job, pods, NOW)
+    assert [(c["type"], c["reason"]) for c in plan.status["conditions"]] == [
+        ("FailureTarget", "PodFailurePolicy")
+    ]
+    assert plan.status["conditions"][0]["message"] == (
+        "Container main for pod ns/p1 failed with exit code 3 matching FailJob rule at index 0"
+    )
+    assert plan.delete == (("p2", "p2-uid"),) and plan.create == 0
+    assert plan.status["uncountedTerminatedPods"] == {"failed": ["p1-uid", "p2-uid"]}
+    assert plan.status["terminating"] == 1 and plan.finished is None
+
+    job = advance(job, plan)
+    gone = [exited_pod("p1", ("main", 3), tracked=False)]
+    final = plan_job(job, gone, NOW)
+    assert [(c["type"], c["reason"]) for c in final.status["conditions"]] == [
+        ("FailureTarget", "PodFailurePolicy"),
+        ("Failed", "PodFailurePolicy"),
+    ]
+    assert final.status["conditions"][1]["message"] == plan.status["conditions"][0]["message"]
+    assert final.status["failed"] == 2 and final.finished is not None
+
+
+def test_an_ignored_failure_is_not_counted_but_replaced_after_the_backoff() -> None:
+    rules = policy({"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]})
+    job = make_job(backoffLimit=0, podFailurePolicy=rules, status={"startTime": rfc3339(NOW)})
+    evicted = [exited_pod("p1", ("main", 143), conditions=(("DisruptionTarget", "True"),))]
+    plan = plan_job(job, evicted, NOW, pod_failure_backoff=2.0)
+    assert plan.release == (("p1", "p1-uid"),)
+    assert "uncountedTerminatedPods" not in job_status_canonical(plan.status)
+    assert "failed" not in job_status_canonical(plan.status) and condition_types(plan) == []
+    assert plan.create == 0 and plan.requeue_after == pytest.approx(2.0)
+
+    job = advance(job, plan)
+    released = [
+        exited_pod("p1", ("main", 143), conditions=(("DisruptionTarget", "True"),), tracked=False)
+    ]
+    later = plan_job(
+        job, released, NOW + timedelta(seconds=2), plan.backoff, pod_failure_backoff=2.0
+    )
+    assert later.create == 1 and later.status.get("failed", 0) == 0
+    assert condition_types(later) == []
+
+
+def test_a_count_rule_or_no_match_counts_towards_the_backoff_limit() -> None:
+    rules = policy(exit_rule("Count", "In", 1), exit_rule("Ignore", "In", 2))
+    job = make_job(backoffLimit=1, podFailurePolicy=rules, status={"startTime": rfc3339(NOW)})
+    pods = [
+        exited_pod("p1", ("main", 1)),
+        exited_pod("p2", ("main", 7)),
+        exited_pod("p3", ("main", 2)),
+    ]
+    plan = plan_job(job, pods, NOW)
+    assert plan.status["uncountedTerminatedPods"] == {"failed": ["p1-uid", "p2-uid"]}
+    assert [(c["type"], c["reason"]) for c in plan.status["conditions"]] == [
+        ("FailureTarget", "BackoffLimitExceeded")
+    ]
+
+
+def test_with_a_policy_a_deleted_pod_counts_only_once_failed() -> None:
+    rules = policy({"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]})
+    job = make_job(podFailurePolicy=rules, status={"startTime": rfc3339(NOW), "active": 1})
+    evicting = make_pod("p1", deleting=True)
+    evicting["status"]["conditions"].append({"type": "DisruptionTarget", "status": "True"})
+    plan = plan_job(job, [evicting], NOW, pod_failure_backoff=0)
+    assert plan.create == 0 and not plan.release, "podReplacementPolicy Failed is implied"
+    assert (plan.status["active"], plan.status["terminating"]) == (0, 1)
+    assert "uncountedTerminatedPods" not in job_status_canonical(plan.status)
+
+
+def test_the_kubelet_keeps_the_disruption_target_condition_when_the_pod_fails() -> None:
+    pod: Obj = {
+        "metadata": {"uid": "u1"},
+        "spec": {"containers": [{"name": "main", "image": "img"}]},
+        "status": {"phase": "Pending"},
+    }
+    running = pod_status(pod, Report.running(rfc3339(NOW)), NOW)
+    disruption = {
+        "type": "DisruptionTarget",
+        "status": "True",
+        "reason": "EvictionByEvictionAPI",
+        "message": "Eviction API: evicting",
+        "lastTransitionTime": rfc3339(NOW),
+    }
+    evicted = {**pod, "status": {**running, "conditions": [*running["conditions"], disruption]}}
+    killed = Report.terminated(143, "Error", "", rfc3339(NOW), rfc3339(NOW))
+    failed = pod_status(evicted, killed, NOW + timedelta(seconds=1))
+    assert failed["phase"] == "Failed"
+    assert failed["conditions"][-1] == disruption
+    assert [c["type"] for c in failed["conditions"]].count("DisruptionTarget") == 1
+
+
+def test_a_deleted_pod_that_never_ran_here_is_reported_failed() -> None:
+    pod: Obj = {
+        "metadata": {"uid": "u1", "deletionTimestamp": rfc3339(NOW)},
+        "spec": {"containers": [{"name": "main", "image": "img"}]},
+        "status": {
+            "phase": "Pending",
+            "containerStatuses": [
+                {"name": "main", "state": waiting_state("CreateContainerConfigError", "x")}
+            ],
+        },
+    }
+    report = deleted_report(pod, NOW)
+    assert report.phase == "Failed" and report.state == waiting_state(
+        "CreateContainerConfigError", "x"
+    )
+    # A container an earlier executor ran (and killed on stopping) is unknown.
+    pod["status"] = {
+        "phase": "Running",
+        "containerStatuses": [{"name": "main", "state": running_state(rfc3339(NOW))}],
+    }
+    report = deleted_report(pod, NOW)
+    assert report.phase == "Failed"
+    assert report.state["terminated"]["reason"] == "ContainerStatusUnknown"

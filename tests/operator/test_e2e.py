@@ -669,6 +669,54 @@ def test_a_run_whose_pod_cannot_start_fails_after_the_grace_and_frees_its_node(
     )
 
 
+def test_a_run_that_cannot_succeed_as_written_is_not_retried(
+    kubectl: Kubectl, ns: str, operator: Operator
+) -> None:
+    """No example of the dataset fits maxContextLength: the trainer exits 3, and the
+    Job's podFailurePolicy fails it after that one pod instead of booking a GPU for
+    three more tries."""
+    hyperparameters = {"epochs": 1, "batchSize": 2, "maxContextLength": 16, "maxPixels": 3136}
+    kubectl.apply(finetunejob("too-long", "shapes", hyperparameters=hyperparameters), "-n", ns)
+    failed = wait_phase(operator, kubectl, "ftj", ns, "too-long", ("Failed",), 180, "Failed")
+    assert "maxContextLength=16" in failed["message"], failed
+    job = kubectl.get("job", "too-long-train", "-n", ns)
+    assert job["status"].get("failed") == 1, job["status"]
+    reasons = {c.get("reason") for c in job["status"]["conditions"]}
+    assert "PodFailurePolicy" in reasons, job["status"]
+
+
+def test_a_preempted_training_pod_is_replaced_without_a_retry_and_resumes(
+    kubectl: Kubectl, ns: str, operator: Operator, state_dir: Path
+) -> None:
+    """An eviction (a drain, a preemption) mid-training: the replacement pod resumes
+    from the last epoch's checkpoint, and the Job does not count the evicted pod
+    against its retries."""
+    hyperparameters = {
+        "epochs": 16,
+        "batchSize": 2,
+        "learningRate": 0.002,
+        "loggingSteps": 4,
+        "maxPixels": 3136,
+    }
+    kubectl.apply(finetunejob("evicted", "shapes", hyperparameters=hyperparameters), "-n", ns)
+
+    def past_first_checkpoint() -> bool:
+        progress = status(kubectl, "ftj", ns, "evicted").get("progress") or {}
+        return float(progress.get("epoch") or 0) >= 2
+
+    wait_for(past_first_checkpoint, 300, "two epochs", interval=0.2, on_timeout=operator.tail)
+    (pod,) = kubectl.get("pods", "-n", ns, "-l", "kubetune.io/finetunejob=evicted")["items"]
+    kubectl.evict(ns, pod["metadata"]["name"])
+    final = wait_phase(
+        operator, kubectl, "ftj", ns, "evicted", ("Succeeded", "Failed"), 600, "the run"
+    )
+    assert final["phase"] == "Succeeded", final
+    job = kubectl.get("job", "evicted-train", "-n", ns)
+    assert not job["status"].get("failed"), job["status"]
+    report = json.loads((pvc_dir(state_dir, ns, "models") / "out/evicted/report.json").read_text())
+    assert report["resumedFrom"], report
+
+
 def test_a_two_node_run_trains_data_parallel_across_its_pods(
     kubectl: Kubectl, ns: str, operator: Operator, state_dir: Path
 ) -> None:
