@@ -220,14 +220,19 @@ class Api:
         a deleted namesake of its owner may have left)."""
         namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
         payload: Any = body  # the client serialises plain dicts as they are
-        if _create(
-            lambda: _drained(self.core.create_namespaced_config_map(namespace, payload, **RAW))
-        ):
-            return None
-        existing: Manifest | None = _or_none(
-            lambda: _json(self.core.read_namespaced_config_map(name, namespace, **RAW))
-        )
-        return existing
+        for _ in range(CONFLICT_RETRIES):
+            if _create(
+                lambda: _drained(self.core.create_namespaced_config_map(namespace, payload, **RAW))
+            ):
+                return None
+            existing: Manifest | None = _or_none(
+                lambda: _json(self.core.read_namespaced_config_map(name, namespace, **RAW))
+            )
+            # Gone between the two calls (the garbage collector removing a deleted
+            # namesake's): create it after all, rather than go on without one.
+            if existing is not None:
+                return existing
+        raise RuntimeError(f"ConfigMap {namespace}/{name} keeps appearing and vanishing")
 
     def ensure_service_account(self, body: Manifest) -> None:
         namespace = body["metadata"]["namespace"]
