@@ -669,6 +669,34 @@ def test_a_run_whose_pod_cannot_start_fails_after_the_grace_and_frees_its_node(
     )
 
 
+def test_a_failed_runs_lingering_job_is_deleted_when_the_operator_starts(
+    kubectl: Kubectl, ns: str, operator: Operator
+) -> None:
+    """The operator stopped between writing Failed for a run whose pod never started
+    and deleting its Job: at its next start, the Job's event removes it."""
+    manifest = finetunejob("lingering", "shapes")
+    manifest["spec"]["baseModel"]["source"] = {
+        "s3": {"uri": "s3://models/tiny-vlm/", "secretRef": {"name": "absent-too"}}
+    }
+    kubectl.apply(manifest, "-n", ns)
+    wait_phase(operator, kubectl, "ftj", ns, "lingering", ("Pending",), 60, "Pending")
+    assert kubectl.get("job", "lingering-train", "-n", ns)
+    operator.kill()
+    failed = {"phase": "Failed", "observedGeneration": 1, "message": "the pod could not start"}
+    kubectl.run(
+        *("patch", "ftj", "lingering", "-n", ns, "--subresource=status", "--type=merge"),
+        *("-p", json.dumps({"status": failed})),
+    )
+    operator.start()
+    wait_gone(
+        kubectl,
+        "the lingering Job",
+        *("jobs", "-n", ns, "-l", "kubetune.io/finetunejob=lingering"),
+        on_timeout=operator.tail,
+    )
+    assert status(kubectl, "ftj", ns, "lingering")["phase"] == "Failed"
+
+
 def test_a_run_that_cannot_succeed_as_written_is_not_retried(
     kubectl: Kubectl, ns: str, operator: Operator
 ) -> None:

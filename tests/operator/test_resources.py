@@ -19,6 +19,7 @@ from kubetune_operator.resources.status import (
     dataset_gate,
     dataset_result,
     dataset_status,
+    job_finished,
     job_state,
     phase_patch,
     set_condition,
@@ -403,6 +404,13 @@ def test_a_pod_missing_its_secret_waits_for_it_then_fails_and_stops_its_job() ->
     assert (old.phase, old.reason, old.stop_job) == ("Failed", "CreateContainerConfigError", True)
     assert old.message == 'the pod could not start in 600 s: secret "s3" not found'
     assert old.completion_time == NOW
+
+
+def test_a_job_is_finished_once_complete_or_failed() -> None:
+    assert not job_finished(_job())
+    assert job_finished(_job([{"type": "Complete", "status": "True"}]))
+    assert job_finished(_job([{"type": "Failed", "status": "True", "reason": "PodFailurePolicy"}]))
+    assert not job_finished(_job([{"type": "FailureTarget", "status": "True"}]))
 
 
 def test_an_image_that_can_never_be_pulled_fails_at_once() -> None:

@@ -34,6 +34,7 @@ from kubetune_operator.resources.status import (
     FINAL,
     JobState,
     dataset_gate,
+    job_finished,
     job_state,
     status_from_job,
     unobserved,
@@ -87,6 +88,16 @@ def _reconcile(namespace: str, name: str, ftj: Manifest | None, job: Manifest | 
     if status.get("phase") in FINAL and status.get("observedGeneration") == ftj["metadata"].get(
         "generation"
     ):
+        if (
+            status["phase"] == "Failed"
+            and job is not None
+            and owned_by(job, ftj["metadata"]["uid"])
+            and not job_finished(job)
+        ):
+            # Failed because its pod never started, and the Job's deletion was lost (an
+            # operator that stopped in between): its Jobs' events at the next start
+            # bring it here, and no pod may wait on for a Failed run.
+            api.delete_job(namespace, job["metadata"]["name"])
         return
     spec = FineTuneJobSpec.model_validate(ftj["spec"])
     uid = ftj["metadata"]["uid"]

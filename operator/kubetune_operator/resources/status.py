@@ -154,6 +154,10 @@ def _condition(job: Mapping[str, Any], type_: str) -> Mapping[str, Any] | None:
     return None
 
 
+def job_finished(job: Mapping[str, Any]) -> bool:
+    return _condition(job, "Complete") is not None or _condition(job, "Failed") is not None
+
+
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 
 
