@@ -207,10 +207,11 @@ class Api:
         )
 
     def job_pods(self, namespace: str, job: str) -> list[Manifest]:
+        return self.list_pods(namespace, f"batch.kubernetes.io/job-name={job}")
+
+    def list_pods(self, namespace: str, selector: str) -> list[Manifest]:
         pods = _counted(
-            lambda: self.core.list_namespaced_pod(
-                namespace, label_selector=f"batch.kubernetes.io/job-name={job}", **RAW
-            )
+            lambda: self.core.list_namespaced_pod(namespace, label_selector=selector, **RAW)
         )
         items: list[Manifest] = _json(pods)["items"]
         return items

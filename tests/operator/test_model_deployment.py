@@ -229,6 +229,80 @@ def test_status_is_read_from_the_deployment(
     assert fields["endpoint"] == "http://shapes.team-a.svc:8000/v1"
 
 
+def _server_pod(status: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "metadata": {"name": "shapes-abc", "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "status": status,
+    }
+
+
+@pytest.mark.parametrize(
+    ("pod_status", "reason", "says"),
+    [
+        (
+            {
+                "conditions": [
+                    condition(
+                        "PodScheduled",
+                        "False",
+                        "Unschedulable",
+                        "0/3 nodes: Insufficient nvidia.com/gpu",
+                    )
+                ]
+            },
+            "Unschedulable",
+            "Insufficient nvidia.com/gpu",
+        ),
+        (
+            {
+                "containerStatuses": [
+                    {
+                        "name": "vllm",
+                        "state": {
+                            "waiting": {"reason": "CrashLoopBackOff", "message": "back-off 5m0s"}
+                        },
+                        "lastState": {"terminated": {"reason": "OOMKilled", "exitCode": 137}},
+                    }
+                ]
+            },
+            "CrashLoopBackOff",
+            "container vllm: last exit OOMKilled (code 137)",
+        ),
+        (
+            {
+                "initContainerStatuses": [
+                    {
+                        "name": "fetch-base-model",
+                        "state": {
+                            "waiting": {
+                                "reason": "CreateContainerConfigError",
+                                "message": 'secret "hf" not found',
+                            }
+                        },
+                    }
+                ]
+            },
+            "CreateContainerConfigError",
+            'secret "hf" not found',
+        ),
+        (
+            {"containerStatuses": [{"name": "vllm", "state": {"running": {}}}]},
+            "Progressing",
+            "vLLM loads",
+        ),
+    ],
+)
+def test_a_server_pod_that_cannot_serve_says_why(
+    pod_status: dict[str, Any], reason: str, says: str
+) -> None:
+    """Until the Deployment's progress deadline, only its newest pod tells what is wrong."""
+    body = md(replicas=1, adapters=[{"name": "shapes", "fineTuneJob": "tune"}])
+    deploy = {"status": {"conditions": [condition("Progressing", "True", "ReplicaSetUpdated", "")]}}
+    fields, why = serving.serving_status(body, deploy, [_server_pod(pod_status)])
+    assert (fields["phase"], why) == ("Progressing", reason)
+    assert says in fields["message"], fields["message"]
+
+
 def test_a_finetunejob_deploys_its_adapter_or_its_whole_model() -> None:
     lora = serving.for_finetunejob(
         ftj(deploy={"enabled": True, "replicas": 2}), Deploy(enabled=True, replicas=2)

@@ -82,6 +82,9 @@ def _reconcile(namespace: str, name: str, md: Manifest | None, deploy: Manifest 
         deploy = api.apply_deployment(desired)
         api.ensure_service(serving.service(md))
     fields, reason = serving.serving_status(md, deploy)
+    if fields["phase"] == "Progressing":
+        pods = api.list_pods(namespace, f"{serving.LABEL_MODELDEPLOYMENT}={name}")
+        fields, reason = serving.serving_status(md, deploy, pods)
     _write(md, fields, reason)
 
 

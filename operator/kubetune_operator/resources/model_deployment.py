@@ -23,6 +23,11 @@ from kubetune_operator.resources.common import (
     pod_security_context,
     scheduling,
 )
+from kubetune_operator.resources.status import (
+    PERMANENT_START_FAILURES,
+    RETRIED_START_FAILURES,
+    newest_pod,
+)
 from kubetune_operator.resources.storage import Mounted, base_model_input, model_folder_input
 
 SERVE_PORT = 8000
@@ -306,8 +311,46 @@ def service(md: Mapping[str, Any]) -> Manifest:
     }
 
 
-def serving_status(md: Mapping[str, Any], deploy: Mapping[str, Any] | None) -> tuple[Manifest, str]:
-    """Status fields and the Ready condition's reason, read from the Deployment."""
+# What a server pod can wait on for good while its Deployment still "progresses".
+SERVER_POD_TROUBLE = RETRIED_START_FAILURES | PERMANENT_START_FAILURES | {"CrashLoopBackOff"}
+
+
+def pod_trouble(pods: Sequence[Mapping[str, Any]]) -> tuple[str, str] | None:
+    """Why the newest server pod does not serve, as the scheduler or the kubelet says
+    it: (reason, message), or None when it says nothing is wrong. Until the
+    Deployment's progress deadline, its own status only says it is not ready."""
+    pod = newest_pod(pods)
+    if pod is None:
+        return None
+    status = pod.get("status") or {}
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
+            return condition.get("reason") or "Unschedulable", condition.get("message") or ""
+    containers = [
+        *(status.get("initContainerStatuses") or []),
+        *(status.get("containerStatuses") or []),
+    ]
+    for cs in containers:
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") not in SERVER_POD_TROUBLE:
+            continue
+        last = (cs.get("lastState") or {}).get("terminated")
+        detail = (
+            f"last exit {last.get('reason') or 'Error'} (code {last.get('exitCode')})"
+            if last
+            else waiting.get("message") or ""
+        )
+        return waiting["reason"], f"container {cs.get('name')}: {detail}"
+    return None
+
+
+def serving_status(
+    md: Mapping[str, Any],
+    deploy: Mapping[str, Any] | None,
+    pods: Sequence[Mapping[str, Any]] = (),
+) -> tuple[Manifest, str]:
+    """Status fields and the Ready condition's reason, read from the Deployment and,
+    while it is not available, its newest pod."""
     spec = ModelDeploymentSpec.model_validate(md["spec"])
     st = (deploy or {}).get("status") or {}
     ready = int(st.get("readyReplicas") or 0)
@@ -338,6 +381,13 @@ def serving_status(md: Mapping[str, Any], deploy: Mapping[str, Any] | None) -> t
     if available.get("status") == "True" and ready >= 1 and updated >= spec.replicas:
         message = f"{ready}/{spec.replicas} replicas ready at {endpoint(md)}"
         return {**fields, "phase": "Available", "message": message}, "Available"
+    trouble = pod_trouble(pods)
+    if trouble is not None:
+        reason, detail = trouble
+        message = (
+            f"{ready}/{spec.replicas} replicas ready; the newest server pod: {reason}: {detail}"
+        )
+        return {**fields, "phase": "Progressing", "message": message}, reason
     message = f"{ready}/{spec.replicas} replicas ready; vLLM loads the model before it serves"
     return {**fields, "phase": "Progressing", "message": message}, "Progressing"
 
