@@ -86,7 +86,7 @@ def training_arguments(config: TrainingConfig, hw: Hardware, *, has_eval: bool) 
         # Images are decoded and resized in the collator: workers keep a GPU fed.
         "dataloader_num_workers": 2 if hw.cuda else 0,
         # Otherwise they are started again for every epoch and evaluation (bench/gpu.py
-        # on an H200: 4-24% more samples/s with them kept).
+        # on an H200: 0-24% more samples/s for its single-process runs).
         "dataloader_persistent_workers": hw.cuda,
         "dataloader_pin_memory": hw.cuda,
         # Records carry the chat, not model inputs; the collator needs every column.
