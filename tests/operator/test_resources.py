@@ -222,6 +222,9 @@ def test_validation_job_runs_kubetune_validate_on_the_source() -> None:
     assert container["args"][container["args"].index("--max-images-per-example") + 1] == "2"
     assert container["terminationMessagePath"] == "/dev/termination-log"
     assert job["spec"]["backoffLimit"] == 0
+    # A drained node's pod is replaced, not taken for the data's failure.
+    (rule,) = job["spec"]["podFailurePolicy"]["rules"]
+    assert rule["action"] == "Ignore" and rule["onPodConditions"][0]["type"] == "DisruptionTarget"
     assert job["metadata"]["labels"]["kubetune.io/dataset"] == "shapes"
 
 

@@ -19,6 +19,12 @@ METRICS_PORT_NAME = "metrics"
 TRAINER_SERVICE_ACCOUNT = "kubetune-trainer"
 # Kubernetes caps the termination message at 4096 bytes; the trainer keeps under it.
 TERMINATION_LOG = "/dev/termination-log"
+# A Job's podFailurePolicy rule: a pod preempted, evicted or drained (the API server or
+# the kubelet marks it DisruptionTarget) is replaced without counting as a failure.
+IGNORE_DISRUPTIONS = {
+    "action": "Ignore",
+    "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+}
 
 
 def labels(component: str, instance: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -15,6 +15,7 @@ from typing import Any
 from kubetune_operator.api.dataset import DatasetSpec
 from kubetune_operator.api.finetunejob import FineTuneJobSpec
 from kubetune_operator.resources.common import (
+    IGNORE_DISRUPTIONS,
     LABEL_FINETUNEJOB,
     LABEL_KUEUE_QUEUE,
     METRICS_PORT_NAME,
@@ -64,7 +65,7 @@ POD_FAILURE_POLICY = {
                 "values": list(FINAL_EXIT_CODES),
             },
         },
-        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        IGNORE_DISRUPTIONS,
     ]
 }
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from kubetune_operator.api.dataset import DatasetSpec
 from kubetune_operator.resources.common import (
+    IGNORE_DISRUPTIONS,
     LABEL_DATASET,
     TERMINATION_LOG,
     TRAINER_SERVICE_ACCOUNT,
@@ -72,8 +73,10 @@ def validation_job(dataset: Mapping[str, Any], image: str) -> Manifest:
             "ownerReferences": [owner_reference(dataset)],
         },
         "spec": {
-            # Validation is deterministic: a failure is the data's, not worth a retry.
+            # Validation is deterministic: a failure is the data's, not worth a retry. A
+            # drained node's is not the data's: its pod is replaced.
             "backoffLimit": 0,
+            "podFailurePolicy": {"rules": [IGNORE_DISRUPTIONS]},
             "activeDeadlineSeconds": 6 * 3600,
             "ttlSecondsAfterFinished": 7 * 24 * 3600,
             "template": {
