@@ -27,6 +27,7 @@ from kubetune_operator.resources.status import (
     PERMANENT_START_FAILURES,
     RETRIED_START_FAILURES,
     newest_pod,
+    waiting_container,
 )
 from kubetune_operator.resources.storage import Mounted, base_model_input, model_folder_input
 
@@ -322,26 +323,20 @@ def pod_trouble(pods: Sequence[Mapping[str, Any]]) -> tuple[str, str] | None:
     pod = newest_pod(pods)
     if pod is None:
         return None
-    status = pod.get("status") or {}
-    for condition in status.get("conditions") or []:
+    for condition in (pod.get("status") or {}).get("conditions") or []:
         if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
             return condition.get("reason") or "Unschedulable", condition.get("message") or ""
-    containers = [
-        *(status.get("initContainerStatuses") or []),
-        *(status.get("containerStatuses") or []),
-    ]
-    for cs in containers:
-        waiting = (cs.get("state") or {}).get("waiting") or {}
-        if waiting.get("reason") not in SERVER_POD_TROUBLE:
-            continue
-        last = (cs.get("lastState") or {}).get("terminated")
-        detail = (
-            f"last exit {last.get('reason') or 'Error'} (code {last.get('exitCode')})"
-            if last
-            else waiting.get("message") or ""
-        )
-        return waiting["reason"], f"container {cs.get('name')}: {detail}"
-    return None
+    cs = waiting_container(pod)
+    if cs is None or cs["state"]["waiting"].get("reason") not in SERVER_POD_TROUBLE:
+        return None
+    waiting = cs["state"]["waiting"]
+    last = (cs.get("lastState") or {}).get("terminated")
+    detail = (
+        f"last exit {last.get('reason') or 'Error'} (code {last.get('exitCode')})"
+        if last
+        else waiting.get("message") or ""
+    )
+    return waiting["reason"], f"container {cs.get('name')}: {detail}"
 
 
 def serving_status(

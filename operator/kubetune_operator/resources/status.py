@@ -188,15 +188,21 @@ def _terminated(pod: Mapping[str, Any] | None) -> Mapping[str, Any]:
     return {}
 
 
-def _waiting(pod: Mapping[str, Any] | None) -> Mapping[str, Any]:
-    """Why the pod's containers wait, init containers first: while one of them waits
-    (a missing Secret, say), the main container only says PodInitializing."""
+def waiting_container(pod: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    """The status of the pod's first waiting container, init containers first: while
+    one of them waits (a missing Secret, say), the main container only says
+    PodInitializing."""
     status = (pod or {}).get("status", {})
     for key in ("initContainerStatuses", "containerStatuses"):
         for cs in status.get(key) or []:
             if "waiting" in (cs.get("state") or {}):
-                return cs["state"]["waiting"]
-    return {}
+                return cs
+    return None
+
+
+def _waiting(pod: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    cs = waiting_container(pod)
+    return cs["state"]["waiting"] if cs is not None else {}
 
 
 def _failed_init(pod: Mapping[str, Any] | None) -> tuple[str, Mapping[str, Any]] | None:
