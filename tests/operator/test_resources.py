@@ -522,14 +522,14 @@ def test_status_from_job() -> None:
 
 def test_dataset_status_follows_the_validation_job() -> None:
     ds = {"metadata": {"generation": 2}, "status": {}}
-    pending = dataset_status(ds, None, None, "t")
+    pending = dataset_status(ds, None, "d-validate-2", "t")
     assert pending["phase"] == "Pending" and pending["conditions"][0]["status"] == "Unknown"
     summary = json.dumps(
         {"valid": True, "examples": 5, "images": 3, "textOnlyExamples": 2, "sha256": SHA}
     )
     job = {"metadata": {"name": "d-validate-2"}, **_job([{"type": "Complete", "status": "True"}])}
     done = [_pod("Succeeded", {"terminated": {"exitCode": 0, "message": summary}})]
-    ready = dataset_status(ds, "d-validate-2", job_state(job, done, NOW), "t")
+    ready = dataset_status(ds, job_state(job, done, NOW), "d-validate-2", "t")
     assert (ready["phase"], ready["examples"], ready["sha256"], ready["observedGeneration"]) == (
         "Ready",
         5,
@@ -543,12 +543,12 @@ def test_dataset_status_follows_the_validation_job() -> None:
     }
     failed = dataset_status(
         ds,
-        "d-validate-2",
         job_state(
             crashed,
             [_pod("Failed", {"terminated": {"exitCode": 1, "message": "cannot download"}})],
             NOW,
         ),
+        "d-validate-2",
         "t",
     )
     assert failed["phase"] == "Failed" and "cannot download" in failed["message"]
@@ -556,7 +556,7 @@ def test_dataset_status_follows_the_validation_job() -> None:
         "waiting": {"reason": "CreateContainerConfigError", "message": 'secret "s" not found'}
     }
     stuck = job_state(_job(), [_pod("Pending", waiting, EARLIER["a minute"])], NOW)
-    validating = dataset_status(ds, "d-validate-2", stuck, "t")
+    validating = dataset_status(ds, stuck, "d-validate-2", "t")
     assert validating["phase"] == "Validating" and 'secret "s" not found' in validating["message"]
     assert validating["conditions"][0]["reason"] == "CreateContainerConfigError"
 

@@ -67,7 +67,7 @@ def _reconcile(namespace: str, name: str) -> None:
     def compute(obj: Manifest) -> Manifest | None:
         if obj["metadata"].get("generation") != generation or _settled(obj):
             return None
-        return dataset_status(obj, current if job is not None else None, state, at)
+        return dataset_status(obj, state, current, at)
 
     updated = ctx.api.update_status(PLURAL, namespace, name, compute)
     if state is not None and state.stop_job:

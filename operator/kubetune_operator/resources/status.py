@@ -428,15 +428,15 @@ DONE = ("Ready", "Invalid", "Failed")
 
 
 def dataset_status(
-    ds: Manifest, job_name: str | None, state: JobState | None, now: str
+    ds: Manifest, state: JobState | None, job_name: str, now: str
 ) -> Manifest | None:
-    """The Dataset's status patch from the state of its validation Job (pure; no Job
-    yet: None); None when its status already says so."""
+    """The Dataset's status patch from the state of its validation Job ``job_name``
+    (pure; None while there is no Job); None when its status already says so."""
     generation = ds["metadata"].get("generation")
     previous = ds.get("status") or {}
     status: Manifest
     waiting_reason = None
-    if job_name is None or state is None:
+    if state is None:
         status = {"phase": "Pending", "message": "creating the validation Job"}
     else:
         if state.summary is not None and "valid" in state.summary:
