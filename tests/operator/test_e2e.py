@@ -156,6 +156,19 @@ def wait_gone(
     wait_for(lambda: not kubectl.get(*get_args)["items"], timeout, what, on_timeout=on_timeout)
 
 
+def wait_ready_reason(
+    operator: Operator, kubectl: Kubectl, kind: str, ns: str, name: str, reason: str, what: str
+) -> dict[str, Any]:
+    """The object's status once its Ready condition's reason is `reason`."""
+
+    def has_reason() -> dict[str, Any] | None:
+        st = status(kubectl, kind, ns, name)
+        return st if reason in {c.get("reason") for c in st.get("conditions") or []} else None
+
+    st: dict[str, Any] = wait_for(has_reason, 60, what, on_timeout=operator.tail)
+    return st
+
+
 def phase_in(
     kubectl: Kubectl, kind: str, ns: str, name: str, phases: tuple[str, ...]
 ) -> dict[str, Any] | None:
@@ -606,13 +619,8 @@ def test_a_dataset_waits_for_a_secret_applied_after_it_and_fails_without_one(
     for name in ("late", "never"):
         kubectl.apply(s3_dataset(name, uri, s3_endpoint, f"{name}-creds"), "-n", ns)
 
-    def waiting_for_secret() -> dict[str, Any] | None:
-        st = status(kubectl, "kds", ns, "late")
-        reasons = {c.get("reason") for c in st.get("conditions") or []}
-        return st if "CreateContainerConfigError" in reasons else None
-
-    waiting = wait_for(
-        waiting_for_secret, 60, "the Dataset to say it waits", on_timeout=operator.tail
+    waiting = wait_ready_reason(
+        operator, kubectl, "kds", ns, "late", "CreateContainerConfigError", "it says it waits"
     )
     assert waiting["phase"] == "Validating", waiting
     assert "late-creds" in waiting["message"], waiting
@@ -636,24 +644,26 @@ def test_a_dataset_waits_for_a_secret_applied_after_it_and_fails_without_one(
     )
 
 
+def model_without_its_secret(name: str, secret: str) -> dict[str, Any]:
+    """A FineTuneJob whose base model comes from S3 with a Secret that does not exist:
+    its pod's fetch container never starts."""
+    manifest = finetunejob(name, "shapes")
+    manifest["spec"]["baseModel"]["source"] = {
+        "s3": {"uri": "s3://models/tiny-vlm/", "secretRef": {"name": secret}}
+    }
+    return manifest
+
+
 def test_a_run_whose_pod_cannot_start_fails_after_the_grace_and_frees_its_node(
     kubectl: Kubectl, ns: str, operator: Operator
 ) -> None:
     """A training pod that waits for a Secret that never comes holds its node's GPUs:
     the run says what it waits for, fails after the start grace (20 s here) with the
     kubelet's reason, and its Job and pod are deleted."""
-    manifest = finetunejob("no-creds", "shapes")
-    manifest["spec"]["baseModel"]["source"] = {
-        "s3": {"uri": "s3://models/tiny-vlm/", "secretRef": {"name": "absent-creds"}}
-    }
-    kubectl.apply(manifest, "-n", ns)
-
-    def waiting() -> dict[str, Any] | None:
-        st = status(kubectl, "ftj", ns, "no-creds")
-        reasons = {c.get("reason") for c in st.get("conditions") or []}
-        return st if "CreateContainerConfigError" in reasons else None
-
-    pending = wait_for(waiting, 60, "the run to say what it waits for", on_timeout=operator.tail)
+    kubectl.apply(model_without_its_secret("no-creds", "absent-creds"), "-n", ns)
+    pending = wait_ready_reason(
+        operator, kubectl, "ftj", ns, "no-creds", "CreateContainerConfigError", "it says it waits"
+    )
     assert pending["phase"] == "Pending" and "absent-creds" in pending["message"], pending
     failed = wait_phase(operator, kubectl, "ftj", ns, "no-creds", ("Failed",), 90, "Failed")
     assert "could not start" in failed["message"] and "absent-creds" in failed["message"], failed
@@ -674,11 +684,7 @@ def test_a_failed_runs_lingering_job_is_deleted_when_the_operator_starts(
 ) -> None:
     """The operator stopped between writing Failed for a run whose pod never started
     and deleting its Job: at its next start, the Job's event removes it."""
-    manifest = finetunejob("lingering", "shapes")
-    manifest["spec"]["baseModel"]["source"] = {
-        "s3": {"uri": "s3://models/tiny-vlm/", "secretRef": {"name": "absent-too"}}
-    }
-    kubectl.apply(manifest, "-n", ns)
+    kubectl.apply(model_without_its_secret("lingering", "absent-too"), "-n", ns)
     wait_phase(operator, kubectl, "ftj", ns, "lingering", ("Pending",), 60, "Pending")
     assert kubectl.get("job", "lingering-train", "-n", ns)
     operator.kill()
