@@ -32,7 +32,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # tiny models and task data shared with the tests
+# The tiny models (tests/tiny_models.py, which imports hack/tiny.py) and task data
+# shared with the tests.
+sys.path[:0] = [str(REPO / "tests"), str(REPO / "hack")]
 
 CLI = [sys.executable, "-m", "kubetune_trainer.cli"]
 MAX_PIXELS = 3136

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/train.py [--epochs N] [--per-class N] [--batch-size N] [--repeat N]
 
-Both train the tiny Qwen2.5-VL model (kubetune_trainer.tiny) with full tuning on the
+Both train the tiny Qwen2.5-VL model (hack/tiny.py) with full tuning on the
 same synthetic colours x shapes data, with the same hyperparameters, each in its own
 child process. Printed per run: training samples per second (examples x epochs over
 the Trainer's train_runtime, the same formula for both) and the child's peak RSS
@@ -153,7 +153,7 @@ def main() -> None:
                 "-c",
                 "import tiny_models; print(tiny_models.tiny_model('qwen2_5_vl'))",
             ],
-            env={**env, "PYTHONPATH": str(REPO / "tests")},
+            env={**env, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO / "hack")])},
             capture_output=True,
             text=True,
             check=True,

@@ -4,9 +4,10 @@ Registered from tests/conftest.py with ``pytest_plugins = ["tiny_models"]``, so 
 training tests and the operator's end-to-end tests share them.
 
 - ``tiny_qwen2_5_vl``, ``tiny_llava``, ``tiny_qwen2``: folders holding a tiny
-  random-weight model saved like a hub checkpoint (see kubetune_trainer.tiny). They are
-  cached under ``.cache/tiny-models/<family>-<hash of tiny.py>``, so a session reuses
-  the last one and an edit to tiny.py rebuilds.
+  random-weight model saved like a hub checkpoint (see hack/tiny.py, which must be
+  importable as ``tiny``: pytest's pythonpath has hack/). They are cached under
+  ``.cache/tiny-models/<family>-<hash of tiny.py>``, so a session reuses the last one
+  and an edit to tiny.py rebuilds.
 - ``write_shapes_dataset``: a colours x shapes image dataset (placeholder-style JSONL
   plus PNG files), the learnability task; ``shapes_task``: a session-wide train set,
   a held-out set and the same train set with every image blanked.
@@ -31,7 +32,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache" / "tiny-models"
-TINY_SOURCE = REPO / "trainer-image" / "kubetune_trainer" / "tiny.py"
+TINY_SOURCE = REPO / "hack" / "tiny.py"
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220)}
 SHAPES = ("square", "triangle")
@@ -45,7 +46,7 @@ def tiny_model(family: str) -> Path:
     path = CACHE / f"{family}-{key}"
     if (path / "config.json").is_file():
         return path
-    from kubetune_trainer import tiny
+    import tiny
 
     # Build beside the final folder and rename: a half-built model is never reused,
     # and parallel sessions do not trip over each other.

@@ -1,4 +1,5 @@
-"""Tiny random-weight models for tests and the demo: ``python -m kubetune_trainer.tiny OUT --family F``.
+"""Tiny random-weight models for tests, the demo and the benchmarks:
+``.venv/bin/python hack/tiny.py OUT --family F``.
 
 No model hub is reachable from CI or a laptop demo, so this builds, in seconds, a small
 transformers model with a locally trained byte-level BPE tokenizer, the family's real
@@ -405,7 +406,7 @@ def build(out: str | Path, family: str, *, seed: int = 0, extra_words: Iterable[
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m kubetune_trainer.tiny",
+        prog="hack/tiny.py",
         description="Build a tiny random-weight model with a local tokenizer, saved like a hub checkpoint.",
     )
     parser.add_argument("out", help="output folder")
