@@ -52,7 +52,7 @@ ports = []
 for _ in range(2):
     s = socket.socket(); s.bind(("127.0.0.1", 0)); ports.append(s.getsockname()[1]); s.close()
 print(*ports)')
-  start_bg operator env KUBETUNE_SCRAPE_INTERVAL="${KUBETUNE_SCRAPE_INTERVAL:-3}" \
+  start_bg operator env KUBETUNE_RESYNC_SECONDS="${KUBETUNE_RESYNC_SECONDS:-3}" \
     "${PY}" -m kubetune_operator --all-namespaces --standalone \
     --metrics-port "${metrics}" --liveness "http://127.0.0.1:${health}/healthz"
   echo "${metrics}" >"${DEV}/operator.metrics-port"

@@ -112,7 +112,7 @@ class Operator:
         env = {
             **os.environ,
             "KUBECONFIG": str(self.kubeconfig),
-            "KUBETUNE_SCRAPE_INTERVAL": "2",
+            "KUBETUNE_RESYNC_SECONDS": "2",
             # Long enough for a test to apply a missing Secret, short enough to see a
             # run fail without it.
             "KUBETUNE_START_GRACE_SECONDS": "20",

@@ -15,6 +15,12 @@ from collections.abc import Sequence
 import kopf
 from prometheus_client import start_http_server
 
+import kubetune_operator.handlers  # noqa: F401  (registers the handlers)
+from kubetune_operator.handlers.context import MEMO_KEY, Context
+from kubetune_operator.handlers.startup import HANDLER_THREADS
+from kubetune_operator.kube import Api, load_config
+from kubetune_operator.settings import add_arguments, from_arguments
+
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="kubetune-operator", description="The kubetune operator.")
@@ -41,9 +47,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=8080,
         help="port of the operator's /metrics (0 disables)",
     )
-    parser.add_argument(
-        "--trainer-image", default=None, help="default trainer image (or KUBETUNE_TRAINER_IMAGE)"
-    )
+    add_arguments(parser)
     parser.add_argument("--verbose", "-v", action="store_true")
     return parser.parse_args(argv)
 
@@ -54,11 +58,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if args.trainer_image:
-        os.environ["KUBETUNE_TRAINER_IMAGE"] = args.trainer_image
+    settings = from_arguments(args)
     if args.metrics_port:
         start_http_server(args.metrics_port)
-    import kubetune_operator.handlers  # noqa: F401  (registers the handlers)
+    load_config()
+    context = Context(api=Api.connect(threads=HANDLER_THREADS), settings=settings)
 
     namespaces = args.namespace or (
         [] if args.all_namespaces else [os.environ.get("KUBETUNE_NAMESPACE", "default")]
@@ -68,6 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         clusterwide=args.all_namespaces,
         namespaces=namespaces,
         liveness_endpoint=args.liveness or None,
+        # Every handler finds the Context in its memo: kopf gives each object a shallow
+        # copy of this one.
+        memo=kopf.Memo({MEMO_KEY: context}),
     )
     return 0
 

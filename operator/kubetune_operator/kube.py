@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -16,10 +16,10 @@ from kubernetes.client.exceptions import ApiException
 
 from kubetune_operator.api.common import GROUP, VERSION
 from kubetune_operator.observability import API_ERRORS
+from kubetune_operator.resources.common import Manifest
 
 log = logging.getLogger(__name__)
 
-Manifest = dict[str, Any]
 CONFLICT_RETRIES = 8
 
 
@@ -175,13 +175,15 @@ class Api:
     def get_job(self, namespace: str, name: str) -> Manifest | None:
         return _or_none(lambda: _json(self.batch.read_namespaced_job(name, namespace, **RAW)))
 
-    def create_job(self, body: Manifest) -> Manifest | None:
-        """The created Job, or None when it already existed."""
+    def ensure_job(self, body: Manifest) -> Manifest | None:
+        """Create the Job: None when created, else the one already there."""
+        namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
         payload: Any = body
-        job = _create(
-            lambda: self.batch.create_namespaced_job(body["metadata"]["namespace"], payload, **RAW)
+        return _ensure(
+            lambda: _drained(self.batch.create_namespaced_job(namespace, payload, **RAW)),
+            lambda: self.get_job(namespace, name),
+            f"Job {namespace}/{name}",
         )
-        return None if job is None else _json(job)
 
     def set_job_suspended(self, namespace: str, name: str, suspend: bool) -> None:
         _counted(
@@ -221,19 +223,13 @@ class Api:
         a deleted namesake of its owner may have left)."""
         namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
         payload: Any = body  # the client serialises plain dicts as they are
-        for _ in range(CONFLICT_RETRIES):
-            if _create(
-                lambda: _drained(self.core.create_namespaced_config_map(namespace, payload, **RAW))
-            ):
-                return None
-            existing: Manifest | None = _or_none(
+        return _ensure(
+            lambda: _drained(self.core.create_namespaced_config_map(namespace, payload, **RAW)),
+            lambda: _or_none(
                 lambda: _json(self.core.read_namespaced_config_map(name, namespace, **RAW))
-            )
-            # Gone between the two calls (the garbage collector removing a deleted
-            # namesake's): create it after all, rather than go on without one.
-            if existing is not None:
-                return existing
-        raise RuntimeError(f"ConfigMap {namespace}/{name} keeps appearing and vanishing")
+            ),
+            f"ConfigMap {namespace}/{name}",
+        )
 
     def ensure_service_account(self, body: Manifest) -> None:
         namespace = body["metadata"]["namespace"]
@@ -302,6 +298,21 @@ def _or_none(call: Callable[[], Any]) -> Any:
         raise
 
 
+def _ensure(
+    create: Callable[[], Any], read: Callable[[], Manifest | None], what: str
+) -> Manifest | None:
+    """Create an object: None when created, else the one already there. One gone
+    between the create and the read (the garbage collector removing a deleted
+    namesake's) is created after all, rather than taken as made."""
+    for _ in range(CONFLICT_RETRIES):
+        if _create(create):
+            return None
+        existing = read()
+        if existing is not None:
+            return existing
+    raise RuntimeError(f"{what} keeps appearing and vanishing")
+
+
 def _create(call: Callable[[], Any]) -> Any:
     """Create, treating AlreadyExists as done (returning None): names are deterministic,
     so a restarted operator that repeats a create finds its own object."""
@@ -312,19 +323,3 @@ def _create(call: Callable[[], Any]) -> Any:
             API_ERRORS.labels(str(exc.status)).inc()
             raise
         return None
-
-
-def owned_by(obj: Mapping[str, Any], uid: str) -> bool:
-    """Whether `obj` names the object with this uid as an owner: a child found by name
-    may instead belong to a deleted object of the same name, until the garbage
-    collector removes it."""
-    refs = obj.get("metadata", {}).get("ownerReferences") or []
-    return any(ref.get("uid") == uid for ref in refs)
-
-
-def owner_name(obj: Mapping[str, Any], kind: str) -> str | None:
-    for ref in obj.get("metadata", {}).get("ownerReferences") or []:
-        if ref.get("kind") == kind:
-            name: str = ref["name"]
-            return name
-    return None

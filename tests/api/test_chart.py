@@ -15,9 +15,10 @@ import yaml
 from kube import Kubectl
 
 from kubetune_operator.api.dataset import DatasetSpec
-from kubetune_operator.resources import training_job as tj
+from kubetune_operator.api.finetunejob import FineTuneJobSpec
 from kubetune_operator.resources.common import LABEL_FINETUNEJOB
-from kubetune_trainer.training.metrics import GAUGES
+from kubetune_operator.resources.finetunejob import training_job as tj
+from kubetune_trainer.contract.metrics import GAUGES
 
 pytestmark = pytest.mark.apiserver
 
@@ -118,7 +119,13 @@ def test_monitoring_finds_the_trainer_pods_the_operator_builds() -> None:
     trainers = monitors["kubetune-trainers"]["spec"]
     job = tj.training_job(
         tj.plan(
-            tj.Inputs(finetunejob=FTJ, dataset=DATASET, dataset_sha256="a" * 64), "trainer:test"
+            tj.Inputs(
+                finetunejob=FTJ,
+                spec=FineTuneJobSpec.model_validate(FTJ["spec"]),
+                dataset=DATASET,
+                dataset_sha256="a" * 64,
+            ),
+            "trainer:test",
         )
     )
     pod = job["spec"]["template"]

@@ -9,7 +9,7 @@ import yaml
 from pydantic import ValidationError
 
 from kubetune_operator.api.crds import ALL
-from kubetune_trainer.config import Hyperparameters, TrainingConfig
+from kubetune_trainer.contract.job import Hyperparameters, TrainingConfig
 
 EXAMPLES = sorted((Path(__file__).parents[2] / "examples").glob("*.yaml"))
 SPECS = {info.kind: info.spec for info in ALL}

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from kubetune_trainer.config import DatasetLimits
+from kubetune_trainer.contract.job import DatasetLimits
 from kubetune_trainer.data import validate_file
 from kubetune_trainer.data.jsonl import DEFAULT_MAX_LINE_BYTES
 

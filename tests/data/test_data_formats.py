@@ -11,9 +11,9 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kubetune_trainer.config import DatasetLimits
+from kubetune_trainer.contract.job import DatasetLimits
 from kubetune_trainer.data import Example, ImageRef, Turn, parse_record
-from kubetune_trainer.data.convert import to_record
+from kubetune_trainer.data.convert import to_json_record
 from kubetune_trainer.data.formats import PLACEHOLDER
 from kubetune_trainer.data.jsonl import encode_record
 from kubetune_trainer.data.reader import Record, iter_records
@@ -374,7 +374,7 @@ def examples(draw: st.DrawFn) -> Example:
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 def test_write_then_read_is_lossless(example: Example, style: Any) -> None:
-    items = list(iter_records(io.BytesIO(encode_record(to_record(example, style)) + b"\n")))
+    items = list(iter_records(io.BytesIO(encode_record(to_json_record(example, style)) + b"\n")))
     records = [i for i in items if isinstance(i, Record)]
     assert len(records) == 1, items
     assert replace(records[0].example, line=0) == example
@@ -392,7 +392,9 @@ def mutated_records(draw: st.DrawFn) -> Any:
     """A valid record with one value somewhere inside replaced by arbitrary JSON."""
     record = json.loads(
         json.dumps(
-            to_record(draw(examples()), draw(st.sampled_from(["placeholder", "content-parts"])))
+            to_json_record(
+                draw(examples()), draw(st.sampled_from(["placeholder", "content-parts"]))
+            )
         )
     )
     containers: list[Any] = []

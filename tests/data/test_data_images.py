@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
-from kubetune_trainer.config import DatasetLimits
+from kubetune_trainer.contract.job import DatasetLimits
 from kubetune_trainer.data import DatasetError, ImageRef, check_image, open_image
 from kubetune_trainer.data import image_bytes as read_image_bytes
 from kubetune_trainer.data import images as images_mod

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from data_helpers import image_bytes, sft, write_jsonl
 
-from kubetune_trainer.config import DatasetLimits
+from kubetune_trainer.contract.job import DatasetLimits
 from kubetune_trainer.data import ImageRef, check_image, remote, validate_file
 from kubetune_trainer.data.remote import RemoteImageError, address_problem, checked_addresses, fetch
 

@@ -17,7 +17,7 @@ from data_helpers import data_uri, image_bytes, sft, write_jsonl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kubetune_trainer.config import DatasetLimits
+from kubetune_trainer.contract.job import DatasetLimits
 from kubetune_trainer.data import jsonl, validate_file
 from kubetune_trainer.data import validate as validate_mod
 from kubetune_trainer.data.duplicates import FingerprintTable

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
 
-from kubetune_operator.api.finetunejob import Deploy
+from kubetune_operator.api.finetunejob import Deploy, FineTuneJobSpec
 from kubetune_operator.api.modeldeployment import ModelDeploymentSpec
-from kubetune_operator.resources import model_deployment as serving
-from kubetune_operator.resources.model_deployment import Blocked, resolve_adapters
+from kubetune_operator.resources.conditions import Verdict
+from kubetune_operator.resources.finetunejob.deploy import model_deployment
+from kubetune_operator.resources.modeldeployment import server as serving
+from kubetune_operator.resources.modeldeployment import status
+from kubetune_operator.resources.modeldeployment.adapters import ServedAdapter, resolve_adapters
 
 IMAGE = "registry.local/kubetune/trainer:test"
 BASE = {
@@ -45,8 +49,26 @@ def ftj(phase: str | None = "Succeeded", **spec: Any) -> dict[str, Any]:
     }
 
 
-def resolved(body: dict[str, Any], jobs: dict[str, Any]) -> tuple[list[Any], Blocked | None]:
-    return resolve_adapters(ModelDeploymentSpec.model_validate(body["spec"]), jobs)
+def _spec(body: dict[str, Any]) -> ModelDeploymentSpec:
+    return ModelDeploymentSpec.model_validate(body["spec"])
+
+
+def resolved(body: dict[str, Any], jobs: dict[str, Any]) -> tuple[list[Any], Verdict | None]:
+    return resolve_adapters(_spec(body), jobs)
+
+
+def plan(body: dict[str, Any], adapters: list[ServedAdapter], image: str) -> serving.Serving:
+    return serving.plan(body, _spec(body), adapters, image)
+
+
+def serving_status(
+    body: dict[str, Any], deploy: dict[str, Any] | None, pods: Sequence[dict[str, Any]] = ()
+) -> tuple[dict[str, Any], str]:
+    return status.serving_status(body, _spec(body), deploy, pods)
+
+
+def for_finetunejob(job: dict[str, Any], deploy: Deploy) -> dict[str, Any]:
+    return model_deployment(job, FineTuneJobSpec.model_validate(job["spec"]), deploy)
 
 
 def test_an_adapter_from_a_succeeded_finetunejob_is_its_output_folder() -> None:
@@ -82,7 +104,7 @@ def test_an_adapter_waits_for_or_refuses_its_finetunejob(
 def deployment_of(body: dict[str, Any], jobs: dict[str, Any] | None = None) -> dict[str, Any]:
     adapters, blocked = resolved(body, jobs or {})
     assert blocked is None
-    return serving.deployment(serving.plan(body, adapters, IMAGE))
+    return serving.deployment(plan(body, adapters, IMAGE))
 
 
 def test_the_server_loads_the_base_model_and_every_adapter() -> None:
@@ -166,7 +188,7 @@ def test_the_spec_hash_follows_the_spec() -> None:
 def test_the_service_selects_the_server_pods() -> None:
     body = md()
     svc = serving.service(body)
-    pods = serving.deployment(serving.plan(body, [], IMAGE))["spec"]["template"]["metadata"]
+    pods = serving.deployment(plan(body, [], IMAGE))["spec"]["template"]["metadata"]
     assert all(pods["labels"][k] == v for k, v in svc["spec"]["selector"].items())
     assert serving.endpoint(body) == "http://shapes.team-a.svc:8000/v1"
 
@@ -223,7 +245,7 @@ def test_status_is_read_from_the_deployment(
 ) -> None:
     body = md(replicas=replicas, adapters=[{"name": "shapes", "fineTuneJob": "tune"}])
     deploy = None if deploy_status is None else {"status": deploy_status}
-    fields, why = serving.serving_status(body, deploy)
+    fields, why = serving_status(body, deploy)
     assert (fields["phase"], why) == (phase, reason)
     assert fields["servedModels"] == ["Qwen/Qwen2.5-VL-3B-Instruct", "shapes"]
     assert fields["endpoint"] == "http://shapes.team-a.svc:8000/v1"
@@ -298,13 +320,13 @@ def test_a_server_pod_that_cannot_serve_says_why(
     """Until the Deployment's progress deadline, only its newest pod tells what is wrong."""
     body = md(replicas=1, adapters=[{"name": "shapes", "fineTuneJob": "tune"}])
     deploy = {"status": {"conditions": [condition("Progressing", "True", "ReplicaSetUpdated", "")]}}
-    fields, why = serving.serving_status(body, deploy, [_server_pod(pod_status)])
+    fields, why = serving_status(body, deploy, [_server_pod(pod_status)])
     assert (fields["phase"], why) == ("Progressing", reason)
     assert says in fields["message"], fields["message"]
 
 
 def test_a_finetunejob_deploys_its_adapter_or_its_whole_model() -> None:
-    lora = serving.for_finetunejob(
+    lora = for_finetunejob(
         ftj(deploy={"enabled": True, "replicas": 2}), Deploy(enabled=True, replicas=2)
     )
     spec = ModelDeploymentSpec.model_validate(lora["spec"])
@@ -312,7 +334,7 @@ def test_a_finetunejob_deploys_its_adapter_or_its_whole_model() -> None:
     assert [(a.name, a.fine_tune_job) for a in spec.adapters] == [("shapes-lora", "tune")]
     assert lora["metadata"]["ownerReferences"][0]["uid"] == "ftj-uid"
 
-    full = serving.for_finetunejob(ftj(tuning="full"), Deploy(enabled=True))
+    full = for_finetunejob(ftj(tuning="full"), Deploy(enabled=True))
     spec = ModelDeploymentSpec.model_validate(full["spec"])
     assert spec.adapters == []
     assert spec.base_model.name == "shapes-lora"

@@ -8,26 +8,28 @@ from typing import Any
 import pytest
 
 from kubetune_operator.api.dataset import DatasetSpec
-from kubetune_operator.resources import training_job as tj
+from kubetune_operator.api.finetunejob import FineTuneJobSpec
 from kubetune_operator.resources.common import child_name, event
-from kubetune_operator.resources.metrics import (
+from kubetune_operator.resources.conditions import (
+    StatusUpdate,
+    phase_patch,
+    set_condition,
+    status_patch,
+    unobserved,
+)
+from kubetune_operator.resources.dataset import status as dataset
+from kubetune_operator.resources.dataset.status import dataset_result
+from kubetune_operator.resources.dataset.validation_job import validation_job as build_validation
+from kubetune_operator.resources.finetunejob import status as run
+from kubetune_operator.resources.finetunejob import training_job as tj
+from kubetune_operator.resources.finetunejob.progress import (
     metrics_from_samples,
     parse_samples,
     progress_from_samples,
 )
-from kubetune_operator.resources.status import (
-    dataset_gate,
-    dataset_result,
-    dataset_status,
-    job_finished,
-    job_state,
-    phase_patch,
-    set_condition,
-    status_from_job,
-    unobserved,
-)
-from kubetune_operator.resources.validation_job import validation_job
-from kubetune_trainer.config import (
+from kubetune_operator.resources.finetunejob.status import dataset_gate
+from kubetune_operator.resources.workloads import JobState, job_finished, job_state
+from kubetune_trainer.contract.job import (
     EXIT_CANNOT_SUCCEED,
     EXIT_FAILED,
     EXIT_INVALID_JOB,
@@ -63,8 +65,31 @@ PVC_DATA = DatasetSpec.model_validate(
 SHA = "a" * 64
 
 
+def _inputs(ftj: dict[str, Any], data: DatasetSpec) -> tj.Inputs:
+    spec = FineTuneJobSpec.model_validate(ftj["spec"])
+    return tj.Inputs(finetunejob=ftj, spec=spec, dataset=data, dataset_sha256=SHA)
+
+
 def _plan(**spec: Any) -> tj.Plan:
-    return tj.plan(tj.Inputs(finetunejob=_ftj(**spec), dataset=PVC_DATA, dataset_sha256=SHA), IMAGE)
+    return tj.plan(_inputs(_ftj(**spec), PVC_DATA), IMAGE)
+
+
+def validation_job(ds: dict[str, Any], image: str) -> dict[str, Any]:
+    return build_validation(ds, DatasetSpec.model_validate(ds["spec"]), image)
+
+
+def status_from_job(ftj: dict[str, Any], state: JobState, uri: str, now: str) -> dict[str, Any]:
+    return run.status_from_job(FineTuneJobSpec.model_validate(ftj["spec"]), state, uri, now)
+
+
+def dataset_status(
+    ds: dict[str, Any], state: JobState | None, job_name: str, now: str
+) -> dict[str, Any] | None:
+    """The status patch a Dataset reconcile writes for its validation Job's state."""
+    fields, reason = dataset.dataset_status(state, job_name)
+    generation = ds["metadata"]["generation"]
+    update = StatusUpdate(fields, reason, dataset.ready(fields["phase"]), generation)
+    return status_patch(ds, update, now)
 
 
 def test_spec_maps_to_the_trainer_config() -> None:
@@ -198,7 +223,7 @@ def test_remote_datasets_are_fetched_by_an_init_container() -> None:
     http = DatasetSpec.model_validate(
         {"source": {"http": {"url": "https://example.com/train.jsonl"}}}
     )
-    plan = tj.plan(tj.Inputs(finetunejob=_ftj(), dataset=http, dataset_sha256=SHA), IMAGE)
+    plan = tj.plan(_inputs(_ftj(), http), IMAGE)
     init = tj.training_job(plan)["spec"]["template"]["spec"]["initContainers"]
     assert [c["command"][:2] for c in init] == [["kubetune", "fetch"]]
     assert plan.config.dataset == "/data/train/data.jsonl"

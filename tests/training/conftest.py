@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from training.support import FAST_HYPERPARAMETERS, JobFactory
 
-from kubetune_trainer.config import TrainingConfig
+from kubetune_trainer.contract.job import TrainingConfig
 
 
 @pytest.fixture

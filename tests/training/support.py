@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import importlib
 import json
 import random
 import sys
@@ -12,7 +13,7 @@ from typing import Any
 
 from transformers import PreTrainedModel, TrainerCallback
 
-from kubetune_trainer.config import TrainingConfig
+from kubetune_trainer.contract.job import TrainingConfig
 
 KUBETUNE = str(Path(sys.executable).with_name("kubetune"))
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -126,15 +127,16 @@ def capture_trainers(monkeypatch: Any, method: str) -> list[Any]:
     """The trainers that the runner builds for ``method`` from now on, in a list."""
     from kubetune_trainer.training import runner
 
+    module = importlib.import_module(runner.BUILDERS[method])
     built: list[Any] = []
-    original = runner.BUILDERS[method]
+    original = module.build_trainer
 
     def build(inputs: Any) -> Any:
         trainer, stats = original(inputs)
         built.append(trainer)
         return trainer, stats
 
-    monkeypatch.setitem(runner.BUILDERS, method, build)
+    monkeypatch.setattr(module, "build_trainer", build)
     return built
 
 

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from kubetune_trainer.config import TrainingConfig
+from kubetune_trainer.contract.job import TrainingConfig
 from kubetune_trainer.training.config_mapping import (
     Hardware,
     dpo_config,

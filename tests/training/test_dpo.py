@@ -25,7 +25,7 @@ from training.support import (
 )
 
 from kubetune_trainer import cli
-from kubetune_trainer.config import EXIT_CANNOT_SUCCEED
+from kubetune_trainer.contract.job import EXIT_CANNOT_SUCCEED
 from kubetune_trainer.training.evaluate import evaluate
 from kubetune_trainer.training.runner import run
 

@@ -14,10 +14,10 @@ from PIL import Image
 from kubetune_trainer.data.example import Example, ImageRef, Turn
 from kubetune_trainer.training.collate import (
     IGNORE_INDEX,
-    TOKENS,
     SFTCollator,
     assistant_labels,
     keep_length,
+    without_tokens,
 )
 from kubetune_trainer.training.models import (
     image_token_ids,
@@ -25,7 +25,7 @@ from kubetune_trainer.training.models import (
     load_processing,
     tokenizer_of,
 )
-from kubetune_trainer.training.records import to_record
+from kubetune_trainer.training.records import to_chat_record
 from kubetune_trainer.training.sft import chat_encoder, plan_lengths
 
 
@@ -58,7 +58,7 @@ def processing(request: pytest.FixtureRequest) -> Any:
 
 def records(processing: Any, root: Path, *examples: Example) -> list[dict[str, Any]]:
     Image.new("RGB", (56, 56), (200, 0, 0)).save(root / "square.png")
-    return [to_record(e, root, multimodal=is_multimodal(processing)) for e in examples]
+    return [to_chat_record(e, root, multimodal=is_multimodal(processing)) for e in examples]
 
 
 def test_loss_is_on_every_assistant_turn_and_nothing_else(processing: Any, tmp_path: Path) -> None:
@@ -158,7 +158,7 @@ def test_batches_from_planned_tokens_equal_the_processors(processing: Any, tmp_p
     kept, _, _ = plan_lengths(encoder, recs, max_length=4096)
     assert encoder.reuse_tokens is True
     reused = SFTCollator(encoder)(kept)
-    fresh = SFTCollator(encoder)([{k: v for k, v in r.items() if k != TOKENS} for r in kept])
+    fresh = SFTCollator(encoder)([without_tokens(r) for r in kept])
     assert reused.keys() == fresh.keys()
     for key, value in fresh.items():
         assert torch.equal(reused[key], value), key

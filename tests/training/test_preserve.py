@@ -15,7 +15,8 @@ from peft import PeftModel
 from training.support import JobFactory, ModelCounter, capture_trainers, train, write_text_dataset
 
 from kubetune_trainer.training.evaluate import evaluate
-from kubetune_trainer.training.preserve import PreserveSkillsSFTTrainer, distillation_kl
+from kubetune_trainer.training.preserve import distillation_kl
+from kubetune_trainer.training.sft import PreserveSkillsSFTTrainer
 
 pytestmark = pytest.mark.training
 

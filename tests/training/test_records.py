@@ -11,7 +11,7 @@ import pytest
 from kubetune_trainer.data import DatasetError
 from kubetune_trainer.data.example import Example, ImageRef, Turn
 from kubetune_trainer.training.inputs import JobError
-from kubetune_trainer.training.records import file_sha256, split_validation, to_record
+from kubetune_trainer.training.records import file_sha256, split_validation, to_chat_record
 
 EXAMPLE = Example(
     turns=(Turn("user", ("Look: ", ImageRef("a.png"), " what?")), Turn("assistant", ("a cat",))),
@@ -20,7 +20,7 @@ EXAMPLE = Example(
 
 
 def test_a_vlm_record_keeps_parts_in_order_and_image_sources_apart() -> None:
-    record = to_record(EXAMPLE, "/data", multimodal=True)
+    record = to_chat_record(EXAMPLE, "/data", multimodal=True)
     assert json.loads(record["messages"]) == [
         {
             "role": "user",
@@ -37,12 +37,12 @@ def test_a_vlm_record_keeps_parts_in_order_and_image_sources_apart() -> None:
 
 def test_a_text_model_gets_string_content_and_refuses_images() -> None:
     text_only = Example(turns=(Turn("user", ("hi",)), Turn("assistant", ("hello",))), line=1)
-    assert json.loads(to_record(text_only, "/", multimodal=False)["messages"])[1] == {
+    assert json.loads(to_chat_record(text_only, "/", multimodal=False)["messages"])[1] == {
         "role": "assistant",
         "content": "hello",
     }
     with pytest.raises(DatasetError, match="line 7"):
-        to_record(EXAMPLE, "/", multimodal=False)
+        to_chat_record(EXAMPLE, "/", multimodal=False)
 
 
 def test_validation_split_is_seeded_disjoint_and_never_empty() -> None:

@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
+from kubetune_trainer.contract.metrics import GAUGES
+from kubetune_trainer.contract.summaries import TERMINATION_LIMIT
 from kubetune_trainer.training.callbacks import EvalSaveSchedule, Telemetry
 from kubetune_trainer.training.checkpoints import latest_checkpoint
-from kubetune_trainer.training.metrics import GAUGES, TrainMetrics
+from kubetune_trainer.training.metrics import TrainMetrics
 from kubetune_trainer.training.report import (
-    TERMINATION_LIMIT,
     build_report,
     failure_summary,
     termination_summary,

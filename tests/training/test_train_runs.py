@@ -16,7 +16,7 @@ from training.support import JobFactory, subset, train, write_text_dataset
 from transformers import TrainerCallback
 
 from kubetune_trainer import cli
-from kubetune_trainer.config import EXIT_CANNOT_SUCCEED, EXIT_FAILED, EXIT_INVALID_JOB
+from kubetune_trainer.contract.job import EXIT_CANNOT_SUCCEED, EXIT_FAILED, EXIT_INVALID_JOB
 from kubetune_trainer.training.evaluate import evaluate
 from kubetune_trainer.training.runner import run
 
@@ -263,7 +263,7 @@ def test_exit_codes_tell_final_failures_from_those_worth_a_retry(
     tiny_qwen2: Path, job: JobFactory, tmp_path: Path, s3_endpoint: str
 ) -> None:
     """The operator's Job fails at once on 2 and 3 and retries 1 (see podFailurePolicy
-    in resources/training_job.py)."""
+    in resources/finetunejob/training_job.py)."""
     data = write_text_dataset(tmp_path / "text.jsonl", 4)
     # Storage that cannot be read now (here a bucket not made yet) may be for the next pod.
     away = job(tiny_qwen2, data, checkpointUri="s3://not-made-yet/checkpoints")

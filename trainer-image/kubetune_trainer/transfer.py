@@ -18,6 +18,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from pydantic import ValidationError
+
+from kubetune_trainer.contract.fetch import DEFAULT_REVISION, FetchSource
+
 
 class FetchError(Exception):
     pass
@@ -162,32 +166,41 @@ def fetch_s3(uri: str, out: Path) -> None:
             s3.download_file(bucket, name, str(target))
 
 
-def fetch(source: dict[str, Any], out: Path) -> None:
-    if "http" in source:
-        fetch_http(source["http"]["url"], out)
-    elif "huggingFace" in source:
-        hf = source["huggingFace"]
-        fetch_hugging_face(hf["repo"], hf["file"], hf.get("revision") or "main", out)
-    elif "s3" in source:
-        fetch_s3(source["s3"]["uri"], out)
-    else:
-        raise FetchError(f"unknown source {sorted(source)}: expected http, huggingFace or s3")
+def fetch(source: FetchSource, out: Path) -> None:
+    if source.http is not None:
+        fetch_http(source.http.url, out)
+    elif source.hugging_face is not None:
+        hub = source.hugging_face
+        fetch_hugging_face(hub.repo, hub.file, hub.revision, out)
+    elif source.s3 is not None:
+        fetch_s3(source.s3.uri, out)
 
 
 def _run(args: argparse.Namespace) -> int:
     try:
-        source = json.loads(args.source)
-        if not isinstance(source, dict):
+        given = json.loads(args.source)
+        if not isinstance(given, dict):
             raise ValueError("not an object")
     except ValueError as exc:
         print(f"kubetune fetch: --source is not a JSON object: {exc}", file=sys.stderr)
         return 2
     try:
-        fetch(source, Path(args.out))
+        fetch(_source(given), Path(args.out))
     except FetchError as exc:
         print(f"kubetune fetch: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _source(given: dict[str, Any]) -> FetchSource:
+    try:
+        return FetchSource.model_validate(given)
+    except ValidationError as exc:
+        problems = "; ".join(error["msg"] for error in exc.errors())
+        raise FetchError(
+            f"unusable source {sorted(given)}: {problems} (expected exactly one of http, s3 or "
+            "huggingFace)"
+        ) from exc
 
 
 def register(sub: Any) -> None:
@@ -197,7 +210,8 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--source",
         required=True,
-        help='JSON: {"http": {"url"}} | {"s3": {"uri"}} | {"huggingFace": {"repo", "file", "revision"}}',
+        help='JSON: {"http": {"url"}} | {"s3": {"uri"}} | {"huggingFace": {"repo", "file", "revision"}}'
+        f" (revision: {DEFAULT_REVISION} unless given)",
     )
     p.add_argument("--out", required=True, help="file (or folder, for an S3 prefix) to write")
     p.set_defaults(func=_run)

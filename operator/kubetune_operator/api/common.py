@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from kubetune_trainer.config import CamelModel
+from kubetune_trainer.contract.base import CamelModel, S3Uri
 
 GROUP = "kubetune.io"
 VERSION = "v1alpha1"
@@ -30,10 +30,6 @@ RelativePath = Annotated[
         # but '..'".
         pattern=r"^$|^(?:[^/.][^/]*|\.|\.[^/.][^/]*|\.\.[^/]+)(?:/(?:[^/.][^/]*|\.|\.[^/.][^/]*|\.\.[^/]+))*/?$",
     ),
-]
-S3Uri = Annotated[
-    str,
-    StringConstraints(max_length=2048, pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$"),
 ]
 HttpUrl = Annotated[str, StringConstraints(max_length=4096, pattern=r"^https?://[^\s/]+(/\S*)?$")]
 Quantity = Annotated[

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Annotated, Literal
 
 from pydantic import ConfigDict, Field, StringConstraints
@@ -19,9 +20,20 @@ from kubetune_operator.api.common import (
     SecretRef,
     Text,
 )
-from kubetune_trainer.config import CamelModel, DatasetLimits, Task
+from kubetune_trainer.contract.base import CamelModel
+from kubetune_trainer.contract.job import DatasetLimits, Task
 
-DatasetPhase = Literal["Pending", "Validating", "Ready", "Invalid", "Failed"]
+
+class DatasetPhase(StrEnum):
+    PENDING = "Pending"
+    VALIDATING = "Validating"
+    READY = "Ready"
+    INVALID = "Invalid"
+    FAILED = "Failed"
+
+
+# Validation has settled: nothing changes until the spec does.
+VALIDATED = frozenset({DatasetPhase.READY, DatasetPhase.INVALID, DatasetPhase.FAILED})
 DatasetFormat = Literal["auto", "placeholder", "content-parts"]
 
 
@@ -121,7 +133,7 @@ class DatasetStatus(CamelModel):
     """What validation found."""
 
     phase: DatasetPhase = Field(
-        "Pending", description="Pending, Validating, Ready, Invalid or Failed."
+        DatasetPhase.PENDING, description="Pending, Validating, Ready, Invalid or Failed."
     )
     message: Text | None = Field(None, description="A one-line summary of the phase.")
     examples: int | None = Field(None, ge=0, description="Examples in the file.")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from enum import StrEnum
+from typing import Annotated
 
 from pydantic import ConfigDict, Field, StringConstraints
 
@@ -21,18 +22,31 @@ from kubetune_operator.api.common import (
     Text,
 )
 from kubetune_operator.api.modeldeployment import Runtime
-from kubetune_trainer.config import (
-    CamelModel,
+from kubetune_trainer.contract.base import CamelModel
+from kubetune_trainer.contract.job import (
     EarlyStopping,
     Hyperparameters,
     Method,
     PreserveGeneralSkills,
     Tuning,
 )
+from kubetune_trainer.contract.rules import RULES, cel_rule
+from kubetune_trainer.contract.summaries import TrainingFigures
 
-JobPhase = Literal[
-    "Pending", "WaitingForDataset", "Queued", "Running", "Succeeded", "Failed", "Suspended"
-]
+
+class JobPhase(StrEnum):
+    PENDING = "Pending"
+    WAITING_FOR_DATASET = "WaitingForDataset"
+    QUEUED = "Queued"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+
+
+# A run in one of these has ended for good: its spec's fields that define the run are
+# immutable, so only deploy can change what follows from it.
+FINISHED = frozenset({JobPhase.SUCCEEDED, JobPhase.FAILED})
 
 _EXACTLY_ONE = "[{}].filter(x, x).size() == 1"
 
@@ -100,33 +114,8 @@ class Deploy(CamelModel):
     )
 
 
-# Rules on the whole spec. CEL sees camelCase field names.
-_LORA_ONLY = ("loraRank", "loraAlpha", "loraDropout", "targetModules")
-SPEC_RULES: tuple[dict[str, Any], ...] = (
-    *(
-        {
-            "rule": f"self.tuning == 'lora' || !has(self.hyperparameters) || !has(self.hyperparameters.{f})",
-            "message": f"hyperparameters.{f} applies only to tuning: lora",
-            "fieldPath": f".hyperparameters.{f}",
-        }
-        for f in _LORA_ONLY
-    ),
-    {
-        "rule": "self.method == 'dpo' || !has(self.hyperparameters) || !has(self.hyperparameters.beta)",
-        "message": "hyperparameters.beta applies only to method: dpo",
-        "fieldPath": ".hyperparameters.beta",
-    },
-    {
-        "rule": "self.method == 'sft' || !has(self.preserveGeneralSkills) || !self.preserveGeneralSkills.enabled",
-        "message": "preserveGeneralSkills applies only to method: sft",
-        "fieldPath": ".preserveGeneralSkills",
-    },
-    {
-        "rule": "!has(self.earlyStopping) || has(self.validation)",
-        "message": "earlyStopping needs validation data (validation.dataset or validation.split)",
-        "fieldPath": ".earlyStopping",
-    },
-)
+# Rules across the spec's fields, as CEL (they are written once, in the contract).
+SPEC_RULES: tuple[dict[str, str], ...] = tuple(cel_rule(rule) for rule in RULES)
 
 
 class TrainingResources(Resources):
@@ -203,32 +192,9 @@ class Progress(CamelModel):
     eta_seconds: int | None = Field(None, ge=0, description="Estimated seconds left.")
 
 
-class TrainingMetrics(CamelModel):
+class TrainingMetrics(TrainingFigures):
     """Losses and the method's own figures, read from the trainer's metrics while it
     runs and from its final summary at the end (the best evaluation's, where kept)."""
-
-    train_loss: float | None = Field(None, description="Latest training loss.")
-    eval_loss: float | None = Field(None, description="Latest validation loss.")
-    best_eval_loss: float | None = Field(None, description="Lowest validation loss so far.")
-    best_step: int | None = Field(None, ge=0, description="Step of the lowest validation loss.")
-    train_reward_margin: float | None = Field(
-        None, description="DPO: mean reward margin (chosen minus rejected), latest logging step."
-    )
-    eval_reward_margin: float | None = Field(
-        None, description="DPO: mean reward margin on the validation pairs."
-    )
-    train_preference_accuracy: float | None = Field(
-        None, description="DPO: share of training pairs whose chosen reply got the higher reward."
-    )
-    eval_preference_accuracy: float | None = Field(
-        None, description="DPO: share of validation pairs whose chosen reply got the higher reward."
-    )
-    train_kl: float | None = Field(
-        None, description="preserveGeneralSkills: mean per-token KL(base || tuned) in training."
-    )
-    eval_kl: float | None = Field(
-        None, description="preserveGeneralSkills: mean per-token KL(base || tuned) on validation."
-    )
 
 
 class OutputModelStatus(CamelModel):
@@ -249,7 +215,7 @@ class FineTuneJobStatus(CamelModel):
     """Where the run stands."""
 
     phase: JobPhase = Field(
-        "Pending",
+        JobPhase.PENDING,
         description="Pending, WaitingForDataset, Queued, Running, Succeeded, Failed or Suspended.",
     )
     message: Text | None = Field(

@@ -4,6 +4,7 @@ with apps/v1 Deployment in kubectl.)"""
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Annotated, Literal
 
 from pydantic import ConfigDict, Field, StringConstraints
@@ -21,11 +22,16 @@ from kubetune_operator.api.common import (
     S3Location,
     Text,
 )
-from kubetune_trainer.config import CamelModel
+from kubetune_trainer.contract.base import CamelModel
 
 DEFAULT_VLLM_IMAGE = "vllm/vllm-openai:v0.11.0"
 
-DeploymentPhase = Literal["Pending", "Progressing", "Available", "Failed"]
+
+class DeploymentPhase(StrEnum):
+    PENDING = "Pending"
+    PROGRESSING = "Progressing"
+    AVAILABLE = "Available"
+    FAILED = "Failed"
 
 
 class Runtime(CamelModel):
@@ -116,7 +122,7 @@ class ModelDeploymentStatus(CamelModel):
     """Where the model is served and how many replicas are up."""
 
     phase: DeploymentPhase = Field(
-        "Pending", description="Pending, Progressing, Available or Failed."
+        DeploymentPhase.PENDING, description="Pending, Progressing, Available or Failed."
     )
     message: Text | None = Field(None, description="A one-line summary of the phase.")
     endpoint: Annotated[str, StringConstraints(max_length=1024)] | None = Field(

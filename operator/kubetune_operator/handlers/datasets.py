@@ -1,116 +1,96 @@
-"""Dataset → validation Job → status."""
+"""Dataset handlers: observe a Dataset's validation Job, decide
+(resources/dataset/decide.py), act; and wake the FineTuneJobs that wait for it."""
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import kopf
 
-from kubetune_operator.handlers.common import (
-    context,
-    live_object,
-    now,
-    one_at_a_time,
-    post_event,
-    resync_each,
+from kubetune_operator.api.common import GROUP, VERSION
+from kubetune_operator.api.dataset import DATASET, DatasetSpec
+from kubetune_operator.handlers import finetunejobs
+from kubetune_operator.handlers.act import plain, reconcile_object, reconciling, resync_each
+from kubetune_operator.handlers.context import Context, context_of, now
+from kubetune_operator.observability import PHASES
+from kubetune_operator.resources.common import LABEL_DATASET, Manifest, owner_name
+from kubetune_operator.resources.conditions import unobserved
+from kubetune_operator.resources.dataset.decide import (
+    Observed,
+    current_job_name,
+    decide,
+    has_result,
+    job_due,
+    validated,
 )
-from kubetune_operator.kube import Manifest, owned_by, owner_name
-from kubetune_operator.observability import PHASES, RECONCILE_SECONDS
-from kubetune_operator.resources.common import LABEL_DATASET
-from kubetune_operator.resources.status import DONE, dataset_status, job_state, unobserved
-from kubetune_operator.resources.training_job import service_account
-from kubetune_operator.resources.validation_job import validation_job, validation_job_name
-
-PLURAL = "datasets"
-
-log = logging.getLogger(__name__)
 
 
-def reconcile(namespace: str, name: str) -> None:
-    with one_at_a_time("Dataset", namespace, name), RECONCILE_SECONDS.labels("Dataset").time():
-        _reconcile(namespace, name)
-
-
-def _reconcile(namespace: str, name: str) -> None:
-    ctx = context()
-    ds = live_object(PLURAL, "Dataset", namespace, name)
-    if ds is None:
-        return
-    generation = ds["metadata"].get("generation", 1)
-    current = validation_job_name(name, generation)
-    job = ctx.api.get_job(namespace, current)
-    if job is not None and not owned_by(job, ds["metadata"]["uid"]):
-        # A deleted Dataset of the same name left it: its result is about other data.
-        # Its deletion event (or the periodic resync) brings this Dataset back here.
-        log.info(
-            "%s/%s: waiting for the deletion of Job %s of a namesake", namespace, name, current
+def reconcile(ctx: Context, namespace: str, name: str) -> None:
+    with reconciling(ctx, DATASET, namespace, name) as ds:
+        if ds is None:
+            return
+        spec = DatasetSpec.model_validate(ds["spec"])
+        reconcile_object(
+            ctx,
+            DATASET,
+            ds,
+            lambda found: observe(ctx, ds, spec, found),
+            lambda seen: decide(seen, ctx.settings),
         )
-        return
-    if job is None and not _settled(ds):
-        ctx.api.ensure_service_account(service_account(namespace))
-        job = ctx.api.create_job(validation_job(ds, ctx.settings.trainer_image)) or ctx.api.get_job(
-            namespace, current
-        )
-        # Jobs of earlier generations validated a spec that no longer exists. Only a new
-        # generation makes them stale, so they are looked for only here, not per event.
-        for old in ctx.api.list_jobs(namespace, f"{LABEL_DATASET}={name}"):
-            if old["metadata"]["name"] != current and owner_name(old, "Dataset") == name:
-                ctx.api.delete_job(namespace, old["metadata"]["name"])
-    at = now()
-    state = None
-    if job is not None:
-        pods = ctx.api.job_pods(namespace, current)
-        state = job_state(job, pods, at, ctx.settings.start_grace)
-    before = (ds.get("status") or {}).get("phase")
-
-    def compute(obj: Manifest) -> Manifest | None:
-        if obj["metadata"].get("generation") != generation or _settled(obj):
-            return None
-        return dataset_status(obj, state, current, at)
-
-    updated = ctx.api.update_status(PLURAL, namespace, name, compute)
-    if state is not None and state.stop_job:
-        # Only once the status says Failed: the Job's deletion brings this Dataset back
-        # here, and it must not find a Dataset that still wants a Job.
-        ctx.api.delete_job(namespace, current)
-    after = ((updated or {}).get("status") or {}).get("phase")
-    PHASES.record("Dataset", namespace, name, after)
-    if updated is not None and after != before and after in DONE:
-        message = updated["status"].get("message", "")
-        post_event(updated, "Normal" if after == "Ready" else "Warning", after, message)
 
 
-def _settled(ds: Manifest | kopf.Body) -> bool:
-    status = ds.get("status") or {}
-    return (
-        status.get("observedGeneration") == ds["metadata"].get("generation")
-        and status.get("phase") in DONE
+def observe(ctx: Context, ds: Manifest, spec: DatasetSpec, found: Manifest | None) -> Observed:
+    """The validation Job of the current generation (``found``, when a create ran into
+    it) with its pods, and the Jobs of earlier generations when a new one is due: only
+    a new generation makes them stale, so they are looked for only then."""
+    meta = ds["metadata"]
+    namespace, name = meta["namespace"], current_job_name(ds)
+    job = found if found is not None else ctx.api.get_job(namespace, name)
+    earlier = (
+        ctx.api.list_jobs(namespace, f"{LABEL_DATASET}={meta['name']}") if job_due(ds, job) else []
     )
+    pods = ctx.api.job_pods(namespace, name) if job is not None else []
+    return Observed(ds, spec, now(), job=job, pods=pods, earlier_jobs=earlier)
 
 
-@kopf.on.event("kubetune.io", "v1alpha1", PLURAL)
-def dataset_changed(
-    type: str | None, body: kopf.Body, namespace: str | None, name: str, **_: Any
+@kopf.on.event(GROUP, VERSION, DATASET.plural)
+def dataset_event(
+    type: str | None,
+    body: kopf.Body,
+    namespace: str | None,
+    name: str,
+    memo: kopf.Memo,
+    **_: Any,
 ) -> None:
     """Reconciled when the spec is new or changed, and at the operator's start (the
     initial listing, `type` None) until validation has settled; in between, the
-    validation Job's events drive it. As for FineTuneJobs, no kopf bookkeeping, and the
-    periodic resync retries what failed."""
-    if type == "DELETED":
-        PHASES.record("Dataset", namespace, name, None)
+    validation Job's events drive it. An event handler leaves no kopf bookkeeping on
+    the object and has no kopf retries: a failed reconcile leaves the object
+    unobserved, and the periodic resync takes it up again. Keeps the watch's copy of
+    every Dataset, and when one has a result, moves on the FineTuneJobs waiting for
+    it."""
+    if not namespace:
         return
-    if namespace and (unobserved(body) or (type is None and not _settled(body))):
-        reconcile(namespace, name)
+    ctx = context_of(memo)
+    if type == "DELETED":
+        ctx.watched.forget(DATASET.plural, namespace, name)
+        PHASES.record(DATASET.kind, namespace, name, None)
+        return
+    ds = plain(body)
+    ctx.watched.remember(DATASET.plural, ds)
+    if unobserved(ds) or (type is None and not validated(ds)):
+        reconcile(ctx, namespace, name)
+    if has_result(ds):
+        finetunejobs.dataset_settled(ctx, namespace, name)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_DATASET: kopf.PRESENT})
-def validation_job_event(body: kopf.Body, namespace: str | None, **_: Any) -> None:
-    owner = owner_name(body, "Dataset")
+def validation_job_event(body: kopf.Body, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+    owner = owner_name(body, DATASET.kind)
     if owner is not None and namespace:
-        reconcile(namespace, owner)
+        reconcile(context_of(memo), namespace, owner)
 
 
-def resync() -> None:
+def resync(ctx: Context) -> None:
     """Reconcile every Dataset whose validation has not settled."""
-    resync_each(PLURAL, lambda ds: not _settled(ds), reconcile)
+    resync_each(ctx, DATASET, lambda ds: not validated(ds), reconcile)

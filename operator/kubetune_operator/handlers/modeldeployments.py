@@ -1,132 +1,119 @@
-"""ModelDeployment → (adapters resolved) → vLLM Deployment + Service → status read
-back from the Deployment."""
+"""ModelDeployment handlers: observe the FineTuneJobs its adapters name and its vLLM
+Deployment, decide (resources/modeldeployment/decide.py), act."""
 
 from __future__ import annotations
 
-import copy
-import logging
 from typing import Any
 
 import kopf
 
-from kubetune_operator.api.modeldeployment import ModelDeploymentSpec
-from kubetune_operator.handlers.common import (
-    context,
-    live_object,
-    one_at_a_time,
-    resync_each,
-    write_phase,
+from kubetune_operator.api.common import GROUP, VERSION
+from kubetune_operator.api.finetunejob import FINE_TUNE_JOB
+from kubetune_operator.api.modeldeployment import MODEL_DEPLOYMENT, ModelDeploymentSpec
+from kubetune_operator.handlers.act import plain, reconcile_object, reconciling, resync_each
+from kubetune_operator.handlers.context import Context, context_of
+from kubetune_operator.observability import PHASES
+from kubetune_operator.resources.common import LABEL_MODELDEPLOYMENT, Manifest, owned_by
+from kubetune_operator.resources.conditions import unobserved
+from kubetune_operator.resources.modeldeployment.adapters import resolve_adapters
+from kubetune_operator.resources.modeldeployment.decide import (
+    Observed,
+    decide,
+    finetunejob_names,
+    serves,
+    unsettled,
 )
-from kubetune_operator.kube import Manifest, owned_by
-from kubetune_operator.observability import PHASES, RECONCILE_SECONDS
-from kubetune_operator.resources import model_deployment as serving
-from kubetune_operator.resources.status import unobserved
-
-log = logging.getLogger(__name__)
-
-PLURAL = "modeldeployments"
-EVENT_PHASES = ("Available", "Failed")
-
-
-def _write(md: Manifest, fields: Manifest, reason: str) -> Manifest | None:
-    ready = fields["phase"] == "Available"
-    return write_phase(
-        PLURAL, "ModelDeployment", md, fields, reason, ready=ready, event_phases=EVENT_PHASES
-    )
+from kubetune_operator.resources.modeldeployment.status import pods_matter
 
 
 def reconcile(
-    namespace: str, name: str, md: Manifest | None = None, deploy: Manifest | None = None
+    ctx: Context,
+    namespace: str,
+    name: str,
+    md: Manifest | None = None,
+    deploy: Manifest | None = None,
 ) -> None:
-    with (
-        one_at_a_time("ModelDeployment", namespace, name),
-        RECONCILE_SECONDS.labels("ModelDeployment").time(),
-    ):
-        _reconcile(namespace, name, md, deploy)
-
-
-def _reconcile(namespace: str, name: str, md: Manifest | None, deploy: Manifest | None) -> None:
-    ctx = context()
-    api = ctx.api
-    md = live_object(PLURAL, "ModelDeployment", namespace, name, md)
-    if md is None:
-        return
-    spec = ModelDeploymentSpec.model_validate(md["spec"])
-    finetunejobs = {
-        a.fine_tune_job: api.get_object("finetunejobs", namespace, a.fine_tune_job)
-        for a in spec.adapters
-        if a.fine_tune_job
-    }
-    adapters, blocked = serving.resolve_adapters(spec, finetunejobs)
-    served = {"servedModels": serving.served_models(spec)}
-    if blocked is not None:
-        _write(md, {"phase": blocked.phase, "message": blocked.message, **served}, blocked.reason)
-        return
-    desired = serving.deployment(serving.plan(md, adapters, ctx.settings.trainer_image))
-    uid = md["metadata"]["uid"]
-    if deploy is not None and not owned_by(deploy, uid):
-        deploy = None  # an event of a deleted namesake's Deployment
-    if deploy is None:
-        deploy = api.get_deployment(namespace, name)
-    if deploy is not None and not owned_by(deploy, uid):
-        message = (
-            f"Deployment {name} exists but does not belong to this ModelDeployment; waiting "
-            "for it to be deleted"
+    with reconciling(ctx, MODEL_DEPLOYMENT, namespace, name, md) as live:
+        if live is None:
+            return
+        spec = ModelDeploymentSpec.model_validate(live["spec"])
+        if deploy is not None and not owned_by(deploy, live["metadata"]["uid"]):
+            deploy = None  # an event of a deleted namesake's Deployment
+        reconcile_object(
+            ctx,
+            MODEL_DEPLOYMENT,
+            live,
+            lambda _: observe(ctx, live, spec, deploy),
+            lambda seen: decide(seen, ctx.settings),
         )
-        _write(md, {"phase": "Pending", "message": message, **served}, "WaitingForCleanup")
-        return
-    current_hash = ((deploy or {}).get("metadata", {}).get("annotations") or {}).get(
-        serving.SPEC_HASH
+
+
+def observe(
+    ctx: Context, md: Manifest, spec: ModelDeploymentSpec, deploy: Manifest | None
+) -> Observed:
+    """The FineTuneJobs its adapters name; once they can all be served, its Deployment
+    (``deploy``, when an event delivered it) and, while that progresses, the server
+    pods, which may say why it does not."""
+    namespace, name = md["metadata"]["namespace"], md["metadata"]["name"]
+    finetunejobs = {
+        job: ctx.api.get_object(FINE_TUNE_JOB.plural, namespace, job)
+        for job in finetunejob_names(spec)
+    }
+    if resolve_adapters(spec, finetunejobs)[1] is not None:
+        return Observed(md, spec, finetunejobs)
+    if deploy is None:
+        deploy = ctx.api.get_deployment(namespace, name)
+    ours = deploy is None or owned_by(deploy, md["metadata"]["uid"])
+    pods = (
+        ctx.api.list_pods(namespace, f"{LABEL_MODELDEPLOYMENT}={name}")
+        if ours and pods_matter(md, spec, deploy)
+        else []
     )
-    if current_hash != desired["metadata"]["annotations"][serving.SPEC_HASH]:
-        deploy = api.apply_deployment(desired)
-        api.ensure_service(serving.service(md))
-    fields, reason = serving.serving_status(md, deploy)
-    if fields["phase"] == "Progressing":
-        pods = api.list_pods(namespace, f"{serving.LABEL_MODELDEPLOYMENT}={name}")
-        fields, reason = serving.serving_status(md, deploy, pods)
-    _write(md, fields, reason)
+    return Observed(md, spec, finetunejobs, deployment=deploy, pods=pods)
 
 
-@kopf.on.event("kubetune.io", "v1alpha1", PLURAL)
+@kopf.on.event(GROUP, VERSION, MODEL_DEPLOYMENT.plural)
 def modeldeployment_event(
-    type: str | None, body: kopf.Body, namespace: str | None, name: str, **_: Any
+    type: str | None,
+    body: kopf.Body,
+    namespace: str | None,
+    name: str,
+    memo: kopf.Memo,
+    **_: Any,
 ) -> None:
     """Reconciled when its spec is new or changed, and at the operator's start; the
     Deployment's events keep its status current after that."""
     if not namespace:
         return
+    ctx = context_of(memo)
     if type == "DELETED":
-        context().watched.forget(PLURAL, namespace, name)
-        PHASES.record("ModelDeployment", namespace, name, None)
+        ctx.watched.forget(MODEL_DEPLOYMENT.plural, namespace, name)
+        PHASES.record(MODEL_DEPLOYMENT.kind, namespace, name, None)
         return
-    md = copy.deepcopy(dict(body))
-    context().watched.remember(PLURAL, md)
+    md = plain(body)
+    ctx.watched.remember(MODEL_DEPLOYMENT.plural, md)
     if unobserved(md) or type is None:
-        reconcile(namespace, name, md=md)
+        reconcile(ctx, namespace, name, md=md)
 
 
-@kopf.on.event("apps", "v1", "deployments", labels={serving.LABEL_MODELDEPLOYMENT: kopf.PRESENT})
-def deployment_event(type: str | None, body: kopf.Body, namespace: str | None, **_: Any) -> None:
-    owner = (body.get("metadata", {}).get("labels") or {}).get(serving.LABEL_MODELDEPLOYMENT)
+@kopf.on.event("apps", "v1", "deployments", labels={LABEL_MODELDEPLOYMENT: kopf.PRESENT})
+def deployment_event(
+    type: str | None, body: kopf.Body, namespace: str | None, memo: kopf.Memo, **_: Any
+) -> None:
+    owner = (body.get("metadata", {}).get("labels") or {}).get(LABEL_MODELDEPLOYMENT)
     if owner and namespace:
-        deploy = None if type == "DELETED" else copy.deepcopy(dict(body))
-        reconcile(namespace, owner, deploy=deploy)
+        deploy = None if type == "DELETED" else plain(body)
+        reconcile(context_of(memo), namespace, owner, deploy=deploy)
 
 
-def finetunejob_finished(namespace: str, finetunejob: str) -> None:
+def finetunejob_finished(ctx: Context, namespace: str, finetunejob: str) -> None:
     """Move on the ModelDeployments that wait for this FineTuneJob's adapter."""
-    for md in context().watched.all(PLURAL, namespace):
-        adapters = (md.get("spec") or {}).get("adapters") or []
-        if any(a.get("fineTuneJob") == finetunejob for a in adapters):
-            reconcile(namespace, md["metadata"]["name"])
+    for md in ctx.watched.all(MODEL_DEPLOYMENT.plural, namespace):
+        if serves(md, finetunejob):
+            reconcile(ctx, namespace, md["metadata"]["name"])
 
 
-def resync() -> None:
+def resync(ctx: Context) -> None:
     """Reconcile every ModelDeployment that is not Available: retries what failed and
     picks up adapters whose FineTuneJob finished while an event was missed."""
-    resync_each(
-        PLURAL,
-        lambda md: unobserved(md) or (md.get("status") or {}).get("phase") != "Available",
-        reconcile,
-    )
+    resync_each(ctx, MODEL_DEPLOYMENT, unsettled, reconcile)

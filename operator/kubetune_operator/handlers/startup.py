@@ -1,4 +1,4 @@
-"""Operator start-up: kopf settings and the shared API client."""
+"""Operator start-up: kopf's settings, and the periodic resync."""
 
 from __future__ import annotations
 
@@ -9,9 +9,7 @@ from typing import Any
 import kopf
 
 from kubetune_operator.handlers import datasets, finetunejobs, modeldeployments
-from kubetune_operator.handlers.common import Context, configure
-from kubetune_operator.kube import Api, load_config
-from kubetune_operator.settings import Settings
+from kubetune_operator.handlers.context import Context, context_of
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +33,7 @@ def apply_kopf_settings(settings: kopf.OperatorSettings) -> None:
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     apply_kopf_settings(settings)
-    load_config()
-    ours = Settings.from_env()
-    configure(Context(api=Api.connect(threads=HANDLER_THREADS), settings=ours))
-    memo["resync"] = asyncio.create_task(_resync_forever(ours))
+    memo["resync"] = asyncio.create_task(_resync_forever(context_of(memo)))
 
 
 @kopf.on.cleanup()
@@ -48,11 +43,11 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         task.cancel()
 
 
-async def _resync_forever(settings: Settings) -> None:
+async def _resync_forever(ctx: Context) -> None:
     while True:
-        await asyncio.sleep(settings.scrape_interval)
+        await asyncio.sleep(ctx.settings.resync_seconds)
         for resync in (datasets.resync, finetunejobs.resync, modeldeployments.resync):
             try:
-                await asyncio.to_thread(resync)
+                await asyncio.to_thread(resync, ctx)
             except Exception:
                 log.exception("periodic resync failed")

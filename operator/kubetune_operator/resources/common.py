@@ -1,5 +1,5 @@
 """Pieces every object kubetune creates shares: labels, owner references, the
-restricted security context and the names of things."""
+restricted security context, the names of things and the trainer's ServiceAccount."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ Manifest = dict[str, Any]
 MANAGED_BY = "kubetune-operator"
 LABEL_FINETUNEJOB = "kubetune.io/finetunejob"
 LABEL_DATASET = "kubetune.io/dataset"
+LABEL_MODELDEPLOYMENT = "kubetune.io/modeldeployment"
 LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
 METRICS_PORT_NAME = "metrics"
 TRAINER_SERVICE_ACCOUNT = "kubetune-trainer"
@@ -48,6 +49,22 @@ def owner_reference(owner: Mapping[str, Any]) -> Manifest:
         "controller": True,
         "blockOwnerDeletion": True,
     }
+
+
+def owned_by(obj: Mapping[str, Any], uid: str) -> bool:
+    """Whether `obj` names the object with this uid as an owner: a child found by name
+    may instead belong to a deleted object of the same name, until the garbage
+    collector removes it."""
+    refs = obj.get("metadata", {}).get("ownerReferences") or []
+    return any(ref.get("uid") == uid for ref in refs)
+
+
+def owner_name(obj: Mapping[str, Any], kind: str) -> str | None:
+    for ref in obj.get("metadata", {}).get("ownerReferences") or []:
+        if ref.get("kind") == kind:
+            name: str = ref["name"]
+            return name
+    return None
 
 
 def child_name(owner: str, suffix: str) -> str:
@@ -134,4 +151,19 @@ def event(obj: Mapping[str, Any], type_: str, reason: str, message: str, now: st
         "firstTimestamp": now,
         "lastTimestamp": now,
         "count": 1,
+    }
+
+
+def trainer_service_account(namespace: str) -> Manifest:
+    """The identity of validation and training pods: no API permissions are bound to it
+    and no token is mounted."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": {
+            "name": TRAINER_SERVICE_ACCOUNT,
+            "namespace": namespace,
+            "labels": labels("trainer", namespace),
+        },
+        "automountServiceAccountToken": False,
     }

@@ -3,7 +3,6 @@ output locations, mapped to volumes, mounts, fetch steps and paths inside the po
 
 from __future__ import annotations
 
-import json
 import posixpath
 from dataclasses import dataclass, field
 
@@ -11,6 +10,7 @@ from kubetune_operator.api.common import ModelRef, ModelSource, S3Location, Secr
 from kubetune_operator.api.dataset import DatasetSpec
 from kubetune_operator.api.finetunejob import OutputStorage
 from kubetune_operator.resources.common import Manifest, container_security_context
+from kubetune_trainer.contract.fetch import FetchSource, HttpFile, HubFile, S3Object
 
 FETCHED_FILE = "data.jsonl"
 
@@ -69,19 +69,12 @@ def s3_env(s3: S3Location) -> list[Manifest]:
 
 
 def _fetch_container(
-    name: str, image: str, source: dict[str, object], out: str, mount: Manifest, env: list[Manifest]
+    name: str, image: str, source: FetchSource, out: str, mount: Manifest, env: list[Manifest]
 ) -> Manifest:
     return {
         "name": name,
         "image": image,
-        "command": [
-            "kubetune",
-            "fetch",
-            "--source",
-            json.dumps(source, sort_keys=True),
-            "--out",
-            out,
-        ],
+        "command": ["kubetune", "fetch", "--source", source.to_json(), "--out", out],
         "env": [{"name": "HOME", "value": "/tmp"}, *env],
         "volumeMounts": [mount, {"name": "tmp", "mountPath": "/tmp"}],
         # `kubetune fetch` prints why it failed (no such key, access denied): that text
@@ -124,18 +117,17 @@ def dataset_input(volume: str, spec: DatasetSpec, mount_path: str, image: str) -
     # Remote sources are fetched by the trainer image into an emptyDir first; images
     # they reference must then be URLs or embedded data: URIs.
     env: list[Manifest] = []
-    source: dict[str, object]
+    source: FetchSource
     if src.s3 is not None:
-        source = {"s3": {"uri": src.s3.uri}}
+        source = FetchSource(s3=S3Object(uri=src.s3.uri))
         env = s3_env(src.s3)
     elif src.http is not None:
-        source = {"http": {"url": src.http.url}}
+        source = FetchSource(http=HttpFile(url=src.http.url))
     else:
         hf = src.hugging_face
         assert hf is not None  # the CRD admits exactly one source
-        source = {
-            "huggingFace": {"repo": hf.repo, "file": hf.file, "revision": hf.revision or "main"}
-        }
+        revision = {"revision": hf.revision} if hf.revision else {}
+        source = FetchSource(hugging_face=HubFile(repo=hf.repo, file=hf.file, **revision))
         if hf.token_secret_ref is not None:
             env = _secret_env(hf.token_secret_ref, {"HF_TOKEN": "HF_TOKEN"})
     out = posixpath.join(mount_path, FETCHED_FILE)
@@ -187,7 +179,7 @@ def model_folder_input(volume: str, src: ModelSource, mount_path: str, image: st
             _fetch_container(
                 f"fetch-{volume}",
                 image,
-                {"s3": {"uri": src.s3.uri}},
+                FetchSource(s3=S3Object(uri=src.s3.uri)),
                 mount_path,
                 fetch_mount,
                 s3_env(src.s3),
@@ -198,7 +190,7 @@ def model_folder_input(volume: str, src: ModelSource, mount_path: str, image: st
 
 def output_location(storage: OutputStorage, mount_path: str) -> tuple[Mounted, str]:
     """The output folder and the URI reported in status. On a PVC checkpoints outlive
-    the pod; with S3 the trainer keeps copies there (see training_job.plan)."""
+    the pod; with S3 the trainer keeps copies there (see finetunejob/training_job.plan)."""
     if storage.pvc is not None:
         pvc = storage.pvc
         mounted = Mounted(

@@ -13,7 +13,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from kubetune_trainer.config import DatasetLimits
+from kubetune_trainer.contract.job import DatasetLimits
+from kubetune_trainer.contract.summaries import ValidationSummary, dump
 from kubetune_trainer.data.convert import STYLES, convert_file
 from kubetune_trainer.data.validate import validate_file
 
@@ -125,7 +126,7 @@ def run_validate(args: argparse.Namespace) -> int:
         )
     except OSError as exc:
         message = f"{exc.filename or args.path}: {exc.strerror or exc}"
-        _write_summary(args.summary_file, {"valid": False, "error": message})
+        _write_summary(args.summary_file, dump(ValidationSummary(valid=False, error=message)))
         return _usage_error("validate", message)
     _write_summary(args.summary_file, report.summary())
     if args.json:

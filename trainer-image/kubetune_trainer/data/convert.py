@@ -1,7 +1,7 @@
 """`kubetune convert`: canonical examples out as either style, losslessly.
 
 Writing is the inverse of ``formats.parse_record`` for every valid example:
-``parse_record(to_record(e, style)) == e`` for both styles (the round-trip tests
+``parse_record(to_json_record(e, style)) == e`` for both styles (the round-trip tests
 hold this). Two kubetune extensions make that possible where the hosted formats
 have no field: ``image_details`` carries content-part ``detail`` values in
 placeholder style, and ``rejected_images`` is kept in content-part style.
@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Final, Literal, get_args
 
-from kubetune_trainer.config import DatasetLimits
+from kubetune_trainer.contract.job import DatasetLimits
 from kubetune_trainer.data.example import Example, ImageRef, Part, Turn
 from kubetune_trainer.data.formats import PLACEHOLDER
 from kubetune_trainer.data.images import image_bytes
@@ -36,7 +36,7 @@ STYLES: Final[tuple[str, ...]] = get_args(Style)
 # --- one example to one JSON object ------------------------------------------------
 
 
-def to_record(example: Example, style: Style) -> dict[str, Any]:
+def to_json_record(example: Example, style: Style) -> dict[str, Any]:
     """The JSON object for one example in the given style."""
     record = _placeholder_record(example) if style == "placeholder" else _content_record(example)
     record.update(example.extra)
@@ -166,7 +166,7 @@ def write_examples(
         for example in examples:
             if embed_images:
                 example = embed_example_images(example, root, limits)
-            fp.write(encode_record(to_record(example, style)) + b"\n")
+            fp.write(encode_record(to_json_record(example, style)) + b"\n")
             count += 1
     return count
 

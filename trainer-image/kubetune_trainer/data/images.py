@@ -27,7 +27,7 @@ from typing import BinaryIO, Final
 
 from PIL import Image
 
-from kubetune_trainer.config import DatasetLimits
+from kubetune_trainer.contract.job import DatasetLimits
 from kubetune_trainer.data import remote
 from kubetune_trainer.data.example import ImageRef
 from kubetune_trainer.data.problems import DatasetError

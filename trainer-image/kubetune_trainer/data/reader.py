@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from kubetune_trainer.config import DatasetLimits, Task
+from kubetune_trainer.contract.job import DatasetLimits, Task
 from kubetune_trainer.data.example import Example
 from kubetune_trainer.data.formats import line_style, parse_record
 from kubetune_trainer.data.jsonl import (

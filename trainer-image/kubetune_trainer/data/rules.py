@@ -6,7 +6,7 @@ the shape of each line.
 
 from __future__ import annotations
 
-from kubetune_trainer.config import DatasetLimits, Task
+from kubetune_trainer.contract.job import DatasetLimits, Task
 from kubetune_trainer.data.example import Example
 
 

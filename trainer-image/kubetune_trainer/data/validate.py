@@ -16,7 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kubetune_trainer.config import DatasetLimits, Task
+from kubetune_trainer.contract.job import DatasetLimits, Task
+from kubetune_trainer.contract.summaries import (
+    TERMINATION_LIMIT,
+    LineProblem,
+    ValidationSummary,
+    dump,
+)
 from kubetune_trainer.data.duplicates import DEFAULT_LIMIT, FingerprintTable
 from kubetune_trainer.data.example import ImageRef
 from kubetune_trainer.data.images import ImageCheck, check_image, describe
@@ -45,34 +51,35 @@ class ValidationReport:
 
     def to_json(self) -> dict[str, Any]:
         """The ``--json`` report (camelCase, as the Dataset status spells it)."""
-        return {
-            "valid": self.valid,
-            "examples": self.examples,
-            "images": self.images,
-            "textOnlyExamples": self.text_only_examples,
-            "sha256": self.sha256,
-            "errors": [{"line": p.line, "message": p.message} for p in self.errors],
-            "warnings": [{"line": p.line, "message": p.message} for p in self.warnings],
-            "errorCount": self.error_count,
-            "warningCount": self.warning_count,
-            "truncatedErrors": self.error_count - len(self.errors),
-            "truncatedWarnings": self.warning_count - len(self.warnings),
-        }
+        return dump(self._report())
 
-    def summary(self, max_bytes: int = 4096, max_errors: int = 20) -> dict[str, Any]:
-        """The report cut to fit a container termination message (Kubernetes keeps 4096
-        bytes): the counts and as many of the first errors as fit."""
-        report = self.to_json()
-        report.pop("warnings")
+    def summary(self, max_bytes: int = TERMINATION_LIMIT, max_errors: int = 20) -> dict[str, Any]:
+        """The report cut to fit a container termination message: the counts and as
+        many of the first errors as fit, without the warnings."""
+        report = self._report()
         errors = [
-            {"line": e["line"], "message": e["message"][:512]}
-            for e in report["errors"][:max_errors]
+            LineProblem(line=e.line, message=e.message[:512]) for e in report.errors[:max_errors]
         ]
         while True:
-            report["errors"] = errors
-            if len(json.dumps(report).encode()) <= max_bytes or not errors:
-                return report
+            cut = dump(report.model_copy(update={"errors": errors}), exclude={"warnings"})
+            if len(json.dumps(cut).encode()) <= max_bytes or not errors:
+                return cut
             errors = errors[:-1]
+
+    def _report(self) -> ValidationSummary:
+        return ValidationSummary(
+            valid=self.valid,
+            examples=self.examples,
+            images=self.images,
+            text_only_examples=self.text_only_examples,
+            sha256=self.sha256,
+            errors=[LineProblem(line=p.line, message=p.message) for p in self.errors],
+            warnings=[LineProblem(line=p.line, message=p.message) for p in self.warnings],
+            error_count=self.error_count,
+            warning_count=self.warning_count,
+            truncated_errors=self.error_count - len(self.errors),
+            truncated_warnings=self.warning_count - len(self.warnings),
+        )
 
     def plain_lines(self, name: str) -> Iterator[str]:
         """The plain output: ``line N: message`` per problem in line order, then a summary."""

@@ -12,6 +12,7 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from kubetune_trainer.contract import metrics as gauges
 from kubetune_trainer.training.metrics import EVAL_LOG_GAUGES, LOG_EXTRAS, LOG_GAUGES, TrainMetrics
 
 log = logging.getLogger("kubetune.train")
@@ -177,11 +178,11 @@ class Telemetry(TrainerCallback):
         elapsed = max(now - last_time, 1e-9)
         tokens = logs.get("num_tokens", last_tokens)
         values = {
-            "kubetune_train_samples_per_second": (state.global_step - last_step)
+            gauges.SAMPLES_PER_SECOND.name: (state.global_step - last_step)
             * self._samples_per_step
             / elapsed,
-            "kubetune_train_tokens_per_second": (tokens - last_tokens) / elapsed,
-            "kubetune_train_tokens_total": tokens,
+            gauges.TOKENS_PER_SECOND.name: (tokens - last_tokens) / elapsed,
+            gauges.TOKENS_TOTAL.name: tokens,
             **{gauge: logs[key] for key, gauge in LOG_GAUGES.items() if key in logs},
         }
         self._last = (now, state.global_step, tokens)
@@ -195,7 +196,7 @@ class Telemetry(TrainerCallback):
             _extras(logs),
             _fmt(self.eval_loss, ".4f"),
             _fmt(logs.get("learning_rate"), ".2e"),
-            values["kubetune_train_tokens_per_second"],
+            values[gauges.TOKENS_PER_SECOND.name],
             "-" if eta is None else timedelta(seconds=round(eta)),
         )
         self._publish(state, values)
@@ -204,17 +205,17 @@ class Telemetry(TrainerCallback):
         if self.metrics is None:
             return
         progress = {
-            "kubetune_train_step": float(state.global_step),
-            "kubetune_train_total_steps": float(state.max_steps),
-            "kubetune_epoch": float(state.epoch or 0.0),
+            gauges.TRAIN_STEP.name: float(state.global_step),
+            gauges.TRAIN_TOTAL_STEPS.name: float(state.max_steps),
+            gauges.EPOCH.name: float(state.epoch or 0.0),
         }
         if self.eval_loss is not None:
-            progress["kubetune_eval_loss"] = self.eval_loss
+            progress[gauges.EVAL_LOSS.name] = self.eval_loss
         if self.best_eval_loss is not None:
-            progress["kubetune_best_eval_loss"] = self.best_eval_loss
+            progress[gauges.BEST_EVAL_LOSS.name] = self.best_eval_loss
         if self.best_step is not None:
-            progress["kubetune_best_step"] = float(self.best_step)
+            progress[gauges.BEST_STEP.name] = float(self.best_step)
         eta = self.eta_seconds(state, time.monotonic())
         if eta is not None:
-            progress["kubetune_eta_seconds"] = eta
+            progress[gauges.ETA_SECONDS.name] = eta
         self.metrics.update({**progress, **self.eval_values, **values})

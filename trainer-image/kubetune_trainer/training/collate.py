@@ -27,15 +27,13 @@ import torch
 from PIL import Image
 
 from kubetune_trainer.data import DatasetError
+from kubetune_trainer.training.records import ChatRecord, PlannedTokens
 
 IGNORE_INDEX = -100
 
 # The per-token tensors a processor returns (shape batch x sequence); everything else
 # (pixel values, image grids) describes images and is left as it is by truncation.
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "labels", "token_type_ids", "mm_token_type_ids")
-
-TOKENS = "tokens"
-"""Record key: the example's per-token sequences from planning, cut to its kept length."""
 
 log = logging.getLogger("kubetune.train")
 
@@ -59,7 +57,7 @@ class ChatEncoder:
     reuse_tokens: bool | None = None
 
     def conversations(
-        self, records: Sequence[Mapping[str, Any]], *, prompt_only: bool
+        self, records: Sequence[ChatRecord], *, prompt_only: bool
     ) -> list[list[dict[str, Any]]]:
         chats = []
         for record in records:
@@ -83,7 +81,7 @@ class ChatEncoder:
 
     def encode(
         self,
-        records: Sequence[Mapping[str, Any]],
+        records: Sequence[ChatRecord],
         *,
         prompt_only: bool = False,
         padding_side: str = "right",
@@ -95,7 +93,7 @@ class ChatEncoder:
             self.reuse_tokens
             and not prompt_only
             and padding_side == "right"
-            and all(TOKENS in record for record in records)
+            and all("tokens" in record for record in records)
         ):
             return self.from_tokens(records)
         chats = self.conversations(records, prompt_only=prompt_only)
@@ -119,21 +117,19 @@ class ChatEncoder:
             )
         return dict(out)
 
-    def planned_tokens(
-        self, encoded: Mapping[str, torch.Tensor], keep: int
-    ) -> dict[str, list[int]]:
-        """The per-token sequences of a one-example encoding, cut to ``keep`` tokens: what
-        a record carries under TOKENS."""
+    def planned_tokens(self, encoded: Mapping[str, torch.Tensor], keep: int) -> PlannedTokens:
+        """The per-token sequences of a one-example encoding, cut to ``keep`` tokens: a
+        record's ``tokens``."""
         return {
             key: encoded[key][0, :keep].tolist()
             for key in (*SEQUENCE_KEYS, "assistant_masks")
             if key in encoded
         }
 
-    def from_tokens(self, records: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    def from_tokens(self, records: Sequence[ChatRecord]) -> dict[str, torch.Tensor]:
         """The batch from the records' planned tokens, right-padded, and their images
         through the image processor (nested per record, as a processor passes them)."""
-        rows = [record[TOKENS] for record in records]
+        rows = [record["tokens"] for record in records]
         width = max(len(row["input_ids"]) for row in rows)
         batch: dict[str, Any] = {}
         for key in rows[0]:
@@ -153,9 +149,7 @@ class ChatEncoder:
                 batch.update(self.processing.image_processor(images=images, return_tensors="pt"))
         return batch
 
-    def check_reuse(
-        self, kept: Sequence[Mapping[str, Any]], whole: Sequence[Mapping[str, Any]]
-    ) -> None:
+    def check_reuse(self, kept: Sequence[ChatRecord], whole: Sequence[ChatRecord]) -> None:
         """Compare a batch built from planned tokens with the processor's own batch of the
         same records, and reuse tokens only while every such comparison matched. ``whole``
         holds the records of ``kept`` left untruncated (a truncated row differs in its
@@ -171,7 +165,7 @@ class ChatEncoder:
             return
         if not sample:
             return
-        fresh = self.encode([{k: v for k, v in r.items() if k != TOKENS} for r in sample])
+        fresh = self.encode([without_tokens(r) for r in sample])
         reused = self.from_tokens(sample)
         same = fresh.keys() == reused.keys() and all(
             fresh[key].dtype == reused[key].dtype and torch.equal(fresh[key], reused[key])
@@ -183,6 +177,13 @@ class ChatEncoder:
                 "output: encoding each batch in full"
             )
         self.reuse_tokens = same
+
+
+def without_tokens(record: ChatRecord) -> ChatRecord:
+    """The record without its planned tokens: encoding it runs the processor."""
+    unplanned = record.copy()
+    unplanned.pop("tokens", None)
+    return unplanned
 
 
 def assistant_labels(
@@ -231,11 +232,11 @@ def keep_length(
 
 def plan_row(
     encoder: ChatEncoder,
-    record: Mapping[str, Any],
+    record: ChatRecord,
     max_length: int,
     *,
     final_turn_only: bool = False,
-) -> tuple[int | None, int, dict[str, list[int]] | None]:
+) -> tuple[int | None, int, PlannedTokens | None]:
     """Encode one chat: (kept length or None to drop it, full length, its planned tokens).
     The loss falls on every assistant turn, or with ``final_turn_only`` on the last one
     (DPO's completion); a chat whose template marks none is refused."""
@@ -268,7 +269,7 @@ class SFTCollator:
     encoder: ChatEncoder
     final_turn_only: bool = False
 
-    def __call__(self, records: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, records: Sequence[ChatRecord]) -> dict[str, torch.Tensor]:
         batch = self.encoder.encode(records)
         batch["labels"] = assistant_labels(
             batch["input_ids"],

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kubetune_trainer.config import Hyperparameters
+from kubetune_trainer.contract.job import Hyperparameters
 
 _DEFAULT_MAX_PIXELS = Hyperparameters.model_fields["max_pixels"].default
 
@@ -86,7 +86,7 @@ def _quiet_libraries() -> None:
 def train_command(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from kubetune_trainer.config import EXIT_INVALID_JOB, TrainingConfig
+    from kubetune_trainer.contract.job import EXIT_INVALID_JOB, TrainingConfig
 
     try:
         config = TrainingConfig.model_validate_json(Path(args.config).read_bytes())

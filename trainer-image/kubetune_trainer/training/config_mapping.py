@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from peft import LoraConfig
 from trl import SFTConfig
 
-from kubetune_trainer.config import TrainingConfig
+from kubetune_trainer.contract.job import TrainingConfig
 
 if TYPE_CHECKING:
     from trl import DPOConfig

@@ -24,7 +24,7 @@ from kubetune_trainer.training.models import (
     tokenizer_of,
 )
 from kubetune_trainer.training.preference import PreferenceCollator, to_preference_record
-from kubetune_trainer.training.records import to_record
+from kubetune_trainer.training.records import ChatRecord, PreferenceRecord, to_chat_record
 from kubetune_trainer.training.sft import chat_encoder
 
 Context = Callable[[], contextlib.AbstractContextManager[Any]]
@@ -59,7 +59,7 @@ def score(
     model: Any,
     encoder: ChatEncoder,
     examples: Sequence[Example],
-    records: Sequence[dict[str, Any]],
+    records: Sequence[ChatRecord],
     *,
     max_new_tokens: int,
     batch_size: int,
@@ -107,7 +107,7 @@ def _logits(model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 
 @torch.no_grad()
 def preference(
-    model: Any, encoder: ChatEncoder, records: Sequence[dict[str, Any]], *, batch_size: int
+    model: Any, encoder: ChatEncoder, records: Sequence[PreferenceRecord], *, batch_size: int
 ) -> Preference:
     """Preference accuracy and margin of ``model`` on preference records."""
     collator = PreferenceCollator(encoder)
@@ -144,7 +144,7 @@ def kl_to_base(
     base: Any,
     as_base: Context,
     encoder: ChatEncoder,
-    records: Sequence[dict[str, Any]],
+    records: Sequence[ChatRecord],
     *,
     batch_size: int,
 ) -> float | None:
@@ -214,7 +214,7 @@ def evaluate(
 
     examples = list(read_examples(data))
     root = Path(image_root) if image_root else Path(data).resolve().parent
-    records = [to_record(e, root, multimodal=multimodal) for e in examples]
+    records = [to_chat_record(e, root, multimodal=multimodal) for e in examples]
     pairs = (
         [to_preference_record(e, root, multimodal=multimodal) for e in examples]
         if examples and all(e.rejected is not None for e in examples)

@@ -1,17 +1,20 @@
 """What the runner hands to a method's trainer builder, what the builder reports back
-about the data, and the error either raises for a job that cannot run."""
+about the data, and the error either raises for a job that cannot run.
+
+records.py imports JobError from here, so the data preparation here is generic over the
+record type (records.py's ChatRecord or PreferenceRecord) instead of importing it."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from transformers import PreTrainedModel, TrainerCallback
 
-from kubetune_trainer.config import TrainingConfig
+from kubetune_trainer.contract.job import TrainingConfig
 from kubetune_trainer.data.example import Example
 from kubetune_trainer.training.config_mapping import Hardware
 from kubetune_trainer.training.models import is_multimodal
@@ -42,9 +45,11 @@ class JobError(ValueError):
     """The job cannot run as configured (not a bug): reported without a traceback."""
 
 
-RecordMaker = Callable[..., dict[str, Any]]
+Record = TypeVar("Record", bound=Mapping[str, Any])
+
+RecordMaker = Callable[..., Record]
 """(example, image root, *, multimodal) -> the record a method's collator encodes."""
-Planner = Callable[[Any, list[dict[str, Any]], int], tuple[list[dict[str, Any]], int, int]]
+Planner = Callable[[Any, list[Record], int], tuple[list[Record], int, int]]
 """(encoder, records, maxContextLength) -> (records kept with their lengths, truncated,
 dropped)."""
 
@@ -64,8 +69,8 @@ class PreparedData:
 def prepare_data(
     inputs: TrainerInputs,
     encoder: Any,
-    make_record: RecordMaker,
-    plan: Planner,
+    make_record: RecordMaker[Record],
+    plan: Planner[Record],
     unit: str,
     image_columns: tuple[str, ...] = ("images",),
 ) -> PreparedData:
@@ -75,7 +80,7 @@ def prepare_data(
     hp = inputs.config.hyperparameters
     multimodal = is_multimodal(inputs.processing)
 
-    def planned(examples: Sequence[Example], root: Path) -> tuple[list[dict[str, Any]], int, int]:
+    def planned(examples: Sequence[Example], root: Path) -> tuple[list[Record], int, int]:
         records = [make_record(e, root, multimodal=multimodal) for e in examples]
         return plan(encoder, records, hp.max_context_length)
 
@@ -110,7 +115,10 @@ def prepare_data(
 
 
 def records_dataset(
-    records: list[dict[str, Any]], *, multimodal: bool, image_columns: tuple[str, ...] = ("images",)
+    records: Sequence[Mapping[str, Any]],
+    *,
+    multimodal: bool,
+    image_columns: tuple[str, ...] = ("images",),
 ) -> Any:
     """The records as a datasets.Dataset for a TRL trainer. For a text-only model the
     image columns go: TRL takes an "images" column as the sign of a vision dataset,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +26,6 @@ from kubetune_trainer.data.example import Example
 from kubetune_trainer.training.checkpoints import ResumableCheckpoints
 from kubetune_trainer.training.collate import (
     IGNORE_INDEX,
-    TOKENS,
     ChatEncoder,
     assistant_labels,
     plan_row,
@@ -39,21 +38,26 @@ from kubetune_trainer.training.inputs import (
     prepare_data,
 )
 from kubetune_trainer.training.models import default_lora_targets
-from kubetune_trainer.training.records import to_messages, to_record
+from kubetune_trainer.training.records import (
+    ChatRecord,
+    PlannedTokens,
+    PreferenceRecord,
+    to_chat_record,
+    to_messages,
+)
+from kubetune_trainer.training.sft import chat_encoder
 
-REJECTED_TOKENS = "rejected_tokens"
 
-
-def to_preference_record(example: Example, image_root: Any, *, multimodal: bool) -> dict[str, Any]:
-    """A chat record for the chosen branch plus ``rejected_messages`` and
-    ``rejected_images`` for the rejected one: the same prompt ending in the rejected
-    reply, with the example's ``rejected_images`` (when given) in place of the prompt's."""
+def to_preference_record(
+    example: Example, image_root: Any, *, multimodal: bool
+) -> PreferenceRecord:
+    """The preference record of a pair: its rejected branch has the example's
+    ``rejected_images`` (when given) in place of the prompt's."""
     if example.rejected is None:
         raise DatasetError(
             example.line,
             "method dpo needs preference pairs: this example has no rejected reply",
         )
-    record = to_record(example, image_root, multimodal=multimodal)
     prompt_images = [image.source for turn in example.prompt for image in turn.images]
     rejected_images = (
         [image.source for image in example.rejected_images]
@@ -62,39 +66,52 @@ def to_preference_record(example: Example, image_root: Any, *, multimodal: bool)
     )
     rejected_images += [image.source for image in example.rejected.images]
     rejected_turns = (*example.prompt, example.rejected)
-    record["rejected_messages"] = json.dumps(
-        to_messages(rejected_turns, example.line, multimodal=multimodal)
-    )
-    record["rejected_images"] = rejected_images
-    return record
+    return {
+        **to_chat_record(example, image_root, multimodal=multimodal),
+        "rejected_messages": json.dumps(
+            to_messages(rejected_turns, example.line, multimodal=multimodal)
+        ),
+        "rejected_images": rejected_images,
+    }
 
 
-def branches(
-    records: Sequence[Mapping[str, Any]],
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _branch(
+    pair: PreferenceRecord,
+    messages: str,
+    images: list[str],
+    keep: int | None,
+    tokens: PlannedTokens | None,
+) -> ChatRecord:
+    branch: ChatRecord = {
+        "messages": messages,
+        "images": images,
+        "root": pair["root"],
+        "line": pair["line"],
+    }
+    if keep is not None:
+        branch["keep"] = keep
+    if tokens is not None:
+        branch["tokens"] = tokens
+    return branch
+
+
+def branches(records: Sequence[PreferenceRecord]) -> tuple[list[ChatRecord], list[ChatRecord]]:
     """(chosen, rejected): each pair as two plain chat records for the encoder, with the
-    planned tokens of each branch once planning has set them."""
-    chosen, rejected = [], []
-    for r in records:
-        common = {"root": r["root"], "line": r["line"]}
-        chosen.append(
-            {
-                **common,
-                "messages": r["messages"],
-                "images": r.get("images", []),
-                "keep": r.get("keep"),
-                **({TOKENS: r[TOKENS]} if TOKENS in r else {}),
-            }
+    planned length and tokens of each branch once planning has set them."""
+    chosen = [
+        _branch(r, r["messages"], r.get("images", []), r.get("keep"), r.get("tokens"))
+        for r in records
+    ]
+    rejected = [
+        _branch(
+            r,
+            r["rejected_messages"],
+            r.get("rejected_images", []),
+            r.get("rejected_keep"),
+            r.get("rejected_tokens"),
         )
-        rejected.append(
-            {
-                **common,
-                "messages": r["rejected_messages"],
-                "images": r.get("rejected_images", []),
-                "keep": r.get("rejected_keep"),
-                **({TOKENS: r[REJECTED_TOKENS]} if REJECTED_TOKENS in r else {}),
-            }
-        )
+        for r in records
+    ]
     return chosen, rejected
 
 
@@ -106,7 +123,7 @@ class PreferenceCollator:
 
     encoder: ChatEncoder
 
-    def __call__(self, records: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, records: Sequence[PreferenceRecord]) -> dict[str, torch.Tensor]:
         chosen, rejected = branches(records)
         rows = chosen + rejected
         batch = self.encoder.encode(rows)
@@ -117,7 +134,7 @@ class PreferenceCollator:
             final_turn_only=True,
         )
         batch["labels"] = labels
-        keep = [row["keep"] for row in rows]
+        keep = [row.get("keep") for row in rows]
         if any(k is not None and k < batch["input_ids"].shape[1] for k in keep):
             truncate_rows(batch, keep)
         batch["completion_mask"] = (batch.pop("labels") != IGNORE_INDEX).long()
@@ -125,18 +142,18 @@ class PreferenceCollator:
 
 
 def plan_pairs(
-    encoder: ChatEncoder, records: Sequence[dict[str, Any]], max_length: int
-) -> tuple[list[dict[str, Any]], int, int]:
+    encoder: ChatEncoder, records: Sequence[PreferenceRecord], max_length: int
+) -> tuple[list[PreferenceRecord], int, int]:
     """The pairs to train on, each with the ``keep`` length of its chosen and
     (``rejected_keep``) rejected chat, and how many were truncated and dropped: a pair
     is dropped when either chat would have to lose image tokens or its whole reply."""
-    kept: list[dict[str, Any]] = []
-    rows: list[dict[str, Any]] = []  # both branches of every kept pair
-    whole: list[dict[str, Any]] = []  # those of the pairs kept untruncated
+    kept: list[PreferenceRecord] = []
+    rows: list[ChatRecord] = []  # both branches of every kept pair
+    whole: list[ChatRecord] = []  # those of the pairs kept untruncated
     truncated = dropped = 0
     for record in records:
         keeps: list[int] = []
-        tokens: list[dict[str, list[int]]] = []
+        tokens: list[PlannedTokens] = []
         cut = 0
         for branch in branches([record]):
             keep, length, planned = plan_row(encoder, branch[0], max_length, final_turn_only=True)
@@ -154,8 +171,8 @@ def plan_pairs(
                 **record,
                 "keep": keeps[0],
                 "rejected_keep": keeps[1],
-                TOKENS: tokens[0],
-                REJECTED_TOKENS: tokens[1],
+                "tokens": tokens[0],
+                "rejected_tokens": tokens[1],
             }
         )
         chosen, rejected = branches([kept[-1]])
@@ -176,9 +193,7 @@ class KubetuneDPOTrainer(ResumableCheckpoints, DPOTrainer):
         return dataset
 
 
-def build_dpo_trainer(inputs: TrainerInputs) -> tuple[DPOTrainer, DataStats]:
-    from kubetune_trainer.training.sft import chat_encoder
-
+def build_trainer(inputs: TrainerInputs) -> tuple[DPOTrainer, DataStats]:
     config = inputs.config
     encoder = chat_encoder(inputs.processing, config.hyperparameters.max_pixels)
     data = prepare_data(

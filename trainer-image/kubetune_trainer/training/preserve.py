@@ -9,9 +9,12 @@ on the same inputs, images included.
 Written by hand on top of TRL's SFTTrainer: TRL has distillation trainers (GKD and
 distillation) but they generate on-policy and take a separate teacher model, and the
 SFTTrainer's fused LM head returns log-probabilities of the labels only, not the
-logits over the vocabulary that a KL needs. So this trainer runs the model's ordinary
+logits over the vocabulary that a KL needs. So the loss here runs the model's ordinary
 forward (logits) and computes both terms itself. With LoRA the base is the same model
 with the adapter switched off (no second copy); with full tuning, a frozen copy.
+
+``PreserveSkillsLoss`` is a mixin: sft.py puts it ahead of its own SFT trainer to make
+``PreserveSkillsSFTTrainer``, so this module needs nothing from sft.py.
 """
 
 from __future__ import annotations
@@ -23,9 +26,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from peft import PeftModel
+from trl import SFTTrainer
 
 from kubetune_trainer.training.collate import IGNORE_INDEX
-from kubetune_trainer.training.sft import KubetuneSFTTrainer
 
 
 def distillation_kl(
@@ -38,9 +41,15 @@ def distillation_kl(
     return (base_logps.exp() * (base_logps - logps)).sum(dim=-1)
 
 
-class PreserveSkillsSFTTrainer(KubetuneSFTTrainer):
+class PreserveSkillsLoss(SFTTrainer):
     """SFT plus ``kl_weight`` x T^2 x KL to the frozen base on the assistant tokens.
-    Logs ``kl`` (the mean per-token KL at temperature T) beside the loss."""
+    Logs ``kl`` (the mean per-token KL at temperature T) beside the loss.
+
+    Its base is SFTTrainer, whose state the loss uses, so that it type-checks; it goes
+    first among the bases of the trainer it is mixed into."""
+
+    # The Trainer types its model as optional, but it is set before any loss is computed.
+    model: Any
 
     def __init__(
         self,

@@ -1,13 +1,9 @@
 """Canonical examples -> the chat records the collator encodes, plus the validation split
 and the dataset checksum.
 
-A record is a plain dict so that it can live in a ``datasets.Dataset`` (which TRL's
-trainers require): ``messages`` (the chat as JSON, image parts as ``{"type": "image"}``
-placeholders), ``images`` (their sources, in order), ``root`` (where relative image
-paths resolve: the training and validation files may have different ones) and ``line``
-(for error messages).
-Images are opened only when a batch is collated, so a large dataset never sits decoded
-in memory.
+A record is a plain dict, typed as a ``TypedDict``, so that it can live in a
+``datasets.Dataset`` (which TRL's trainers require). Images are opened only when a
+batch is collated, so a large dataset never sits decoded in memory.
 """
 
 from __future__ import annotations
@@ -17,13 +13,39 @@ import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NotRequired, TypedDict, TypeVar
 
 from kubetune_trainer.data import DatasetError
 from kubetune_trainer.data.example import Example, ImageRef, Turn
 from kubetune_trainer.training.inputs import JobError
 
 T = TypeVar("T")
+
+PlannedTokens = dict[str, list[int]]
+"""A chat's per-token sequences (input ids, attention and assistant masks...) as planning
+encoded them, cut to its kept length."""
+
+
+class ChatRecord(TypedDict):
+    """One chat as the collator encodes it."""
+
+    messages: str  # the chat as JSON, image parts as {"type": "image"} placeholders
+    images: list[str]  # their sources, in order; a text-only model's dataset drops them
+    root: str  # where relative image paths resolve: each data file may have its own
+    line: int  # the example's line in its file, for error messages
+    # Set by planning: how many leading tokens to train on, and the tokens themselves.
+    keep: NotRequired[int]
+    tokens: NotRequired[PlannedTokens]
+
+
+class PreferenceRecord(ChatRecord):
+    """A chat record for the chosen branch of a preference pair plus the rejected one:
+    the same prompt ending in the rejected reply."""
+
+    rejected_messages: str
+    rejected_images: list[str]
+    rejected_keep: NotRequired[int]
+    rejected_tokens: NotRequired[PlannedTokens]
 
 
 def _content(turn: Turn, line: int, *, multimodal: bool) -> Any:
@@ -44,7 +66,7 @@ def to_messages(turns: Sequence[Turn], line: int, *, multimodal: bool) -> list[d
     return [{"role": t.role, "content": _content(t, line, multimodal=multimodal)} for t in turns]
 
 
-def to_record(example: Example, image_root: str | Path, *, multimodal: bool) -> dict[str, Any]:
+def to_chat_record(example: Example, image_root: str | Path, *, multimodal: bool) -> ChatRecord:
     return {
         "messages": json.dumps(to_messages(example.turns, example.line, multimodal=multimodal)),
         "images": [image.source for image in example.images],

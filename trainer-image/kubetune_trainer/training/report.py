@@ -8,10 +8,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-# Kubernetes keeps at most 4096 bytes of a termination message; a dozen numbers and a
-# few strings of this length stay well within it. The end of a string is kept: it holds
-# the last path component and the last line of an error.
-TERMINATION_LIMIT = 4096
+from kubetune_trainer.contract.summaries import (
+    TrainingReport,
+    TrainingSummary,
+    dump,
+)
+
+# The end of a string is kept: it holds the last path component and the last line of
+# an error. A dozen numbers and a few strings of this length stay well within the
+# termination message's limit.
 _MAX_STRING = 400
 
 Curve = list[tuple[int, float]]
@@ -30,29 +35,29 @@ def loss_curves(log_history: Iterable[Mapping[str, Any]]) -> tuple[Curve, Curve]
     return train, evaluation
 
 
-# Method-specific log entries reported as train<Name> (latest training log) and
-# eval<Name> (the evaluation at bestStep, whose model is the one exported).
+# Method-specific log entries and the figures they become: the latest training log's,
+# and the evaluation's at bestStep (whose model is the one exported).
 _METHOD_FIGURES = {
-    "rewards/margins": "RewardMargin",
-    "rewards/accuracies": "PreferenceAccuracy",
-    "kl": "Kl",
+    "rewards/margins": ("train_reward_margin", "eval_reward_margin"),
+    "rewards/accuracies": ("train_preference_accuracy", "eval_preference_accuracy"),
+    "kl": ("train_kl", "eval_kl"),
 }
 
 
 def method_figures(
     log_history: Sequence[Mapping[str, Any]], best_step: int | None
-) -> dict[str, Any]:
+) -> dict[str, float | None]:
     """DPO's reward margin and preference accuracy, preserve-skills' KL: whichever the
-    run logged."""
-    figures: dict[str, Any] = {}
-    for key, name in _METHOD_FIGURES.items():
+    run logged, by TrainingFigures field."""
+    figures: dict[str, float | None] = {}
+    for key, (train_field, eval_field) in _METHOD_FIGURES.items():
         train = [e[key] for e in log_history if key in e and "loss" in e]
         if train:
-            figures[f"train{name}"] = finite_or_none(float(train[-1]))
+            figures[train_field] = finite_or_none(float(train[-1]))
         evaluated = [e for e in log_history if f"eval_{key}" in e]
         at_best = [e for e in evaluated if e.get("step") == best_step] or evaluated
         if at_best:
-            figures[f"eval{name}"] = finite_or_none(float(at_best[-1][f"eval_{key}"]))
+            figures[eval_field] = finite_or_none(float(at_best[-1][f"eval_{key}"]))
     return figures
 
 
@@ -70,35 +75,42 @@ def build_report(
     log_history: Sequence[Mapping[str, Any]],
     run: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """report.json: ``run`` (the facts the runner gathered: steps, throughput, data
-    counts, output) plus the final and best losses and the loss curves."""
+    """report.json: ``run`` (the facts the runner gathered, TrainingSummary fields:
+    steps, throughput, data counts, output) plus the final and best losses and the loss
+    curves."""
     train, evaluation = loss_curves(log_history)
     best = min(evaluation, key=lambda point: point[1]) if evaluation else None
-    return {
-        "ok": True,
-        "phase": "Succeeded",
-        **run,
-        "trainLoss": finite_or_none(_last(train)),
-        "evalLoss": finite_or_none(_last(evaluation)),
-        "bestEvalLoss": finite_or_none(best[1]) if best else None,
-        "bestStep": best[0] if best else None,
-        **method_figures(log_history, best[0] if best else None),
-        "history": {"train": train, "eval": evaluation},
-    }
+    facts = TrainingSummary.model_validate(run).model_dump(exclude_unset=True)
+    report = TrainingReport.model_validate(
+        {
+            "ok": True,
+            "phase": "Succeeded",
+            **facts,
+            "train_loss": finite_or_none(_last(train)),
+            "eval_loss": finite_or_none(_last(evaluation)),
+            "best_eval_loss": finite_or_none(best[1]) if best else None,
+            "best_step": best[0] if best else None,
+            **method_figures(log_history, best[0] if best else None),
+            "history": {"train": train, "eval": evaluation},
+        }
+    )
+    return dump(report)
 
 
 def termination_summary(report: Mapping[str, Any]) -> dict[str, Any]:
     """The report without its curves, its strings (paths, error message) cut short so
     that the whole always fits a termination message."""
-    return {
-        key: value[-_MAX_STRING:] if isinstance(value, str) else value
-        for key, value in report.items()
-        if key != "history"
-    }
+    whole = TrainingReport.model_validate(report).model_dump(exclude_unset=True)
+    whole.pop("history", None)
+    return dump(
+        TrainingSummary.model_validate(
+            {k: v[-_MAX_STRING:] if isinstance(v, str) else v for k, v in whole.items()}
+        )
+    )
 
 
 def failure_summary(message: str) -> dict[str, Any]:
-    return termination_summary({"ok": False, "phase": "Failed", "message": message})
+    return termination_summary(dump(TrainingSummary(ok=False, phase="Failed", message=message)))
 
 
 def write_json(path: str | Path, value: Any) -> None:

@@ -7,6 +7,7 @@ its trainer (``BUILDERS``), so DPO slots in beside SFT.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import resource
@@ -23,7 +24,9 @@ from transformers import (
     TrainerState,
 )
 
-from kubetune_trainer.config import EXIT_CANNOT_SUCCEED, EXIT_FAILED, TrainingConfig
+from kubetune_trainer.contract.job import EXIT_CANNOT_SUCCEED, EXIT_FAILED, TrainingConfig
+from kubetune_trainer.contract.rules import REQUIREMENTS, broken
+from kubetune_trainer.contract.summaries import TrainingReport, TrainingSummary, dump
 from kubetune_trainer.data import DatasetError, read_examples
 from kubetune_trainer.training.callbacks import EvalSaveSchedule, Telemetry
 from kubetune_trainer.training.checkpoints import (
@@ -46,7 +49,6 @@ from kubetune_trainer.training.report import (
     write_json,
     write_termination_log,
 )
-from kubetune_trainer.training.sft import build_sft_trainer
 from kubetune_trainer.transfer import FetchError, upload_s3
 
 log = logging.getLogger("kubetune.train")
@@ -54,15 +56,21 @@ log = logging.getLogger("kubetune.train")
 Builder = Callable[[TrainerInputs], tuple[Trainer, DataStats]]
 
 
-def build_dpo_trainer(inputs: TrainerInputs) -> tuple[Trainer, DataStats]:
-    # Imported only for a DPO run: TRL's DPOTrainer brings modules (rich's progress
-    # display among them) that an SFT run would otherwise hold in memory throughout.
-    from kubetune_trainer.training.preference import build_dpo_trainer as build
+BUILDERS: dict[str, str] = {
+    "sft": "kubetune_trainer.training.sft",
+    "dpo": "kubetune_trainer.training.preference",
+}
+"""Each method's module, whose ``build_trainer`` is the method's Builder. Only the run's
+own method is imported: TRL's DPOTrainer brings modules (rich's progress display among
+them) that an SFT run would otherwise hold in memory throughout."""
 
-    return build(inputs)
 
-
-BUILDERS: dict[str, Builder] = {"sft": build_sft_trainer, "dpo": build_dpo_trainer}
+def load_builder(method: str) -> Builder:
+    module = BUILDERS.get(method)
+    if module is None:
+        raise JobError(f"method {method!r} is not supported by this trainer version yet")
+    builder: Builder = importlib.import_module(module).build_trainer
+    return builder
 
 
 def is_main_process() -> bool:
@@ -108,7 +116,7 @@ def split_data(config: TrainingConfig) -> tuple[list[Any], Path, list[Any], Path
 def peak_memory() -> dict[str, int | None]:
     rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-    return {"peakMemoryBytes": rss_kib * 1024, "peakGpuMemoryBytes": gpu}
+    return {"peak_memory_bytes": rss_kib * 1024, "peak_gpu_memory_bytes": gpu}
 
 
 def run(config: TrainingConfig, *, callbacks: Sequence[TrainerCallback] = ()) -> int:
@@ -143,18 +151,19 @@ def run(config: TrainingConfig, *, callbacks: Sequence[TrainerCallback] = ()) ->
             write_termination_log(config.termination_log, failure_summary(str(exc)))
             return EXIT_FAILED
         log.info("uploaded %d files to %s", sent, config.output_uri)
-        report = {**report, "outputUri": config.output_uri}
+        report |= dump(TrainingSummary(output_uri=config.output_uri))
     if main and report is not None and config.checkpoint_uri:
         drop_copies(config.checkpoint_uri)
     if main and report is not None:
         write_termination_log(config.termination_log, termination_summary(report))
+        done = TrainingReport.model_validate(report)
         log.info(
             "done: %d steps, train loss %s, best eval loss %s at step %s; output in %s",
-            report["steps"],
-            report["trainLoss"],
-            report["bestEvalLoss"],
-            report["bestStep"],
-            report["outputDir"],
+            done.steps,
+            done.train_loss,
+            done.best_eval_loss,
+            done.best_step,
+            done.output_dir,
         )
     return 0
 
@@ -184,14 +193,11 @@ def _train(
 ) -> dict[str, Any] | None:
     """Train, export, and (main process) write report.json and loss.png and return the
     report."""
-    builder = BUILDERS.get(config.method)
-    if builder is None:
-        raise JobError(f"method {config.method!r} is not supported by this trainer version yet")
+    builder = load_builder(config.method)
+    unmet = broken(REQUIREMENTS, config)
+    if unmet:
+        raise JobError("; ".join(unmet))
     has_eval = config.validation is not None
-    if config.early_stopping and not has_eval:
-        raise JobError(
-            "earlyStopping needs validation data (validation.split or validation.dataset)"
-        )
     verify_dataset(config)
     hardware = Hardware.detect()
     processing = load_processing(config.base_model, trust_remote_code=config.trust_remote_code)
@@ -266,23 +272,23 @@ def _report(
         run={
             "method": config.method,
             "tuning": config.tuning,
-            "baseModel": config.base_model,
-            "outputDir": str(Path(config.output_dir).resolve()),
+            "base_model": config.base_model,
+            "output_dir": str(Path(config.output_dir).resolve()),
             "steps": state.global_step,
-            "totalSteps": state.max_steps,
+            "total_steps": state.max_steps,
             "epoch": state.epoch,
-            "earlyStopped": state.global_step < state.max_steps,
-            "resumedFrom": str(resumed_from) if resumed_from else None,
-            "trainExamples": stats.train_examples,
-            "evalExamples": stats.eval_examples,
-            "truncatedExamples": stats.truncated,
-            "droppedExamples": stats.dropped,
-            "trainRuntimeSeconds": runtime,
+            "early_stopped": state.global_step < state.max_steps,
+            "resumed_from": str(resumed_from) if resumed_from else None,
+            "train_examples": stats.train_examples,
+            "eval_examples": stats.eval_examples,
+            "truncated_examples": stats.truncated,
+            "dropped_examples": stats.dropped,
+            "train_runtime_seconds": runtime,
             # This process's share of the run (all of it unless it resumed).
-            "samplesPerSecond": ((state.epoch or 0.0) - start_epoch)
+            "samples_per_second": ((state.epoch or 0.0) - start_epoch)
             * stats.train_examples
             / runtime,
-            "tokensPerSecond": tokens / runtime,
+            "tokens_per_second": tokens / runtime,
             **peak_memory(),
         },
     )

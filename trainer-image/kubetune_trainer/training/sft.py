@@ -1,5 +1,5 @@
 """Supervised fine-tuning: chat records with planned lengths, the collator and TRL's
-SFTTrainer."""
+SFTTrainer, with preserve.py's loss when the job preserves general skills."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 from trl import SFTTrainer
 
 from kubetune_trainer.training.checkpoints import ResumableCheckpoints
-from kubetune_trainer.training.collate import TOKENS, ChatEncoder, SFTCollator, plan_row
+from kubetune_trainer.training.collate import ChatEncoder, SFTCollator, plan_row
 from kubetune_trainer.training.config_mapping import lora_config, sft_config
 from kubetune_trainer.training.images import ImageFitter
 from kubetune_trainer.training.inputs import (
@@ -24,11 +24,16 @@ from kubetune_trainer.training.models import (
     tokenizer_of,
     training_chat_template,
 )
-from kubetune_trainer.training.records import to_record
+from kubetune_trainer.training.preserve import PreserveSkillsLoss
+from kubetune_trainer.training.records import ChatRecord, to_chat_record
 
 
 class KubetuneSFTTrainer(ResumableCheckpoints, SFTTrainer):
     """TRL's SFTTrainer with checkpoints that resume correctly."""
+
+
+class PreserveSkillsSFTTrainer(PreserveSkillsLoss, KubetuneSFTTrainer):
+    """KubetuneSFTTrainer with the preserve-general-skills loss (preserve.py)."""
 
 
 def chat_encoder(processing: Any, max_pixels: int) -> ChatEncoder:
@@ -43,32 +48,32 @@ def chat_encoder(processing: Any, max_pixels: int) -> ChatEncoder:
 
 
 def plan_lengths(
-    encoder: ChatEncoder, records: Sequence[dict[str, Any]], max_length: int
-) -> tuple[list[dict[str, Any]], int, int]:
+    encoder: ChatEncoder, records: Sequence[ChatRecord], max_length: int
+) -> tuple[list[ChatRecord], int, int]:
     """The records to train on, each with its ``keep`` length, and how many were
     truncated and dropped. Each example is encoded once here, images included, which
     also finds unreadable images before training starts rather than hours into it; its
     tokens stay with the record for the collator."""
-    kept: list[dict[str, Any]] = []
-    whole: list[dict[str, Any]] = []
+    kept: list[ChatRecord] = []
+    whole: list[ChatRecord] = []
     truncated = dropped = 0
     for record in records:
         keep, length, tokens = plan_row(encoder, record, max_length)
-        if keep is None:
+        if keep is None or tokens is None:
             dropped += 1
             continue
         truncated += keep < length
-        kept.append({**record, "keep": keep, TOKENS: tokens})
+        kept.append({**record, "keep": keep, "tokens": tokens})
         if keep == length:
             whole.append(kept[-1])
     encoder.check_reuse(kept, whole)
     return kept, truncated, dropped
 
 
-def build_sft_trainer(inputs: TrainerInputs) -> tuple[SFTTrainer, DataStats]:
+def build_trainer(inputs: TrainerInputs) -> tuple[SFTTrainer, DataStats]:
     config = inputs.config
     encoder = chat_encoder(inputs.processing, config.hyperparameters.max_pixels)
-    data = prepare_data(inputs, encoder, to_record, plan_lengths, "examples")
+    data = prepare_data(inputs, encoder, to_chat_record, plan_lengths, "examples")
     arguments: dict[str, Any] = {
         "model": inputs.model,
         "args": sft_config(config, inputs.hardware, has_eval=data.validation is not None),
@@ -81,8 +86,6 @@ def build_sft_trainer(inputs: TrainerInputs) -> tuple[SFTTrainer, DataStats]:
     }
     preserve = config.preserve_general_skills
     if preserve.enabled and preserve.lambda_ > 0:
-        from kubetune_trainer.training.preserve import PreserveSkillsSFTTrainer
-
         trainer: SFTTrainer = PreserveSkillsSFTTrainer(
             kl_weight=preserve.lambda_, temperature=preserve.temperature, **arguments
         )

@@ -1,16 +1,18 @@
-"""The job description the operator hands to the trainer (``job.json``).
+"""The job description the operator hands to the trainer (``job.json``), and the
+exit codes of ``kubetune train``.
 
-This module is the contract between ``kubetune_operator`` and ``kubetune_trainer``:
-the FineTuneJob custom resource embeds the types below, so a field is named and
-described once. It imports no torch, so the operator can use it.
+The FineTuneJob custom resource embeds the types below, so a field is named and
+described once.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-from pydantic.alias_generators import to_camel
+from pydantic import Field, model_validator
+
+from kubetune_trainer.contract.base import CamelModel, S3Uri
+from kubetune_trainer.contract.rules import APPLICABILITY, broken
 
 Method = Literal["sft", "dpo"]
 Tuning = Literal["lora", "full"]
@@ -30,17 +32,6 @@ EXIT_FAILED = 1  # may succeed when run again: a crash, a lost node, storage awa
 EXIT_INVALID_JOB = 2  # job.json unreadable or not a valid TrainingConfig
 EXIT_CANNOT_SUCCEED = 3  # the job as written cannot succeed: its data or settings
 FINAL_EXIT_CODES = (EXIT_INVALID_JOB, EXIT_CANNOT_SUCCEED)
-
-
-class CamelModel(BaseModel):
-    """Base for every contract type: camelCase in JSON/YAML, unknown keys rejected."""
-
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        populate_by_name=True,
-        extra="forbid",
-        validate_assignment=True,
-    )
 
 
 class Hyperparameters(CamelModel):
@@ -229,9 +220,8 @@ class TrainingConfig(CamelModel):
     output_dir: str = Field(
         min_length=1, description="Where the adapter or weights, report.json and loss.png go."
     )
-    output_uri: str | None = Field(
+    output_uri: S3Uri | None = Field(
         None,
-        pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$",
         description=(
             "When set, the exported model (outputDir without its checkpoints) is copied to "
             "this s3:// prefix after training; credentials come from the AWS_* environment."
@@ -240,9 +230,8 @@ class TrainingConfig(CamelModel):
     checkpoint_dir: str | None = Field(
         None, description="Where resumable checkpoints go. Default: <outputDir>/checkpoints."
     )
-    checkpoint_uri: str | None = Field(
+    checkpoint_uri: S3Uri | None = Field(
         None,
-        pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$",
         description=(
             "When set, each checkpoint is copied to this s3:// prefix as it is written, "
             "and a run whose checkpointDir has none (a pod on a fresh disk) resumes from "
@@ -268,18 +257,12 @@ class TrainingConfig(CamelModel):
     )
 
     @model_validator(mode="after")
-    def _method_rules(self) -> Self:
-        if self.method != "sft" and self.preserve_general_skills.enabled:
-            raise ValueError("preserveGeneralSkills applies only to method: sft")
-        hp = self.hyperparameters
-        if self.tuning != "lora" and any(
-            v is not None for v in (hp.lora_rank, hp.lora_alpha, hp.lora_dropout, hp.target_modules)
-        ):
-            raise ValueError(
-                "loraRank, loraAlpha, loraDropout and targetModules apply only to tuning: lora"
-            )
-        if self.method != "dpo" and hp.beta is not None:
-            raise ValueError("beta applies only to method: dpo")
+    def _applicable_fields(self) -> Self:
+        # Rules the job needs to be well formed; contract/rules.py's REQUIREMENTS are
+        # checked when it runs.
+        problems = broken(APPLICABILITY, self)
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     @property

@@ -57,9 +57,9 @@ def validate_args(spec: DatasetSpec, path: str, image_root: str | None) -> list[
     return args
 
 
-def validation_job(dataset: Mapping[str, Any], image: str) -> Manifest:
+def validation_job(dataset: Mapping[str, Any], spec: DatasetSpec, image: str) -> Manifest:
+    """The Job for the Dataset ``dataset`` as it is now (``spec`` its spec, parsed)."""
     meta = dataset["metadata"]
-    spec = DatasetSpec.model_validate(dataset["spec"])
     data = dataset_input("dataset", spec, DATA_MOUNT, image)
     name = validation_job_name(meta["name"], meta.get("generation", 1))
     job_labels = labels("dataset-validation", meta["name"], {LABEL_DATASET: meta["name"]})

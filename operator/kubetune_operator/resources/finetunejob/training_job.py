@@ -2,8 +2,8 @@
 runs `kubetune train --config` on GPU nodes.
 
 Follow a FineTuneJob from YAML to trainer: api/finetunejob.py (the spec) →
-training_config() here (spec → TrainingConfig) → training_job() (the Job) →
-kubetune_trainer.cli `train`.
+finetunejob/decide.py (when to create it) → plan() here (spec → TrainingConfig) →
+training_job() (the Job) → kubetune_trainer.training.runner (what `kubetune train` does).
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ from kubetune_operator.resources.storage import (
     dataset_input,
     output_location,
 )
-from kubetune_trainer.config import FINAL_EXIT_CODES, TrainingConfig, TrainValidation
+from kubetune_trainer.contract.job import FINAL_EXIT_CODES, TrainingConfig, TrainValidation
+from kubetune_trainer.contract.metrics import METRICS_PORT
 
 CONFIG_DIR = "/etc/kubetune"
 CONFIG_KEY = "job.json"
@@ -44,7 +45,6 @@ TRAIN_DATA = "/data/train"
 VALIDATION_DATA = "/data/validation"
 BASE_MODEL = "/models/base"
 OUTPUT = "/output"
-METRICS_PORT = 9090
 # torchrun's rendezvous on the first node, for runs on several nodes.
 RENDEZVOUS_PORT = 29500
 # Retries cover crashes and lost nodes; each retry resumes from the last checkpoint.
@@ -72,9 +72,11 @@ POD_FAILURE_POLICY = {
 
 @dataclass(frozen=True)
 class Inputs:
-    """What the training Job is built from: the FineTuneJob and the Ready Datasets it names."""
+    """What the training Job is built from: the FineTuneJob (its spec parsed) and the
+    Ready Datasets it names."""
 
     finetunejob: Mapping[str, Any]
+    spec: FineTuneJobSpec
     dataset: DatasetSpec
     dataset_sha256: str | None
     validation_dataset: DatasetSpec | None = None
@@ -102,7 +104,7 @@ class Plan:
 
 
 def plan(inputs: Inputs, default_image: str) -> Plan:
-    spec = FineTuneJobSpec.model_validate(inputs.finetunejob["spec"])
+    spec = inputs.spec
     image = spec.image or default_image
     mounted = Mounted(path=CONFIG_DIR)
     train = dataset_input("train-data", inputs.dataset, TRAIN_DATA, image)
@@ -117,6 +119,7 @@ def plan(inputs: Inputs, default_image: str) -> Plan:
     base = base_model_input(spec.base_model, BASE_MODEL, image)
     mounted.merge(base)
     output, uri = output_location(spec.output_model.storage, OUTPUT)
+    s3 = spec.output_model.storage.s3
     mounted.merge(output)
     optional: dict[str, Any] = {}
     if spec.preserve_general_skills is not None:
@@ -133,10 +136,10 @@ def plan(inputs: Inputs, default_image: str) -> Plan:
         hyperparameters=spec.hyperparameters,
         early_stopping=spec.early_stopping,
         output_dir=output.path,
-        output_uri=uri if uri.startswith("s3://") else None,
+        output_uri=s3.uri if s3 is not None else None,
         # Checkpoints in the pod's emptyDir die with the pod: copies in S3 let a
         # replacement pod (after preemption) resume.
-        checkpoint_uri=f"{uri.rstrip('/')}/checkpoints" if uri.startswith("s3://") else None,
+        checkpoint_uri=f"{s3.uri.rstrip('/')}/checkpoints" if s3 is not None else None,
         trust_remote_code=spec.base_model.trust_remote_code,
         metrics_port=METRICS_PORT,
         termination_log=TERMINATION_LOG,
@@ -311,18 +314,4 @@ def training_job(plan: Plan) -> Manifest:
                 "spec": pod_spec,
             },
         },
-    }
-
-
-def service_account(namespace: str) -> Manifest:
-    """The trainer's identity: no API permissions are bound to it and no token is mounted."""
-    return {
-        "apiVersion": "v1",
-        "kind": "ServiceAccount",
-        "metadata": {
-            "name": TRAINER_SERVICE_ACCOUNT,
-            "namespace": namespace,
-            "labels": labels("trainer", namespace),
-        },
-        "automountServiceAccountToken": False,
     }

@@ -1,4 +1,5 @@
-"""Read training progress and losses from the trainer's Prometheus text."""
+"""Training progress and losses, read from the trainer's gauges while it runs and from
+its summary when it ends."""
 
 from __future__ import annotations
 
@@ -8,6 +9,11 @@ from collections.abc import Mapping
 from prometheus_client.parser import text_string_to_metric_families
 
 from kubetune_operator.api.finetunejob import Progress, TrainingMetrics
+from kubetune_trainer.contract import metrics as gauges
+from kubetune_trainer.contract.summaries import TrainingFigures, figure_gauges
+
+# The trainer's gauge behind each status.metrics field, by the field's name.
+FIGURE_GAUGES = figure_gauges()
 
 
 def parse_samples(text: str) -> dict[str, float]:
@@ -27,18 +33,19 @@ def _int(value: float | None) -> int | None:
     return None if value is None else max(int(value), 0)
 
 
-def progress_from_samples(samples: dict[str, float]) -> Progress | None:
-    step = _int(samples.get("kubetune_train_step"))
-    total = _int(samples.get("kubetune_train_total_steps"))
+def progress_from_samples(samples: Mapping[str, float]) -> Progress | None:
+    step = _int(samples.get(gauges.TRAIN_STEP.name))
+    total = _int(samples.get(gauges.TRAIN_TOTAL_STEPS.name))
     if step is None and total is None:
         return None
     percent = min(100, int(100 * step / total)) if step is not None and total else None
+    epoch = samples.get(gauges.EPOCH.name)
     return Progress(
         step=step,
         total_steps=total,
-        epoch=None if "kubetune_epoch" not in samples else round(samples["kubetune_epoch"], 2),
+        epoch=None if epoch is None else round(epoch, 2),
         percent=percent,
-        eta_seconds=_int(samples.get("kubetune_eta_seconds")),
+        eta_seconds=_int(samples.get(gauges.ETA_SECONDS.name)),
     )
 
 
@@ -47,31 +54,21 @@ def loss(value: float | None) -> float | None:
     return None if value is None else float(f"{value:.5g}")
 
 
-# The trainer's gauge behind each status.metrics field, by the field's camelCase name.
-METRIC_GAUGES = {
-    "trainLoss": "kubetune_train_loss",
-    "evalLoss": "kubetune_eval_loss",
-    "bestEvalLoss": "kubetune_best_eval_loss",
-    "bestStep": "kubetune_best_step",
-    "trainRewardMargin": "kubetune_train_reward_margin",
-    "evalRewardMargin": "kubetune_eval_reward_margin",
-    "trainPreferenceAccuracy": "kubetune_train_preference_accuracy",
-    "evalPreferenceAccuracy": "kubetune_eval_preference_accuracy",
-    "trainKl": "kubetune_train_kl",
-    "evalKl": "kubetune_eval_kl",
-}
-
-
 def status_metrics(values: Mapping[str, float | None]) -> TrainingMetrics | None:
-    """status.metrics from figures by field name (the trainer's summary uses the same
-    names): five significant digits, the best step a whole number."""
+    """status.metrics from figures by TrainingFigures field name: five significant
+    digits, the best step a whole number."""
     fields = {
-        name: _int(value) if name == "bestStep" else loss(value)
+        name: _int(value) if name == "best_step" else loss(value)
         for name, value in values.items()
-        if name in METRIC_GAUGES and value is not None
+        if name in FIGURE_GAUGES and value is not None
     }
     return TrainingMetrics.model_validate(fields) if fields else None
 
 
-def metrics_from_samples(samples: dict[str, float]) -> TrainingMetrics | None:
-    return status_metrics({name: samples.get(gauge) for name, gauge in METRIC_GAUGES.items()})
+def final_metrics(summary: TrainingFigures) -> TrainingMetrics | None:
+    """status.metrics from the trainer's summary (its best evaluation's, where kept)."""
+    return status_metrics({name: getattr(summary, name) for name in FIGURE_GAUGES})
+
+
+def metrics_from_samples(samples: Mapping[str, float]) -> TrainingMetrics | None:
+    return status_metrics({name: samples.get(g.name) for name, g in FIGURE_GAUGES.items()})

@@ -1,0 +1,111 @@
+"""What the handlers share: the API client, the settings, the watch's copies of
+kubetune objects, the reconcile locks, and the clock."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubetune_operator.api.dataset import DATASET
+from kubetune_operator.kube import Api
+from kubetune_operator.resources.common import Manifest
+from kubetune_operator.settings import Settings
+
+_STRIPES = 64
+
+
+class ReconcileLocks:
+    """The lock a reconcile of an object holds. kopf runs the handlers of one object's
+    own events in turn, but its Jobs', pods' and Deployments' events and the periodic
+    resync reach the same object from other threads; two reconciles at once could
+    each act on what the other is about to change (say, make a new Job for a run the
+    other is failing).
+
+    Striped, so that the table stays bounded however many objects come and go; one set
+    per kind, and a reconcile only ever nests one of another kind (a FineTuneJob's its
+    ModelDeployment's), so two threads never wait on each other."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[threading.RLock, ...]] = {}
+        self._guard = threading.Lock()
+
+    def hold(self, kind: str, namespace: str, name: str) -> threading.RLock:
+        stripes = self._locks.get(kind)
+        if stripes is None:
+            with self._guard:
+                stripes = self._locks.get(kind) or tuple(threading.RLock() for _ in range(_STRIPES))
+                self._locks[kind] = stripes
+        return stripes[hash((namespace, name)) % _STRIPES]
+
+
+class Watched:
+    """The latest body the watch delivered of each kubetune object, by plural and
+    (namespace, name). Reconciles read Datasets from here, wake-ups find who depends
+    on what, and the periodic resync picks from these instead of listing everything
+    again. Handler threads share it, hence the lock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._bodies: dict[str, dict[tuple[str, str], Manifest]] = {}
+
+    def remember(self, plural: str, body: Manifest) -> None:
+        meta = body["metadata"]
+        with self._lock:
+            self._bodies.setdefault(plural, {})[(meta["namespace"], meta["name"])] = body
+
+    def remember_first(self, plural: str, body: Manifest) -> None:
+        """Keep a body read from the API unless the watch delivered one meanwhile."""
+        meta = body["metadata"]
+        with self._lock:
+            self._bodies.setdefault(plural, {}).setdefault((meta["namespace"], meta["name"]), body)
+
+    def forget(self, plural: str, namespace: str, name: str) -> None:
+        with self._lock:
+            self._bodies.get(plural, {}).pop((namespace, name), None)
+
+    def get(self, plural: str, namespace: str, name: str) -> Manifest | None:
+        with self._lock:
+            return self._bodies.get(plural, {}).get((namespace, name))
+
+    def all(self, plural: str, namespace: str | None = None) -> list[Manifest]:
+        with self._lock:
+            bodies = list(self._bodies.get(plural, {}).items())
+        return [body for (ns, _), body in bodies if namespace is None or ns == namespace]
+
+
+@dataclass
+class Context:
+    """What every handler works with, made once at start (kopf hands it to each
+    handler in its memo): the API client, the settings, the watch's copies and the
+    reconcile locks."""
+
+    api: Api
+    settings: Settings
+    watched: Watched = field(default_factory=Watched)
+    locks: ReconcileLocks = field(default_factory=ReconcileLocks)
+
+    def dataset(self, namespace: str, name: str) -> Manifest | None:
+        """The Dataset, from the watch's copy, or read (and kept) when the watch has not
+        delivered it yet."""
+        body = self.watched.get(DATASET.plural, namespace, name)
+        if body is None:
+            body = self.api.get_object(DATASET.plural, namespace, name)
+            if body is not None:
+                self.watched.remember_first(DATASET.plural, body)
+        return body
+
+
+MEMO_KEY = "kubetune"
+
+
+def context_of(memo: Any) -> Context:
+    """The Context kopf passes in every handler's memo (see __main__)."""
+    ctx = memo[MEMO_KEY]
+    assert isinstance(ctx, Context)
+    return ctx
+
+
+def now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

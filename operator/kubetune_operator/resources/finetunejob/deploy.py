@@ -1,0 +1,88 @@
+"""What a FineTuneJob's spec.deploy asks for once it has trained: the ModelDeployment
+that serves its result, kept in step with deploy, and deleted when deploy is off."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from kubetune_operator.api.common import API_VERSION
+from kubetune_operator.api.finetunejob import Deploy, FineTuneJobSpec
+from kubetune_operator.api.modeldeployment import MODEL_DEPLOYMENT
+from kubetune_operator.resources.actions import Action, Apply, Delete
+from kubetune_operator.resources.common import (
+    LABEL_FINETUNEJOB,
+    Manifest,
+    labels,
+    owned_by,
+    owner_reference,
+)
+
+
+def model_deployment(ftj: Mapping[str, Any], spec: FineTuneJobSpec, deploy: Deploy) -> Manifest:
+    """The ModelDeployment a FineTuneJob with deploy.enabled asks for, named after it
+    and owned by it: its adapter on the base model, or with full tuning its output as
+    the model."""
+    meta = ftj["metadata"]
+    out = spec.output_model
+    served: dict[str, Any]
+    if spec.tuning == "lora":
+        served = {
+            "baseModel": spec.base_model.model_dump(by_alias=True, exclude_none=True),
+            "adapters": [{"name": out.name, "fineTuneJob": meta["name"]}],
+        }
+    else:
+        source = out.storage.model_dump(by_alias=True, exclude_none=True)
+        served = {
+            "baseModel": {
+                "name": out.name,
+                "source": source,
+                "trustRemoteCode": spec.base_model.trust_remote_code,
+            }
+        }
+    md_spec: Manifest = {**served, "replicas": deploy.replicas}
+    if deploy.runtime is not None:
+        md_spec["runtime"] = deploy.runtime.model_dump(by_alias=True, exclude_none=True)
+    # The server runs where the trainer ran, on as many GPUs: serving needs less
+    # memory than training did.
+    md_spec["resources"] = spec.resources.model_dump(
+        by_alias=True,
+        exclude_none=True,
+        include={"gpus", "gpu_resource", "node_selector", "tolerations", "priority_class_name"},
+    )
+    return {
+        "apiVersion": API_VERSION,
+        "kind": MODEL_DEPLOYMENT.kind,
+        "metadata": {
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "labels": labels("serving", meta["name"], {LABEL_FINETUNEJOB: meta["name"]}),
+            "ownerReferences": [owner_reference(ftj)],
+        },
+        "spec": md_spec,
+    }
+
+
+def deploy(
+    ftj: Mapping[str, Any], spec: FineTuneJobSpec, existing: Manifest | None
+) -> tuple[tuple[Action, ...], Manifest]:
+    """Serve the result as spec.deploy says, given the ModelDeployment of the
+    FineTuneJob's name (``existing``): apply it, or delete the one it made once deploy
+    is turned off. Returns the actions and the status fields that go with them."""
+    meta = ftj["metadata"]
+    wanted = spec.deploy if spec.deploy is not None and spec.deploy.enabled else None
+    if existing is not None and not owned_by(existing, meta["uid"]):
+        if wanted is not None:
+            return (), {
+                "deployment": None,
+                "message": f"trained, but not deployed: ModelDeployment {meta['name']} "
+                "exists and belongs to something else",
+            }
+        return (), {"deployment": None}
+    if wanted is not None:
+        return (Apply(model_deployment(ftj, spec, wanted)),), {"deployment": {"name": meta["name"]}}
+    if existing is not None:
+        return (Delete(MODEL_DEPLOYMENT.kind, meta["namespace"], meta["name"]),), {
+            "deployment": None
+        }
+    return (), {"deployment": None}

@@ -1,0 +1,74 @@
+"""A FineTuneJob's status from the Datasets it trains on and its training Job."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from kubetune_operator.api.dataset import DatasetPhase
+from kubetune_operator.api.finetunejob import FINISHED, FineTuneJobSpec, JobPhase, Progress
+from kubetune_operator.resources.common import Manifest
+from kubetune_operator.resources.conditions import Verdict, settled
+from kubetune_operator.resources.finetunejob.progress import final_metrics
+from kubetune_operator.resources.workloads import JobState
+from kubetune_trainer.contract.summaries import TrainingSummary, read_summary
+
+
+def dataset_gate(ds: Mapping[str, Any] | None, role: str, name: str) -> Verdict | None:
+    """None when the Dataset is Ready for its current spec; else what the run waits
+    for, or why it fails."""
+    if ds is None:
+        return Verdict(
+            JobPhase.WAITING_FOR_DATASET,
+            "DatasetNotFound",
+            f"{role} Dataset {name!r} does not exist yet",
+        )
+    message = (ds.get("status") or {}).get("message", "")
+    if settled(ds, frozenset({DatasetPhase.READY})):
+        return None
+    if settled(ds, frozenset({DatasetPhase.INVALID})):
+        return Verdict(
+            JobPhase.FAILED, "DatasetInvalid", f"{role} Dataset {name!r} is invalid: {message}"
+        )
+    if settled(ds, frozenset({DatasetPhase.FAILED})):
+        return Verdict(
+            JobPhase.FAILED,
+            "DatasetFailed",
+            f"{role} Dataset {name!r} could not be validated: {message}",
+        )
+    return Verdict(
+        JobPhase.WAITING_FOR_DATASET,
+        "DatasetNotReady",
+        f"waiting for {role} Dataset {name!r} to be validated",
+    )
+
+
+def status_from_job(spec: FineTuneJobSpec, state: JobState, output_uri: str, now: str) -> Manifest:
+    """The FineTuneJob's status fields for a given training Job state."""
+    phase = JobPhase(state.phase)
+    if phase == JobPhase.SUSPENDED and spec.queue_name and not spec.suspend:
+        phase = JobPhase.QUEUED
+    message = (
+        f"queued in {spec.queue_name!r}; waiting for Kueue to admit the Job"
+        if phase == JobPhase.QUEUED
+        else state.message
+    )
+    status: Manifest = {"phase": phase, "message": message, "startTime": state.start_time}
+    summary = read_summary(TrainingSummary, state.summary) or TrainingSummary()
+    if phase in FINISHED:
+        status["completionTime"] = state.completion_time or now
+        final = final_metrics(summary)
+        if final is not None:
+            status["metrics"] = final.model_dump(by_alias=True, exclude_none=True)
+    if phase == JobPhase.SUCCEEDED:
+        status["outputModel"] = {"uri": summary.output_uri or output_uri}
+        if summary.steps is not None:
+            done = Progress(
+                step=summary.steps,
+                total_steps=summary.steps if summary.total_steps is None else summary.total_steps,
+                epoch=None if summary.epoch is None else round(summary.epoch, 2),
+                percent=100,
+                eta_seconds=0,
+            )
+            status["progress"] = done.model_dump(by_alias=True, exclude_none=True)
+    return status

@@ -1,0 +1,512 @@
+"""Each kind's decide(observed) → actions + status, branch by branch: every phase
+transition and every failure reason, without a cluster."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from kubetune_operator.api.dataset import DatasetSpec
+from kubetune_operator.api.finetunejob import FineTuneJobSpec
+from kubetune_operator.api.modeldeployment import ModelDeploymentSpec
+from kubetune_operator.resources.actions import Apply, Create, Decision, Delete, Suspend
+from kubetune_operator.resources.conditions import status_patch
+from kubetune_operator.resources.dataset import decide as dataset
+from kubetune_operator.resources.finetunejob import decide as finetunejob
+from kubetune_operator.resources.modeldeployment import decide as modeldeployment
+from kubetune_operator.resources.modeldeployment.server import SPEC_HASH, deployment, plan
+from kubetune_operator.settings import Settings
+
+SETTINGS = Settings(trainer_image="registry.local/trainer:test", start_grace=300)
+NOW = "2026-01-01T00:10:00Z"
+A_MINUTE_AGO = "2026-01-01T00:09:00Z"
+TEN_MINUTES_AGO = "2026-01-01T00:00:00Z"
+SHA = "b" * 64
+
+
+def creates(decision: Decision) -> list[str]:
+    return [a.body["kind"] for a in decision.actions if isinstance(a, Create)]
+
+
+def status_of(decision: Decision) -> tuple[str, str, bool | None]:
+    assert decision.status is not None
+    return decision.status.phase, decision.status.reason, decision.status.ready
+
+
+def owned(kind: str, name: str, uid: str, **rest: Any) -> dict[str, Any]:
+    return {
+        "kind": kind,
+        "metadata": {
+            "name": name,
+            "namespace": "team",
+            "ownerReferences": [{"uid": uid, "name": "x", "kind": "Owner"}],
+        },
+        **rest,
+    }
+
+
+def job(uid: str, name: str, conditions: list[dict[str, str]] | None = None, **spec: Any) -> Any:
+    return owned(
+        "Job",
+        name,
+        uid,
+        spec={"suspend": False, **spec},
+        status={"conditions": conditions or [], "startTime": TEN_MINUTES_AGO, "active": 1},
+    )
+
+
+COMPLETE = [{"type": "Complete", "status": "True"}]
+FAILED = [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]
+
+
+def pod(phase: str, state: dict[str, Any], created: str = A_MINUTE_AGO) -> dict[str, Any]:
+    return {
+        "metadata": {"name": "p", "creationTimestamp": created},
+        "spec": {"containers": [{"ports": [{"name": "metrics", "containerPort": 9090}]}]},
+        "status": {"phase": phase, "podIP": "10.0.0.9", "containerStatuses": [{"state": state}]},
+    }
+
+
+def finished_pod(message: str, code: int = 0) -> dict[str, Any]:
+    phase = "Succeeded" if code == 0 else "Failed"
+    return pod(phase, {"terminated": {"exitCode": code, "message": message}})
+
+
+def missing_secret(created: str) -> dict[str, Any]:
+    return pod(
+        "Pending",
+        {"waiting": {"reason": "CreateContainerConfigError", "message": 'secret "s3" not found'}},
+        created,
+    )
+
+
+# Dataset ----------------------------------------------------------------------------
+
+
+def ds_body(generation: int = 1, status: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "Dataset",
+        "metadata": {
+            "name": "shapes",
+            "namespace": "team",
+            "uid": "ds-1",
+            "generation": generation,
+        },
+        "spec": {"source": {"configMap": {"name": "cm", "key": "train.jsonl"}}},
+        **({"status": status} if status is not None else {}),
+    }
+
+
+def ds_seen(body: dict[str, Any], **seen: Any) -> dataset.Observed:
+    return dataset.Observed(body, DatasetSpec.model_validate(body["spec"]), NOW, **seen)
+
+
+def test_a_new_dataset_gets_its_validation_job_and_validates() -> None:
+    decision = dataset.decide(ds_seen(ds_body()), SETTINGS)
+    assert creates(decision) == ["ServiceAccount", "Job"]
+    assert decision.actions[1].body["metadata"]["name"] == "shapes-validate-1"  # type: ignore[union-attr]
+    assert status_of(decision) == ("Validating", "Validating", None)
+    assert decision.status is not None and decision.status.fields["validationJob"] == (
+        "shapes-validate-1"
+    )
+
+
+def test_a_new_generation_deletes_the_jobs_of_earlier_ones() -> None:
+    earlier = [
+        owned("Job", "shapes-validate-1", "ds-1"),
+        owned("Job", "other-validate-1", "ds-9"),  # labelled alike, another Dataset's
+    ]
+    earlier[0]["metadata"]["ownerReferences"][0].update(kind="Dataset", name="shapes")
+    earlier[1]["metadata"]["ownerReferences"][0].update(kind="Dataset", name="other")
+    decision = dataset.decide(ds_seen(ds_body(generation=2), earlier_jobs=earlier), SETTINGS)
+    assert creates(decision) == ["ServiceAccount", "Job"]
+    assert [a for a in decision.actions if isinstance(a, Delete)] == [
+        Delete("Job", "team", "shapes-validate-1")
+    ]
+
+
+def test_a_namesakes_validation_job_is_waited_out() -> None:
+    foreign = job("someone-else", "shapes-validate-1")
+    decision = dataset.decide(ds_seen(ds_body(), job=foreign), SETTINGS)
+    assert decision == Decision(log=decision.log) and "namesake" in decision.log
+
+
+@pytest.mark.parametrize(
+    ("summary", "phase", "reason", "ready", "notice"),
+    [
+        (
+            {"valid": True, "examples": 5, "images": 3, "sha256": SHA},
+            "Ready",
+            "Validated",
+            True,
+            "Normal",
+        ),
+        (
+            {"valid": False, "errorCount": 1, "errors": [{"line": 2, "message": "bad"}]},
+            "Invalid",
+            "InvalidData",
+            False,
+            "Warning",
+        ),
+    ],
+)
+def test_the_validator_s_summary_becomes_the_dataset_s_result(
+    summary: dict[str, Any], phase: str, reason: str, ready: bool, notice: str
+) -> None:
+    done = job("ds-1", "shapes-validate-1", COMPLETE)
+    seen = ds_seen(ds_body(), job=done, pods=[finished_pod(json.dumps(summary))])
+    decision = dataset.decide(seen, SETTINGS)
+    assert decision.actions == () and status_of(decision) == (phase, reason, ready)
+    assert decision.status is not None and decision.status.notice is not None
+    assert (decision.status.notice.type, decision.status.notice.reason) == (notice, phase)
+
+
+def test_validation_that_could_not_run_fails_the_dataset() -> None:
+    crashed = job("ds-1", "shapes-validate-1", FAILED)
+    seen = ds_seen(ds_body(), job=crashed, pods=[finished_pod("cannot download", 1)])
+    decision = dataset.decide(seen, SETTINGS)
+    assert status_of(decision) == ("Failed", "ValidationFailed", False)
+    assert decision.status is not None and "cannot download" in decision.status.fields["message"]
+    assert decision.after_status == ()
+
+
+def test_a_validation_pod_waits_for_its_secret_then_fails_and_its_job_goes() -> None:
+    running = job("ds-1", "shapes-validate-1")
+    young = dataset.decide(
+        ds_seen(ds_body(), job=running, pods=[missing_secret(A_MINUTE_AGO)]), SETTINGS
+    )
+    assert status_of(young) == ("Validating", "CreateContainerConfigError", None)
+    assert young.after_status == ()
+    old = dataset.decide(
+        ds_seen(ds_body(), job=running, pods=[missing_secret(TEN_MINUTES_AGO)]), SETTINGS
+    )
+    assert status_of(old) == ("Failed", "ValidationFailed", False)
+    assert old.after_status == (Delete("Job", "team", "shapes-validate-1"),)
+
+
+def test_a_settled_dataset_is_not_written_again() -> None:
+    settled = ds_body(status={"phase": "Ready", "observedGeneration": 1})
+    done = job("ds-1", "shapes-validate-1", COMPLETE)
+    decision = dataset.decide(
+        ds_seen(settled, job=done, pods=[finished_pod('{"valid": false}')]), SETTINGS
+    )
+    assert decision.actions == ()
+    assert decision.status is not None and status_patch(settled, decision.status, NOW) is None
+
+
+# FineTuneJob --------------------------------------------------------------------------
+
+
+def ftj_body(status: dict[str, Any] | None = None, generation: int = 1, **spec: Any) -> Any:
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "run", "namespace": "team", "uid": "ftj-1", "generation": generation},
+        "spec": {
+            "baseModel": {"name": "org/model"},
+            "dataset": {"name": "train"},
+            "outputModel": {
+                "name": "out",
+                "storage": {"pvc": {"claimName": "models", "path": "runs/out"}},
+            },
+            **spec,
+        },
+        **({"status": status} if status is not None else {}),
+    }
+
+
+def dataset_in(phase: str, name: str = "train", observed: int = 1) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "generation": 1},
+        "spec": {"source": {"pvc": {"claimName": "datasets", "path": f"{name}.jsonl"}}},
+        "status": {"phase": phase, "observedGeneration": observed, "sha256": SHA, "message": "m"},
+    }
+
+
+def ftj_seen(body: dict[str, Any], **seen: Any) -> finetunejob.Observed:
+    return finetunejob.Observed(body, FineTuneJobSpec.model_validate(body["spec"]), NOW, **seen)
+
+
+def ftj_decide(body: dict[str, Any], **seen: Any) -> Decision:
+    return finetunejob.decide(ftj_seen(body, **seen), SETTINGS)
+
+
+@pytest.mark.parametrize(
+    ("datasets", "spec", "phase", "reason"),
+    [
+        ({"train": None}, {}, "WaitingForDataset", "DatasetNotFound"),
+        ({"train": dataset_in("Validating")}, {}, "WaitingForDataset", "DatasetNotReady"),
+        ({"train": dataset_in("Ready", observed=0)}, {}, "WaitingForDataset", "DatasetNotReady"),
+        ({"train": dataset_in("Invalid")}, {}, "Failed", "DatasetInvalid"),
+        (
+            {"train": dataset_in("Ready"), "held": dataset_in("Failed", "held")},
+            {"validation": {"dataset": {"name": "held"}}},
+            "Failed",
+            "DatasetFailed",
+        ),
+    ],
+)
+def test_a_run_waits_for_its_datasets_or_fails_with_them(
+    datasets: dict[str, Any], spec: dict[str, Any], phase: str, reason: str
+) -> None:
+    decision = ftj_decide(ftj_body(**spec), datasets=datasets)
+    assert decision.actions == ()
+    assert status_of(decision)[:2] == (phase, reason)
+    assert decision.dependents_changed is (phase == "Failed")
+
+
+def test_a_run_whose_datasets_are_ready_gets_its_job() -> None:
+    decision = ftj_decide(ftj_body(), datasets={"train": dataset_in("Ready")})
+    assert creates(decision) == ["ServiceAccount", "ConfigMap", "Job"]
+    assert status_of(decision) == ("Pending", "PodPending", None)
+    assert decision.status is not None
+    fields = decision.status.fields
+    assert (fields["jobName"], fields["datasetSha256"]) == ("run-train", SHA)
+    assert fields["outputModel"] == {"uri": "pvc://models/runs/out"}
+
+
+def test_a_multi_node_run_gets_its_rendezvous_service_and_a_queued_one_waits_for_kueue() -> None:
+    ready = {"train": dataset_in("Ready")}
+    nodes = ftj_decide(ftj_body(resources={"nodes": 2}), datasets=ready)
+    assert creates(nodes) == ["ServiceAccount", "ConfigMap", "Service", "Job"]
+    queued = ftj_decide(ftj_body(queueName="gpus"), datasets=ready)
+    assert queued.actions[-1].body["spec"]["suspend"] is True  # type: ignore[union-attr]
+    assert status_of(queued) == ("Queued", "JobSuspended", None)
+
+
+def test_a_namesake_s_child_is_waited_out() -> None:
+    foreign = owned("ConfigMap", "run-job", "someone-else")
+    decision = ftj_decide(ftj_body(), namesake=foreign)
+    assert decision.actions == ()
+    assert status_of(decision) == ("Pending", "WaitingForCleanup", None)
+    assert decision.status is not None
+    assert "ConfigMap run-job exists" in decision.status.fields["message"]
+
+
+METRICS = {
+    "kubetune_train_step": 30.0,
+    "kubetune_train_total_steps": 120.0,
+    "kubetune_train_loss": 1.25,
+}
+
+
+def test_a_running_run_shows_the_trainer_s_progress_and_losses() -> None:
+    running = job("ftj-1", "run-train")
+    pods = [pod("Running", {"running": {}})]
+    decision = ftj_decide(
+        ftj_body({"phase": "Pending", "jobName": "run-train"}),
+        job=running,
+        pods=pods,
+        samples=METRICS,
+    )
+    assert decision.actions == () and status_of(decision) == ("Running", "Training", None)
+    assert decision.status is not None
+    fields = decision.status.fields
+    assert fields["progress"]["percent"] == 25 and fields["metrics"] == {"trainLoss": 1.25}
+    assert decision.status.notice is not None and decision.status.notice.type == "Normal"
+    unread = ftj_decide(ftj_body(), job=running, pods=pods, samples=None)
+    assert unread.status is not None and "progress" not in unread.status.fields
+
+
+def test_where_the_trainer_serves_its_gauges() -> None:
+    running = job("ftj-1", "run-train")
+    assert finetunejob.trainer_endpoint(
+        running, [pod("Running", {"running": {}})], NOW, SETTINGS
+    ) == (
+        "10.0.0.9",
+        9090,
+    )
+    assert (
+        finetunejob.trainer_endpoint(running, [pod("Pending", {"waiting": {}})], NOW, SETTINGS)
+        is None
+    )
+
+
+@pytest.mark.parametrize(
+    ("spec", "job_suspended", "action", "phase"),
+    [
+        ({"suspend": True}, False, Suspend("team", "run-train", True), "Suspended"),
+        ({}, True, Suspend("team", "run-train", False), "Pending"),
+        ({"queueName": "gpus"}, True, None, "Queued"),  # Kueue unsuspends, not the operator
+        ({"queueName": "gpus", "suspend": True}, True, None, "Suspended"),
+    ],
+)
+def test_spec_suspend_drives_the_job_s_suspend(
+    spec: dict[str, Any], job_suspended: bool, action: Suspend | None, phase: str
+) -> None:
+    current = job("ftj-1", "run-train", suspend=job_suspended)
+    decision = ftj_decide(ftj_body(**spec), job=current)
+    assert decision.actions == ((action,) if action else ())
+    assert status_of(decision)[0] == phase
+
+
+SUMMARY = json.dumps(
+    {
+        "ok": True,
+        "phase": "Succeeded",
+        "steps": 40,
+        "totalSteps": 40,
+        "trainLoss": 0.5,
+        "outputDir": "/o",
+    }
+)
+
+
+def test_a_run_that_trained_succeeds_and_is_served_as_deploy_says() -> None:
+    done = job("ftj-1", "run-train", COMPLETE)
+    pods = [finished_pod(SUMMARY)]
+    body = ftj_body({"phase": "Running"}, deploy={"enabled": True})
+    decision = ftj_decide(body, job=done, pods=pods)
+    assert status_of(decision) == ("Succeeded", "Completed", True)
+    assert decision.dependents_changed
+    (apply,) = decision.actions
+    assert isinstance(apply, Apply) and apply.body["kind"] == "ModelDeployment"
+    assert decision.status is not None
+    fields = decision.status.fields
+    assert fields["deployment"] == {"name": "run"} and fields["metrics"] == {"trainLoss": 0.5}
+    assert fields["progress"]["percent"] == 100
+
+    mine = owned("ModelDeployment", "run", "ftj-1")
+    off = ftj_decide(ftj_body({"phase": "Running"}), job=done, pods=pods, deployment=mine)
+    assert off.actions == (Delete("ModelDeployment", "team", "run"),)
+    assert off.status is not None and off.status.fields["deployment"] is None
+
+    theirs = owned("ModelDeployment", "run", "someone-else")
+    taken = ftj_decide(body, job=done, pods=pods, deployment=theirs)
+    assert taken.actions == ()
+    assert taken.status is not None and "not deployed" in taken.status.fields["message"]
+
+
+def test_a_trainer_failure_fails_the_run_with_its_reason() -> None:
+    failed = job("ftj-1", "run-train", FAILED)
+    summary = '{"ok": false, "phase": "Failed", "message": "the dataset changed"}'
+    decision = ftj_decide(
+        ftj_body({"phase": "Running"}), job=failed, pods=[finished_pod(summary, 1)]
+    )
+    assert status_of(decision) == ("Failed", "BackoffLimitExceeded", False)
+    assert (
+        decision.status is not None and decision.status.fields["message"] == "the dataset changed"
+    )
+    assert decision.status.notice is not None and decision.status.notice.type == "Warning"
+    assert decision.after_status == () and decision.dependents_changed
+
+
+def test_a_pod_that_never_starts_fails_the_run_and_then_its_job_goes() -> None:
+    pending = job("ftj-1", "run-train")
+    young = ftj_decide(ftj_body(), job=pending, pods=[missing_secret(A_MINUTE_AGO)])
+    assert status_of(young) == ("Pending", "CreateContainerConfigError", None)
+    old = ftj_decide(ftj_body(), job=pending, pods=[missing_secret(TEN_MINUTES_AGO)])
+    assert status_of(old) == ("Failed", "CreateContainerConfigError", False)
+    assert old.after_status == (Delete("Job", "team", "run-train"),)
+
+
+def test_a_finished_run_only_loses_a_job_that_still_runs() -> None:
+    failed = {"phase": "Failed", "observedGeneration": 1}
+    leftover = job("ftj-1", "run-train")
+    assert ftj_decide(ftj_body(failed), job=leftover) == Decision(
+        actions=(Delete("Job", "team", "run-train"),)
+    )
+    assert ftj_decide(ftj_body(failed), job=job("ftj-1", "run-train", FAILED)) == Decision()
+    assert ftj_decide(ftj_body({"phase": "Succeeded", "observedGeneration": 1})) == Decision()
+
+
+def test_a_finished_run_without_its_job_follows_only_deploy() -> None:
+    status = {
+        "phase": "Succeeded",
+        "observedGeneration": 1,
+        "message": "training finished",
+        "conditions": [{"type": "Ready", "status": "True", "reason": "Completed"}],
+    }
+    decision = ftj_decide(ftj_body(status, generation=2, deploy={"enabled": True}))
+    assert [type(a) for a in decision.actions] == [Apply]
+    assert status_of(decision) == ("Succeeded", "Completed", True)
+    assert not decision.dependents_changed
+
+
+def test_which_runs_a_dataset_moves_on() -> None:
+    waiting = ftj_body({"phase": "WaitingForDataset"}, validation={"dataset": {"name": "held"}})
+    assert finetunejob.uses_dataset(waiting, "held") and finetunejob.uses_dataset(waiting, "train")
+    assert not finetunejob.uses_dataset(waiting, "other")
+    assert not finetunejob.uses_dataset(ftj_body({"phase": "Running"}), "train")
+
+
+# ModelDeployment ----------------------------------------------------------------------
+
+BASE = {"name": "org/model", "source": {"pvc": {"claimName": "models", "path": "base"}}}
+
+
+def md_body(**spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": "serve", "namespace": "team", "uid": "md-1", "generation": 1},
+        "spec": {"baseModel": BASE, **spec},
+    }
+
+
+def md_seen(body: dict[str, Any], **seen: Any) -> modeldeployment.Observed:
+    return modeldeployment.Observed(body, ModelDeploymentSpec.model_validate(body["spec"]), **seen)
+
+
+def test_a_server_waits_for_or_refuses_its_adapters() -> None:
+    body = md_body(adapters=[{"name": "a", "fineTuneJob": "run"}])
+    missing = modeldeployment.decide(md_seen(body, finetunejobs={"run": None}), SETTINGS)
+    assert missing.actions == () and status_of(missing) == ("Pending", "FineTuneJobNotFound", False)
+    failed_run = ftj_body({"phase": "Failed"}, baseModel=BASE)
+    failed = modeldeployment.decide(md_seen(body, finetunejobs={"run": failed_run}), SETTINGS)
+    assert status_of(failed) == ("Failed", "FineTuneJobFailed", False)
+    assert failed.status is not None and failed.status.fields["servedModels"] == ["org/model", "a"]
+
+
+def test_a_server_is_made_then_updated_only_when_its_spec_changes() -> None:
+    body = md_body()
+    new = modeldeployment.decide(md_seen(body), SETTINGS)
+    assert [type(a) for a in new.actions] == [Apply, Create]
+    assert status_of(new) == ("Progressing", "Progressing", False)
+    spec = ModelDeploymentSpec.model_validate(body["spec"])
+    current = deployment(plan(body, spec, [], SETTINGS.trainer_image))
+    current["status"] = {
+        "readyReplicas": 1,
+        "updatedReplicas": 1,
+        "conditions": [{"type": "Available", "status": "True"}],
+    }
+    serving = modeldeployment.decide(md_seen(body, deployment=current), SETTINGS)
+    assert serving.actions == () and status_of(serving) == ("Available", "Available", True)
+    assert serving.status is not None and serving.status.notice is not None
+    current["metadata"]["annotations"][SPEC_HASH] = "stale"
+    assert [
+        type(a) for a in modeldeployment.decide(md_seen(body, deployment=current), SETTINGS).actions
+    ] == [
+        Apply,
+        Create,
+    ]
+
+
+def test_a_namesake_s_deployment_is_waited_out_and_a_pod_in_trouble_says_why() -> None:
+    theirs = owned("Deployment", "serve", "someone-else")
+    decision = modeldeployment.decide(md_seen(md_body(), deployment=theirs), SETTINGS)
+    assert decision.actions == () and status_of(decision)[:2] == ("Pending", "WaitingForCleanup")
+    body = md_body()
+    spec = ModelDeploymentSpec.model_validate(body["spec"])
+    current = deployment(plan(body, spec, [], SETTINGS.trainer_image))
+    current["status"] = {"conditions": [{"type": "Progressing", "status": "True"}]}
+    unschedulable = {
+        "metadata": {"name": "serve-x", "creationTimestamp": NOW},
+        "status": {
+            "conditions": [
+                {
+                    "type": "PodScheduled",
+                    "status": "False",
+                    "reason": "Unschedulable",
+                    "message": "0/1 nodes",
+                }
+            ]
+        },
+    }
+    stuck = modeldeployment.decide(
+        md_seen(body, deployment=current, pods=[unschedulable]), SETTINGS
+    )
+    assert status_of(stuck) == ("Progressing", "Unschedulable", False)

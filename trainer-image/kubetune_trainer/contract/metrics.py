@@ -1,0 +1,105 @@
+"""The trainer's Prometheus gauges and where they are served: the operator scrapes them
+into FineTuneJob status while a run goes on, and Grafana charts them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+METRICS_PORT = 9090
+# Wins over job.json's metricsPort, for hosts where several trainers share one IP (the
+# local executor sets it to the pod's container port named metrics).
+METRICS_PORT_VARIABLE = "KUBETUNE_METRICS_PORT"
+
+
+@dataclass(frozen=True)
+class Gauge:
+    name: str
+    help: str
+    # Without a value until the first logging step or evaluation: NaN, not a misleading 0.
+    nan_until_set: bool = False
+
+
+TRAIN_LOSS = Gauge(
+    "kubetune_train_loss", "Training loss, averaged over the latest logging interval.", True
+)
+EVAL_LOSS = Gauge("kubetune_eval_loss", "Validation loss at the latest evaluation.", True)
+BEST_EVAL_LOSS = Gauge("kubetune_best_eval_loss", "Lowest validation loss so far.", True)
+BEST_STEP = Gauge("kubetune_best_step", "Step of the lowest validation loss so far.")
+LEARNING_RATE = Gauge("kubetune_learning_rate", "Learning rate at the latest logging step.")
+GRAD_NORM = Gauge("kubetune_grad_norm", "Gradient norm at the latest logging step.")
+TRAIN_STEP = Gauge("kubetune_train_step", "Optimizer steps done.")
+TRAIN_TOTAL_STEPS = Gauge(
+    "kubetune_train_total_steps", "Optimizer steps the run will take (without early stopping)."
+)
+EPOCH = Gauge("kubetune_epoch", "Epochs done, fractional.")
+TOKENS_PER_SECOND = Gauge(
+    "kubetune_train_tokens_per_second",
+    "Training tokens (padding excluded) per second, all workers.",
+)
+SAMPLES_PER_SECOND = Gauge(
+    "kubetune_train_samples_per_second", "Training examples per second, all workers."
+)
+TOKENS_TOTAL = Gauge(
+    "kubetune_train_tokens_total", "Training tokens processed by this process's run so far."
+)
+ETA_SECONDS = Gauge("kubetune_eta_seconds", "Estimated seconds until the last step.", True)
+TRAIN_REWARD_MARGIN = Gauge(
+    "kubetune_train_reward_margin",
+    "DPO: mean reward margin (beta x log-ratio, chosen minus rejected) over the latest "
+    "logging interval.",
+    True,
+)
+TRAIN_PREFERENCE_ACCURACY = Gauge(
+    "kubetune_train_preference_accuracy",
+    "DPO: share of training pairs whose chosen reply got the higher reward, over the "
+    "latest logging interval.",
+    True,
+)
+EVAL_REWARD_MARGIN = Gauge(
+    "kubetune_eval_reward_margin",
+    "DPO: mean reward margin on the validation pairs at the latest evaluation.",
+    True,
+)
+EVAL_PREFERENCE_ACCURACY = Gauge(
+    "kubetune_eval_preference_accuracy",
+    "DPO: share of validation pairs whose chosen reply got the higher reward at the "
+    "latest evaluation.",
+    True,
+)
+TRAIN_KL = Gauge(
+    "kubetune_train_kl",
+    "preserveGeneralSkills: mean per-token KL(base || tuned) at the configured "
+    "temperature, over the latest logging interval.",
+    True,
+)
+EVAL_KL = Gauge(
+    "kubetune_eval_kl",
+    "preserveGeneralSkills: mean per-token KL(base || tuned) on the validation data at "
+    "the latest evaluation.",
+    True,
+)
+
+GAUGES: dict[str, Gauge] = {
+    gauge.name: gauge
+    for gauge in (
+        TRAIN_LOSS,
+        EVAL_LOSS,
+        BEST_EVAL_LOSS,
+        BEST_STEP,
+        LEARNING_RATE,
+        GRAD_NORM,
+        TRAIN_STEP,
+        TRAIN_TOTAL_STEPS,
+        EPOCH,
+        TOKENS_PER_SECOND,
+        SAMPLES_PER_SECOND,
+        TOKENS_TOTAL,
+        ETA_SECONDS,
+        TRAIN_REWARD_MARGIN,
+        TRAIN_PREFERENCE_ACCURACY,
+        EVAL_REWARD_MARGIN,
+        EVAL_PREFERENCE_ACCURACY,
+        TRAIN_KL,
+        EVAL_KL,
+    )
+}

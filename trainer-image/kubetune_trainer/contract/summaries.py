@@ -1,0 +1,160 @@
+"""What a finished kubetune container tells the operator: a JSON summary in its
+termination message (Kubernetes keeps 4096 bytes of it).
+
+``kubetune train`` writes a ``TrainingSummary`` (report.json is the same plus the loss
+curves), ``kubetune validate --summary-file`` a ``ValidationSummary``. The writers use
+the models as they are, so a key cannot drift from what is defined here; the operator
+reads them with ``read_summary``, which ignores keys it does not know (a newer trainer
+image may add some).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, Field, ValidationError
+
+from kubetune_trainer.contract import metrics
+from kubetune_trainer.contract.base import CamelModel
+
+TERMINATION_LIMIT = 4096
+
+
+class Outcome(CamelModel):
+    """What every summary says when its command failed: ``ok`` false and why."""
+
+    ok: bool | None = None
+    message: str | None = None
+
+
+class TrainingFigures(CamelModel):
+    """The losses and each method's own figures of a run, each with the gauge that
+    shows it while the run goes on."""
+
+    train_loss: Annotated[float | None, metrics.TRAIN_LOSS] = Field(
+        None, description="Latest training loss."
+    )
+    eval_loss: Annotated[float | None, metrics.EVAL_LOSS] = Field(
+        None, description="Latest validation loss."
+    )
+    best_eval_loss: Annotated[float | None, metrics.BEST_EVAL_LOSS] = Field(
+        None, description="Lowest validation loss so far."
+    )
+    best_step: Annotated[int | None, metrics.BEST_STEP] = Field(
+        None, ge=0, description="Step of the lowest validation loss."
+    )
+    train_reward_margin: Annotated[float | None, metrics.TRAIN_REWARD_MARGIN] = Field(
+        None, description="DPO: mean reward margin (chosen minus rejected), latest logging step."
+    )
+    eval_reward_margin: Annotated[float | None, metrics.EVAL_REWARD_MARGIN] = Field(
+        None, description="DPO: mean reward margin on the validation pairs."
+    )
+    train_preference_accuracy: Annotated[float | None, metrics.TRAIN_PREFERENCE_ACCURACY] = Field(
+        None,
+        description="DPO: share of training pairs whose chosen reply got the higher reward.",
+    )
+    eval_preference_accuracy: Annotated[float | None, metrics.EVAL_PREFERENCE_ACCURACY] = Field(
+        None, description="DPO: share of validation pairs whose chosen reply got the higher reward."
+    )
+    train_kl: Annotated[float | None, metrics.TRAIN_KL] = Field(
+        None, description="preserveGeneralSkills: mean per-token KL(base || tuned) in training."
+    )
+    eval_kl: Annotated[float | None, metrics.EVAL_KL] = Field(
+        None, description="preserveGeneralSkills: mean per-token KL(base || tuned) on validation."
+    )
+
+
+def figure_gauges() -> dict[str, metrics.Gauge]:
+    """The gauge behind each figure, by the figure's field name."""
+    return {
+        name: next(m for m in field.metadata if isinstance(m, metrics.Gauge))
+        for name, field in TrainingFigures.model_fields.items()
+    }
+
+
+class TrainingSummary(Outcome, TrainingFigures):
+    """``kubetune train``'s termination message: the facts of the run (a failed one
+    has only ``ok``, ``phase`` and ``message``). Every field may be absent."""
+
+    phase: Literal["Succeeded", "Failed"] | None = None
+    method: str | None = None
+    tuning: str | None = None
+    base_model: str | None = None
+    output_dir: str | None = None
+    output_uri: str | None = None
+    steps: int | None = None
+    total_steps: int | None = None
+    epoch: float | None = None
+    early_stopped: bool | None = None
+    resumed_from: str | None = None
+    train_examples: int | None = None
+    eval_examples: int | None = None
+    truncated_examples: int | None = None
+    dropped_examples: int | None = None
+    train_runtime_seconds: float | None = None
+    samples_per_second: float | None = None
+    tokens_per_second: float | None = None
+    peak_memory_bytes: int | None = None
+    peak_gpu_memory_bytes: int | None = None
+
+
+class LossHistory(CamelModel):
+    train: list[tuple[int, float]] = Field(default_factory=list)
+    eval: list[tuple[int, float]] = Field(default_factory=list)
+
+
+class TrainingReport(TrainingSummary):
+    """report.json: the summary plus the loss curves (against step)."""
+
+    history: LossHistory | None = None
+
+
+class LineProblem(CamelModel):
+    line: int
+    message: str
+
+
+class ValidationSummary(Outcome):
+    """``kubetune validate``'s report (``--json``) and, without the warnings and cut to
+    fit, its termination message. A file that could not be read at all gives only
+    ``valid`` false and ``error``."""
+
+    valid: bool
+    examples: int | None = None
+    images: int | None = None
+    text_only_examples: int | None = None
+    sha256: str | None = None
+    errors: list[LineProblem] = Field(default_factory=list)
+    warnings: list[LineProblem] | None = None
+    error_count: int | None = None
+    warning_count: int | None = None
+    truncated_errors: int | None = None
+    truncated_warnings: int | None = None
+    error: str | None = None
+
+
+def dump(summary: BaseModel, exclude: set[str] | None = None) -> dict[str, Any]:
+    """A summary as its JSON object: the fields its writer set, by their JSON names."""
+    return summary.model_dump(by_alias=True, exclude_unset=True, exclude=exclude)
+
+
+Summary = TypeVar("Summary", bound=BaseModel)
+
+
+def read_summary(model: type[Summary], value: Any) -> Summary | None:
+    """``value`` (a JSON object, or its text) as ``model``, keys it does not know
+    ignored; None when it is not one (say, the log tail that FallbackToLogsOnError puts
+    in the termination message after a crash)."""
+    if isinstance(value, str | bytes):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return None
+    if not isinstance(value, dict):
+        return None
+    known = {field.alias or name for name, field in model.model_fields.items()}
+    try:
+        return model.model_validate({k: v for k, v in value.items() if k in known})
+    except ValidationError:
+        return None
