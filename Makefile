@@ -36,7 +36,7 @@ controlplane-up: controlplane
 controlplane-down:
 	hack/controlplane.sh down
 
-# The whole stack in the background: control plane, CRDs, local executor, operator.
+# The whole stack in the background: control plane, CRDs, local kubelet, operator.
 dev-up: $(STAMP) controlplane
 	hack/dev.sh up
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Real etcd + kube-apiserver (+ kube-controller-manager with GC/namespace
-# controllers only) on loopback for tests and local development.
+# Real etcd + kube-apiserver + kube-controller-manager + kube-scheduler on loopback
+# for tests and local development; the local kubelet (hack/local_kubelet.py) runs
+# the pods the scheduler binds to its node.
 #
 #   hack/controlplane.sh build   build (or reuse) the binaries, print their paths
 #   hack/controlplane.sh up      start a plane; last stdout line: export KUBECONFIG=...
@@ -11,7 +12,7 @@
 #                                garbage collector tracks CRDs applied since up
 #
 # KUBETUNE_CP_DIR overrides the run dir (default: <repo>/.cache/controlplane/run).
-# KUBETUNE_CP_NO_KCM=1 skips kube-controller-manager.
+# KUBETUNE_CP_NO_KCM=1 skips kube-controller-manager and kube-scheduler.
 # Exit codes: 0 ok, 1 failure, 3 go missing and no cached binaries.
 set -euo pipefail
 
@@ -23,7 +24,8 @@ source "${HACK_DIR}/versions.env"
 CACHE_DIR="${REPO_ROOT}/.cache/controlplane"
 VERSION_TAG="${K8S_VERSION}-etcd-${ETCD_VERSION}"
 BIN_DIR="${CACHE_DIR}/${VERSION_TAG}/bin"
-BINARIES=(etcd kube-apiserver kube-controller-manager)
+BINARIES=(etcd kube-apiserver kube-controller-manager kube-scheduler)
+KUBE_BINARIES=(kube-apiserver kube-controller-manager kube-scheduler)
 READY_TIMEOUT="${KUBETUNE_CP_READY_TIMEOUT:-60}"
 
 log() { echo "controlplane: $*" >&2; }
@@ -32,7 +34,8 @@ die() { echo "controlplane: error: $*" >&2; exit 1; }
 # Hash of everything that determines the binaries; stored next to them.
 inputs_hash() {
   (cd "${HACK_DIR}" && cat versions.env kube/go.mod kube/go.sum etcd/go.mod etcd/go.sum \
-    etcd/main.go kube/cmd/kube-apiserver/main.go kube/cmd/kube-controller-manager/main.go) \
+    etcd/main.go kube/cmd/kube-apiserver/main.go kube/cmd/kube-controller-manager/main.go \
+    kube/cmd/kube-scheduler/main.go) \
     | sha256sum | cut -c1-16
 }
 
@@ -78,14 +81,15 @@ cmd_build() {
   export CGO_ENABLED=0
   local t0 t
   t0=$(date +%s)
-  log "building etcd ${ETCD_VERSION} ..."
+  log "building etcd ${ETCD_VERSION} (first the Go modules are downloaded: minutes, once) ..."
   t=$(date +%s)
   (cd "${HACK_DIR}/etcd" && go build -ldflags="-s -w" -o "${BIN_DIR}/etcd.tmp" .)
   mv "${BIN_DIR}/etcd.tmp" "${BIN_DIR}/etcd"
   log "etcd built in $(( $(date +%s) - t ))s"
-  local b
-  for b in kube-apiserver kube-controller-manager; do
-    log "building ${b} ${K8S_VERSION} ..."
+  local b i=0
+  for b in "${KUBE_BINARIES[@]}"; do
+    i=$(( i + 1 ))
+    log "building ${b} ${K8S_VERSION} (${i} of ${#KUBE_BINARIES[@]}; a few minutes each when cold) ..."
     t=$(date +%s)
     (cd "${HACK_DIR}/kube" && go build -ldflags="$(kube_ldflags)" -o "${BIN_DIR}/${b}.tmp" "./cmd/${b}")
     mv "${BIN_DIR}/${b}.tmp" "${BIN_DIR}/${b}"
@@ -141,6 +145,7 @@ is_running() {
   pid_of etcd >/dev/null && pid_of kube-apiserver >/dev/null || return 1
   if [[ -f "${RUN_DIR}/kube-controller-manager.enabled" ]]; then
     pid_of kube-controller-manager >/dev/null || return 1
+    pid_of kube-scheduler >/dev/null || return 1
   fi
   readyz_ok
 }
@@ -228,7 +233,7 @@ tail_log() { # tail_log NAME
 
 stop_all() { # stop everything recorded in RUN_DIR (reverse start order)
   local name pid pids=() i
-  for name in kube-controller-manager kube-apiserver etcd; do
+  for name in kube-scheduler kube-controller-manager kube-apiserver etcd; do
     if pid="$(pid_of "${name}")"; then
       kill -TERM "${pid}" 2>/dev/null || true
       pids+=("${pid}")
@@ -309,7 +314,30 @@ start_plane() {
   if [[ "${KUBETUNE_CP_NO_KCM:-0}" != "1" ]]; then
     touch "${RUN_DIR}/kube-controller-manager.enabled"
     start_kcm "${api_port}" || return 1
+    start_scheduler || return 1
   fi
+}
+
+# start_scheduler: the default scheduler, binding pods to the local kubelet's node
+# (or saying why none fits, as on a real cluster).
+start_scheduler() {
+  local port
+  port="$(free_ports 1)"
+  echo "SCHEDULER_PORT=${port}" >> "${RUN_DIR}/ports.env"
+  start_proc kube-scheduler "${BIN_DIR}/kube-scheduler" \
+    --kubeconfig="${KUBECONFIG_PATH}" \
+    --authentication-kubeconfig="${KUBECONFIG_PATH}" \
+    --authorization-kubeconfig="${KUBECONFIG_PATH}" \
+    --leader-elect=false \
+    --bind-address=127.0.0.1 \
+    --secure-port="${port}" \
+    --cert-dir="${RUN_DIR}/scheduler-certs"
+  local deadline=$(( $(date +%s) + READY_TIMEOUT ))
+  until [[ "$(curl -sk --max-time 2 "https://127.0.0.1:${port}/readyz" 2>/dev/null)" == "ok" ]]; do
+    alive kube-scheduler || { log "kube-scheduler exited during startup"; tail_log kube-scheduler; return 1; }
+    (( $(date +%s) < deadline )) || { log "kube-scheduler not ready within ${READY_TIMEOUT}s"; tail_log kube-scheduler; return 1; }
+    sleep 0.2
+  done
 }
 
 # start_kcm API_PORT: start kube-controller-manager and wait until its garbage
@@ -317,13 +345,14 @@ start_plane() {
 # the serviceaccount controller has created default/default.
 start_kcm() {
   local api_port="$1"
-  # No job/cronjob controllers: the project's local executor plays Job controller.
-  # The deployment and replicaset controllers are the real ones: a ModelDeployment's
-  # Deployment gets real status, and its pods pass Pod Security admission or fail it
-  # (no scheduler or kubelet runs them).
+  # The controllers the operator's objects meet on a real cluster: Jobs, Deployments
+  # and ReplicaSets, TTL after finish, pod garbage collection, and the ones every
+  # namespace needs; the node lifecycle controller, which lifts the not-ready taint a
+  # new Node gets once its kubelet reports Ready; the PersistentVolume binder, which
+  # binds the claims the scheduler requires to the volumes the local kubelet offers.
   start_proc kube-controller-manager "${BIN_DIR}/kube-controller-manager" \
     --kubeconfig="${KUBECONFIG_PATH}" \
-    --controllers=garbage-collector-controller,namespace-controller,serviceaccount-controller,serviceaccount-token-controller,root-ca-certificate-publisher-controller,clusterrole-aggregation-controller,deployment-controller,replicaset-controller \
+    --controllers=garbage-collector-controller,namespace-controller,serviceaccount-controller,serviceaccount-token-controller,root-ca-certificate-publisher-controller,clusterrole-aggregation-controller,deployment-controller,replicaset-controller,job-controller,ttl-after-finished-controller,pod-garbage-collector-controller,node-lifecycle-controller,persistentvolume-binder-controller \
     --use-service-account-credentials=false \
     --leader-elect=false \
     --secure-port=0 \
@@ -444,7 +473,7 @@ cmd_env() {
 cmd_status() {
   resolve_run_dir
   local name pid
-  for name in etcd kube-apiserver kube-controller-manager; do
+  for name in etcd kube-apiserver kube-controller-manager kube-scheduler; do
     if pid="$(pid_of "${name}")"; then echo "${name}: running (pid ${pid})"; else echo "${name}: not running"; fi
   done
   [[ -f "${RUN_DIR}/ports.env" ]] && cat "${RUN_DIR}/ports.env"

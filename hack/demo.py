@@ -1,7 +1,7 @@
 """`make demo`: a tiny VLM tuned end to end by kubetune on this machine's CPU.
 
 Builds a tiny random-weight Qwen2.5-VL-style model and a synthetic colours x shapes
-image dataset into the volumes the local executor maps, brings the stack up
+image dataset into the volumes the local kubelet maps, brings the stack up
 (`hack/dev.sh up`), applies examples/demo/, prints the `kubectl get` table as it
 changes, then the final status and where the tuned model is. Exits 0 when the
 FineTuneJob Succeeded. `make dev-down` stops the stack afterwards.
@@ -21,6 +21,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from local_kubelet import volume_claim  # noqa: E402
 from tiny_models import tiny_model, write_shapes_dataset  # noqa: E402
 
 STATE = ROOT / ".cache" / "dev" / "state"
@@ -51,7 +52,7 @@ def main() -> int:
         volumes / "datasets" / "shapes", 6, seed=2, name="held_out.jsonl"
     )
 
-    print("starting the control plane, the local executor and the operator ...", flush=True)
+    print("starting the control plane, the local kubelet and the operator ...", flush=True)
     up = subprocess.run(
         [str(ROOT / "hack" / "dev.sh"), "up"], capture_output=True, text=True, check=False
     )
@@ -75,6 +76,15 @@ def main() -> int:
         ],
         capture_output=True,
         check=False,
+    )
+    claims = [
+        obj for c in ("models", "datasets") for obj in volume_claim(NAMESPACE, c, volumes / c)
+    ]
+    apply = ["kubectl", "--kubeconfig", kubeconfig, "apply", "-f", "-"]
+    listing = json.dumps({"apiVersion": "v1", "kind": "List", "items": claims})
+    print(
+        subprocess.run(apply, input=listing, capture_output=True, text=True, check=True).stdout,
+        end="",
     )
     print(k("apply", "-n", NAMESPACE, "-f", str(ROOT / "examples" / "demo")), end="")
 

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # A local kubetune stack for trying things out (`make dev-up` / `make dev-down`):
-# the test control plane, kubetune's CRDs, the local executor (plays kubelet for Jobs)
-# and the operator, all in the background. `up` prints `export KUBECONFIG=...` last.
+# the test control plane (Kubernetes' own controllers and scheduler), kubetune's CRDs,
+# the local kubelet (runs the pods as local processes) and the operator, all in the
+# background. `up` prints `export KUBECONFIG=...` last.
 #
-# State lives in .cache/dev/: executor volumes (a PVC named X in namespace N is the
+# State lives in .cache/dev/: the kubelet's volumes (a PVC named X in namespace N is the
 # folder .cache/dev/state/pvc/N/X), pod logs (.cache/dev/state/logs) and the
-# operator's and executor's own logs.
+# operator's and kubelet's own logs.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DEV="${ROOT}/.cache/dev"
@@ -43,8 +44,8 @@ up() {
   kubectl apply --server-side --force-conflicts -f "${ROOT}/crds" >/dev/null
   kubectl wait --for=condition=Established --timeout=60s -f "${ROOT}/crds" >/dev/null
   "${ROOT}/hack/controlplane.sh" restart-kcm >/dev/null
-  start_bg executor "${PY}" "${ROOT}/hack/local_executor.py" --kubeconfig "${KUBECONFIG}" \
-    --state-dir "${DEV}/state" --pod-failure-backoff 2
+  start_bg kubelet "${PY}" "${ROOT}/hack/local_kubelet.py" --kubeconfig "${KUBECONFIG}" \
+    --state-dir "${DEV}/state" --gpus "${KUBETUNE_DEV_GPUS:-2}"
   # Free ports, so that nothing else listening (another stack) can answer for ours.
   local metrics health
   read -r metrics health < <("${PY}" -c 'import socket
@@ -63,18 +64,33 @@ print(*ports)')
     sleep 0.3
   done
   [[ -n "${live}" ]] || { echo "the operator did not become live; see ${DEV}/operator.log" >&2; exit 1; }
-  echo "operator log: ${DEV}/operator.log (metrics on :${metrics}); executor log: ${DEV}/executor.log; volumes: ${DEV}/state/pvc" >&2
+  echo "operator log: ${DEV}/operator.log (metrics on :${metrics}); kubelet log: ${DEV}/kubelet.log; volumes: ${DEV}/state/pvc" >&2
   echo "export KUBECONFIG=${KUBECONFIG}"
 }
 
 down() {
   stop_pid "${DEV}/operator.pid"
-  stop_pid "${DEV}/executor.pid"
+  stop_pid "${DEV}/kubelet.pid"
   "${ROOT}/hack/controlplane.sh" down >/dev/null 2>&1 || true
+}
+
+# claim NAMESPACE NAME: a PersistentVolumeClaim NAME (bound to a volume of the folder
+# .cache/dev/state/pvc/NAMESPACE/NAME) for pods to mount.
+claim() {
+  local ns="${1:?usage: $0 claim NAMESPACE NAME}" name="${2:?usage: $0 claim NAMESPACE NAME}"
+  export KUBECONFIG="${KUBECONFIG:-${KUBETUNE_CP_DIR}/kubeconfig}"
+  mkdir -p "${DEV}/state/pvc/${ns}/${name}"
+  PYTHONPATH="${ROOT}/hack" "${PY}" -c 'import json, sys
+from pathlib import Path
+from local_kubelet import volume_claim
+ns, name, folder = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+print(json.dumps({"apiVersion": "v1", "kind": "List", "items": volume_claim(ns, name, folder)}))' \
+    "${ns}" "${name}" "${DEV}/state/pvc/${ns}/${name}" | kubectl apply -f -
 }
 
 case "${1:-}" in
   up) up ;;
   down) down ;;
-  *) echo "usage: $0 up|down" >&2; exit 2 ;;
+  claim) shift; claim "$@" ;;
+  *) echo "usage: $0 up|down|claim NAMESPACE NAME" >&2; exit 2 ;;
 esac

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import controlplane
 import pytest
@@ -38,6 +39,25 @@ def kubectl(plane: controlplane.ControlPlane) -> Kubectl:
     # makes it collect children of kubetune objects at once.
     plane.restart_controllers()
     return k
+
+
+@pytest.fixture(scope="session")
+def kubelet(
+    kubectl: Kubectl, kubeconfig: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Any]:
+    """The local kubelet of the test cluster: one node, on which kube-scheduler places
+    every pod, run as local processes (hack/local_kubelet.py)."""
+    from local_kubelet import LocalKubelet
+
+    node = LocalKubelet(kubeconfig, tmp_path_factory.mktemp("kubelet"), gpus=GPUS)
+    node.start()
+    yield node
+    node.stop()
+
+
+# Enough for the end-to-end tests' training pods and model servers, which each ask
+# for one GPU, to run side by side as the tests need.
+GPUS = 8
 
 
 @pytest.fixture()

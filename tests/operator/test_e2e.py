@@ -1,5 +1,6 @@
 """End to end: the real operator (under the chart's RBAC) and the real trainer against
-the test API server, with the local executor playing kubelet for Jobs."""
+the test API server, with Kubernetes' own controllers and scheduler, and the local
+kubelet running the pods."""
 
 from __future__ import annotations
 
@@ -27,33 +28,22 @@ def ns(kubectl: Kubectl) -> str:
 
 
 @pytest.fixture(scope="module")
-def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("executor")
-
-
-@pytest.fixture(scope="module")
-def executor(kubeconfig: Path, state_dir: Path, ns: str) -> Iterator[Any]:
-    from local_executor import LocalExecutor
-
-    ex = LocalExecutor(kubeconfig, state_dir, namespaces=[ns])
-    ex.start()
-    yield ex
-    ex.stop()
+def state_dir(kubelet: Any) -> Path:
+    state: Path = kubelet.state_dir
+    return state
 
 
 def pvc_dir(state_dir: Path, ns: str, claim: str) -> Path:
-    path = state_dir / "pvc" / ns / claim
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return state_dir / "pvc" / ns / claim
 
 
 @pytest.fixture(scope="module")
-def storage(state_dir: Path, ns: str, tiny_qwen2_5_vl: Path) -> Path:
-    """The PVCs the manifests name, as the executor maps them: a tiny VLM on `models`
+def storage(kubelet: Any, state_dir: Path, ns: str, tiny_qwen2_5_vl: Path) -> Path:
+    """The PVCs the manifests name, as the kubelet maps them: a tiny VLM on `models`
     and a shapes dataset on `datasets`."""
-    models = pvc_dir(state_dir, ns, "models")
+    models = kubelet.provide_claim(ns, "models")
     shutil.copytree(tiny_qwen2_5_vl, models / "tiny-vlm", dirs_exist_ok=True)
-    data = pvc_dir(state_dir, ns, "datasets")
+    data = kubelet.provide_claim(ns, "datasets")
     write_shapes_dataset(data / "shapes", 6, seed=3, name="train.jsonl")
     bad = data / "bad"
     bad.mkdir(exist_ok=True)
@@ -74,7 +64,6 @@ def operator(
     kubectl: Kubectl,
     ns: str,
     tmp_path_factory: pytest.TempPathFactory,
-    executor: Any,
     storage: Path,
 ) -> Iterator[Operator]:
     folder = tmp_path_factory.mktemp("operator")
@@ -542,7 +531,7 @@ def test_a_dataset_on_s3_is_fetched_by_an_init_container_with_the_secrets_creden
     kubectl: Kubectl, ns: str, operator: Operator, s3_endpoint: str
 ) -> None:
     """The validation pod's init container runs `kubetune fetch` against the moto S3
-    server. The local executor passes no AWS_* variable from the host (and HOME is an
+    server. The local kubelet passes no AWS_* variable from the host (and HOME is an
     emptyDir), so the only credentials the fetch has are the Secret's."""
     put_chat_jsonl(s3_endpoint, "kubetune-data", "chat/train.jsonl")
     kubectl.apply_secret(

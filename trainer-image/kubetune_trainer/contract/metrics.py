@@ -6,9 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 METRICS_PORT = 9090
-# Wins over job.json's metricsPort, for hosts where several trainers share one IP (the
-# local executor sets it to the pod's container port named metrics).
-METRICS_PORT_VARIABLE = "KUBETUNE_METRICS_PORT"
 
 
 @dataclass(frozen=True)

@@ -6,20 +6,12 @@ trains twice, as the tests do, starts from fresh gauges.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from kubetune_trainer.contract import metrics as gauges
-from kubetune_trainer.contract.metrics import GAUGES, METRICS_PORT_VARIABLE
-
-
-def metrics_port(configured: int, env: Mapping[str, str] = os.environ) -> int:
-    """The port to serve on: $KUBETUNE_METRICS_PORT wins over job.json's metricsPort."""
-    value = env.get(METRICS_PORT_VARIABLE, "").strip()
-    return int(value) if value.isdigit() else configured
-
+from kubetune_trainer.contract.metrics import GAUGES
 
 # Training log entries (as transformers and TRL name them) that go straight to a gauge.
 # Each method adds its own (DPO: reward margin, preference accuracy; preserve-skills: KL).

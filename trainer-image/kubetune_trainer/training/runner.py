@@ -37,7 +37,7 @@ from kubetune_trainer.training.checkpoints import (
 )
 from kubetune_trainer.training.config_mapping import Hardware, model_dtype
 from kubetune_trainer.training.inputs import DataStats, JobError, TrainerInputs
-from kubetune_trainer.training.metrics import TrainMetrics, metrics_port
+from kubetune_trainer.training.metrics import TrainMetrics
 from kubetune_trainer.training.models import is_multimodal, load_model, load_processing
 from kubetune_trainer.training.records import file_sha256, split_validation
 from kubetune_trainer.training.report import (
@@ -124,7 +124,7 @@ def run(config: TrainingConfig, *, callbacks: Sequence[TrainerCallback] = ()) ->
     config's EXIT_*). The outcome also goes to the termination log (main process only)."""
     main = is_main_process()
     metrics = TrainMetrics() if main else None
-    port = metrics_port(config.metrics_port)
+    port = config.metrics_port
     stop_metrics = metrics.serve(port) if metrics and port else None
     try:
         report = _train(config, metrics, callbacks)

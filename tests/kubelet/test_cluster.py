@@ -1,6 +1,7 @@
-"""The local executor against the real test API server: Jobs in a namespace enforcing
-the restricted Pod Security level run as local processes, with the Pod and Job status a
-kubelet and the Job controller would write."""
+"""The local kubelet against the real test API server, with Kubernetes' own Job,
+Deployment and ReplicaSet controllers and scheduler: pods in a namespace enforcing the
+restricted Pod Security level run as local processes, with the status, restarts,
+probes, addresses and names a kubelet gives them."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.request
 from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 from kube import ROOT, Kubectl
-from local_executor import METRICS_PORT_ENV, LocalExecutor
+from local_kubelet import NODE_NAME, LocalKubelet, fixed_pod_ip
 
 pytestmark = pytest.mark.apiserver
 
@@ -132,7 +134,7 @@ SLEEPER_POD = {"volumes": [{"name": "work", "persistentVolumeClaim": {"claimName
 
 
 def test_job_runs_with_env_mounts_and_termination_message(
-    kubectl: Kubectl, namespace: str, executor: LocalExecutor
+    kubectl: Kubectl, namespace: str, kubelet: LocalKubelet
 ) -> None:
     kubectl.apply(
         {
@@ -196,17 +198,18 @@ def test_job_runs_with_env_mounts_and_termination_message(
     (pod_obj,) = pods_of(kubectl, namespace, "hello")
     name = pod_obj["metadata"]["name"]
     assert name.startswith("hello-") and len(name) == len("hello-") + 5
-    assert pod_obj["spec"]["nodeName"] == "local-executor"
+    assert pod_obj["spec"]["nodeName"] == NODE_NAME
     (owner,) = pod_obj["metadata"]["ownerReferences"]
     assert (owner["kind"], owner["name"], owner["controller"]) == ("Job", "hello", True)
     assert "finalizers" not in pod_obj["metadata"], "the tracking finalizer is removed once counted"
-    assert pod_obj["status"]["phase"] == "Succeeded" and pod_obj["status"]["podIP"] == "127.0.0.1"
+    pod_ip = pod_obj["status"]["podIP"]
+    assert pod_obj["status"]["phase"] == "Succeeded" and pod_ip.startswith("127.")
     terminated = pod_obj["status"]["containerStatuses"][0]["state"]["terminated"]
     assert (terminated["exitCode"], terminated["reason"]) == (0, "Completed")
     assert json.loads(terminated["message"]) == {"trainLoss": 0.5}
 
     report = json.loads(
-        (executor.pvc_dir(namespace, "models") / "run-1" / "report.json").read_text()
+        (kubelet.pvc_dir(namespace, "models") / "run-1" / "report.json").read_text()
     )
     assert report == {
         "config": {"epochs": 2},
@@ -217,91 +220,17 @@ def test_job_runs_with_env_mounts_and_termination_message(
             "TOKEN": "s3cr3t",
             "POD_NAME": name,
             "POD_NAMESPACE": namespace,
-            "POD_IP": "127.0.0.1",
+            "POD_IP": pod_ip,
             "HOSTNAME": name,
         },
     }
-    assert "training done" in executor.log_path(namespace, name).read_text()
-
-
-def test_failing_pods_are_retried_until_the_backoff_limit(
-    kubectl: Kubectl, namespace: str, executor: LocalExecutor
-) -> None:
-    script = """
-        import sys
-        print("boom: out of patience", file=sys.stderr)
-        sys.exit(3)
-    """
-    container = {"terminationMessagePolicy": "FallbackToLogsOnError"}
-    kubectl.apply(
-        job_manifest("fails", script, container=container, backoffLimit=1), "-n", namespace
-    )
-
-    job = wait_condition(kubectl, namespace, "fails", "Failed")
-    failed = condition(job, "Failed")
-    assert failed is not None and failed["reason"] == "BackoffLimitExceeded"
-    assert condition(job, "FailureTarget") is not None
-    assert job["status"]["failed"] == 2 and job["status"].get("succeeded", 0) == 0
-    pods = pods_of(kubectl, namespace, "fails")
-    assert len(pods) == 2
-    for pod in pods:
-        assert pod["status"]["phase"] == "Failed"
-        terminated = pod["status"]["containerStatuses"][0]["state"]["terminated"]
-        assert (terminated["exitCode"], terminated["reason"]) == (3, "Error")
-        assert terminated["message"] == "boom: out of patience\n"
-
-
-def test_suspend_kills_the_pod_and_resume_runs_a_new_one(
-    kubectl: Kubectl, namespace: str, executor: LocalExecutor
-) -> None:
-    pid_dir = executor.pvc_dir(namespace, "work")
-    kubectl.apply(
-        job_manifest("pausable", SLEEPER, container=SLEEPER_CONTAINER, pod=SLEEPER_POD),
-        "-n",
-        namespace,
-    )
-    first, pid = wait_running_pid(kubectl, namespace, "pausable", pid_dir)
-    assert alive(pid)
-
-    kubectl.run(
-        "patch",
-        "job",
-        "pausable",
-        "-n",
-        namespace,
-        "--type=merge",
-        "-p",
-        '{"spec": {"suspend": true}}',
-    )
-    job = wait_condition(kubectl, namespace, "pausable", "Suspended")
-    assert condition(job, "Suspended")["reason"] == "JobSuspended"  # type: ignore[index]
-    wait_for("the process to be killed", lambda: not alive(pid))
-    wait_for("the pod to be gone", lambda: not pods_of(kubectl, namespace, "pausable"))
-    job = get_job(kubectl, namespace, "pausable")
-    assert job["status"].get("active", 0) == 0 and job["status"].get("failed", 0) == 0
-
-    kubectl.run(
-        "patch",
-        "job",
-        "pausable",
-        "-n",
-        namespace,
-        "--type=merge",
-        "-p",
-        '{"spec": {"suspend": false}}',
-    )
-    second, new_pid = wait_running_pid(kubectl, namespace, "pausable", pid_dir, exclude={first})
-    assert second != first and alive(new_pid)
-    job = wait_condition(kubectl, namespace, "pausable", "Suspended", "False")
-    assert condition(job, "Suspended")["reason"] == "JobResumed"  # type: ignore[index]
-    kubectl.run("delete", "job", "pausable", "-n", namespace, "--wait=false")
-    wait_for("the resumed process to be killed", lambda: not alive(new_pid))
+    assert "training done" in kubelet.log_path(namespace, name).read_text()
 
 
 def test_deleting_the_job_kills_its_process(
-    kubectl: Kubectl, namespace: str, executor: LocalExecutor
+    kubectl: Kubectl, namespace: str, kubelet: LocalKubelet
 ) -> None:
-    pid_dir = executor.pvc_dir(namespace, "work")
+    pid_dir = kubelet.pvc_dir(namespace, "work")
     kubectl.apply(
         job_manifest("doomed", SLEEPER, container=SLEEPER_CONTAINER, pod=SLEEPER_POD),
         "-n",
@@ -315,72 +244,8 @@ def test_deleting_the_job_kills_its_process(
     wait_for("the pod to be gone", lambda: not pods_of(kubectl, namespace, "doomed"))
 
 
-def test_pod_security_violation_fails_the_job_at_pod_creation(
-    kubectl: Kubectl, namespace: str, executor: LocalExecutor
-) -> None:
-    manifest = job_manifest(
-        "insecure",
-        "print('never runs')",
-        container={"securityContext": {}},
-        pod={"securityContext": {}},
-    )
-    kubectl.apply(manifest, "-n", namespace)
-
-    job = wait_condition(kubectl, namespace, "insecure", "Failed")
-    failed = condition(job, "Failed")
-    assert failed is not None and failed["reason"] == "PodCreateFailed"
-    assert 'violates PodSecurity "restricted:latest"' in failed["message"]
-    assert pods_of(kubectl, namespace, "insecure") == []
-    events = kubectl.get(
-        "events",
-        "-n",
-        namespace,
-        "--field-selector",
-        "involvedObject.name=insecure,reason=FailedCreate",
-    )
-    assert events["items"] and "violates PodSecurity" in events["items"][0]["message"]
-
-
-def test_metrics_port_is_a_free_local_port_named_by_the_env_var(
-    kubectl: Kubectl, namespace: str, executor: LocalExecutor
-) -> None:
-    script = f"""
-        import os, socket
-        port = int(os.environ["{METRICS_PORT_ENV}"])
-        with socket.create_server(("127.0.0.1", port)):
-            open("/dev/termination-log", "w").write(str(port))
-    """
-    container = {"ports": [{"name": "metrics", "containerPort": 9090}]}
-    kubectl.apply(job_manifest("metrics", script, container=container), "-n", namespace)
-
-    wait_condition(kubectl, namespace, "metrics", "Complete")
-    (pod,) = pods_of(kubectl, namespace, "metrics")
-    (port,) = pod["spec"]["containers"][0]["ports"]
-    assert port["name"] == "metrics" and port["containerPort"] != 9090
-    terminated = pod["status"]["containerStatuses"][0]["state"]["terminated"]
-    assert terminated["message"] == str(port["containerPort"])
-
-
-def test_active_deadline_kills_the_pod_and_fails_the_job(
-    kubectl: Kubectl, namespace: str, executor: LocalExecutor
-) -> None:
-    pid_dir = executor.pvc_dir(namespace, "work")
-    manifest = job_manifest(
-        "slow", SLEEPER, container=SLEEPER_CONTAINER, pod=SLEEPER_POD, activeDeadlineSeconds=2
-    )
-    kubectl.apply(manifest, "-n", namespace)
-    _, pid = wait_running_pid(kubectl, namespace, "slow", pid_dir)
-
-    job = wait_condition(kubectl, namespace, "slow", "Failed")
-    assert condition(job, "Failed")["reason"] == "DeadlineExceeded"  # type: ignore[index]
-    assert job["status"]["failed"] == 1 and job["status"]["terminating"] == 0
-    # Like the real controller, the Job deleted its Pod, and waited for it to be gone.
-    assert not alive(pid)
-    assert pods_of(kubectl, namespace, "slow") == []
-
-
 def test_a_missing_secret_keeps_the_pod_pending_until_it_exists(
-    kubectl: Kubectl, namespace: str, executor: LocalExecutor
+    kubectl: Kubectl, namespace: str, kubelet: LocalKubelet
 ) -> None:
     container = {
         "env": [{"name": "KEY", "valueFrom": {"secretKeyRef": {"name": "late", "key": "key"}}}]
@@ -403,7 +268,7 @@ def test_a_missing_secret_keeps_the_pod_pending_until_it_exists(
 
 
 def test_a_process_killed_by_sigkill_reports_oomkilled(
-    kubectl: Kubectl, namespace: str, executor: LocalExecutor
+    kubectl: Kubectl, namespace: str, kubelet: LocalKubelet
 ) -> None:
     script = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
     kubectl.apply(job_manifest("oom", script), "-n", namespace)
@@ -415,36 +280,32 @@ def test_a_process_killed_by_sigkill_reports_oomkilled(
     assert (terminated["exitCode"], terminated["reason"]) == (137, "OOMKilled")
 
 
-def test_the_command_line_executor_stops_on_sigterm_and_kills_its_processes(
-    kubectl: Kubectl, kubeconfig: Path, tmp_path: Path
+def test_the_command_line_kubelet_stops_on_sigterm_and_kills_its_processes(
+    kubectl: Kubectl, kubeconfig: Path, tmp_path: Path, kubelet: LocalKubelet
 ) -> None:
-    own = kubectl.new_namespace("executor-cli", RESTRICTED)
-    state, log = tmp_path / "state", tmp_path / "executor.log"
-    command = [
-        sys.executable,
-        str(ROOT / "hack" / "local_executor.py"),
-        "--kubeconfig",
-        str(kubeconfig),
-    ]
-    command += ["--state-dir", str(state), "--namespace", own]
+    own = kubectl.new_namespace("kubelet-cli", RESTRICTED)
+    node, state, log = "cli-node", tmp_path / "state", tmp_path / "kubelet.log"
+    command = [sys.executable, str(ROOT / "hack" / "local_kubelet.py"), "--node", node]
+    command += ["--kubeconfig", str(kubeconfig), "--state-dir", str(state)]
     with log.open("wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     try:
-        wait_for("the executor to be ready", lambda: "local executor ready" in log.read_text())
+        wait_for("the kubelet to be ready", lambda: "local kubelet ready" in log.read_text())
+        kubelet.provide_claim(own, "work")
+        pinned = {**SLEEPER_POD, "nodeSelector": {"kubernetes.io/hostname": node}}
         kubectl.apply(
-            job_manifest("sleeper", SLEEPER, container=SLEEPER_CONTAINER, pod=SLEEPER_POD),
-            "-n",
-            own,
+            job_manifest("sleeper", SLEEPER, container=SLEEPER_CONTAINER, pod=pinned), "-n", own
         )
         _, pid = wait_running_pid(kubectl, own, "sleeper", state / "pvc" / own / "work")
 
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=15) == 0
         assert not alive(pid)
-        assert "local executor stopped" in log.read_text()
+        assert "local kubelet stopped" in log.read_text()
     finally:
         process.kill()
         process.wait()
+        kubectl.run("delete", "node", node, "--wait=false")
 
 
 # ------------------------------------------------------------- init containers ---
@@ -468,9 +329,9 @@ def container_state(pod: Obj, which: str, position: int = 0) -> Obj:
 
 
 def test_init_containers_run_in_order_and_fill_the_emptydir_the_main_container_reads(
-    kubectl: Kubectl, namespace: str, executor: LocalExecutor
+    kubectl: Kubectl, namespace: str, kubelet: LocalKubelet
 ) -> None:
-    gate = executor.pvc_dir(namespace, "gates") / "fill.go"
+    gate = kubelet.pvc_dir(namespace, "gates") / "fill.go"
     # The first init container waits for the test to open the gate, so that the status
     # of a Pod initializing can be looked at.
     first = """
@@ -559,18 +420,18 @@ def test_init_containers_run_in_order_and_fill_the_emptydir_the_main_container_r
     assert inits[0]["finishedAt"] <= inits[1]["startedAt"] <= terminated["startedAt"]
     assert condition(pod_obj, "Initialized")["status"] == "True"  # type: ignore[index]
     pod_name = pod_obj["metadata"]["name"]
-    assert "first done" in executor.log_path(namespace, pod_name, "first").read_text()
-    assert "second done" in executor.log_path(namespace, pod_name, "second").read_text()
-    assert "done" not in executor.log_path(namespace, pod_name).read_text()
+    assert "first done" in kubelet.log_path(namespace, pod_name, "first").read_text()
+    assert "second done" in kubelet.log_path(namespace, pod_name, "second").read_text()
+    assert "done" not in kubelet.log_path(namespace, pod_name).read_text()
 
 
 def test_a_failing_init_container_fails_the_pod_before_the_main_container_runs(
     kubectl: Kubectl,
     namespace: str,
-    executor: LocalExecutor,
+    kubelet: LocalKubelet,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    marks = executor.pvc_dir(namespace, "marks")
+    marks = kubelet.pvc_dir(namespace, "marks")
     mark = """
         import os
         open(f"/marks/{os.environ['WHO']}", "w").write("ran")
@@ -614,15 +475,15 @@ def test_a_failing_init_container_fails_the_pod_before_the_main_container_runs(
     assert condition(pod_obj, "Initialized")["status"] == "False"  # type: ignore[index]
     assert sorted(p.name for p in marks.iterdir()) == ["before"]
     pod_name = pod_obj["metadata"]["name"]
-    assert not executor.log_path(namespace, pod_name).exists()
-    # Its status message is empty with the default policy: the executor's log has the end
+    assert not kubelet.log_path(namespace, pod_name).exists()
+    # Its status message is empty with the default policy: the kubelet's log has the end
     # of the container's log.
     assert f"{pod_name}: init container fetch failed" in caplog.text
     assert "no such object: s3://bucket/train.jsonl" in caplog.text
 
 
 def test_an_init_container_gets_its_own_env_from_a_secret_once_the_secret_exists(
-    kubectl: Kubectl, namespace: str, executor: LocalExecutor
+    kubectl: Kubectl, namespace: str, kubelet: LocalKubelet
 ) -> None:
     report = """
         import json, os, sys
@@ -745,7 +606,7 @@ RENDEZVOUS = """
 
 
 def test_indexed_job_pods_run_together_and_reach_each_other_by_name(
-    kubectl: Kubectl, namespace: str, executor: LocalExecutor
+    kubectl: Kubectl, namespace: str, kubelet: LocalKubelet
 ) -> None:
     name, port = "rdzv", free_port()
     headless_service(kubectl, namespace, name)
@@ -760,7 +621,9 @@ def test_indexed_job_pods_run_together_and_reach_each_other_by_name(
     job = wait_condition(kubectl, namespace, name, "Complete")
     status = job["status"]
     assert [c["type"] for c in status["conditions"]] == ["SuccessCriteriaMet", "Complete"]
-    assert status["completedIndexes"] == "0-1"
+    # The real controller writes two consecutive indexes as a list, not a range (the
+    # executor that stood in for it wrote "0-1").
+    assert status["completedIndexes"] == "0,1"
     assert status["succeeded"] == 2 and status.get("failed", 0) == 0
     assert status.get("active", 0) == 0
 
@@ -774,17 +637,19 @@ def test_indexed_job_pods_run_together_and_reach_each_other_by_name(
         assert meta["name"].startswith(f"{name}-{index}-")
         assert (spec["hostname"], spec["subdomain"]) == (f"{name}-{index}", name)
         terminated = pod["status"]["containerStatuses"][0]["state"]["terminated"]
-        assert terminated["exitCode"] == 0, executor.log_path(namespace, meta["name"]).read_text()
+        assert terminated["exitCode"] == 0, kubelet.log_path(namespace, meta["name"]).read_text()
         report = json.loads(terminated["message"])
         # The exchanged messages prove both processes ran at the same time.
         assert report["index"] == index and report["got"] == f"hello from {1 - index}"
         assert report["hostname"] == f"{name}-{index}"
-        assert set(report["resolved"].values()) == {"127.0.0.1"}
+        # Each resolves the other's names to the other's own address.
+        other = by_index[1 - index]["status"]["podIP"]
+        assert set(report["resolved"].values()) == {other} and other != pod["status"]["podIP"]
         assert len(report["resolved"]) == 3
 
 
 def test_indexed_pod_resolves_every_index_name_of_its_job(
-    kubectl: Kubectl, namespace: str, executor: LocalExecutor
+    kubectl: Kubectl, namespace: str, kubelet: LocalKubelet
 ) -> None:
     script = """
         import os, socket
@@ -800,100 +665,12 @@ def test_indexed_pod_resolves_every_index_name_of_its_job(
     wait_condition(kubectl, namespace, "names", "Complete")
     for pod in pods_of(kubectl, namespace, "names"):
         terminated = pod["status"]["containerStatuses"][0]["state"]["terminated"]
-        assert terminated["message"] == "127.0.0.1 127.0.0.1 127.0.0.1"
-
-
-def test_a_failed_index_is_replaced_and_the_indexed_job_completes(
-    kubectl: Kubectl, namespace: str, executor: LocalExecutor
-) -> None:
-    script = """
-        import os, sys
-        index = os.environ["JOB_COMPLETION_INDEX"]
-        marker = f"/data/failed-{index}"
-        if index == "1" and not os.path.exists(marker):
-            open(marker, "w").close()
-            sys.exit(1)
-        open("/dev/termination-log", "w").write(index)
-    """
-    mounts = {"volumeMounts": [{"name": "work", "mountPath": "/data"}]}
-    volumes = {"volumes": [{"name": "work", "persistentVolumeClaim": {"claimName": "retry"}}]}
-    manifest = indexed_job("retry", script, container=mounts, pod=volumes, backoffLimit=1)
-    kubectl.apply(manifest, "-n", namespace)
-
-    job = wait_condition(kubectl, namespace, "retry", "Complete")
-    status = job["status"]
-    assert status["completedIndexes"] == "0-1"
-    assert (status["succeeded"], status["failed"]) == (2, 1)
-    pods = pods_of(kubectl, namespace, "retry")
-    outcomes = sorted((p["metadata"]["annotations"][INDEX_KEY], p["status"]["phase"]) for p in pods)
-    assert outcomes == [("0", "Succeeded"), ("1", "Failed"), ("1", "Succeeded")]
-    assert (executor.pvc_dir(namespace, "retry") / "failed-1").exists()
-
-
-def test_an_indexed_job_beyond_its_backoff_limit_fails_and_deletes_its_other_pods(
-    kubectl: Kubectl, namespace: str, executor: LocalExecutor
-) -> None:
-    script = """
-        import os, sys, time
-        if os.environ["JOB_COMPLETION_INDEX"] == "1":
-            sys.exit(2)
-        time.sleep(120)
-    """
-    kubectl.apply(indexed_job("doomed", script, backoffLimit=0), "-n", namespace)
-
-    job = wait_condition(kubectl, namespace, "doomed", "Failed")
-    failed = condition(job, "Failed")
-    assert failed is not None and failed["reason"] == "BackoffLimitExceeded"
-    assert job["status"]["failed"] == 2, "the deleted index-0 Pod counts as failed"
-    assert job["status"].get("completedIndexes", "") == ""
-    assert job["status"].get("active", 0) == 0
-
-    def index_0_gone() -> bool:
-        return all(
-            p["metadata"]["annotations"][INDEX_KEY] != "0" or p["status"]["phase"] == "Failed"
-            for p in pods_of(kubectl, namespace, "doomed")
-        )
-
-    wait_for("the index-0 pod to be deleted or failed", index_0_gone)
-
-
-# ------------------------------------------------------------ podFailurePolicy ---
-
-
-def test_a_fail_job_rule_fails_the_job_at_the_first_matching_exit_code(
-    kubectl: Kubectl, namespace: str, executor: LocalExecutor
-) -> None:
-    rule = {
-        "action": "FailJob",
-        "onExitCodes": {"containerName": "main", "operator": "In", "values": [3]},
-    }
-    manifest = job_manifest(
-        "nonretriable",
-        "import sys; sys.exit(3)",
-        backoffLimit=3,
-        podFailurePolicy={"rules": [rule]},
-    )
-    kubectl.apply(manifest, "-n", namespace)
-
-    job = wait_condition(kubectl, namespace, "nonretriable", "Failed")
-    (pod,) = pods_of(kubectl, namespace, "nonretriable")
-    name = pod["metadata"]["name"]
-    message = (
-        f"Container main for pod {namespace}/{name} failed with exit code 3"
-        " matching FailJob rule at index 0"
-    )
-    for ctype in ("FailureTarget", "Failed"):
-        found = condition(job, ctype)
-        assert found is not None and (found["reason"], found["message"]) == (
-            "PodFailurePolicy",
-            message,
-        )
-    assert job["spec"]["podReplacementPolicy"] == "Failed", "the API server's default"
-    assert job["status"]["failed"] == 1 and job["status"].get("active", 0) == 0
+        names = (fixed_pod_ip(namespace, "names", f"names-{i}") for i in range(3))
+        assert terminated["message"] == " ".join(names)
 
 
 def test_an_evicted_pod_ignored_by_the_policy_is_replaced_without_counting(
-    kubectl: Kubectl, namespace: str, executor: LocalExecutor
+    kubectl: Kubectl, namespace: str, kubelet: LocalKubelet
 ) -> None:
     script = """
         import os, sys, time
@@ -914,7 +691,7 @@ def test_an_evicted_pod_ignored_by_the_policy_is_replaced_without_counting(
     # A finalizer of the test's own keeps the evicted Pod around to be looked at.
     manifest["spec"]["template"]["metadata"] = {"finalizers": ["kubetune.test/keep"]}
     kubectl.apply(manifest, "-n", namespace)
-    pid_dir = executor.pvc_dir(namespace, "work")
+    pid_dir = kubelet.pvc_dir(namespace, "work")
     first, pid = wait_running_pid(kubectl, namespace, "evicted", pid_dir)
 
     kubectl.evict(namespace, first)
@@ -943,3 +720,147 @@ def test_an_evicted_pod_ignored_by_the_policy_is_replaced_without_counting(
             "-p",
             '{"metadata": {"finalizers": null}}',
         )
+
+
+# ------------------------------------------------- long-running pods (Deployments) ---
+
+
+def deployment(name: str, script: str, replicas: int = 1, **container: Any) -> Obj:
+    """A Deployment whose pods run ``python3 -c script``, valid under `restricted`."""
+    main = {
+        "name": "main",
+        "image": "ghcr.io/kubetune/server:never-pulled",
+        "command": ["python3", "-c", textwrap.dedent(script)],
+        "securityContext": RESTRICTED_CONTAINER,
+        **container,
+    }
+    labels = {"app": name}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {"securityContext": RESTRICTED_POD, "containers": [main]},
+            },
+        },
+    }
+
+
+def pods_labelled(kubectl: Kubectl, ns: str, app: str) -> list[Obj]:
+    pods: list[Obj] = kubectl.get("pods", "-n", ns, "-l", f"app={app}")["items"]
+    return pods
+
+
+# Answers on :8000 of every interface, and /health only after a few seconds (as a
+# model server does once its model has loaded).
+SERVER = """
+    import http.server, time
+    started = time.monotonic()
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            ok = self.path != "/health" or time.monotonic() - started > 3
+            self.send_response(200 if ok else 503)
+            self.end_headers()
+            self.wfile.write(self.server.server_address[0].encode())
+        def log_message(self, *args):
+            pass
+    http.server.ThreadingHTTPServer(("0.0.0.0", 8000), Handler).serve_forever()
+"""
+
+
+def test_servers_on_one_port_each_get_their_pod_address_and_ready_follows_the_probe(
+    kubectl: Kubectl, namespace: str, kubelet: LocalKubelet
+) -> None:
+    probe = {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 1}
+    manifest = deployment(
+        "web",
+        SERVER,
+        replicas=2,
+        ports=[{"name": "http", "containerPort": 8000}],
+        readinessProbe=probe,
+    )
+    kubectl.apply(manifest, "-n", namespace)
+
+    def running_unready() -> list[Obj] | None:
+        pods = pods_labelled(kubectl, namespace, "web")
+        states = [p["status"].get("containerStatuses", [{}])[0] for p in pods]
+        if len(pods) == 2 and all("running" in s.get("state", {}) for s in states):
+            return pods if not any(s.get("ready") for s in states) else None
+        return None
+
+    wait_for("both servers to run, not ready yet", running_unready)
+
+    def available() -> Obj | None:
+        found: Obj = kubectl.get("deployment", "web", "-n", namespace)
+        return found if found["status"].get("availableReplicas") == 2 else None
+
+    wait_for("the Deployment to be available once the probes pass", available)
+    addresses = set()
+    for pod in pods_labelled(kubectl, namespace, "web"):
+        ip = pod["status"]["podIP"]
+        assert condition(pod, "Ready")["status"] == "True"  # type: ignore[index]
+        # Both bound 0.0.0.0:8000; each answers on its own pod's address.
+        with urllib.request.urlopen(f"http://{ip}:8000/", timeout=5) as answer:
+            assert answer.read().decode() == ip
+        addresses.add(ip)
+    assert len(addresses) == 2
+    kubectl.run("delete", "deployment", "web", "-n", namespace)
+
+
+def test_a_container_that_exits_is_restarted_after_a_back_off(
+    kubectl: Kubectl, namespace: str, kubelet: LocalKubelet
+) -> None:
+    script = """
+        import sys
+        print("no model here", file=sys.stderr)
+        sys.exit(3)
+    """
+    kubectl.apply(deployment("crash", script), "-n", namespace)
+
+    def restarted() -> Obj | None:
+        pods = pods_labelled(kubectl, namespace, "crash")
+        statuses = pods[0]["status"].get("containerStatuses") if pods else None
+        return statuses[0] if statuses and statuses[0].get("restartCount", 0) >= 2 else None
+
+    status = wait_for("two restarts", restarted, timeout=60)
+    assert status["state"]["waiting"]["reason"] == "CrashLoopBackOff"
+    assert status["lastState"]["terminated"]["exitCode"] == 3
+    (pod,) = pods_labelled(kubectl, namespace, "crash")
+    assert pod["status"]["phase"] == "Running", "a restarting pod is not failed"
+    events = kubectl.get(
+        "events",
+        "-n",
+        namespace,
+        "--field-selector",
+        f"involvedObject.name={pod['metadata']['name']},reason=BackOff",
+    )
+    assert events["items"], "the kubelet says it backs off"
+    kubectl.run("delete", "deployment", "crash", "-n", namespace)
+
+
+def test_the_node_offers_its_gpus_and_a_pod_asking_for_more_is_unschedulable(
+    kubectl: Kubectl, namespace: str, kubelet: LocalKubelet
+) -> None:
+    node = kubectl.get("node", NODE_NAME)
+    assert int(node["status"]["allocatable"]["nvidia.com/gpu"]) >= 1
+    ready = next(c for c in node["status"]["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "True"
+    greedy = job_manifest(
+        "greedy",
+        "print('never runs')",
+        container={"resources": {"limits": {"nvidia.com/gpu": "100"}}},
+    )
+    kubectl.apply(greedy, "-n", namespace)
+
+    def unschedulable() -> Obj | None:
+        pods = pods_of(kubectl, namespace, "greedy")
+        return condition(pods[0], "PodScheduled") if pods else None
+
+    scheduled = wait_for("the scheduler's verdict", unschedulable)
+    assert (scheduled["status"], scheduled["reason"]) == ("False", "Unschedulable")
+    assert "Insufficient nvidia.com/gpu" in scheduled["message"]
+    kubectl.run("delete", "job", "greedy", "-n", namespace)
