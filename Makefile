@@ -27,8 +27,11 @@ lint: $(STAMP)
 crds: $(STAMP)
 	$(BIN)/python -m kubetune_operator.api.crds crds charts/kubetune/crds
 
+# etcd, kube-apiserver, kube-controller-manager, kube-scheduler and Kueue, built from Go
+# modules once (minutes; each step says what it builds), then reused.
 controlplane:
 	hack/controlplane.sh build
+	hack/kueue.sh build
 
 controlplane-up: controlplane
 	hack/controlplane.sh up

@@ -2,7 +2,8 @@
 # A local kubetune stack for trying things out (`make dev-up` / `make dev-down`):
 # the test control plane (Kubernetes' own controllers and scheduler), kubetune's CRDs,
 # the local kubelet (runs the pods as local processes) and the operator, all in the
-# background. `up` prints `export KUBECONFIG=...` last.
+# background. `up` prints `export KUBECONFIG=...` last; `up --kueue` also starts Kueue
+# (hack/kueue.sh), so that FineTuneJobs and Datasets with a queueName are queued.
 #
 # State lives in .cache/dev/: the kubelet's volumes (a PVC named X in namespace N is the
 # folder .cache/dev/state/pvc/N/X), pod logs (.cache/dev/state/logs) and the
@@ -36,6 +37,8 @@ start_bg() {  # name, command...
 }
 
 up() {
+  local with_kueue=""
+  [[ "${1:-}" == "--kueue" ]] && with_kueue=1
   mkdir -p "${DEV}/state"
   "${ROOT}/hack/controlplane.sh" up >"${DEV}/controlplane.out"
   local export_line
@@ -43,6 +46,10 @@ up() {
   export KUBECONFIG="${export_line#export KUBECONFIG=}"
   kubectl apply --server-side --force-conflicts -f "${ROOT}/crds" >/dev/null
   kubectl wait --for=condition=Established --timeout=60s -f "${ROOT}/crds" >/dev/null
+  if [[ -n "${with_kueue}" ]]; then
+    KUBETUNE_KUEUE_DIR="${DEV}/kueue" "${ROOT}/hack/kueue.sh" up >/dev/null
+  fi
+  # The garbage collector then tracks the CRDs applied since the plane started.
   "${ROOT}/hack/controlplane.sh" restart-kcm >/dev/null
   start_bg kubelet "${PY}" "${ROOT}/hack/local_kubelet.py" --kubeconfig "${KUBECONFIG}" \
     --state-dir "${DEV}/state" --gpus "${KUBETUNE_DEV_GPUS:-2}"
@@ -71,6 +78,9 @@ print(*ports)')
 down() {
   stop_pid "${DEV}/operator.pid"
   stop_pid "${DEV}/kubelet.pid"
+  if [[ -d "${DEV}/kueue" ]]; then
+    KUBETUNE_KUEUE_DIR="${DEV}/kueue" "${ROOT}/hack/kueue.sh" down >/dev/null 2>&1 || true
+  fi
   "${ROOT}/hack/controlplane.sh" down >/dev/null 2>&1 || true
 }
 
@@ -89,8 +99,8 @@ print(json.dumps({"apiVersion": "v1", "kind": "List", "items": volume_claim(ns, 
 }
 
 case "${1:-}" in
-  up) up ;;
+  up) shift; up "$@" ;;
   down) down ;;
   claim) shift; claim "$@" ;;
-  *) echo "usage: $0 up|down|claim NAMESPACE NAME" >&2; exit 2 ;;
+  *) echo "usage: $0 up [--kueue]|down|claim NAMESPACE NAME" >&2; exit 2 ;;
 esac

@@ -16,7 +16,12 @@ from kubernetes.client.exceptions import ApiException
 
 from kubetune_operator.api.common import GROUP, VERSION
 from kubetune_operator.observability import API_ERRORS
-from kubetune_operator.resources.common import Manifest
+from kubetune_operator.resources.common import (
+    KUEUE_GROUP,
+    KUEUE_VERSION,
+    LABEL_KUEUE_JOB_UID,
+    Manifest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +234,32 @@ class Api:
                 lambda: _json(self.core.read_namespaced_config_map(name, namespace, **RAW))
             ),
             f"ConfigMap {namespace}/{name}",
+        )
+
+    def job_workload(self, namespace: str, job_uid: str) -> Manifest | None:
+        """Kueue's Workload of the Job, or None (not created yet, or no Kueue here)."""
+        items = _or_none(
+            lambda: self.custom.list_namespaced_custom_object(
+                KUEUE_GROUP,
+                KUEUE_VERSION,
+                namespace,
+                "workloads",
+                label_selector=f"{LABEL_KUEUE_JOB_UID}={job_uid}",
+            )
+        )
+        found: list[Manifest] = (items or {}).get("items") or []
+        return found[0] if found else None
+
+    def set_workload_active(self, namespace: str, name: str, active: bool) -> None:
+        _counted(
+            lambda: self.custom.patch_namespaced_custom_object(
+                KUEUE_GROUP,
+                KUEUE_VERSION,
+                namespace,
+                "workloads",
+                name,
+                {"spec": {"active": active}},
+            )
         )
 
     def ensure_service_account(self, body: Manifest) -> None:

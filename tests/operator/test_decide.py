@@ -11,7 +11,7 @@ import pytest
 from kubetune_operator.api.dataset import DatasetSpec
 from kubetune_operator.api.finetunejob import FineTuneJobSpec
 from kubetune_operator.api.modeldeployment import ModelDeploymentSpec
-from kubetune_operator.resources.actions import Apply, Create, Decision, Delete, Suspend
+from kubetune_operator.resources.actions import Activate, Apply, Create, Decision, Delete, Suspend
 from kubetune_operator.resources.conditions import status_patch
 from kubetune_operator.resources.dataset import decide as dataset
 from kubetune_operator.resources.finetunejob import decide as finetunejob
@@ -112,6 +112,20 @@ def test_a_new_dataset_gets_its_validation_job_and_validates() -> None:
     assert decision.status is not None and decision.status.fields["validationJob"] == (
         "shapes-validate-1"
     )
+
+
+def test_a_dataset_with_a_queue_is_validated_by_a_job_kueue_admits() -> None:
+    body = ds_body()
+    body["spec"]["queueName"] = "cpu"
+    decision = dataset.decide(ds_seen(body), SETTINGS)
+    created = decision.actions[1].body  # type: ignore[union-attr]
+    assert created["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "cpu"
+    assert created["spec"]["suspend"] is True
+    assert "kueue.x-k8s.io/queue-name" not in created["spec"]["template"]["metadata"]["labels"]
+    held = job("ds-1", "shapes-validate-1", suspend=True)
+    queued = dataset.decide(ds_seen(body, job=held), SETTINGS)
+    assert status_of(queued) == ("Validating", "Queued", None)
+    assert queued.status is not None and "queued in 'cpu'" in queued.status.fields["message"]
 
 
 def test_a_new_generation_deletes_the_jobs_of_earlier_ones() -> None:
@@ -343,6 +357,37 @@ def test_spec_suspend_drives_the_job_s_suspend(
     assert status_of(decision)[0] == phase
 
 
+def workload(active: bool = True, **condition: str) -> dict[str, Any]:
+    return {
+        "metadata": {"name": "job-run-train-1a2b3", "namespace": "team"},
+        "spec": {"active": active},
+        "status": {"conditions": [condition] if condition else []},
+    }
+
+
+def test_a_queued_run_is_suspended_through_its_workload_and_its_job_is_never_written() -> None:
+    admitted = job("ftj-1", "run-train", suspend=False)
+    queued = ftj_body(queueName="gpus", suspend=True)
+    # Kueue admitted the Job (unsuspended it): the operator does not write it back.
+    decision = ftj_decide(queued, job=admitted, workload=workload())
+    assert decision.actions == (Activate("team", "job-run-train-1a2b3", False),)
+    assert not any(isinstance(a, Suspend) for a in decision.actions)
+    assert ftj_decide(queued, job=admitted, workload=workload(active=False)).actions == ()
+    resumed = ftj_decide(ftj_body(queueName="gpus"), job=admitted, workload=workload(False))
+    assert resumed.actions == (Activate("team", "job-run-train-1a2b3", True),)
+    assert ftj_decide(ftj_body(queueName="gpus"), job=admitted).actions == ()
+
+
+def test_a_queued_run_says_why_kueue_has_not_admitted_it() -> None:
+    waiting = job("ftj-1", "run-train", suspend=True)
+    reason = "couldn't assign flavors to pod set main: insufficient unused quota for nvidia.com/gpu"
+    pending = workload(type="QuotaReserved", status="False", reason="Pending", message=reason)
+    decision = ftj_decide(ftj_body(queueName="gpus"), job=waiting, workload=pending)
+    assert status_of(decision)[0] == "Queued"
+    assert decision.status is not None
+    assert decision.status.fields["message"] == f"queued in 'gpus'; {reason}"
+
+
 SUMMARY = json.dumps(
     {
         "ok": True,
@@ -403,13 +448,19 @@ def test_a_pod_that_never_starts_fails_the_run_and_then_its_job_goes() -> None:
     assert old.after_status == (Delete("Job", "team", "run-train"),)
 
 
-def test_a_finished_run_only_loses_a_job_that_still_runs() -> None:
-    failed = {"phase": "Failed", "observedGeneration": 1}
+def test_a_run_failed_before_its_pod_started_loses_a_job_that_still_runs() -> None:
+    ready = {"type": "Ready", "status": "False", "reason": "CreateContainerConfigError"}
+    failed = {"phase": "Failed", "observedGeneration": 1, "conditions": [ready]}
     leftover = job("ftj-1", "run-train")
     assert ftj_decide(ftj_body(failed), job=leftover) == Decision(
         actions=(Delete("Job", "team", "run-train"),)
     )
     assert ftj_decide(ftj_body(failed), job=job("ftj-1", "run-train", FAILED)) == Decision()
+    # A Job failing by itself is the job controller's to finish, even when an event
+    # shows it before its Failed condition.
+    by_trainer = {**failed, "conditions": [{**ready, "reason": "PodFailurePolicy"}]}
+    failing = job("ftj-1", "run-train", [{"type": "FailureTarget", "status": "True"}])
+    assert ftj_decide(ftj_body(by_trainer), job=failing) == Decision()
     assert ftj_decide(ftj_body({"phase": "Succeeded", "observedGeneration": 1})) == Decision()
 
 

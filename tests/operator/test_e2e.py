@@ -6,20 +6,26 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from e2e_support import (
+    RESTRICTED,
+    dataset,
+    finetunejob,
+    provide_storage,
+    status,
+    wait_gone,
+    wait_phase,
+    wait_ready_reason,
+)
 from kube import Kubectl
 from operator_harness import Operator, restricted_kubeconfig, wait_for
-from tiny_models import write_shapes_dataset
 
 pytestmark = [pytest.mark.apiserver, pytest.mark.training]
-
-RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted"}
 
 
 @pytest.fixture(scope="module")
@@ -39,23 +45,9 @@ def pvc_dir(state_dir: Path, ns: str, claim: str) -> Path:
 
 @pytest.fixture(scope="module")
 def storage(kubelet: Any, state_dir: Path, ns: str, tiny_qwen2_5_vl: Path) -> Path:
-    """The PVCs the manifests name, as the kubelet maps them: a tiny VLM on `models`
-    and a shapes dataset on `datasets`."""
-    models = kubelet.provide_claim(ns, "models")
-    shutil.copytree(tiny_qwen2_5_vl, models / "tiny-vlm", dirs_exist_ok=True)
-    data = kubelet.provide_claim(ns, "datasets")
-    write_shapes_dataset(data / "shapes", 6, seed=3, name="train.jsonl")
-    bad = data / "bad"
-    bad.mkdir(exist_ok=True)
-    good = json.dumps(
-        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
-    )
-    (bad / "train.jsonl").write_text(
-        "\n".join(
-            [good, good, '{"messages": [{"role": "user", "content": "hi"}]}', "{not json", good]
-        )
-        + "\n"
-    )
+    """The PVCs the manifests name: a tiny VLM on `models`, a shapes dataset and a
+    broken one on `datasets`."""
+    provide_storage(kubelet, ns, tiny_qwen2_5_vl)
     return state_dir
 
 
@@ -71,98 +63,6 @@ def operator(
     op = Operator(config, [ns], folder / "operator.log").start()
     yield op
     op.stop()
-
-
-def dataset(name: str, path: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "Dataset",
-        "metadata": {"name": name},
-        "spec": {
-            "source": {"pvc": {"claimName": "datasets", "path": path}},
-            "limits": {"minExamples": 3},
-        },
-    }
-
-
-def finetunejob(name: str, data: str, **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name},
-        "spec": {
-            "baseModel": {
-                "name": "tiny-vlm",
-                "source": {"pvc": {"claimName": "models", "path": "tiny-vlm"}},
-            },
-            "tuning": "full",
-            "dataset": {"name": data},
-            "validation": {"split": 0.25},
-            "hyperparameters": {
-                "epochs": 4,
-                "batchSize": 2,
-                "learningRate": 0.002,
-                "loggingSteps": 2,
-                "maxPixels": 3136,
-            },
-            "outputModel": {
-                "name": name,
-                "storage": {"pvc": {"claimName": "models", "path": f"out/{name}"}},
-            },
-            "resources": {"gpus": 0},
-            **spec,
-        },
-    }
-
-
-def status(kubectl: Kubectl, kind: str, ns: str, name: str) -> dict[str, Any]:
-    st: dict[str, Any] = kubectl.get(kind, name, "-n", ns).get("status") or {}
-    return st
-
-
-def wait_phase(
-    operator: Operator,
-    kubectl: Kubectl,
-    kind: str,
-    ns: str,
-    name: str,
-    phases: tuple[str, ...],
-    timeout: float,
-    what: str,
-) -> dict[str, Any]:
-    """The object's status once its phase is one of `phases`; the operator's log on a
-    timeout."""
-    st: dict[str, Any] = wait_for(
-        lambda: phase_in(kubectl, kind, ns, name, phases), timeout, what, on_timeout=operator.tail
-    )
-    return st
-
-
-def wait_gone(
-    kubectl: Kubectl, what: str, *get_args: str, timeout: float = 60, on_timeout: Any = None
-) -> None:
-    """Wait until `kubectl get GET_ARGS` lists nothing."""
-    wait_for(lambda: not kubectl.get(*get_args)["items"], timeout, what, on_timeout=on_timeout)
-
-
-def wait_ready_reason(
-    operator: Operator, kubectl: Kubectl, kind: str, ns: str, name: str, reason: str, what: str
-) -> dict[str, Any]:
-    """The object's status once its Ready condition's reason is `reason`."""
-
-    def has_reason() -> dict[str, Any] | None:
-        st = status(kubectl, kind, ns, name)
-        return st if reason in {c.get("reason") for c in st.get("conditions") or []} else None
-
-    st: dict[str, Any] = wait_for(has_reason, 60, what, on_timeout=operator.tail)
-    return st
-
-
-def phase_in(
-    kubectl: Kubectl, kind: str, ns: str, name: str, phases: tuple[str, ...]
-) -> dict[str, Any] | None:
-    st = status(kubectl, kind, ns, name)
-    return st if st.get("phase") in phases else None
 
 
 def test_dataset_and_finetunejob_train_a_tiny_vlm(
@@ -222,6 +122,25 @@ def test_dataset_and_finetunejob_train_a_tiny_vlm(
         annotations = set(obj["metadata"].get("annotations") or {})
         assert annotations <= {"kubectl.kubernetes.io/last-applied-configuration"}, annotations
         assert not obj["metadata"].get("finalizers")
+
+
+def test_pods_are_created_by_the_job_controller_and_placed_by_the_scheduler(
+    kubectl: Kubectl, ns: str, operator: Operator
+) -> None:
+    """The Job semantics the runs rely on are Kubernetes' own, not a stand-in's: the
+    job controller made the training pod, and default-scheduler bound it to the node."""
+    events = kubectl.get("events", "-n", ns)["items"]
+
+    def by(reason: str, kind: str) -> set[str]:
+        return {
+            e.get("reportingComponent") or (e.get("source") or {}).get("component", "")
+            for e in events
+            if e["reason"] == reason and e["involvedObject"]["kind"] == kind
+        }
+
+    assert "job-controller" in by("SuccessfulCreate", "Job")
+    assert "default-scheduler" in by("Scheduled", "Pod")
+    assert "kubelet" in by("Started", "Pod")
 
 
 def test_an_invalid_dataset_fails_the_job_with_line_numbers(
@@ -434,8 +353,9 @@ def test_a_finetunejob_with_deploy_gets_a_vllm_server(
     )
     assert final["phase"] == "Succeeded", final
     assert final["deployment"] == {"name": "served"}
-    # No kubelet runs vLLM here: the real deployment controller's status says the
-    # server is on its way, and its pod passed the namespace's restricted Pod Security.
+    # vLLM is not installed for the local kubelet (its `vllm` command is not found, so
+    # the server pod restarts): the real deployment controller's status says the server
+    # is on its way, and its pod passed the namespace's restricted Pod Security.
     md = wait_phase(
         operator,
         kubectl,
@@ -498,6 +418,29 @@ def test_a_finetunejob_with_deploy_gets_a_vllm_server(
     assert again["phase"] == "Succeeded" and again["observedGeneration"] == 3, again
     assert kubectl.get("mdep", "served", "-n", ns)
     assert not kubectl.get("jobs", "-n", ns, "-l", "kubetune.io/finetunejob=served")["items"]
+
+
+def test_a_server_no_node_can_fit_says_why(kubectl: Kubectl, ns: str, operator: Operator) -> None:
+    """More GPUs than any node has: the scheduler's verdict is the status message."""
+    greedy = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": "greedy"},
+        "spec": {
+            "baseModel": {
+                "name": "tiny-vlm",
+                "source": {"pvc": {"claimName": "models", "path": "tiny-vlm"}},
+            },
+            "resources": {"gpus": 64},
+        },
+    }
+    kubectl.apply(greedy, "-n", ns)
+    st = wait_ready_reason(
+        operator, kubectl, "mdep", ns, "greedy", "Unschedulable", "the scheduler's verdict"
+    )
+    assert st["phase"] == "Progressing"
+    assert "Insufficient nvidia.com/gpu" in st["message"], st["message"]
+    kubectl.run("delete", "mdep", "greedy", "-n", ns)
 
 
 def put_chat_jsonl(s3_endpoint: str, bucket: str, key: str) -> None:

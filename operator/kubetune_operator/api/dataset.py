@@ -120,6 +120,14 @@ class DatasetSpec(CamelModel):
         json_schema_extra={"default": {}},
         description="Bounds the dataset must keep to be Ready.",
     )
+    queue_name: Name | None = Field(
+        None,
+        description=(
+            "Kueue LocalQueue of the validation Job. Needed where Kueue manages every Job "
+            "in the namespace (manageJobsWithoutQueueName): an unqueued Job would wait there "
+            "for ever."
+        ),
+    )
 
 
 class LineError(CamelModel):

@@ -14,7 +14,15 @@ from kubetune_operator.api.modeldeployment import MODEL_DEPLOYMENT
 from kubetune_operator.handlers.context import Context, now
 from kubetune_operator.kube import Api
 from kubetune_operator.observability import PHASES, RECONCILE_SECONDS
-from kubetune_operator.resources.actions import Action, Apply, Create, Decision, Delete, Suspend
+from kubetune_operator.resources.actions import (
+    Action,
+    Activate,
+    Apply,
+    Create,
+    Decision,
+    Delete,
+    Suspend,
+)
 from kubetune_operator.resources.common import Manifest, event, owned_by
 from kubetune_operator.resources.conditions import StatusUpdate, phase_of, status_patch
 
@@ -118,6 +126,8 @@ def _carry_out(api: Api, action: Action) -> Manifest | None:
         return None
     if isinstance(action, Suspend):
         api.set_job_suspended(action.namespace, action.name, action.suspend)
+    if isinstance(action, Activate):
+        api.set_workload_active(action.namespace, action.name, action.active)
     return None
 
 

@@ -32,6 +32,7 @@ from kubetune_operator.resources.finetunejob.decide import (
     uses_dataset,
 )
 from kubetune_operator.resources.finetunejob.progress import parse_samples
+from kubetune_operator.resources.workloads import job_finished
 
 
 def reconcile(
@@ -109,6 +110,11 @@ def observe(
     deployment = (
         ctx.api.get_object(MODEL_DEPLOYMENT.plural, namespace, name) if trained(ftj, job) else None
     )
+    workload = (
+        ctx.api.job_workload(namespace, job["metadata"]["uid"])
+        if job is not None and spec.queue_name and not job_finished(job)
+        else None
+    )
     return Observed(
         ftj,
         spec,
@@ -118,6 +124,7 @@ def observe(
         datasets=datasets,
         samples=samples,
         deployment=deployment,
+        workload=workload,
     )
 
 

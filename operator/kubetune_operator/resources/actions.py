@@ -42,7 +42,17 @@ class Suspend:
     suspend: bool
 
 
-Action = Create | Apply | Delete | Suspend
+@dataclass(frozen=True)
+class Activate:
+    """Set a Kueue Workload's spec.active: how a Job that Kueue manages is suspended
+    and resumed (Kueue would undo a write of the Job's own suspend)."""
+
+    namespace: str
+    name: str
+    active: bool
+
+
+Action = Create | Apply | Delete | Suspend | Activate
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,9 @@ LABEL_FINETUNEJOB = "kubetune.io/finetunejob"
 LABEL_DATASET = "kubetune.io/dataset"
 LABEL_MODELDEPLOYMENT = "kubetune.io/modeldeployment"
 LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+# Kueue's Workload of a queued Job carries the Job's uid in this label.
+KUEUE_GROUP, KUEUE_VERSION = "kueue.x-k8s.io", "v1beta2"
+LABEL_KUEUE_JOB_UID = "kueue.x-k8s.io/job-uid"
 METRICS_PORT_NAME = "metrics"
 TRAINER_SERVICE_ACCOUNT = "kubetune-trainer"
 # Kubernetes caps the termination message at 4096 bytes; the trainer keeps under it.

@@ -128,6 +128,14 @@ def unobserved(obj: Mapping[str, Any]) -> bool:
     return bool(observed is None or observed != obj.get("metadata", {}).get("generation"))
 
 
+def ready_reason(obj: Mapping[str, Any]) -> str | None:
+    """The reason of the object's Ready condition, as status says now."""
+    conditions = (obj.get("status") or {}).get("conditions") or []
+    ready: Mapping[str, Any] = next((c for c in conditions if c.get("type") == "Ready"), {})
+    reason: str | None = ready.get("reason")
+    return reason
+
+
 def phase_of(obj: Mapping[str, Any]) -> str | None:
     phase: str | None = (obj.get("status") or {}).get("phase")
     return phase

@@ -25,6 +25,7 @@ RETRIED_START_FAILURES = {
 }
 # These never clear without a change to the pod.
 PERMANENT_START_FAILURES = {"ErrImageNeverPull", "InvalidImageName"}
+START_FAILURES = frozenset(RETRIED_START_FAILURES | PERMANENT_START_FAILURES)
 START_GRACE_SECONDS = 300.0
 
 

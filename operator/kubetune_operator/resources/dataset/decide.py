@@ -82,7 +82,7 @@ def decide(seen: Observed, settings: Settings) -> Decision:
         )
         actions = (Create(trainer_service_account(meta["namespace"])), Create(job), *stale)
     state = job_state(job, seen.pods, seen.now, settings.start_grace) if job is not None else None
-    fields, reason = dataset_status(state, name)
+    fields, reason = dataset_status(state, name, seen.spec.queue_name)
     phase = DatasetPhase(fields["phase"])
     notice = None
     if phase in VALIDATED:

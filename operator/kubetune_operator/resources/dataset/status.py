@@ -55,9 +55,11 @@ def dataset_result(value: Mapping[str, Any]) -> Manifest | None:
     }
 
 
-def dataset_status(state: JobState | None, job_name: str) -> tuple[Manifest, str]:
+def dataset_status(
+    state: JobState | None, job_name: str, queue: str | None = None
+) -> tuple[Manifest, str]:
     """The Dataset's status fields and the Ready condition's reason, from the state of
-    its validation Job ``job_name`` (None while there is none)."""
+    its validation Job ``job_name`` (None while there is none; in Kueue's ``queue``)."""
     waiting_reason = None
     result = dataset_result(state.summary) if state is not None and state.summary else None
     status: Manifest
@@ -71,6 +73,10 @@ def dataset_status(state: JobState | None, job_name: str) -> tuple[Manifest, str
                 "phase": DatasetPhase.FAILED,
                 "message": f"validation could not run: {state.reason}: {state.message}",
             }
+        elif state.phase == RunPhase.SUSPENDED and queue:
+            message = f"queued in {queue!r}; waiting for Kueue to admit the validation Job"
+            status = {"phase": DatasetPhase.VALIDATING, "message": message}
+            waiting_reason = "Queued"
         elif state.reason in RETRIED_START_FAILURES:
             status = {"phase": DatasetPhase.VALIDATING, "message": state.message}
             waiting_reason = state.reason

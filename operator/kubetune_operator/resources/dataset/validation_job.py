@@ -9,6 +9,7 @@ from kubetune_operator.api.dataset import DatasetSpec
 from kubetune_operator.resources.common import (
     IGNORE_DISRUPTIONS,
     LABEL_DATASET,
+    LABEL_KUEUE_QUEUE,
     TERMINATION_LOG,
     TRAINER_SERVICE_ACCOUNT,
     Manifest,
@@ -63,6 +64,12 @@ def validation_job(dataset: Mapping[str, Any], spec: DatasetSpec, image: str) ->
     data = dataset_input("dataset", spec, DATA_MOUNT, image)
     name = validation_job_name(meta["name"], meta.get("generation", 1))
     job_labels = labels("dataset-validation", meta["name"], {LABEL_DATASET: meta["name"]})
+    pod_labels = dict(job_labels)
+    queue: Manifest = {}
+    if spec.queue_name:
+        # Kueue admits a queued Job by unsuspending it.
+        job_labels[LABEL_KUEUE_QUEUE] = spec.queue_name
+        queue = {"suspend": True}
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -73,6 +80,7 @@ def validation_job(dataset: Mapping[str, Any], spec: DatasetSpec, image: str) ->
             "ownerReferences": [owner_reference(dataset)],
         },
         "spec": {
+            **queue,
             # Validation is deterministic: a failure is the data's, not worth a retry. A
             # drained node's is not the data's: its pod is replaced.
             "backoffLimit": 0,
@@ -80,7 +88,7 @@ def validation_job(dataset: Mapping[str, Any], spec: DatasetSpec, image: str) ->
             "activeDeadlineSeconds": 6 * 3600,
             "ttlSecondsAfterFinished": 7 * 24 * 3600,
             "template": {
-                "metadata": {"labels": job_labels},
+                "metadata": {"labels": pod_labels},
                 "spec": {
                     "restartPolicy": "Never",
                     "serviceAccountName": TRAINER_SERVICE_ACCOUNT,

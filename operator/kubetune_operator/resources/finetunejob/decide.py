@@ -12,13 +12,21 @@ from dataclasses import dataclass, field
 
 from kubetune_operator.api.dataset import DatasetSpec
 from kubetune_operator.api.finetunejob import FINISHED, FineTuneJobSpec, JobPhase
-from kubetune_operator.resources.actions import Action, Create, Decision, Delete, Suspend
+from kubetune_operator.resources.actions import (
+    Action,
+    Activate,
+    Create,
+    Decision,
+    Delete,
+    Suspend,
+)
 from kubetune_operator.resources.common import Manifest, trainer_service_account
 from kubetune_operator.resources.conditions import (
     Notice,
     StatusUpdate,
     Verdict,
     phase_of,
+    ready_reason,
     settled,
 )
 from kubetune_operator.resources.finetunejob import training_job as tj
@@ -29,6 +37,7 @@ from kubetune_operator.resources.finetunejob.progress import (
 )
 from kubetune_operator.resources.finetunejob.status import dataset_gate, status_from_job
 from kubetune_operator.resources.workloads import (
+    START_FAILURES,
     RunPhase,
     job_complete,
     job_finished,
@@ -60,6 +69,8 @@ class Observed:
     datasets: Mapping[str, Manifest | None] = field(default_factory=dict)
     samples: Mapping[str, float] | None = None
     deployment: Manifest | None = None
+    # Kueue's Workload of the Job, for a run with a queue.
+    workload: Manifest | None = None
 
 
 def dataset_roles(spec: FineTuneJobSpec) -> dict[str, str]:
@@ -158,6 +169,9 @@ def decide(seen: Observed, settings: Settings) -> Decision:
             "datasetSha256": plan.config.dataset_sha256,
             "outputModel": {"uri": plan.output_uri},
         }
+    elif seen.spec.queue_name:
+        activate = _activate(seen.spec, seen.workload)
+        actions = (activate,) if activate is not None else ()
     else:
         suspend = _suspend(seen.spec, job)
         if suspend is not None:
@@ -178,7 +192,7 @@ def _following(
     state = job_state(job, seen.pods, seen.now, settings.start_grace)
     uri = (created.get("outputModel") or status.get("outputModel") or {}).get("uri", "")
     fields = {
-        **status_from_job(seen.spec, state, uri, seen.now),
+        **status_from_job(seen.spec, state, uri, seen.now, seen.workload),
         **created,
         "jobName": job["metadata"]["name"],
     }
@@ -233,23 +247,36 @@ def _plan(seen: Observed, settings: Settings) -> tj.Plan:
 
 
 def _suspend(spec: FineTuneJobSpec, job: Manifest) -> Suspend | None:
-    """spec.suspend drives the Job's suspend; with a queue, Kueue unsuspends it, so the
-    operator only ever suspends."""
+    """spec.suspend drives the Job's suspend, for a run without a queue."""
     suspended = bool(job["spec"].get("suspend"))
     meta = job["metadata"]
-    if spec.suspend and not suspended:
-        return Suspend(meta["namespace"], meta["name"], True)
-    if not spec.suspend and suspended and not spec.queue_name:
-        return Suspend(meta["namespace"], meta["name"], False)
+    if spec.suspend != suspended:
+        return Suspend(meta["namespace"], meta["name"], spec.suspend)
     return None
+
+
+def _activate(spec: FineTuneJobSpec, workload: Manifest | None) -> Activate | None:
+    """spec.suspend of a run with a queue: Kueue manages its Job (admits it by
+    unsuspending it), so the operator never writes the Job's suspend, which Kueue
+    would undo; it deactivates the Workload instead, Kueue's own way to stop one."""
+    if workload is None:
+        return None
+    active = (workload.get("spec") or {}).get("active", True)
+    if active == (not spec.suspend):
+        return None
+    meta = workload["metadata"]
+    return Activate(meta["namespace"], meta["name"], not spec.suspend)
 
 
 def _finished(seen: Observed) -> Decision:
     """A run that ended for its current spec. One Failed because its pod never started
     keeps no Job: its deletion may have been lost (an operator that stopped in
-    between), and its Job's events at the next start bring the run here."""
-    job = seen.job
-    if phase_of(seen.finetunejob) == JobPhase.FAILED and job is not None and not job_finished(job):
+    between), and its Job's events at the next start bring the run here. Any other
+    Job is the job controller's to finish: a stale event may show it unfinished (say,
+    failing, before its Failed condition)."""
+    job, ftj = seen.job, seen.finetunejob
+    never_started = ready_reason(ftj) in START_FAILURES
+    if phase_of(ftj) == JobPhase.FAILED and never_started and job and not job_finished(job):
         return Decision(
             actions=(Delete("Job", job["metadata"]["namespace"], job["metadata"]["name"]),)
         )
@@ -266,10 +293,7 @@ def _finished_without_job(seen: Observed) -> Decision:
     if status["phase"] == JobPhase.SUCCEEDED:
         actions, deployed = deploy(seen.finetunejob, seen.spec, seen.deployment)
         fields |= deployed
-    ready: Manifest = next(
-        (c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {}
-    )
-    reason = ready.get("reason") or status["phase"]
+    reason = ready_reason(seen.finetunejob) or status["phase"]
     return _decision(seen, Verdict(status["phase"], reason, fields["message"]), fields, actions)
 
 

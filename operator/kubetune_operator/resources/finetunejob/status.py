@@ -43,16 +43,34 @@ def dataset_gate(ds: Mapping[str, Any] | None, role: str, name: str) -> Verdict 
     )
 
 
-def status_from_job(spec: FineTuneJobSpec, state: JobState, output_uri: str, now: str) -> Manifest:
-    """The FineTuneJob's status fields for a given training Job state."""
+def kueue_reason(workload: Mapping[str, Any] | None) -> str | None:
+    """Why Kueue has not admitted (or has evicted) the run's Workload, in its words."""
+    status = (workload or {}).get("status") or {}
+    conditions = {c.get("type"): c for c in status.get("conditions") or []}
+    for kind, not_yet in (("Evicted", "True"), ("QuotaReserved", "False"), ("Admitted", "False")):
+        condition = conditions.get(kind) or {}
+        if condition.get("status") == not_yet and condition.get("message"):
+            message: str = condition["message"]
+            return message
+    return None
+
+
+def status_from_job(
+    spec: FineTuneJobSpec,
+    state: JobState,
+    output_uri: str,
+    now: str,
+    workload: Mapping[str, Any] | None = None,
+) -> Manifest:
+    """The FineTuneJob's status fields for a given training Job state (and, for a run
+    with a queue, its Kueue Workload)."""
     phase = JobPhase(state.phase)
     if phase == JobPhase.SUSPENDED and spec.queue_name and not spec.suspend:
         phase = JobPhase.QUEUED
-    message = (
-        f"queued in {spec.queue_name!r}; waiting for Kueue to admit the Job"
-        if phase == JobPhase.QUEUED
-        else state.message
-    )
+    message = state.message
+    if phase == JobPhase.QUEUED:
+        why = kueue_reason(workload) or "waiting for Kueue to admit the Job"
+        message = f"queued in {spec.queue_name!r}; {why}"
     status: Manifest = {"phase": phase, "message": message, "startTime": state.start_time}
     summary = read_summary(TrainingSummary, state.summary) or TrainingSummary()
     if phase in FINISHED:

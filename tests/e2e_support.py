@@ -1,0 +1,128 @@
+"""What the end-to-end tests share: the manifests they apply, the storage they mount
+and the waits on what the operator writes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from kube import Kubectl
+from operator_harness import Operator, wait_for
+from tiny_models import write_shapes_dataset
+
+RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted"}
+
+
+def provide_storage(kubelet: Any, ns: str, model: Path) -> None:
+    """The claims the manifests name: ``models`` with the tiny VLM at tiny-vlm, and
+    ``datasets`` with a shapes dataset at shapes/train.jsonl and a broken one at
+    bad/train.jsonl."""
+    models = kubelet.provide_claim(ns, "models")
+    shutil.copytree(model, models / "tiny-vlm", dirs_exist_ok=True)
+    data = kubelet.provide_claim(ns, "datasets")
+    write_shapes_dataset(data / "shapes", 6, seed=3, name="train.jsonl")
+    bad = data / "bad"
+    bad.mkdir(exist_ok=True)
+    good = json.dumps(
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    )
+    (bad / "train.jsonl").write_text(
+        "\n".join(
+            [good, good, '{"messages": [{"role": "user", "content": "hi"}]}', "{not json", good]
+        )
+        + "\n"
+    )
+
+
+def dataset(name: str, path: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "Dataset",
+        "metadata": {"name": name},
+        "spec": {
+            "source": {"pvc": {"claimName": "datasets", "path": path}},
+            "limits": {"minExamples": 3},
+        },
+    }
+
+
+def finetunejob(name: str, data: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": {
+            "baseModel": {
+                "name": "tiny-vlm",
+                "source": {"pvc": {"claimName": "models", "path": "tiny-vlm"}},
+            },
+            "tuning": "full",
+            "dataset": {"name": data},
+            "validation": {"split": 0.25},
+            "hyperparameters": {
+                "epochs": 4,
+                "batchSize": 2,
+                "learningRate": 0.002,
+                "loggingSteps": 2,
+                "maxPixels": 3136,
+            },
+            "outputModel": {
+                "name": name,
+                "storage": {"pvc": {"claimName": "models", "path": f"out/{name}"}},
+            },
+            "resources": {"gpus": 0},
+            **spec,
+        },
+    }
+
+
+def status(kubectl: Kubectl, kind: str, ns: str, name: str) -> dict[str, Any]:
+    st: dict[str, Any] = kubectl.get(kind, name, "-n", ns).get("status") or {}
+    return st
+
+
+def wait_phase(
+    operator: Operator,
+    kubectl: Kubectl,
+    kind: str,
+    ns: str,
+    name: str,
+    phases: tuple[str, ...],
+    timeout: float,
+    what: str,
+) -> dict[str, Any]:
+    """The object's status once its phase is one of `phases`; the operator's log on a
+    timeout."""
+    st: dict[str, Any] = wait_for(
+        lambda: phase_in(kubectl, kind, ns, name, phases), timeout, what, on_timeout=operator.tail
+    )
+    return st
+
+
+def wait_gone(
+    kubectl: Kubectl, what: str, *get_args: str, timeout: float = 60, on_timeout: Any = None
+) -> None:
+    """Wait until `kubectl get GET_ARGS` lists nothing."""
+    wait_for(lambda: not kubectl.get(*get_args)["items"], timeout, what, on_timeout=on_timeout)
+
+
+def wait_ready_reason(
+    operator: Operator, kubectl: Kubectl, kind: str, ns: str, name: str, reason: str, what: str
+) -> dict[str, Any]:
+    """The object's status once its Ready condition's reason is `reason`."""
+
+    def has_reason() -> dict[str, Any] | None:
+        st = status(kubectl, kind, ns, name)
+        return st if reason in {c.get("reason") for c in st.get("conditions") or []} else None
+
+    st: dict[str, Any] = wait_for(has_reason, 60, what, on_timeout=operator.tail)
+    return st
+
+
+def phase_in(
+    kubectl: Kubectl, kind: str, ns: str, name: str, phases: tuple[str, ...]
+) -> dict[str, Any] | None:
+    st = status(kubectl, kind, ns, name)
+    return st if st.get("phase") in phases else None
