@@ -33,7 +33,9 @@ die() { echo "controlplane: error: $*" >&2; exit 1; }
 
 # Hash of everything that determines the binaries; stored next to them.
 inputs_hash() {
-  (cd "${HACK_DIR}" && cat versions.env kube/go.mod kube/go.sum etcd/go.mod etcd/go.sum \
+  # Only the control plane's own pins: Kueue and vLLM have their own builds.
+  (cd "${HACK_DIR}" && grep -E '^(K8S|ETCD)_VERSION=' versions.env \
+    && cat kube/go.mod kube/go.sum etcd/go.mod etcd/go.sum \
     etcd/main.go kube/cmd/kube-apiserver/main.go kube/cmd/kube-controller-manager/main.go \
     kube/cmd/kube-scheduler/main.go) \
     | sha256sum | cut -c1-16

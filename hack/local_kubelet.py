@@ -13,11 +13,13 @@ Node ``NODE_NAME``: registered with allocatable CPU, memory, pods and ``nvidia.c
 (2 by default), Ready, its Lease renewed every 10 s. Every Pod bound to it runs:
 
 * Init containers one after the other, each to completion, then the first regular
-  container, each a local process of its ``command`` + ``args`` (``$(VAR)`` expanded;
-  the image is ignored; this Python's bin directory first on PATH, so ``kubetune`` is
-  the venv's) with its own environment (``env``, ``envFrom``, HOSTNAME, PATH and the
-  host variables ``--pass-env`` names). A missing ConfigMap or Secret keeps the Pod
-  Pending (CreateContainerConfigError) and is retried.
+  container, each a local process of its ``command`` + ``args`` (``$(VAR)`` expanded)
+  with a virtualenv's bin directory first on PATH in place of its image: vLLM's images
+  (``vllm/...``) get the serving venv (hack/serving-venv.sh), on the CPU; the others
+  this Python's, so that ``kubetune`` is the project's; and with its own environment
+  (``env``, ``envFrom``, HOSTNAME, PATH and the host variables ``--pass-env`` names).
+  A missing ConfigMap or Secret keeps the Pod Pending (CreateContainerConfigError) and
+  is retried.
 * Volumes are folders under the state dir: ``persistentVolumeClaim`` ->
   ``<state>/pvc/<namespace>/<claimName>/``; emptyDir per pod; configMap, secret,
   downwardAPI and projected (service-account tokens through the TokenRequest API)
@@ -38,8 +40,9 @@ Node ``NODE_NAME``: registered with allocatable CPU, memory, pods and ``nvidia.c
 * Probes: startup, readiness and liveness probes of the regular container (httpGet,
   tcpSocket; exec counts as passing). Ready follows the readiness probe; a startup or
   liveness probe that keeps failing restarts the container.
-* Status as a kubelet writes it: phase, conditions (kept: those it does not own, such
-  as the DisruptionTarget of an eviction), container states, the termination message
+* Status as a kubelet writes it: phase, conditions (Ready waits for the readiness
+  gates; kept: those it does not own, such as the DisruptionTarget of an eviction or
+  a readiness gate's), container states, the termination message
   (4096 bytes; with FallbackToLogsOnError the log's tail), OOMKilled for a SIGKILL it
   did not send. A deleted Pod's processes get SIGTERM, then SIGKILL after its grace
   period (at most 10 s); then the Pod is written terminal and deleted for good.
@@ -289,15 +292,27 @@ def _pod_conditions(pod: Obj, report: Report, inits: Sequence[str], now: str) ->
         ready = ("False", "PodCompleted", "")
     elif "running" in report.state and report.ready:
         ready = ("True", "", "")
+    previous = {c.get("type"): c for c in old}
+    containers_ready = ready
+    if ready[0] == "True":
+        # As the kubelet's generatePodReadyCondition: the pod is Ready once its
+        # containers are and every readiness gate's condition (set by someone else) is True.
+        gates = [g["conditionType"] for g in pod["spec"].get("readinessGates") or []]
+        closed = [g for g in gates if (previous.get(g) or {}).get("status") != "True"]
+        if closed:
+            ready = (
+                "False",
+                "ReadinessGatesNotReady",
+                f'the status of pod readiness gate "{closed[0]}" is not "True"',
+            )
     terminal = report.phase in ("Succeeded", "Failed")
     wanted = [
         ("PodReadyToStartContainers", "False" if terminal else "True", "", ""),
         ("Initialized", *initialized),
         ("Ready", *ready),
-        ("ContainersReady", *ready),
+        ("ContainersReady", *containers_ready),
         ("PodScheduled", "True", "", ""),
     ]
-    previous = {c.get("type"): c for c in old}
     conditions = []
     for ctype, status, reason, message in wanted:
         prev = previous.get(ctype) or {}
@@ -903,6 +918,25 @@ def volume_claim(namespace: str, claim: str, folder: Path, size: str = "100Gi") 
     ]
 
 
+@dataclass(frozen=True)
+class ImageRuntime:
+    """What stands in for the images whose name starts with ``prefix``: the virtualenv
+    whose bin directory goes first on PATH, and environment the stand-in needs."""
+
+    prefix: str
+    venv: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def default_runtimes() -> list[ImageRuntime]:
+    """vLLM's server images run with the serving venv (hack/serving-venv.sh), on the
+    CPU: its KV cache a fixed 1 GiB rather than a share of the host's memory, which
+    is what gpuMemoryUtilization would reserve there."""
+    serving = Path(__file__).resolve().parents[1] / ".venv-serving"
+    cpu = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    return [ImageRuntime("vllm/", serving, cpu)] if (serving / "bin" / "vllm").exists() else []
+
+
 def pod_path(namespace: str, name: str = "") -> str:
     return f"/api/v1/namespaces/{namespace}/pods" + (f"/{name}" if name else "")
 
@@ -1106,6 +1140,7 @@ class LocalKubelet:
         cpu: str = "32",
         memory: str = "128Gi",
         pass_env: Sequence[str] = DEFAULT_PASS_ENV,
+        runtimes: Sequence[ImageRuntime] | None = None,
     ) -> None:
         self._kubeconfig = Path(kubeconfig)
         self.node = node
@@ -1114,6 +1149,7 @@ class LocalKubelet:
         self._pass_env = tuple(pass_env)
         # The venv's bin first, so `kubetune ...` resolves to this environment's command.
         self._bin_dir = str(Path(sys.executable).parent)
+        self._runtimes = list(default_runtimes() if runtimes is None else runtimes)
         self._pods = WorkQueue()
         self._runs: dict[str, ContainerRun] = {}  # by Pod UID
         self._ips: dict[str, str] = {}  # by Pod UID
@@ -1591,10 +1627,12 @@ class LocalKubelet:
         argv = [expand(a, env) for a in [*container.get("command", []), *container.get("args", [])]]
         inherited = {k: os.environ[k] for k in self._pass_env if k in os.environ}
         hostname = pod["spec"].get("hostname") or pod["metadata"]["name"]
-        proc_env = {**inherited, "HOSTNAME": hostname, **env}
-        proc_env["PATH"] = (
-            f"{self._bin_dir}{os.pathsep}{env.get('PATH') or os.environ.get('PATH') or DEFAULT_PATH}"
-        )
+        image = str(container.get("image", ""))
+        runtime = next((r for r in self._runtimes if image.startswith(r.prefix)), None)
+        bin_dir = str(runtime.venv / "bin") if runtime is not None else self._bin_dir
+        proc_env = {**inherited, "HOSTNAME": hostname, **(runtime.env if runtime else {}), **env}
+        path = env.get("PATH") or os.environ.get("PATH") or DEFAULT_PATH
+        proc_env["PATH"] = f"{bin_dir}{os.pathsep}{path}"
         proc_env |= {"LD_PRELOAD": self._shim, POD_IP_VARIABLE: pod_ip}
         if not argv:
             raise StartError("no command: the local kubelet cannot run an image's entrypoint")
@@ -1611,8 +1649,15 @@ class LocalKubelet:
         ]
         if hosts is not None and all(os.path.normpath(m.target) != "/etc/hosts" for m in mounts):
             mounts.append(Mount(str(hosts), "/etc/hosts", True))
-        # The Python, the venv and the project (installed in editable mode) it runs from.
-        needed = [sys.prefix, sys.base_prefix, str(Path(__file__).resolve().parents[1])]
+        # The Python, the venv and the project (installed in editable mode) it runs from;
+        # the bind shim and the working folder, which the processes it spawns open again.
+        needed = [
+            sys.prefix,
+            sys.base_prefix,
+            str(Path(__file__).resolve().parents[1]),
+            self._shim,
+            str(pod_dir / "work"),
+        ]
         if "/" not in argv[0]:
             needed.append(os.path.dirname(executable))  # found on the host's PATH
         keep = paths_to_keep(mounts, needed)

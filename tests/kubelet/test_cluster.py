@@ -425,6 +425,33 @@ def test_init_containers_run_in_order_and_fill_the_emptydir_the_main_container_r
     assert "done" not in kubelet.log_path(namespace, pod_name).read_text()
 
 
+def test_a_process_a_container_spawns_runs_under_a_mount_that_hides_the_state_dir(
+    kubectl: Kubectl, namespace: str, kubelet: LocalKubelet
+) -> None:
+    """vLLM's engine runs in a process it spawns, which enters its working folder and
+    loads the bind shim again by path: an emptyDir over the state dir's top folder (/tmp, as
+    vLLM's pods mount) must not hide them."""
+    top = "/" + kubelet.state_dir.resolve().parts[1]
+    main = """
+        import os, subprocess, sys
+        child = subprocess.run(
+            [sys.executable, "-c", "import os; print(os.getcwd())"],
+            cwd=os.getcwd(),
+            capture_output=True,
+            text=True,
+        )
+        same = child.stdout.strip() == os.getcwd()
+        preloaded = "cannot be preloaded" not in child.stderr
+        open("/dev/termination-log", "w").write(f"{child.returncode} {same} {preloaded}")
+    """
+    container = {"volumeMounts": [{"name": "scratch", "mountPath": top}]}
+    pod = {"volumes": [{"name": "scratch", "emptyDir": {}}]}
+    kubectl.apply(job_manifest("spawner", main, container=container, pod=pod), "-n", namespace)
+    wait_condition(kubectl, namespace, "spawner", "Complete")
+    (pod_obj,) = pods_of(kubectl, namespace, "spawner")
+    assert container_state(pod_obj, "containerStatuses")["terminated"]["message"] == "0 True True"
+
+
 def test_a_failing_init_container_fails_the_pod_before_the_main_container_runs(
     kubectl: Kubectl,
     namespace: str,

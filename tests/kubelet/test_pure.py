@@ -97,6 +97,23 @@ def test_a_container_is_ready_once_its_probes_say_so() -> None:
     assert serving["containerStatuses"][0]["ready"] is True
 
 
+def test_a_pod_is_ready_only_once_its_readiness_gates_are_true() -> None:
+    gate = "example.com/loaded"
+    pod = simple_pod(readinessGates=[{"conditionType": gate}])
+    closed = pod_status(pod, running(), IP, NOW)
+    conditions = {c["type"]: c for c in closed["conditions"]}
+    assert conditions["ContainersReady"]["status"] == "True"
+    assert (conditions["Ready"]["status"], conditions["Ready"]["reason"]) == (
+        "False",
+        "ReadinessGatesNotReady",
+    )
+    opened = {"type": gate, "status": "True", "lastTransitionTime": STAMP}
+    pod["status"] = {**closed, "conditions": [*closed["conditions"], opened]}
+    ready = {c["type"]: c for c in pod_status(pod, running(), IP, NOW)["conditions"]}
+    assert ready["Ready"]["status"] == "True"
+    assert ready[gate] == opened  # someone else's condition, kept as it is
+
+
 def test_a_restarting_container_waits_in_crash_loop_back_off_with_its_last_exit() -> None:
     last = terminated_state(3, "Error", "boom", STAMP, STAMP)
     waiting = waiting_state("CrashLoopBackOff", "back-off restarting failed container main")

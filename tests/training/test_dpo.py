@@ -33,7 +33,7 @@ pytestmark = pytest.mark.training
 
 VLM_CLASS = "Qwen2_5_VLForConditionalGeneration"
 # Measured: full tuning reaches 97% held-out preference accuracy with these, LoRA 94%.
-FULL = {"epochs": 6, "batchSize": 8, "learningRate": 2e-3, "loggingSteps": 6}
+FULL = {"epochs": 8, "batchSize": 8, "learningRate": 2e-3, "loggingSteps": 8}
 LORA = {"epochs": 6, "batchSize": 8, "learningRate": 5e-3, "loggingSteps": 6}
 
 
