@@ -60,7 +60,11 @@ ports = []
 for _ in range(2):
     s = socket.socket(); s.bind(("127.0.0.1", 0)); ports.append(s.getsockname()[1]); s.close()
 print(*ports)')
+  # The key the vLLM servers' admin tokens derive from: kept, so that servers started
+  # before an operator restart still answer it.
+  [[ -s "${DEV}/admin-key" ]] || "${PY}" -c 'import secrets; print(secrets.token_hex(32))' >"${DEV}/admin-key"
   start_bg operator env KUBETUNE_RESYNC_SECONDS="${KUBETUNE_RESYNC_SECONDS:-3}" \
+    KUBETUNE_ADMIN_KEY="$(cat "${DEV}/admin-key")" \
     "${PY}" -m kubetune_operator --all-namespaces --standalone \
     --metrics-port "${metrics}" --liveness "http://127.0.0.1:${health}/healthz"
   echo "${metrics}" >"${DEV}/operator.metrics-port"
@@ -98,9 +102,27 @@ print(json.dumps({"apiVersion": "v1", "kind": "List", "items": volume_claim(ns, 
     "${ns}" "${name}" "${DEV}/state/pvc/${ns}/${name}" | kubectl apply -f -
 }
 
+# endpoint NAME [-n NAMESPACE]: the OpenAI base URL of ModelDeployment NAME's server,
+# reachable from this machine (a ready server pod's own address: no cluster network).
+endpoint() {
+  local name="${1:?usage: $0 endpoint NAME [-n NAMESPACE]}" ns="default"
+  shift
+  [[ "${1:-}" == "-n" ]] && ns="${2:?usage: $0 endpoint NAME [-n NAMESPACE]}"
+  export KUBECONFIG="${KUBECONFIG:-${KUBETUNE_CP_DIR}/kubeconfig}"
+  local ip
+  ip="$(kubectl get pods -n "${ns}" -l "kubetune.io/modeldeployment=${name}" -o json | "${PY}" -c 'import json, sys
+pods = json.load(sys.stdin)["items"]
+ready = [p["status"]["podIP"] for p in pods
+         if any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))]
+print(ready[0] if ready else "")')"
+  [[ -n "${ip}" ]] || { echo "no ready server pod of ModelDeployment ${ns}/${name}" >&2; exit 1; }
+  echo "http://${ip}:8000/v1"
+}
+
 case "${1:-}" in
   up) shift; up "$@" ;;
   down) down ;;
   claim) shift; claim "$@" ;;
-  *) echo "usage: $0 up [--kueue]|down|claim NAMESPACE NAME" >&2; exit 2 ;;
+  endpoint) shift; endpoint "$@" ;;
+  *) echo "usage: $0 up [--kueue]|down|claim NAMESPACE NAME|endpoint NAME [-n NAMESPACE]" >&2; exit 2 ;;
 esac

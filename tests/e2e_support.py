@@ -3,16 +3,33 @@ and the waits on what the operator writes."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import shutil
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from kube import Kubectl
-from operator_harness import Operator, wait_for
+from operator_harness import Operator, restricted_kubeconfig, wait_for
 from tiny_models import write_shapes_dataset
 
 RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted"}
+
+
+@contextmanager
+def restricted_operator(kubectl: Kubectl, ns: str, folder: Path) -> Iterator[Operator]:
+    """The operator watching ``ns`` under the chart's RBAC, for as long as the block runs."""
+    config = restricted_kubeconfig(kubectl, ns, folder / "kubeconfig")
+    op = Operator(config, [ns], folder / "operator.log").start()
+    try:
+        yield op
+    finally:
+        op.stop()
 
 
 def provide_storage(kubelet: Any, ns: str, model: Path) -> None:
@@ -126,3 +143,39 @@ def phase_in(
 ) -> dict[str, Any] | None:
     st = status(kubectl, kind, ns, name)
     return st if st.get("phase") in phases else None
+
+
+def shape_image() -> str:
+    """A red square as a data: URI, as the shapes dataset draws them."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (56, 56), (220, 30, 30)).save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def chat(base_url: str, model: str, image: str, token: str = "") -> dict[str, Any]:
+    """One greedy chat completion with an image, through the OpenAI API."""
+    content = [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": "?"}]
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": 8,
+        "temperature": 0,
+    }
+    code, answer = post(f"{base_url}/chat/completions", body, token)
+    assert code == 200, answer
+    return answer
+
+
+def post(url: str, body: dict[str, Any], token: str = "") -> tuple[int, dict[str, Any]]:
+    """POST JSON: the status and the JSON answer, error or not."""
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, json.dumps(body).encode(), headers)
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")

@@ -116,6 +116,7 @@ class Operator:
             # Long enough for a test to apply a missing Secret, short enough to see a
             # run fail without it.
             "KUBETUNE_START_GRACE_SECONDS": "20",
+            "KUBETUNE_ADMIN_KEY": "test-admin-key",
             **self.env,
         }
         with self.log.open("ab") as log:

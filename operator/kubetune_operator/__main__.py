@@ -59,6 +59,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     settings = from_arguments(args)
+    if not settings.admin_key:
+        # Without it the operator could not reach the adapter routes of the servers it
+        # starts, and a key made up here would not survive its restart.
+        sys.exit(
+            "kubetune-operator: no admin key: set KUBETUNE_ADMIN_KEY (the Helm chart keeps "
+            "one in a Secret) or pass --admin-key"
+        )
     if args.metrics_port:
         start_http_server(args.metrics_port)
     load_config()

@@ -223,6 +223,30 @@ class Api:
         items: list[Manifest] = _json(pods)["items"]
         return items
 
+    def set_pod_condition(self, namespace: str, name: str, condition: Manifest) -> None:
+        """Add or update one condition of a pod's status: a strategic merge patch merges
+        the conditions by type, leaving the kubelet's as they are."""
+        _counted(
+            lambda: _drained(
+                self.core.patch_namespaced_pod_status(
+                    name,
+                    namespace,
+                    {"status": {"conditions": [condition]}},
+                    _content_type="application/strategic-merge-patch+json",
+                    **RAW,
+                )
+            )
+        )
+
+    def ensure_secret(self, body: Manifest) -> None:
+        """Create the Secret unless one of its name exists; never read back."""
+        payload: Any = body
+        _create(
+            lambda: _drained(
+                self.core.create_namespaced_secret(body["metadata"]["namespace"], payload, **RAW)
+            )
+        )
+
     def ensure_config_map(self, body: Manifest) -> Manifest | None:
         """Create the ConfigMap: None when created, else the one already there (which
         a deleted namesake of its owner may have left)."""

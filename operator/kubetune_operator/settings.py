@@ -26,6 +26,10 @@ class Settings:
     # How long a pod may wait for what its containers need (a Secret, an image) before
     # its run fails.
     start_grace: float = START_GRACE_SECONDS
+    # The key the admin token of each vLLM server is derived from (see
+    # resources/modeldeployment/server.py admin_token). It must outlive the operator's
+    # restarts: the chart keeps it in a Secret.
+    admin_key: str = ""
 
 
 # Each setting's flag and environment variable.
@@ -34,6 +38,7 @@ _SOURCES = {
     "resync_seconds": ("--resync-seconds", "KUBETUNE_RESYNC_SECONDS"),
     "scrape_timeout": ("--scrape-timeout", "KUBETUNE_SCRAPE_TIMEOUT"),
     "start_grace": ("--start-grace-seconds", "KUBETUNE_START_GRACE_SECONDS"),
+    "admin_key": ("--admin-key", "KUBETUNE_ADMIN_KEY"),
 }
 
 
@@ -59,12 +64,20 @@ def from_arguments(args: argparse.Namespace, env: Mapping[str, str] = os.environ
             return str(given)
         return env.get(_SOURCES[name][1]) or None
 
-    image, resync, timeout, grace = (
-        pick(name) for name in ("trainer_image", "resync_seconds", "scrape_timeout", "start_grace")
+    image, resync, timeout, grace, key = (
+        pick(name)
+        for name in (
+            "trainer_image",
+            "resync_seconds",
+            "scrape_timeout",
+            "start_grace",
+            "admin_key",
+        )
     )
     return Settings(
         trainer_image=image or defaults.trainer_image,
         resync_seconds=float(resync) if resync else defaults.resync_seconds,
         scrape_timeout=float(timeout) if timeout else defaults.scrape_timeout,
         start_grace=float(grace) if grace else defaults.start_grace,
+        admin_key=key or defaults.admin_key,
     )

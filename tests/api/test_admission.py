@@ -161,6 +161,24 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         _mdep(adapters=[{"name": "a", "fineTuneJob": "j", "source": {"pvc": {"claimName": "m"}}}]),
         "adapter",
     ),
+    (
+        "adapter-names-twice",
+        _mdep(adapters=[{"name": "a", "fineTuneJob": "j"}, {"name": "a", "fineTuneJob": "k"}]),
+        "adapter names must be unique",
+    ),
+    (
+        "adapter-named-as-base",
+        _mdep(
+            adapters=[{"name": "org-model", "fineTuneJob": "j"}], baseModel={"name": "org-model"}
+        ),
+        "base model's name",
+    ),
+    ("lora-rank-not-vllms", _mdep(runtime={"maxLoraRank": 48}), "maxLoraRank"),
+    (
+        "shared-server-with-runtime",
+        _ftj(deploy={"enabled": True, "modelDeployment": "team", "runtime": {}}),
+        "shared ModelDeployment",
+    ),
 ]
 
 
@@ -216,6 +234,13 @@ def test_defaults_are_applied_by_the_server(kubectl: Kubectl, ns: str) -> None:
     assert spec["hyperparameters"]["epochs"] == 3
     assert spec["resources"]["gpuResource"] == "nvidia.com/gpu"
     assert "loraRank" not in spec["hyperparameters"]
+
+
+def test_a_server_without_adapters_passes_the_adapter_rules(kubectl: Kubectl, ns: str) -> None:
+    """The rules on adapter names hold for a spec that has no adapters field at all."""
+    kubectl.apply(_mdep(), "-n", ns)
+    spec = kubectl.get("mdep", "serve", "-n", ns)["spec"]
+    assert spec["runtime"]["maxLoraRank"] == 64 and "adapters" not in spec
 
 
 def test_status_is_written_only_through_the_status_subresource(kubectl: Kubectl, ns: str) -> None:

@@ -16,8 +16,10 @@ from kube import Kubectl
 
 from kubetune_operator.api.dataset import DatasetSpec
 from kubetune_operator.api.finetunejob import FineTuneJobSpec
-from kubetune_operator.resources.common import LABEL_FINETUNEJOB
+from kubetune_operator.api.modeldeployment import ModelDeploymentSpec
+from kubetune_operator.resources.common import LABEL_FINETUNEJOB, LABEL_MODELDEPLOYMENT
 from kubetune_operator.resources.finetunejob import training_job as tj
+from kubetune_operator.resources.modeldeployment import server
 from kubetune_trainer.contract.metrics import GAUGES
 
 pytestmark = pytest.mark.apiserver
@@ -143,6 +145,29 @@ def test_monitoring_finds_the_trainer_pods_the_operator_builds() -> None:
     assert dashboard_map["metadata"]["labels"]["grafana_dashboard"] == "1"
     dashboard = json.loads(dashboard_map["data"]["kubetune.json"])
     assert dashboard["uid"] == "kubetune-finetuning"
+
+
+def test_monitoring_finds_the_server_pods_the_operator_builds() -> None:
+    """The servers' PodMonitor matches a real server pod and scrapes vLLM's /metrics,
+    a route the guard leaves open, labelled by ModelDeployment."""
+    from kubetune_trainer.serving.guard import OPEN_PATHS
+
+    docs = render("kubetune-system", "--set", "monitoring.podMonitor.enabled=true")
+    servers = {d["metadata"]["name"]: d for d in by_kind(docs, "PodMonitor")}["kubetune-servers"]
+    md = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": "qwen", "namespace": "team", "uid": "u"},
+        "spec": {"baseModel": {"name": "org/model"}},
+    }
+    spec = ModelDeploymentSpec.model_validate(md["spec"])
+    pod = server.deployment(server.plan(md, spec, [], "trainer:test"))["spec"]["template"]
+    assert servers["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    (endpoint,) = servers["spec"]["podMetricsEndpoints"]
+    ports = {p["name"] for p in pod["spec"]["containers"][0]["ports"]}
+    assert endpoint["port"] in ports and endpoint["path"] in OPEN_PATHS
+    source = "__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", LABEL_MODELDEPLOYMENT)
+    assert {"sourceLabels": [source], "targetLabel": "modeldeployment"} in endpoint["relabelings"]
 
 
 def test_the_dashboard_queries_only_metrics_that_exist() -> None:

@@ -11,15 +11,28 @@ import pytest
 from kubetune_operator.api.dataset import DatasetSpec
 from kubetune_operator.api.finetunejob import FineTuneJobSpec
 from kubetune_operator.api.modeldeployment import ModelDeploymentSpec
-from kubetune_operator.resources.actions import Activate, Apply, Create, Decision, Delete, Suspend
+from kubetune_operator.resources.actions import (
+    Activate,
+    Apply,
+    Create,
+    Decision,
+    Delete,
+    LoadAdapter,
+    OpenGate,
+    Suspend,
+    UnloadAdapter,
+)
 from kubetune_operator.resources.conditions import status_patch
 from kubetune_operator.resources.dataset import decide as dataset
 from kubetune_operator.resources.finetunejob import decide as finetunejob
 from kubetune_operator.resources.modeldeployment import decide as modeldeployment
 from kubetune_operator.resources.modeldeployment.server import SPEC_HASH, deployment, plan
+from kubetune_operator.resources.workloads import ServerPod
 from kubetune_operator.settings import Settings
 
-SETTINGS = Settings(trainer_image="registry.local/trainer:test", start_grace=300)
+SETTINGS = Settings(
+    trainer_image="registry.local/trainer:test", start_grace=300, admin_key="operator-key"
+)
 NOW = "2026-01-01T00:10:00Z"
 A_MINUTE_AGO = "2026-01-01T00:09:00Z"
 TEN_MINUTES_AGO = "2026-01-01T00:00:00Z"
@@ -425,6 +438,22 @@ def test_a_run_that_trained_succeeds_and_is_served_as_deploy_says() -> None:
     assert taken.status is not None and "not deployed" in taken.status.fields["message"]
 
 
+def test_a_run_that_attaches_to_a_shared_server_makes_none_of_its_own() -> None:
+    done = job("ftj-1", "run-train", COMPLETE)
+    pods = [finished_pod(SUMMARY)]
+    shared = {"enabled": True, "modelDeployment": "team-server"}
+    decision = ftj_decide(ftj_body({"phase": "Running"}, deploy=shared), job=done, pods=pods)
+    assert decision.actions == ()
+    assert decision.status is not None
+    assert decision.status.fields["deployment"] == {"name": "team-server"}
+    # Its own server, from when deploy had no modelDeployment, goes.
+    mine = owned("ModelDeployment", "run", "ftj-1")
+    moved = ftj_decide(
+        ftj_body({"phase": "Running"}, deploy=shared), job=done, pods=pods, deployment=mine
+    )
+    assert moved.actions == (Delete("ModelDeployment", "team", "run"),)
+
+
 def test_a_trainer_failure_fails_the_run_with_its_reason() -> None:
     failed = job("ftj-1", "run-train", FAILED)
     summary = '{"ok": false, "phase": "Failed", "message": "the dataset changed"}'
@@ -502,21 +531,7 @@ def md_seen(body: dict[str, Any], **seen: Any) -> modeldeployment.Observed:
     return modeldeployment.Observed(body, ModelDeploymentSpec.model_validate(body["spec"]), **seen)
 
 
-def test_a_server_waits_for_or_refuses_its_adapters() -> None:
-    body = md_body(adapters=[{"name": "a", "fineTuneJob": "run"}])
-    missing = modeldeployment.decide(md_seen(body, finetunejobs={"run": None}), SETTINGS)
-    assert missing.actions == () and status_of(missing) == ("Pending", "FineTuneJobNotFound", False)
-    failed_run = ftj_body({"phase": "Failed"}, baseModel=BASE)
-    failed = modeldeployment.decide(md_seen(body, finetunejobs={"run": failed_run}), SETTINGS)
-    assert status_of(failed) == ("Failed", "FineTuneJobFailed", False)
-    assert failed.status is not None and failed.status.fields["servedModels"] == ["org/model", "a"]
-
-
-def test_a_server_is_made_then_updated_only_when_its_spec_changes() -> None:
-    body = md_body()
-    new = modeldeployment.decide(md_seen(body), SETTINGS)
-    assert [type(a) for a in new.actions] == [Apply, Create]
-    assert status_of(new) == ("Progressing", "Progressing", False)
+def available(body: dict[str, Any]) -> dict[str, Any]:
     spec = ModelDeploymentSpec.model_validate(body["spec"])
     current = deployment(plan(body, spec, [], SETTINGS.trainer_image))
     current["status"] = {
@@ -524,16 +539,143 @@ def test_a_server_is_made_then_updated_only_when_its_spec_changes() -> None:
         "updatedReplicas": 1,
         "conditions": [{"type": "Available", "status": "True"}],
     }
+    return current
+
+
+def server(uid: str, loaded: dict[str, str] | None, gate_open: bool = True) -> ServerPod:
+    return ServerPod("team", f"serve-{uid}", uid, f"10.0.0.{len(uid)}", "serve", gate_open, loaded)
+
+
+ADAPTER_A = {"name": "a", "source": {"pvc": {"claimName": "models", "path": "out/a"}}}
+ADAPTER_B = {"name": "b", "source": {"pvc": {"claimName": "models", "path": "out/b"}}}
+PATH_A, PATH_B = "/models/claims/models/out/a", "/models/claims/models/out/b"
+
+
+def adapters_of(decision: Decision) -> list[tuple[str, int, int, str | None]]:
+    assert decision.status is not None
+    return [
+        (a["name"], a["loaded"], a["replicas"], a.get("reason"))
+        for a in decision.status.fields["adapters"]
+    ]
+
+
+def test_a_server_serves_the_base_while_an_adapter_waits_for_or_refuses_its_run() -> None:
+    body = md_body(adapters=[{"name": "a", "fineTuneJob": "run"}])
+    missing = modeldeployment.decide(md_seen(body, finetunejobs={"run": None}), SETTINGS)
+    assert creates(missing) == ["Secret", "Service"]
+    assert [type(a) for a in missing.actions] == [Create, Apply, Create]
+    assert adapters_of(missing) == [("a", 0, 0, "FineTuneJobNotFound")]
+    failed_run = ftj_body({"phase": "Failed"}, baseModel=BASE)
+    failed = modeldeployment.decide(
+        md_seen(body, finetunejobs={"run": failed_run}, deployment=available(body)), SETTINGS
+    )
+    assert status_of(failed) == ("Available", "Available", True)
+    assert failed.status is not None and failed.status.fields["servedModels"] == ["org/model"]
+    assert adapters_of(failed) == [("a", 0, 0, "FineTuneJobFailed")]
+    assert "0/1 adapters served, a: FineTuneJobFailed" in failed.status.fields["message"]
+
+
+def test_a_server_pod_gets_each_adapter_then_its_readiness_gate() -> None:
+    body = md_body(adapters=[ADAPTER_A, ADAPTER_B])
+    fresh = server("p1", {}, gate_open=False)
+    loading = modeldeployment.decide(md_seen(body, servers=[fresh]), SETTINGS)
+    assert [a for a in loading.actions if not isinstance(a, Create | Apply)] == [
+        LoadAdapter(fresh, "a", PATH_A),
+        LoadAdapter(fresh, "b", PATH_B),
+    ]
+    assert adapters_of(loading) == [("a", 0, 1, "Loading"), ("b", 0, 1, "Loading")]
+    loaded = server("p1", {"a": PATH_A, "b": PATH_B}, gate_open=False)
+    gate = modeldeployment.decide(
+        md_seen(body, deployment=available(body), servers=[loaded]), SETTINGS
+    )
+    assert gate.actions == (OpenGate(loaded),)
+    assert adapters_of(gate) == [("a", 1, 1, None), ("b", 1, 1, None)]
+    assert gate.status is not None
+    assert gate.status.fields["servedModels"] == ["org/model", "a", "b"]
+    settled = server("p1", {"a": PATH_A, "b": PATH_B})
+    again = modeldeployment.decide(
+        md_seen(body, deployment=available(body), servers=[settled]), SETTINGS
+    )
+    assert again.actions == ()
+
+
+def test_a_removed_or_moved_adapter_is_unloaded_from_every_pod_while_others_stay() -> None:
+    moved = {"name": "b", "source": {"pvc": {"claimName": "models", "path": "out/b2"}}}
+    body = md_body(adapters=[moved])
+    pods = [server("p1", {"a": PATH_A, "b": PATH_B}), server("p22", {"b": PATH_B})]
+    decision = modeldeployment.decide(
+        md_seen(body, deployment=available(body), servers=pods), SETTINGS
+    )
+    new_b = "/models/claims/models/out/b2"
+    assert list(decision.actions) == [
+        UnloadAdapter(pods[0], "a"),
+        UnloadAdapter(pods[0], "b"),
+        LoadAdapter(pods[0], "b", new_b),
+        UnloadAdapter(pods[1], "b"),
+        LoadAdapter(pods[1], "b", new_b),
+    ]
+
+
+def test_a_load_the_server_refused_is_reported_and_not_retried_on_that_pod() -> None:
+    body = md_body(adapters=[ADAPTER_A, ADAPTER_B])
+    pod = server("p1", {"b": PATH_B}, gate_open=False)
+    failures = {("p1", "a", PATH_A): "400 rank 128 above max_lora_rank 64"}
+    decision = modeldeployment.decide(
+        md_seen(body, deployment=available(body), servers=[pod], failures=failures), SETTINGS
+    )
+    # Nothing left to try: the pod takes requests, serving what it could load.
+    assert decision.actions == (OpenGate(pod),)
+    assert adapters_of(decision) == [("a", 0, 1, "LoadFailed"), ("b", 1, 1, None)]
+    assert decision.status is not None
+    a_state = decision.status.fields["adapters"][0]
+    assert "rank 128" in a_state["message"]
+    assert modeldeployment.unsettled(
+        {**body, "status": {"observedGeneration": 1, "phase": "Available", "adapters": [a_state]}}
+    )
+
+
+def test_a_pod_whose_server_does_not_answer_is_left_alone() -> None:
+    body = md_body(adapters=[ADAPTER_A])
+    silent = server("p1", None, gate_open=False)
+    decision = modeldeployment.decide(md_seen(body, servers=[silent]), SETTINGS)
+    assert not [a for a in decision.actions if not isinstance(a, Create | Apply)]
+    assert adapters_of(decision) == [("a", 0, 0, "NoServerPod")]
+
+
+def test_a_run_that_attaches_joins_the_shared_server_under_its_output_name() -> None:
+    body = md_body()
+    run = ftj_body(
+        {"phase": "Succeeded"},
+        baseModel=BASE,
+        deploy={"enabled": True, "modelDeployment": "serve"},
+    )
+    pod = server("p1", {})
+    seen = md_seen(
+        body,
+        attached=[run],
+        finetunejobs={"run": run},
+        deployment=available(body),
+        servers=[pod],
+    )
+    decision = modeldeployment.decide(seen, SETTINGS)
+    out = run["spec"]["outputModel"]
+    pvc = out["storage"]["pvc"]
+    path = f"/models/claims/{pvc['claimName']}/{pvc['path']}"
+    assert decision.actions == (LoadAdapter(pod, out["name"], path),)
+
+
+def test_a_server_is_made_then_updated_only_when_its_spec_changes() -> None:
+    body = md_body()
+    new = modeldeployment.decide(md_seen(body), SETTINGS)
+    assert [type(a) for a in new.actions] == [Create, Apply, Create]
+    assert status_of(new) == ("Progressing", "Progressing", False)
+    current = available(body)
     serving = modeldeployment.decide(md_seen(body, deployment=current), SETTINGS)
     assert serving.actions == () and status_of(serving) == ("Available", "Available", True)
     assert serving.status is not None and serving.status.notice is not None
     current["metadata"]["annotations"][SPEC_HASH] = "stale"
-    assert [
-        type(a) for a in modeldeployment.decide(md_seen(body, deployment=current), SETTINGS).actions
-    ] == [
-        Apply,
-        Create,
-    ]
+    stale = modeldeployment.decide(md_seen(body, deployment=current), SETTINGS)
+    assert [type(a) for a in stale.actions] == [Create, Apply, Create]
 
 
 def test_a_namesake_s_deployment_is_waited_out_and_a_pod_in_trouble_says_why() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -9,11 +10,16 @@ import pytest
 
 from kubetune_operator.api.finetunejob import Deploy, FineTuneJobSpec
 from kubetune_operator.api.modeldeployment import ModelDeploymentSpec
-from kubetune_operator.resources.conditions import Verdict
 from kubetune_operator.resources.finetunejob.deploy import model_deployment
 from kubetune_operator.resources.modeldeployment import server as serving
 from kubetune_operator.resources.modeldeployment import status
-from kubetune_operator.resources.modeldeployment.adapters import ServedAdapter, resolve_adapters
+from kubetune_operator.resources.modeldeployment.adapters import (
+    ServedAdapter,
+    Unservable,
+    resolve,
+    served,
+    wanted,
+)
 
 IMAGE = "registry.local/kubetune/trainer:test"
 BASE = {
@@ -53,8 +59,11 @@ def _spec(body: dict[str, Any]) -> ModelDeploymentSpec:
     return ModelDeploymentSpec.model_validate(body["spec"])
 
 
-def resolved(body: dict[str, Any], jobs: dict[str, Any]) -> tuple[list[Any], Verdict | None]:
-    return resolve_adapters(_spec(body), jobs)
+def resolved(
+    body: dict[str, Any], jobs: dict[str, Any], attached: Sequence[dict[str, Any]] = ()
+) -> list[ServedAdapter | Unservable]:
+    spec = _spec(body)
+    return resolve(spec, wanted(spec, attached), jobs)
 
 
 def plan(body: dict[str, Any], adapters: list[ServedAdapter], image: str) -> serving.Serving:
@@ -72,42 +81,67 @@ def for_finetunejob(job: dict[str, Any], deploy: Deploy) -> dict[str, Any]:
 
 
 def test_an_adapter_from_a_succeeded_finetunejob_is_its_output_folder() -> None:
-    adapters, blocked = resolved(
-        md(adapters=[{"name": "shapes", "fineTuneJob": "tune"}]), {"tune": ftj()}
-    )
-    assert blocked is None
-    assert [(a.name, a.pvc.claim_name, a.pvc.path, a.rank) for a in adapters if a.pvc] == [
-        ("shapes", "models", "out/tune", 8)
-    ]
+    adapters = resolved(md(adapters=[{"name": "shapes", "fineTuneJob": "tune"}]), {"tune": ftj()})
+    assert adapters == [ServedAdapter("shapes", adapters[0].pvc, None, 8)]
+    assert adapters[0].pvc is not None
+    assert (adapters[0].pvc.claim_name, adapters[0].pvc.path) == ("models", "out/tune")
 
 
 @pytest.mark.parametrize(
-    ("job", "phase", "reason", "words"),
+    ("job", "reason", "words"),
     [
-        (None, "Pending", "FineTuneJobNotFound", "does not exist"),
-        (ftj("Running"), "Pending", "WaitingForFineTuneJob", "now Running"),
-        (ftj("Failed"), "Failed", "FineTuneJobFailed", "failed"),
-        (ftj(tuning="full"), "Failed", "NotAnAdapter", "serve it as baseModel"),
-        (ftj(baseModel={"name": "other/model"}), "Failed", "BaseModelMismatch", "other/model"),
+        (None, "FineTuneJobNotFound", "does not exist"),
+        (ftj("Running"), "WaitingForFineTuneJob", "now Running"),
+        (ftj("Failed"), "FineTuneJobFailed", "failed"),
+        (ftj(tuning="full"), "NotAnAdapter", "serve it as baseModel"),
+        (ftj(baseModel={"name": "other/model"}), "BaseModelMismatch", "other/model"),
+        (ftj(hyperparameters={"loraRank": 128}), "RankTooLarge", "rank 128, above"),
     ],
 )
-def test_an_adapter_waits_for_or_refuses_its_finetunejob(
-    job: dict[str, Any] | None, phase: str, reason: str, words: str
+def test_an_adapter_that_cannot_be_served_says_why_and_the_others_still_are(
+    job: dict[str, Any] | None, reason: str, words: str
 ) -> None:
-    body = md(adapters=[{"name": "shapes", "fineTuneJob": "tune"}])
-    adapters, blocked = resolved(body, {"tune": job})
-    assert adapters == [] and blocked is not None
-    assert (blocked.phase, blocked.reason) == (phase, reason)
-    assert words in blocked.message
+    body = md(
+        adapters=[
+            {"name": "shapes", "fineTuneJob": "tune"},
+            {"name": "colours", "source": {"pvc": {"claimName": "models", "path": "colours"}}},
+        ]
+    )
+    bad, good = resolved(body, {"tune": job})
+    assert isinstance(bad, Unservable) and (bad.name, bad.reason) == ("shapes", reason)
+    assert words in bad.message
+    assert isinstance(good, ServedAdapter) and good.name == "colours"
+
+
+def test_finetunejobs_that_attach_serve_under_their_output_name_unless_it_is_taken() -> None:
+    body = md(adapters=[{"name": "shapes-lora", "fineTuneJob": "tune"}])
+    second = ftj(deploy={"enabled": True, "modelDeployment": "shapes"})
+    second["metadata"]["name"] = "tune-2"
+    second["spec"]["outputModel"] = {
+        "name": "colours",
+        "storage": {"pvc": {"claimName": "models", "path": "out/tune-2"}},
+    }
+    third = copy.deepcopy(second)
+    third["metadata"]["name"] = "tune-3"
+    third["spec"]["outputModel"]["name"] = "shapes-lora"
+    adapters = resolved(body, {"tune": ftj(), "tune-2": second, "tune-3": third}, [third, second])
+    assert [(a.name, type(a).__name__) for a in adapters] == [
+        ("shapes-lora", "ServedAdapter"),
+        ("colours", "ServedAdapter"),
+        ("shapes-lora", "Unservable"),
+    ]
+    taken = adapters[2]
+    assert isinstance(taken, Unservable) and taken.reason == "NameTaken"
+    assert "tune-3" in taken.message
 
 
 def deployment_of(body: dict[str, Any], jobs: dict[str, Any] | None = None) -> dict[str, Any]:
-    adapters, blocked = resolved(body, jobs or {})
-    assert blocked is None
-    return serving.deployment(plan(body, adapters, IMAGE))
+    adapters = resolved(body, jobs or {})
+    assert all(isinstance(a, ServedAdapter) for a in adapters)
+    return serving.deployment(plan(body, served(adapters), IMAGE))
 
 
-def test_the_server_loads_the_base_model_and_every_adapter() -> None:
+def test_the_server_mounts_what_the_adapters_need_but_loads_them_at_runtime() -> None:
     body = md(
         adapters=[
             {"name": "shapes", "fineTuneJob": "tune"},
@@ -115,10 +149,12 @@ def test_the_server_loads_the_base_model_and_every_adapter() -> None:
                 "name": "colours",
                 "source": {"s3": {"uri": "s3://bucket/colours", "secretRef": {"name": "s3-creds"}}},
             },
+            {"name": "sizes", "source": {"pvc": {"claimName": "team-store", "path": "sizes"}}},
         ],
         runtime={
             "maxModelLen": 4096,
             "limitMmPerPrompt": {"image": 2},
+            "maxLoraRank": 32,
             "extraArgs": ["--seed", "7"],
         },
         resources={"gpus": 2},
@@ -129,29 +165,47 @@ def test_the_server_loads_the_base_model_and_every_adapter() -> None:
     container = pod["containers"][0]
     args = container["args"]
     assert container["command"] == ["vllm", "serve"]
-    assert args[0] == "/models/base/qwen"
+    assert args[0] == "/models/claims/models/qwen"
     assert args[args.index("--served-model-name") + 1] == "Qwen/Qwen2.5-VL-3B-Instruct"
     assert args[args.index("--tensor-parallel-size") + 1] == "2"
     assert args[args.index("--max-model-len") + 1] == "4096"
     assert args[args.index("--limit-mm-per-prompt") + 1] == '{"image": 2}'
-    assert "--enable-lora" in args
-    assert args[args.index("--max-loras") + 1] == "2"
-    # Rank 20 needs vLLM's next allowed rank; the S3 adapter's rank is unknown (16).
+    assert "--enable-lora" in args and "--lora-modules" not in args
+    assert args[args.index("--max-loras") + 1] == "4"
     assert args[args.index("--max-lora-rank") + 1] == "32"
-    modules = args[args.index("--lora-modules") + 1 : args.index("--lora-modules") + 3]
-    assert modules == ["shapes=/models/adapters/0/out/tune", "colours=/models/adapters/1"]
+    assert args[args.index("--middleware") + 1] == "kubetune_server_guard.ServerGuard"
     assert args[-2:] == ["--seed", "7"]  # extraArgs last, so that they win
-    # The FineTuneJob's output PVC read-only; the S3 adapter fetched by the trainer image.
-    claims = {v["name"]: v.get("persistentVolumeClaim") for v in pod["volumes"]}
-    assert claims["adapter-0"] == {"claimName": "models", "readOnly": True}
-    fetch = [c for c in pod["initContainers"] if c["name"] == "fetch-adapter-1"]
-    assert fetch and fetch[0]["image"] == IMAGE
+    # Each claim once, whole and read-only, whatever the adapters on it; the S3 adapter
+    # fetched by the trainer image.
+    claims = sorted(
+        (v["persistentVolumeClaim"]["claimName"], v["persistentVolumeClaim"]["readOnly"])
+        for v in pod["volumes"]
+        if "persistentVolumeClaim" in v
+    )
+    assert claims == [("models", True), ("team-store", True)]
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts["/models/claims/models"]["readOnly"] is True
+    assert mounts["/models/claims/team-store"]["readOnly"] is True
+    fetch = [c for c in pod["initContainers"] if c["name"].startswith("fetch-adapter-")]
+    assert len(fetch) == 1 and fetch[0]["image"] == IMAGE
+    assert fetch[0]["command"][-1] == "/models/adapters/colours"
     assert {e["name"] for e in fetch[0]["env"]} >= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
     assert all(
         m.get("readOnly")
         for m in container["volumeMounts"]
-        if m["name"].startswith(("adapter", "base"))
+        if m["name"] != "tmp" and m["name"] not in ("cache", "dshm")
     )
+    # The guard comes from the trainer image; the admin token from the operator's Secret.
+    assert pod["initContainers"][0]["command"] == ["kubetune", "install-guard", "/opt/kubetune"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["PYTHONPATH"]["value"] == "/opt/kubetune"
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"]["value"] == "True"
+    assert env["KUBETUNE_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+        "name": "shapes-server-admin",
+        "key": "token",
+    }
+    assert "KUBETUNE_API_KEY" not in env
+    assert pod["readinessGates"] == [{"conditionType": "kubetune.io/adapters-loaded"}]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -162,9 +216,38 @@ def test_the_server_loads_the_base_model_and_every_adapter() -> None:
     assert deploy["metadata"]["ownerReferences"][0]["uid"] == "md-uid"
 
 
-def test_a_model_without_adapters_is_served_without_lora() -> None:
-    args = deployment_of(md())["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert "--enable-lora" not in args and "--lora-modules" not in args
+def test_adding_an_adapter_on_a_mounted_claim_leaves_the_pod_template_as_it_is() -> None:
+    """What makes an adapter join without new pods."""
+    one = md(adapters=[{"name": "a", "source": {"pvc": {"claimName": "models", "path": "a"}}}])
+    two = md(
+        adapters=[
+            {"name": "a", "source": {"pvc": {"claimName": "models", "path": "a"}}},
+            {"name": "b", "source": {"pvc": {"claimName": "models", "path": "b"}}},
+        ]
+    )
+    assert deployment_of(md())["spec"] == deployment_of(one)["spec"] == deployment_of(two)["spec"]
+
+
+def test_an_api_key_comes_from_the_users_secret() -> None:
+    body = md(auth={"apiKeySecretRef": {"name": "team-key"}})
+    env = {
+        e["name"]: e
+        for e in deployment_of(body)["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert env["KUBETUNE_API_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "team-key",
+        "key": "apiKey",
+    }
+
+
+def test_the_admin_secret_holds_a_token_derived_from_the_operators_key() -> None:
+    body = md()
+    secret = serving.admin_secret(body, "operator-key")
+    token = secret["stringData"]["token"]
+    assert token == serving.admin_token("operator-key", "team-a", "shapes")
+    assert token != serving.admin_token("other-key", "team-a", "shapes")
+    assert token != serving.admin_token("operator-key", "team-b", "shapes")
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == "md-uid"
 
 
 def test_remote_code_runs_only_when_the_spec_opts_in() -> None:
@@ -247,7 +330,6 @@ def test_status_is_read_from_the_deployment(
     deploy = None if deploy_status is None else {"status": deploy_status}
     fields, why = serving_status(body, deploy)
     assert (fields["phase"], why) == (phase, reason)
-    assert fields["servedModels"] == ["Qwen/Qwen2.5-VL-3B-Instruct", "shapes"]
     assert fields["endpoint"] == "http://shapes.team-a.svc:8000/v1"
 
 
@@ -332,6 +414,12 @@ def test_a_finetunejob_deploys_its_adapter_or_its_whole_model() -> None:
     spec = ModelDeploymentSpec.model_validate(lora["spec"])
     assert spec.base_model.name == BASE["name"] and spec.replicas == 2
     assert [(a.name, a.fine_tune_job) for a in spec.adapters] == [("shapes-lora", "tune")]
+    # Images at serve time are sized as in training (the default budget here).
+    assert spec.runtime.max_pixels == 401408
+    small = ftj(hyperparameters={"maxPixels": 3136})
+    assert for_finetunejob(small, Deploy(enabled=True))["spec"]["runtime"]["maxPixels"] == 3136
+    chosen = Deploy.model_validate({"enabled": True, "runtime": {"maxPixels": 1024}})
+    assert for_finetunejob(small, chosen)["spec"]["runtime"]["maxPixels"] == 1024
     assert lora["metadata"]["ownerReferences"][0]["uid"] == "ftj-uid"
 
     full = for_finetunejob(ftj(tuning="full"), Deploy(enabled=True))

@@ -1,4 +1,5 @@
-"""`kubetune`: the trainer image's command (validate | convert | train | evaluate).
+"""`kubetune`: the trainer image's command (validate | convert | train | evaluate |
+fetch | install-guard).
 
 Each command group registers its own subcommands; the training ones import torch
 only when they run, so `kubetune validate` starts fast and works without torch.
@@ -12,6 +13,7 @@ from collections.abc import Sequence
 
 from kubetune_trainer import transfer
 from kubetune_trainer.data import commands as data_commands
+from kubetune_trainer.serving import commands as serving_commands
 from kubetune_trainer.training import commands as training_commands
 
 
@@ -23,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_commands.register(sub)
     training_commands.register(sub)
     transfer.register(sub)
+    serving_commands.register(sub)
     return parser
 
 

@@ -107,7 +107,26 @@ class OutputModel(CamelModel):
 class Deploy(CamelModel):
     """Serve the tuned model when training succeeds, through a ModelDeployment."""
 
-    enabled: bool = Field(False, description="Create a ModelDeployment when the job Succeeds.")
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.modelDeployment) || !has(self.runtime)",
+                    "message": "deploy.runtime is the shared ModelDeployment's to set, not "
+                    "the job's",
+                }
+            ]
+        }
+    )
+
+    enabled: bool = Field(False, description="Serve the result when the job Succeeds.")
+    model_deployment: Name | None = Field(
+        None,
+        description=(
+            "Attach the adapter (named outputModel.name) to this running ModelDeployment, "
+            "which must serve the same base model, instead of starting a server of its own."
+        ),
+    )
     replicas: int = Field(1, ge=0, le=1000, description="Server pods.")
     runtime: Runtime | None = Field(
         None, description="The vLLM server settings. Default: the ModelDeployment defaults."

@@ -20,11 +20,16 @@ from kubetune_operator.api.common import (
     PvcLocation,
     Resources,
     S3Location,
+    SecretRef,
     Text,
 )
 from kubetune_trainer.contract.base import CamelModel
 
 DEFAULT_VLLM_IMAGE = "vllm/vllm-openai:v0.11.0"
+
+# The --max-lora-rank values vLLM accepts (vllm/config/lora.py MaxLoRARanks).
+LoraRank = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]
+DEFAULT_MAX_LORA_RANK: LoraRank = 64
 
 
 class DeploymentPhase(StrEnum):
@@ -53,6 +58,16 @@ class Runtime(CamelModel):
         ge=784,
         le=100_000_000,
         description="Largest image area the processor keeps (width x height).",
+    )
+    max_lora_rank: LoraRank = Field(
+        DEFAULT_MAX_LORA_RANK,
+        description=(
+            "--max-lora-rank: the largest adapter rank the server takes. Fixed while it "
+            "serves; an adapter of a higher rank is reported in status and not loaded."
+        ),
+    )
+    max_loras: int = Field(
+        4, ge=1, le=256, description="--max-loras: adapters one batch of requests may mix."
     )
     extra_args: list[Annotated[str, StringConstraints(max_length=1024)]] | None = Field(
         None, max_length=64, description="More vLLM server arguments, passed as they are."
@@ -100,8 +115,37 @@ class Adapter(CamelModel):
     )
 
 
+class ServerAuth(CamelModel):
+    """Who may use the server."""
+
+    api_key_secret_ref: SecretRef | None = Field(
+        None,
+        description=(
+            "A Secret whose key apiKey is the API key clients must send (Authorization: "
+            "Bearer KEY) on every route but /health, /ping, /metrics and /version."
+        ),
+    )
+
+
 class ModelDeploymentSpec(CamelModel):
-    """Serve a base model and LoRA adapters from vLLM's OpenAI-compatible server."""
+    """Serve a base model and LoRA adapters from vLLM's OpenAI-compatible server.
+    Adapters are added and removed while it serves."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.adapters) || "
+                    "self.adapters.all(a, self.adapters.exists_one(b, b.name == a.name))",
+                    "message": "adapter names must be unique",
+                },
+                {
+                    "rule": "!has(self.adapters) || self.adapters.all(a, a.name != self.baseModel.name)",
+                    "message": "an adapter cannot take the base model's name",
+                },
+            ]
+        }
+    )
 
     base_model: ModelRef = Field(description="The base model.")
     adapters: list[Adapter] = Field(
@@ -116,6 +160,21 @@ class ModelDeploymentSpec(CamelModel):
         json_schema_extra={"default": {}},
         description="Compute per server pod.",
     )
+    auth: ServerAuth = Field(
+        default_factory=ServerAuth, json_schema_extra={"default": {}}, description="Access."
+    )
+
+
+class AdapterState(CamelModel):
+    """One adapter on the server's replicas."""
+
+    name: Name = Field(description="The adapter's model name.")
+    loaded: int = Field(0, ge=0, description="Ready server pods that serve it.")
+    replicas: int = Field(0, ge=0, description="Ready server pods.")
+    reason: Annotated[str, StringConstraints(max_length=128)] | None = Field(
+        None, description="Why it is not served everywhere (absent when it is)."
+    )
+    message: Text | None = Field(None, description="The reason, for people.")
 
 
 class ModelDeploymentStatus(CamelModel):
@@ -130,6 +189,13 @@ class ModelDeploymentStatus(CamelModel):
     )
     served_models: list[Annotated[str, StringConstraints(max_length=256)]] = Field(
         default_factory=list, description="Model names the endpoint answers to."
+    )
+    adapters: list[AdapterState] = Field(
+        default_factory=list,
+        description=(
+            "Each adapter: its own and the FineTuneJobs' that attach to this server "
+            "(spec.deploy.modelDeployment)."
+        ),
     )
     ready_replicas: int | None = Field(None, ge=0, description="Server pods ready.")
     conditions: list[Condition] = Field(

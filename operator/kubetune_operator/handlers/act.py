@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
+from kubetune_operator import servers
 from kubetune_operator.api.common import CrdInfo
 from kubetune_operator.api.modeldeployment import MODEL_DEPLOYMENT
 from kubetune_operator.handlers.context import Context, now
@@ -21,18 +22,23 @@ from kubetune_operator.resources.actions import (
     Create,
     Decision,
     Delete,
+    LoadAdapter,
+    OpenGate,
+    ServerAction,
     Suspend,
+    UnloadAdapter,
 )
 from kubetune_operator.resources.common import Manifest, event, owned_by
 from kubetune_operator.resources.conditions import StatusUpdate, phase_of, status_patch
+from kubetune_operator.resources.modeldeployment.server import ADAPTERS_LOADED, admin_token
 
 log = logging.getLogger(__name__)
 
 Observed = TypeVar("Observed")
 
-# A reconcile that keeps finding objects in the way of what it creates gives up; the
-# object stays unobserved and the periodic resync tries again.
-MAX_LOOKS = 3
+# A reconcile that keeps finding objects in the way of what it creates, or servers
+# that do not show the adapters it loaded, gives up; the periodic resync tries again.
+MAX_LOOKS = 4
 
 
 def plain(body: Mapping[str, Any]) -> Manifest:
@@ -77,36 +83,62 @@ def reconcile_object(
     decide: Callable[[Observed], Decision],
 ) -> Decision:
     """Observe, decide and act for one object. An object found in the way of a create
-    is observed with the rest and decided on again; then the status is written (once,
-    only if it changed) and what must follow it is done."""
+    is observed with the rest and decided on again, and so are servers whose adapters
+    changed (status says what they serve, not what was asked of them); then the status
+    is written (once, only if it changed) and what must follow it is done."""
     seen = observe(None)
     for _ in range(MAX_LOOKS):
         decision = decide(seen)
-        found = act(ctx.api, decision.actions)
-        if found is None:
+        found = act(ctx, decision.actions)
+        reloaded = any(isinstance(a, LoadAdapter | UnloadAdapter) for a in decision.actions)
+        if found is None and not reloaded:
             break
         seen = observe(found)
     else:
         raise RuntimeError(
             f"{crd.kind} {obj['metadata']['name']}: objects kept appearing in the way of "
-            "what it creates"
+            "what it creates, or servers kept not showing what was loaded"
         )
     if decision.log:
         log.info("%s/%s: %s", obj["metadata"]["namespace"], obj["metadata"]["name"], decision.log)
     if decision.status is not None:
         write_status(ctx, crd, obj, decision.status)
-    act(ctx.api, decision.after_status)
+    act(ctx, decision.after_status)
     return decision
 
 
-def act(api: Api, actions: tuple[Action, ...]) -> Manifest | None:
+def act(ctx: Context, actions: tuple[Action, ...]) -> Manifest | None:
     """Carry out the actions in order. Returns the object a Create found in its way (and
     stops there), or None when all went as decided."""
     for action in actions:
-        found = _carry_out(api, action)
+        if isinstance(action, LoadAdapter | UnloadAdapter | OpenGate):
+            _on_server(ctx, action)
+            continue
+        found = _carry_out(ctx.api, action)
         if found is not None:
             return found
     return None
+
+
+def _on_server(ctx: Context, action: ServerAction) -> None:
+    """Load or unload an adapter on one server pod, or open its readiness gate. A load
+    the server refuses is remembered, with its reason, for status; it is not tried
+    again on that pod from the same folder."""
+    pod = action.pod
+    if isinstance(action, OpenGate):
+        condition = {"type": ADAPTERS_LOADED, "status": "True", "lastTransitionTime": now()}
+        ctx.api.set_pod_condition(pod.namespace, pod.name, condition)
+        return
+    token = admin_token(ctx.settings.admin_key, pod.namespace, pod.server)
+    if isinstance(action, UnloadAdapter):
+        problem = servers.unload(pod.ip, token, action.name)
+        if problem is not None:
+            log.warning("%s/%s: unloading %s: %s", pod.namespace, pod.name, action.name, problem)
+        return
+    problem = servers.load(pod.ip, token, action.name, action.path)
+    if problem is not None:
+        log.warning("%s/%s: loading %s: %s", pod.namespace, pod.name, action.name, problem)
+        ctx.load_failures.record(pod, action.name, action.path, problem)
 
 
 def _carry_out(api: Api, action: Action) -> Manifest | None:
@@ -133,6 +165,9 @@ def _carry_out(api: Api, action: Action) -> Manifest | None:
 
 def _create(api: Api, body: Manifest) -> Manifest | None:
     kind = body["kind"]
+    if kind == "Secret":
+        api.ensure_secret(body)
+        return None
     if kind == "ServiceAccount":
         api.ensure_service_account(body)
         return None

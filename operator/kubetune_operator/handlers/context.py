@@ -1,5 +1,6 @@
 """What the handlers share: the API client, the settings, the watch's copies of
-kubetune objects, the reconcile locks, and the clock."""
+kubetune objects, the reconcile locks, the adapter loads servers refused, and the
+clock."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 from kubetune_operator.api.dataset import DATASET
 from kubetune_operator.kube import Api
 from kubetune_operator.resources.common import Manifest
+from kubetune_operator.resources.workloads import ServerPod
 from kubetune_operator.settings import Settings
 
 _STRIPES = 64
@@ -75,6 +77,38 @@ class Watched:
         return [body for (ns, _), body in bodies if namespace is None or ns == namespace]
 
 
+class LoadFailures:
+    """Adapter loads a server pod refused: (pod uid, adapter, folder) → the server's
+    reason, by ModelDeployment. Kept in memory only: after an operator restart each
+    is tried once more."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_server: dict[tuple[str, str], dict[tuple[str, str, str], str]] = {}
+
+    def record(self, pod: ServerPod, adapter: str, folder: str, reason: str) -> None:
+        with self._lock:
+            self._by_server.setdefault((pod.namespace, pod.server), {})[
+                (pod.uid, adapter, folder)
+            ] = reason
+
+    def of(
+        self, namespace: str, server: str, pod_uids: set[str]
+    ) -> dict[tuple[str, str, str], str]:
+        """The failures on pods that still exist (the others are dropped)."""
+        with self._lock:
+            kept = {
+                key: reason
+                for key, reason in self._by_server.get((namespace, server), {}).items()
+                if key[0] in pod_uids
+            }
+            if kept:
+                self._by_server[(namespace, server)] = kept
+            else:
+                self._by_server.pop((namespace, server), None)
+            return dict(kept)
+
+
 @dataclass
 class Context:
     """What every handler works with, made once at start (kopf hands it to each
@@ -85,6 +119,7 @@ class Context:
     settings: Settings
     watched: Watched = field(default_factory=Watched)
     locks: ReconcileLocks = field(default_factory=ReconcileLocks)
+    load_failures: LoadFailures = field(default_factory=LoadFailures)
 
     def dataset(self, namespace: str, name: str) -> Manifest | None:
         """The Dataset, from the watch's copy, or read (and kept) when the watch has not

@@ -59,7 +59,7 @@ def reconcile(
             lambda seen: decide(seen, ctx.settings),
         )
         if decision.dependents_changed:
-            modeldeployments.finetunejob_finished(ctx, namespace, name)
+            modeldeployments.finetunejob_changed(ctx, namespace, name, live)
 
 
 def observe(
@@ -144,14 +144,19 @@ def finetunejob_event(
     if not namespace:
         return
     ctx = context_of(memo)
+    before = ctx.watched.get(FINE_TUNE_JOB.plural, namespace, name)
     if type == "DELETED":
         ctx.watched.forget(FINE_TUNE_JOB.plural, namespace, name)
         PHASES.record(FINE_TUNE_JOB.kind, namespace, name, None)
+        if modeldeployments.serving_changed(before, None):
+            modeldeployments.finetunejob_changed(ctx, namespace, name, *filter(None, [before]))
         return
     ftj = plain(body)
     ctx.watched.remember(FINE_TUNE_JOB.plural, ftj)
     if unobserved(ftj) or (type is None and active(ftj)):
         reconcile(ctx, namespace, name, ftj=ftj)
+    if modeldeployments.serving_changed(before, ftj):
+        modeldeployments.finetunejob_changed(ctx, namespace, name, *filter(None, [before]), ftj)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_FINETUNEJOB: kopf.PRESENT})

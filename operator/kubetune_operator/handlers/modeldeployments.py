@@ -1,5 +1,6 @@
-"""ModelDeployment handlers: observe the FineTuneJobs its adapters name and its vLLM
-Deployment, decide (resources/modeldeployment/decide.py), act."""
+"""ModelDeployment handlers: observe the FineTuneJobs its adapters name or that attach
+to it, its vLLM Deployment and what each server pod has loaded, decide
+(resources/modeldeployment/decide.py), act (handlers/act.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 
 import kopf
 
+from kubetune_operator import servers
 from kubetune_operator.api.common import GROUP, VERSION
 from kubetune_operator.api.finetunejob import FINE_TUNE_JOB
 from kubetune_operator.api.modeldeployment import MODEL_DEPLOYMENT, ModelDeploymentSpec
@@ -14,8 +16,8 @@ from kubetune_operator.handlers.act import plain, reconcile_object, reconciling,
 from kubetune_operator.handlers.context import Context, context_of
 from kubetune_operator.observability import PHASES
 from kubetune_operator.resources.common import LABEL_MODELDEPLOYMENT, Manifest, owned_by
-from kubetune_operator.resources.conditions import unobserved
-from kubetune_operator.resources.modeldeployment.adapters import resolve_adapters
+from kubetune_operator.resources.conditions import phase_of, unobserved
+from kubetune_operator.resources.modeldeployment.adapters import attaches_to
 from kubetune_operator.resources.modeldeployment.decide import (
     Observed,
     decide,
@@ -23,7 +25,9 @@ from kubetune_operator.resources.modeldeployment.decide import (
     serves,
     unsettled,
 )
-from kubetune_operator.resources.modeldeployment.status import pods_matter
+from kubetune_operator.resources.modeldeployment.loading import gate_open, server_pods
+from kubetune_operator.resources.modeldeployment.server import admin_token
+from kubetune_operator.resources.workloads import ServerPod
 
 
 def reconcile(
@@ -43,7 +47,7 @@ def reconcile(
             ctx,
             MODEL_DEPLOYMENT,
             live,
-            lambda _: observe(ctx, live, spec, deploy),
+            lambda found: observe(ctx, live, spec, deploy if found is None else None),
             lambda seen: decide(seen, ctx.settings),
         )
 
@@ -51,25 +55,47 @@ def reconcile(
 def observe(
     ctx: Context, md: Manifest, spec: ModelDeploymentSpec, deploy: Manifest | None
 ) -> Observed:
-    """The FineTuneJobs its adapters name; once they can all be served, its Deployment
-    (``deploy``, when an event delivered it) and, while that progresses, the server
-    pods, which may say why it does not."""
+    """The FineTuneJobs its adapters name and those that attach to it; its Deployment
+    (``deploy``, when an event delivered it); its pods, and what the server in each
+    running one has loaded."""
     namespace, name = md["metadata"]["namespace"], md["metadata"]["name"]
-    finetunejobs = {
+    attached = [
+        ftj for ftj in ctx.watched.all(FINE_TUNE_JOB.plural, namespace) if attaches_to(ftj, name)
+    ]
+    finetunejobs: dict[str, Manifest | None] = {
         job: ctx.api.get_object(FINE_TUNE_JOB.plural, namespace, job)
         for job in finetunejob_names(spec)
     }
-    if resolve_adapters(spec, finetunejobs)[1] is not None:
-        return Observed(md, spec, finetunejobs)
+    finetunejobs |= {ftj["metadata"]["name"]: ftj for ftj in attached}
     if deploy is None:
         deploy = ctx.api.get_deployment(namespace, name)
-    ours = deploy is None or owned_by(deploy, md["metadata"]["uid"])
-    pods = (
-        ctx.api.list_pods(namespace, f"{LABEL_MODELDEPLOYMENT}={name}")
-        if ours and pods_matter(md, spec, deploy)
-        else []
+    if deploy is not None and not owned_by(deploy, md["metadata"]["uid"]):
+        return Observed(md, spec, finetunejobs, attached, deployment=deploy)
+    pods = ctx.api.list_pods(namespace, f"{LABEL_MODELDEPLOYMENT}={name}")
+    token = admin_token(ctx.settings.admin_key, namespace, name)
+    running = [
+        ServerPod(
+            namespace=namespace,
+            name=pod["metadata"]["name"],
+            uid=pod["metadata"]["uid"],
+            ip=pod["status"]["podIP"],
+            server=name,
+            gate_open=gate_open(pod),
+            loaded=servers.loaded(pod["status"]["podIP"], token, ctx.settings.scrape_timeout),
+        )
+        for pod in server_pods(pods)
+    ]
+    failures = ctx.load_failures.of(namespace, name, {p["metadata"]["uid"] for p in pods})
+    return Observed(
+        md,
+        spec,
+        finetunejobs,
+        attached,
+        deployment=deploy,
+        pods=pods,
+        servers=running,
+        failures=failures,
     )
-    return Observed(md, spec, finetunejobs, deployment=deploy, pods=pods)
 
 
 @kopf.on.event(GROUP, VERSION, MODEL_DEPLOYMENT.plural)
@@ -106,11 +132,44 @@ def deployment_event(
         reconcile(context_of(memo), namespace, owner, deploy=deploy)
 
 
-def finetunejob_finished(ctx: Context, namespace: str, finetunejob: str) -> None:
-    """Move on the ModelDeployments that wait for this FineTuneJob's adapter."""
+@kopf.on.event("", "v1", "pods", labels={LABEL_MODELDEPLOYMENT: kopf.PRESENT})
+def server_pod_event(
+    type: str | None, body: kopf.Body, namespace: str | None, memo: kopf.Memo, **_: Any
+) -> None:
+    """A server pod whose containers just became ready gets its adapters (and then its
+    readiness gate) at once, not at the next resync."""
+    owner = (body.get("metadata", {}).get("labels") or {}).get(LABEL_MODELDEPLOYMENT)
+    pod = plain(body)
+    if owner and namespace and type != "DELETED" and server_pods([pod]) and not gate_open(pod):
+        reconcile(context_of(memo), namespace, owner)
+
+
+def finetunejob_changed(ctx: Context, namespace: str, finetunejob: str, *bodies: Manifest) -> None:
+    """Move on the ModelDeployments a FineTuneJob's change concerns: those whose adapter
+    it is, and those its bodies (before and after the change) attach to."""
+    names = {attached_to(body) for body in bodies} - {None}
     for md in ctx.watched.all(MODEL_DEPLOYMENT.plural, namespace):
-        if serves(md, finetunejob):
+        if serves(md, finetunejob) or md["metadata"]["name"] in names:
             reconcile(ctx, namespace, md["metadata"]["name"])
+
+
+def serving_changed(before: Manifest | None, after: Manifest | None) -> bool:
+    """Whether a FineTuneJob's change may change what a server it attaches to serves of
+    it: it succeeded, its deploy or output changed, it is gone."""
+    attached = attached_to(before) or attached_to(after)
+    return bool(attached) and _served_as(before) != _served_as(after)
+
+
+def _served_as(ftj: Manifest | None) -> tuple[Any, ...] | None:
+    if ftj is None:
+        return None
+    spec = ftj.get("spec") or {}
+    return (phase_of(ftj), spec.get("deploy"), spec.get("outputModel"))
+
+
+def attached_to(ftj: Manifest | None) -> str | None:
+    deploy = ((ftj or {}).get("spec") or {}).get("deploy") or {}
+    return deploy.get("modelDeployment") if deploy.get("enabled") else None
 
 
 def resync(ctx: Context) -> None:

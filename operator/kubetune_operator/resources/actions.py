@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from kubetune_operator.resources.common import Manifest
 from kubetune_operator.resources.conditions import StatusUpdate
+from kubetune_operator.resources.workloads import ServerPod
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,29 @@ class Activate:
     active: bool
 
 
-Action = Create | Apply | Delete | Suspend | Activate
+@dataclass(frozen=True)
+class LoadAdapter:
+    pod: ServerPod
+    name: str
+    path: str
+
+
+@dataclass(frozen=True)
+class UnloadAdapter:
+    pod: ServerPod
+    name: str
+
+
+@dataclass(frozen=True)
+class OpenGate:
+    """Set the pod's readiness-gate condition: it serves every adapter it can."""
+
+    pod: ServerPod
+
+
+# What goes to a server pod's guarded admin routes (handlers/servers.py) or its status.
+ServerAction = LoadAdapter | UnloadAdapter | OpenGate
+Action = Create | Apply | Delete | Suspend | Activate | ServerAction
 
 
 @dataclass(frozen=True)

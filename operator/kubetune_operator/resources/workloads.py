@@ -268,3 +268,17 @@ def job_state(
     return JobState(
         RunPhase.PENDING, "PodPending", "waiting for the training pod to start", start_time=start
     )
+
+
+@dataclass(frozen=True)
+class ServerPod:
+    """A server pod whose containers are ready, and what its server says it has loaded:
+    adapter name → the folder it was loaded from (None: the server did not answer)."""
+
+    namespace: str
+    name: str
+    uid: str
+    ip: str
+    server: str  # its ModelDeployment
+    gate_open: bool
+    loaded: Mapping[str, str] | None

@@ -1,5 +1,6 @@
 """What a FineTuneJob's spec.deploy asks for once it has trained: the ModelDeployment
-that serves its result, kept in step with deploy, and deleted when deploy is off."""
+that serves its result, kept in step with deploy, and deleted when deploy is off; or,
+with deploy.modelDeployment, nothing of its own: that shared server loads the adapter."""
 
 from __future__ import annotations
 
@@ -41,8 +42,10 @@ def model_deployment(ftj: Mapping[str, Any], spec: FineTuneJobSpec, deploy: Depl
             }
         }
     md_spec: Manifest = {**served, "replicas": deploy.replicas}
-    if deploy.runtime is not None:
-        md_spec["runtime"] = deploy.runtime.model_dump(by_alias=True, exclude_none=True)
+    runtime = deploy.runtime.model_dump(by_alias=True, exclude_none=True) if deploy.runtime else {}
+    # Images at serve time are sized as in training, unless the runtime says otherwise.
+    runtime.setdefault("maxPixels", spec.hyperparameters.max_pixels)
+    md_spec["runtime"] = runtime
     # The server runs where the trainer ran, on as many GPUs: serving needs less
     # memory than training did.
     md_spec["resources"] = spec.resources.model_dump(
@@ -71,6 +74,12 @@ def deploy(
     is turned off. Returns the actions and the status fields that go with them."""
     meta = ftj["metadata"]
     wanted = spec.deploy if spec.deploy is not None and spec.deploy.enabled else None
+    if wanted is not None and wanted.model_deployment:
+        # The shared server finds the runs that attach to it and loads their adapters;
+        # a server of its own, from before, goes.
+        mine = existing is not None and owned_by(existing, meta["uid"])
+        gone = (Delete(MODEL_DEPLOYMENT.kind, meta["namespace"], meta["name"]),) if mine else ()
+        return gone, {"deployment": {"name": wanted.model_deployment}}
     if existing is not None and not owned_by(existing, meta["uid"]):
         if wanted is not None:
             return (), {

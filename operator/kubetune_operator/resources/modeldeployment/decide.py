@@ -1,8 +1,9 @@
 """ModelDeployment: what to do and what status to write, given what the cluster shows.
 
-Once every adapter it names can be served, its vLLM Deployment and Service are made
-(and the Deployment updated when what the operator sets changes); its status follows
-the Deployment.
+Its vLLM Deployment and Service are made at once (and the Deployment updated when
+what the operator sets changes); each adapter that can be served is loaded into every
+running server pod as it becomes servable, and unloaded when it goes. Its status
+follows the Deployment, with each adapter's state beside it.
 """
 
 from __future__ import annotations
@@ -14,9 +15,20 @@ from kubetune_operator.api.modeldeployment import DeploymentPhase, ModelDeployme
 from kubetune_operator.resources.actions import Action, Apply, Create, Decision
 from kubetune_operator.resources.common import Manifest, owned_by
 from kubetune_operator.resources.conditions import Notice, StatusUpdate, Verdict, unobserved
-from kubetune_operator.resources.modeldeployment.adapters import resolve_adapters
-from kubetune_operator.resources.modeldeployment.server import SPEC_HASH, deployment, plan, service
-from kubetune_operator.resources.modeldeployment.status import served_models, serving_status
+from kubetune_operator.resources.modeldeployment.adapters import resolve, served, wanted
+from kubetune_operator.resources.modeldeployment.loading import (
+    LoadFailures,
+    ServerPod,
+    plan_loading,
+)
+from kubetune_operator.resources.modeldeployment.server import (
+    SPEC_HASH,
+    admin_secret,
+    deployment,
+    plan,
+    service,
+)
+from kubetune_operator.resources.modeldeployment.status import serving_status
 from kubetune_operator.settings import Settings
 
 NOTICED = frozenset({DeploymentPhase.AVAILABLE, DeploymentPhase.FAILED})
@@ -24,14 +36,19 @@ NOTICED = frozenset({DeploymentPhase.AVAILABLE, DeploymentPhase.FAILED})
 
 @dataclass(frozen=True)
 class Observed:
-    """What one reconcile of a ModelDeployment saw: the FineTuneJobs its adapters name,
-    its Deployment, and that Deployment's pods while they can tell more than it."""
+    """What one reconcile of a ModelDeployment saw: the FineTuneJobs its adapters name
+    and those that attach to it, its Deployment, that Deployment's pods while they can
+    tell more than it, the running server pods and what each has loaded, and the loads
+    that failed."""
 
     modeldeployment: Manifest
     spec: ModelDeploymentSpec
     finetunejobs: Mapping[str, Manifest | None] = field(default_factory=dict)
+    attached: Sequence[Manifest] = ()
     deployment: Manifest | None = None
     pods: Sequence[Manifest] = ()
+    servers: Sequence[ServerPod] = ()
+    failures: LoadFailures = field(default_factory=dict)
 
 
 def finetunejob_names(spec: ModelDeploymentSpec) -> list[str]:
@@ -46,18 +63,25 @@ def serves(md: Manifest, finetunejob: str) -> bool:
 
 def unsettled(md: Manifest) -> bool:
     """Whether the ModelDeployment is worth another look without an event: not yet
-    acted on, or not Available (an adapter's FineTuneJob may have finished while an
-    event was missed)."""
-    return unobserved(md) or (md.get("status") or {}).get("phase") != DeploymentPhase.AVAILABLE
+    acted on, not Available, or an adapter not served on every replica (its
+    FineTuneJob may have finished while an event was missed; a load may work now)."""
+    status = md.get("status") or {}
+    return (
+        unobserved(md)
+        or status.get("phase") != DeploymentPhase.AVAILABLE
+        or any(a.get("reason") for a in status.get("adapters") or [])
+    )
 
 
 def decide(seen: Observed, settings: Settings) -> Decision:
     md, spec = seen.modeldeployment, seen.spec
     name = md["metadata"]["name"]
-    served = {"servedModels": served_models(spec)}
-    adapters, waiting = resolve_adapters(spec, seen.finetunejobs)
-    if waiting is not None:
-        return _decision(seen, waiting, {"message": waiting.message, **served})
+    resolved = resolve(spec, wanted(spec, seen.attached), seen.finetunejobs)
+    loading, states = plan_loading(resolved, seen.servers, seen.failures)
+    fields: Manifest = {
+        "adapters": [s.model_dump(by_alias=True, exclude_none=True) for s in states],
+        "servedModels": [spec.base_model.name, *(s.name for s in states if s.loaded)],
+    }
     current = seen.deployment
     if current is not None and not owned_by(current, md["metadata"]["uid"]):
         message = (
@@ -67,15 +91,29 @@ def decide(seen: Observed, settings: Settings) -> Decision:
         return _decision(
             seen,
             Verdict(DeploymentPhase.PENDING, "WaitingForCleanup", message),
-            {"message": message, **served},
+            {**fields, "message": message},
         )
-    desired = deployment(plan(md, spec, adapters, settings.trainer_image))
+    desired = deployment(plan(md, spec, served(resolved), settings.trainer_image))
     actions: tuple[Action, ...] = ()
     current_hash = ((current or {}).get("metadata", {}).get("annotations") or {}).get(SPEC_HASH)
     if current_hash != desired["metadata"]["annotations"][SPEC_HASH]:
-        actions = (Apply(desired), Create(service(md)))
-    fields, reason = serving_status(md, spec, current, seen.pods)
-    return _decision(seen, Verdict(fields["phase"], reason, fields["message"]), fields, actions)
+        actions = (
+            Create(admin_secret(md, settings.admin_key)),
+            Apply(desired),
+            Create(service(md)),
+        )
+    serving, reason = serving_status(md, spec, current, seen.pods)
+    fields |= serving
+    trouble = [s for s in states if s.reason]
+    if serving["phase"] == DeploymentPhase.AVAILABLE and trouble:
+        first = trouble[0]
+        fields["message"] = (
+            f"{serving['message']}; {len(states) - len(trouble)}/{len(states)} adapters "
+            f"served, {first.name}: {first.reason}"
+        )
+    return _decision(
+        seen, Verdict(fields["phase"], reason, fields["message"]), fields, actions + tuple(loading)
+    )
 
 
 def _decision(

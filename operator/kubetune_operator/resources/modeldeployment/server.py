@@ -4,6 +4,7 @@ serve the base model and the adapters, with what each pod mounts or fetches."""
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import posixpath
 from collections.abc import Mapping, Sequence
@@ -22,12 +23,21 @@ from kubetune_operator.resources.common import (
     pod_security_context,
     scheduling,
 )
-from kubetune_operator.resources.modeldeployment.adapters import ServedAdapter, max_lora_rank
+from kubetune_operator.resources.modeldeployment.adapters import ServedAdapter
 from kubetune_operator.resources.storage import Mounted, base_model_input, model_folder_input
+from kubetune_trainer.serving import guard
 
 SERVE_PORT = 8000
 BASE_MODEL = "/models/base"
-ADAPTERS = "/models/adapters"
+CLAIMS = "/models/claims"
+FETCHED_ADAPTERS = "/models/adapters"
+# The guard module's folder, filled by an init container from the trainer image.
+GUARD_FOLDER = "/opt/kubetune"
+ADMIN_TOKEN_KEY = "token"
+API_KEY_KEY = "apiKey"
+# The pod condition the operator sets once it has loaded the adapters into the pod: a
+# readiness gate, so the Service sends no request to a pod that lacks them.
+ADAPTERS_LOADED = "kubetune.io/adapters-loaded"
 SPEC_HASH = "kubetune.io/spec-hash"
 # Loading a large model takes minutes: the startup probe allows 20 before the pod restarts.
 STARTUP_SECONDS = 20 * 60
@@ -42,6 +52,7 @@ class Serving:
     adapters: tuple[ServedAdapter, ...]
     mounted: Mounted
     args: tuple[str, ...]
+    trainer_image: str
 
 
 def server_args(spec: ModelDeploymentSpec, model_path: str) -> list[str]:
@@ -71,38 +82,99 @@ def server_args(spec: ModelDeploymentSpec, model_path: str) -> list[str]:
     return args
 
 
+def claim_folder(claim: str) -> str:
+    return posixpath.join(CLAIMS, claim)
+
+
+def _claim_volume(claim: str) -> str:
+    return "claim-" + hashlib.sha256(claim.encode()).hexdigest()[:12]
+
+
+def adapter_path(adapter: ServedAdapter) -> str:
+    """Where the server pod finds the adapter's folder: on its claim's mount, or where
+    an init container fetched it from S3."""
+    if adapter.pvc is not None:
+        return posixpath.join(claim_folder(adapter.pvc.claim_name), adapter.pvc.path)
+    return posixpath.join(FETCHED_ADAPTERS, adapter.name)
+
+
 def plan(
     md: Mapping[str, Any],
     spec: ModelDeploymentSpec,
     adapters: Sequence[ServedAdapter],
     fetch_image: str,
 ) -> Serving:
+    """What the server pods load. Adapters are not in the pod template (the operator
+    loads them into each running pod), but their folders must be in the pod: each
+    PersistentVolumeClaim that holds the base model or an adapter is mounted whole, so
+    an adapter on a claim already mounted joins without a new pod; an adapter in S3 is
+    fetched by an init container, so adding one rolls the pods."""
     mounted = Mounted(path=BASE_MODEL)
-    base = base_model_input(spec.base_model, BASE_MODEL, fetch_image)
-    mounted.merge(base)
-    args = server_args(spec, base.path)
-    if adapters:
-        modules = []
-        for index, adapter in enumerate(adapters):
-            folder = model_folder_input(
-                f"adapter-{index}",
-                ModelSource(pvc=adapter.pvc, s3=adapter.s3),
-                posixpath.join(ADAPTERS, str(index)),
-                fetch_image,
+    source = spec.base_model.source
+    claims = {a.pvc.claim_name for a in adapters if a.pvc is not None}
+    if source is not None and source.pvc is not None:
+        claims.add(source.pvc.claim_name)
+        base_path = posixpath.join(claim_folder(source.pvc.claim_name), source.pvc.path)
+    else:
+        base = base_model_input(spec.base_model, BASE_MODEL, fetch_image)
+        mounted.merge(base)
+        base_path = base.path
+    for claim in sorted(claims):
+        volume = _claim_volume(claim)
+        mounted.volumes.append(
+            {"name": volume, "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        )
+        mounted.mounts.append({"name": volume, "mountPath": claim_folder(claim), "readOnly": True})
+    for adapter in sorted(adapters, key=lambda a: a.name):
+        if adapter.s3 is not None:
+            mounted.merge(
+                model_folder_input(
+                    "adapter-" + hashlib.sha256(adapter.name.encode()).hexdigest()[:12],
+                    ModelSource(s3=adapter.s3),
+                    adapter_path(adapter),
+                    fetch_image,
+                )
             )
-            mounted.merge(folder)
-            modules.append(f"{adapter.name}={folder.path}")
-        args += [
-            "--enable-lora",
-            "--max-loras",
-            str(len(adapters)),
-            "--max-lora-rank",
-            str(max_lora_rank(adapters)),
-            "--lora-modules",
-            *modules,
-        ]
-    args += list(spec.runtime.extra_args or [])
-    return Serving(md, spec, tuple(adapters), mounted, tuple(args))
+    args = [
+        *server_args(spec, base_path),
+        "--enable-lora",
+        "--max-loras",
+        str(spec.runtime.max_loras),
+        "--max-lora-rank",
+        str(spec.runtime.max_lora_rank),
+        "--middleware",
+        guard.MIDDLEWARE,
+        *(spec.runtime.extra_args or []),
+    ]
+    return Serving(md, spec, tuple(adapters), mounted, tuple(args), fetch_image)
+
+
+def admin_secret_name(md: Mapping[str, Any]) -> str:
+    return f"{md['metadata']['name']}-server-admin"
+
+
+def admin_token(key: str, namespace: str, name: str) -> str:
+    """The token the operator uses on ModelDeployment ``name``'s adapter routes: derived
+    from the operator's key and the ModelDeployment's name, so the operator never reads
+    it back (it needs no access to Secrets beyond creating them), and a namesake made
+    again finds the same token in a Secret the garbage collector has not removed yet."""
+    return hmac.new(key.encode(), f"{namespace}/{name}".encode(), hashlib.sha256).hexdigest()
+
+
+def admin_secret(md: Mapping[str, Any], key: str) -> Manifest:
+    meta = md["metadata"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": admin_secret_name(md),
+            "namespace": meta["namespace"],
+            "labels": labels("serving", meta["name"], {LABEL_MODELDEPLOYMENT: meta["name"]}),
+            "ownerReferences": [owner_reference(md)],
+        },
+        "type": "Opaque",
+        "stringData": {ADMIN_TOKEN_KEY: admin_token(key, meta["namespace"], meta["name"])},
+    }
 
 
 def endpoint(md: Mapping[str, Any]) -> str:
@@ -123,10 +195,32 @@ def deployment(serving: Serving) -> Manifest:
     meta = md["metadata"]
     selector = {LABEL_MODELDEPLOYMENT: meta["name"]}
     pod_labels = labels("serving", meta["name"], selector)
+    install_guard = {
+        "name": "install-guard",
+        "image": serving.trainer_image,
+        "command": ["kubetune", "install-guard", GUARD_FOLDER],
+        "volumeMounts": [{"name": "guard", "mountPath": GUARD_FOLDER}],
+        "securityContext": container_security_context(),
+    }
+    auth_env = [
+        {
+            "name": guard.ADMIN_TOKEN_VARIABLE,
+            "valueFrom": {"secretKeyRef": {"name": admin_secret_name(md), "key": ADMIN_TOKEN_KEY}},
+        }
+    ]
+    api_key = spec.auth.api_key_secret_ref
+    if api_key is not None:
+        auth_env.append(
+            {
+                "name": guard.API_KEY_VARIABLE,
+                "valueFrom": {"secretKeyRef": {"name": api_key.name, "key": API_KEY_KEY}},
+            }
+        )
     pod_spec: Manifest = {
         "automountServiceAccountToken": False,
         "securityContext": pod_security_context(),
-        "initContainers": mounted.init_containers,
+        "readinessGates": [{"conditionType": ADAPTERS_LOADED}],
+        "initContainers": [install_guard, *mounted.init_containers],
         "containers": [
             {
                 "name": "vllm",
@@ -146,6 +240,10 @@ def deployment(serving: Serving) -> Manifest:
                     {"name": "TRITON_CACHE_DIR", "value": "/cache/triton"},
                     {"name": "NUMBA_CACHE_DIR", "value": "/cache/numba"},
                     {"name": "VLLM_NO_USAGE_STATS", "value": "1"},
+                    # Adapters come and go while it serves, through the guarded routes.
+                    {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"},
+                    {"name": "PYTHONPATH", "value": GUARD_FOLDER},
+                    *auth_env,
                     *mounted.env,
                 ],
                 "ports": [{"name": "http", "containerPort": SERVE_PORT, "protocol": "TCP"}],
@@ -157,6 +255,7 @@ def deployment(serving: Serving) -> Manifest:
                     {"name": "tmp", "mountPath": "/tmp"},
                     {"name": "cache", "mountPath": "/cache"},
                     {"name": "dshm", "mountPath": "/dev/shm"},
+                    {"name": "guard", "mountPath": GUARD_FOLDER, "readOnly": True},
                     *mounted.mounts,
                 ],
                 "securityContext": container_security_context(),
@@ -167,6 +266,7 @@ def deployment(serving: Serving) -> Manifest:
             {"name": "cache", "emptyDir": {}},
             # Tensor-parallel workers exchange data through /dev/shm, tiny by default.
             {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+            {"name": "guard", "emptyDir": {}},
             *mounted.volumes,
         ],
     }

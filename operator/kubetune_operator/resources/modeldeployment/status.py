@@ -16,11 +16,6 @@ from kubetune_operator.resources.workloads import (
     waiting_container,
 )
 
-
-def served_models(spec: ModelDeploymentSpec) -> list[str]:
-    return [spec.base_model.name, *(a.name for a in spec.adapters)]
-
-
 # What a server pod can wait on for good while its Deployment still "progresses".
 SERVER_POD_TROUBLE = RETRIED_START_FAILURES | PERMANENT_START_FAILURES | {"CrashLoopBackOff"}
 
@@ -58,11 +53,7 @@ def serving_status(
     while it is not available, its newest pod."""
     st = (deploy or {}).get("status") or {}
     ready = int(st.get("readyReplicas") or 0)
-    fields: Manifest = {
-        "endpoint": endpoint(md),
-        "servedModels": served_models(spec),
-        "readyReplicas": ready,
-    }
+    fields: Manifest = {"endpoint": endpoint(md), "readyReplicas": ready}
     conditions = {c.get("type"): c for c in st.get("conditions") or []}
     progressing = conditions.get("Progressing") or {}
     failure = conditions.get("ReplicaFailure") or {}
@@ -100,12 +91,3 @@ def serving_status(
         return {**fields, "phase": DeploymentPhase.PROGRESSING, "message": message}, reason
     message = f"{ready}/{spec.replicas} replicas ready; vLLM loads the model before it serves"
     return {**fields, "phase": DeploymentPhase.PROGRESSING, "message": message}, "Progressing"
-
-
-def pods_matter(
-    md: Mapping[str, Any], spec: ModelDeploymentSpec, deploy: Mapping[str, Any] | None
-) -> bool:
-    """Whether the server pods can tell more than the Deployment: only while it
-    progresses."""
-    fields, _ = serving_status(md, spec, deploy)
-    return bool(fields["phase"] == DeploymentPhase.PROGRESSING)
