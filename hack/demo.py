@@ -3,17 +3,22 @@
 Builds a tiny random-weight Qwen2.5-VL-style model and a synthetic colours x shapes
 image dataset into the volumes the local kubelet maps, brings the stack up
 (`hack/dev.sh up`), applies examples/demo/, prints the `kubectl get` table as it
-changes, then the final status and where the tuned model is. Exits 0 when the
-FineTuneJob Succeeded. `make dev-down` stops the stack afterwards.
+changes, then the final status and where the tuned adapter is, its exact match on
+held-out images beside the base model's (`kubetune evaluate`), and then the same
+through the vLLM server the run deployed (base and adapter on one server, through
+the OpenAI API) with one sample chat. Exits 0 when the FineTuneJob Succeeded and
+its server answered. `make dev-down` stops the stack afterwards.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -124,67 +129,131 @@ def main() -> int:
         )
     )
     out = volumes / "models" / "shapes-demo"
-    if phase == "Succeeded":
-        print(f"\nthe tuned model is {status['outputModel']['uri']}, on this machine in {out}")
-        report = out / "report.json"
-        if report.is_file():
-            print(f"its report: {report}")
-        print("\nexact match on held-out images (`kubetune evaluate`), tuned and base model:")
-        for model in (out, target):
-            result = subprocess.run(
-                [
-                    str(Path(sys.executable).with_name("kubetune")),
-                    "evaluate",
-                    "--model",
-                    str(model),
-                    "--data",
-                    str(held_out),
-                    "--max-pixels",
-                    "3136",
-                    "--json",
-                ],
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            figures = json.loads(result.stdout) if result.returncode == 0 else {}
-            accuracy = figures.get("accuracy")
-            shown = (
-                f"{accuracy:.0%}"
-                if isinstance(accuracy, float)
-                else f"unavailable ({result.stderr.strip()[-200:]})"
-            )
-            print(
-                f"  {'tuned' if model == out else 'base '}: {shown} of {figures.get('examples', '?')} examples"
-            )
-        served = _served(k)
-        if served:
-            print(
-                f"\nserved by ModelDeployment shapes-demo: {served.get('phase')}, "
-                f"endpoint {served.get('endpoint')}, models {served.get('servedModels')}; "
-                "no GPU or vLLM image here, so its pod is created but never runs"
-            )
+    if phase != "Succeeded":
         print(
-            f"stop the stack with `make dev-down`; meanwhile `export KUBECONFIG={kubeconfig}` and use kubectl"
+            f"\nthe FineTuneJob did not succeed (phase {phase or 'unknown'}); logs: {STATE / 'logs'}",
+            file=sys.stderr,
         )
-        return 0
+        return 1
+    print(f"\nthe tuned adapter is {status['outputModel']['uri']}, on this machine in {out}")
+    report = out / "report.json"
+    if report.is_file():
+        print(f"its report: {report}")
+    print("\nexact match on held-out images (`kubetune evaluate`), tuned and base model:")
+    offline = {}
+    for who, extra in (("tuned", ["--adapter", str(out)]), ("base", [])):
+        result = subprocess.run(
+            [
+                str(Path(sys.executable).with_name("kubetune")),
+                "evaluate",
+                "--model",
+                str(target),
+                *extra,
+                "--data",
+                str(held_out),
+                "--max-pixels",
+                "3136",
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        figures = json.loads(result.stdout) if result.returncode == 0 else {}
+        offline[who] = figures.get("accuracy")
+        shown = (
+            f"{offline[who]:.0%}"
+            if isinstance(offline[who], float)
+            else f"unavailable ({result.stderr.strip()[-200:]})"
+        )
+        print(f"  {who:5}: {shown} of {figures.get('examples', '?')} examples")
+
+    print("\nwaiting for vLLM to serve the base model and the adapter (1 to 3 minutes) ...")
+    served = _served(k)
+    if served.get("phase") != "Available":
+        print(f"the ModelDeployment is not available: {served}", file=sys.stderr)
+        return 1
+    url = endpoint(k)
     print(
-        f"\nthe FineTuneJob did not succeed (phase {phase or 'unknown'}); logs: {STATE / 'logs'}",
-        file=sys.stderr,
+        f"served by ModelDeployment shapes-demo at {served['endpoint']} (from this machine: "
+        f"{url}), models {served['servedModels']}"
     )
-    return 1
+    examples = [json.loads(line) for line in held_out.read_text().splitlines() if line.strip()]
+    print("exact match on the same held-out images, through vLLM's OpenAI API:")
+    for who, model in (("tuned", "shapes-demo"), ("base", BASE_NAME)):
+        answers = [chat(url, model, held_out.parent, e) for e in examples]
+        right = sum(a.strip() == reply(e).strip() for a, e in zip(answers, examples, strict=True))
+        print(f"  {who:5}: {right / len(examples):.0%} of {len(examples)} examples")
+    sample = examples[0]
+    print(
+        f"\na chat: the image {held_out.parent / sample['images'][0]}, the question "
+        f"{question(sample)!r}, the expected answer {reply(sample)!r}"
+    )
+    for who, model in (("base", BASE_NAME), ("tuned", "shapes-demo")):
+        print(f"  {who:5} model answers: {chat(url, model, held_out.parent, sample)!r}")
+    print(
+        f"\nstop the stack with `make dev-down`; meanwhile `export KUBECONFIG={kubeconfig}` and "
+        f"use kubectl, or any OpenAI client at {url}"
+    )
+    return 0
+
+
+BASE_NAME = "tiny-qwen2.5-vl"
+
+
+def question(example: dict[str, Any]) -> str:
+    return str(example["messages"][0]["content"]).replace("<image>", "")
+
+
+def reply(example: dict[str, Any]) -> str:
+    return str(example["messages"][-1]["content"])
+
+
+def chat(url: str, model: str, folder: Path, example: dict[str, Any]) -> str:
+    """The greedy answer to the example's question about its image, as an OpenAI client
+    asks (the image embedded as a data: URI)."""
+    image = base64.b64encode((folder / example["images"][0]).read_bytes()).decode()
+    content = [
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}},
+        {"type": "text", "text": question(example)},
+    ]
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": 16,
+        "temperature": 0,
+    }
+    request = urllib.request.Request(
+        f"{url}/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return str(json.loads(response.read())["choices"][0]["message"]["content"])
 
 
 def _served(k: Callable[..., str]) -> dict[str, Any]:
-    """The ModelDeployment's status once the operator has written it (a few seconds)."""
-    deadline = time.monotonic() + 30
+    """The ModelDeployment's status once it is Available or Failed, or as it is when
+    vLLM has had 10 minutes to start."""
+    deadline = time.monotonic() + 600
+    status: dict[str, Any] = {}
     while time.monotonic() < deadline:
         found = json.loads(k("get", "mdep", "-n", NAMESPACE, "-o", "json"))["items"]
-        status: dict[str, Any] = (found[0].get("status") or {}) if found else {}
-        if status.get("phase"):
-            return status
-        time.sleep(1)
-    return {}
+        status = (found[0].get("status") or {}) if found else {}
+        if status.get("phase") in ("Available", "Failed"):
+            break
+        time.sleep(2)
+    return status
+
+
+def endpoint(k: Callable[..., str]) -> str:
+    """The OpenAI base URL of a ready server pod: there is no cluster network here."""
+    selector = "kubetune.io/modeldeployment=shapes-demo"
+    pods = json.loads(k("get", "pods", "-n", NAMESPACE, "-l", selector, "-o", "json"))["items"]
+    ready = [
+        p["status"]["podIP"]
+        for p in pods
+        if any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"]["conditions"])
+    ]
+    return f"http://{ready[0]}:8000/v1"
 
 
 if __name__ == "__main__":
