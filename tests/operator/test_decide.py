@@ -676,6 +676,11 @@ def test_a_server_is_made_then_updated_only_when_its_spec_changes() -> None:
     current["metadata"]["annotations"][SPEC_HASH] = "stale"
     stale = modeldeployment.decide(md_seen(body, deployment=current), SETTINGS)
     assert [type(a) for a in stale.actions] == [Create, Apply, Create]
+    # While it is not available, the admin Secret its pods wait for is made again if gone.
+    current = available(body)
+    current["status"] = {"conditions": [{"type": "Progressing", "status": "True"}]}
+    progressing = modeldeployment.decide(md_seen(body, deployment=current), SETTINGS)
+    assert creates(progressing) == ["Secret"] and len(progressing.actions) == 1
 
 
 def test_a_namesake_s_deployment_is_waited_out_and_a_pod_in_trouble_says_why() -> None:

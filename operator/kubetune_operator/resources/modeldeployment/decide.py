@@ -94,6 +94,7 @@ def decide(seen: Observed, settings: Settings) -> Decision:
             {**fields, "message": message},
         )
     desired = deployment(plan(md, spec, served(resolved), settings.trainer_image))
+    serving, reason = serving_status(md, spec, current, seen.pods)
     actions: tuple[Action, ...] = ()
     current_hash = ((current or {}).get("metadata", {}).get("annotations") or {}).get(SPEC_HASH)
     if current_hash != desired["metadata"]["annotations"][SPEC_HASH]:
@@ -102,7 +103,10 @@ def decide(seen: Observed, settings: Settings) -> Decision:
             Apply(desired),
             Create(service(md)),
         )
-    serving, reason = serving_status(md, spec, current, seen.pods)
+    elif serving["phase"] != DeploymentPhase.AVAILABLE:
+        # Made again if someone deleted it: a server pod waits for it (a create that
+        # finds it costs one request, and only while the server is not available).
+        actions = (Create(admin_secret(md, settings.admin_key)),)
     fields |= serving
     trouble = [s for s in states if s.reason]
     if serving["phase"] == DeploymentPhase.AVAILABLE and trouble:
