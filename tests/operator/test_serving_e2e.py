@@ -291,3 +291,51 @@ def test_a_run_that_detaches_is_unloaded_and_asking_for_it_is_a_404(
     code, answer = post(url(pod) + "/v1/chat/completions", body)
     assert code == 404, answer
     answers(pod, "alpha")
+
+
+def test_with_an_api_key_every_client_route_needs_it_and_the_operator_still_loads(
+    kubectl: Kubectl, ns: str, operator: Operator
+) -> None:
+    """Last: the key changes the pod template, so the server rolls to a new pod."""
+    import urllib.error
+    import urllib.request
+
+    (before,) = server_pods(kubectl, ns)
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "team-key"},
+        "stringData": {"apiKey": "sk-team"},
+    }
+    kubectl.apply(secret, "-n", ns)
+    auth = {"spec": {"auth": {"apiKeySecretRef": {"name": "team-key"}}}}
+    kubectl.run("patch", "mdep", SERVER, "-n", ns, "--type=merge", "-p", json.dumps(auth))
+    pod = wait_for(
+        lambda: next(
+            (
+                p
+                for p in server_pods(kubectl, ns)
+                if p["metadata"]["uid"] != before["metadata"]["uid"] and ready(p)
+            ),
+            None,
+        ),
+        600,
+        "the server to roll to a pod that requires the key",
+        on_timeout=operator.tail,
+    )
+    wait_adapter(operator, kubectl, ns, "alpha", served_everywhere, "alpha loaded again")
+    base = url(pod)
+    body = {"model": "alpha", "messages": [{"role": "user", "content": "?"}], "max_tokens": 2}
+    assert post(base + "/v1/chat/completions", body)[0] == 401
+    assert post(base + "/v1/chat/completions", body, "sk-wrong")[0] == 401
+    assert post(base + "/invocations", body)[0] == 401  # vLLM's --api-key leaves it open
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(base + "/v1/models", timeout=30)
+    assert refused.value.code == 401
+    with urllib.request.urlopen(base + "/health", timeout=30) as health:
+        assert health.status == 200
+    answer = chat(base + "/v1", "alpha", shape_image(), token="sk-team")
+    assert answer["model"] == "alpha"
+    # The key is a client's, not an admin's.
+    outside = {"lora_name": "evil", "lora_path": "/etc"}
+    assert post(base + "/v1/load_lora_adapter", outside, "sk-team")[0] == 403
