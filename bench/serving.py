@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,52 +27,27 @@ from e2e_support import (  # noqa: E402
     chat,
     dataset,
     finetunejob,
+    modeldeployment,
+    pod_ready,
     provide_storage,
     restricted_operator,
     shape_image,
+    status,
 )
 from kube import Kubectl  # noqa: E402
 from local_kubelet import LocalKubelet  # noqa: E402
+from operator_harness import wait_for  # noqa: E402
 from tiny_models import tiny_model  # noqa: E402
 
 NS = "bench-serving"
 HYPERPARAMETERS = {"epochs": 2, "batchSize": 4, "learningRate": 0.002, "maxPixels": 3136}
-SHARED = {
-    "apiVersion": "kubetune.io/v1alpha1",
-    "kind": "ModelDeployment",
-    "metadata": {"name": "shared"},
-    "spec": {
-        "baseModel": {
-            "name": "tiny-vlm",
-            "source": {"pvc": {"claimName": "models", "path": "tiny-vlm"}},
-        },
-        "resources": {"gpus": 0},
-    },
-}
-
-
-def status(kubectl: Kubectl, kind: str, name: str) -> dict[str, Any]:
-    found: dict[str, Any] = kubectl.get(kind, name, "-n", NS).get("status") or {}
-    return found
-
-
-def wait(what: str, probe: Any, timeout: float, interval: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(interval)
-    raise SystemExit(f"timed out waiting for {what}")
+SHARED = modeldeployment("shared")
 
 
 def answering_pod(kubectl: Kubectl, server: str, model: str) -> bool:
     """Whether a ready pod of the server answers a chat naming ``model``."""
     pods = kubectl.get("pods", "-n", NS, "-l", f"kubetune.io/modeldeployment={server}")["items"]
-    for pod in pods:
-        conditions = pod.get("status", {}).get("conditions") or []
-        if not any(c["type"] == "Ready" and c["status"] == "True" for c in conditions):
-            continue
+    for pod in filter(pod_ready, pods):
         try:
             chat(f"http://{pod['status']['podIP']}:8000/v1", model, shape_image())
             return True
@@ -87,15 +61,16 @@ def measure(kubectl: Kubectl, name: str, deploy: dict[str, Any], server: str) ->
     run = finetunejob(name, "shapes", tuning="lora", hyperparameters=HYPERPARAMETERS)
     run["spec"]["deploy"] = deploy
     kubectl.apply(run, "-n", NS)
-    done = wait(
-        f"{name} to finish",
-        lambda: (st := status(kubectl, "ftj", name)).get("phase") in ("Succeeded", "Failed") and st,
+    finished_phases = ("Succeeded", "Failed")
+    done = wait_for(
+        lambda: (st := status(kubectl, "ftj", NS, name)).get("phase") in finished_phases and st,
         900,
+        f"{name} to finish",
         interval=0.2,
     )
     if done["phase"] != "Succeeded":
         raise SystemExit(f"{name} failed: {done.get('message')}")
-    wait(f"{name} to answer", lambda: answering_pod(kubectl, server, name), 900)
+    wait_for(lambda: answering_pod(kubectl, server, name), 900, f"{name} to answer")
     answered = datetime.now(UTC)
     finished = datetime.fromisoformat(done["completionTime"].replace("Z", "+00:00"))
     return (answered - finished).total_seconds()
@@ -120,10 +95,10 @@ def main() -> int:
                 kubectl.apply(dataset("shapes", "shapes/train.jsonl"), "-n", NS)
                 kubectl.apply(SHARED, "-n", NS)
                 print("starting the shared server (not timed: the platform runs it) ...")
-                wait(
-                    "the shared server",
-                    lambda: status(kubectl, "mdep", "shared").get("phase") == "Available",
+                wait_for(
+                    lambda: status(kubectl, "mdep", NS, "shared").get("phase") == "Available",
                     900,
+                    "the shared server",
                 )
                 attach = measure(
                     kubectl, "attach", {"enabled": True, "modelDeployment": "shared"}, "shared"

@@ -18,7 +18,6 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from e2e_support import chat  # noqa: E402
 from local_kubelet import volume_claim  # noqa: E402
 from tiny_models import tiny_model, write_shapes_dataset  # noqa: E402
 
@@ -173,7 +173,12 @@ def main() -> int:
     if served.get("phase") != "Available":
         print(f"the ModelDeployment is not available: {served}", file=sys.stderr)
         return 1
-    url = endpoint(k)
+    url = subprocess.run(
+        [str(ROOT / "hack" / "dev.sh"), "endpoint", "shapes-demo", "-n", NAMESPACE],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     print(
         f"served by ModelDeployment shapes-demo at {served['endpoint']} (from this machine: "
         f"{url}), models {served['servedModels']}"
@@ -181,7 +186,7 @@ def main() -> int:
     examples = [json.loads(line) for line in held_out.read_text().splitlines() if line.strip()]
     print("exact match on the same held-out images, through vLLM's OpenAI API:")
     for who, model in (("tuned", "shapes-demo"), ("base", BASE_NAME)):
-        answers = [chat(url, model, held_out.parent, e) for e in examples]
+        answers = [answer(url, model, held_out.parent, e) for e in examples]
         right = sum(a.strip() == reply(e).strip() for a, e in zip(answers, examples, strict=True))
         print(f"  {who:5}: {right / len(examples):.0%} of {len(examples)} examples")
     sample = examples[0]
@@ -190,7 +195,7 @@ def main() -> int:
         f"{question(sample)!r}, the expected answer {reply(sample)!r}"
     )
     for who, model in (("base", BASE_NAME), ("tuned", "shapes-demo")):
-        print(f"  {who:5} model answers: {chat(url, model, held_out.parent, sample)!r}")
+        print(f"  {who:5} model answers: {answer(url, model, held_out.parent, sample)!r}")
     print(
         f"\nstop the stack with `make dev-down`; meanwhile `export KUBECONFIG={kubeconfig}` and "
         f"use kubectl, or any OpenAI client at {url}"
@@ -209,25 +214,14 @@ def reply(example: dict[str, Any]) -> str:
     return str(example["messages"][-1]["content"])
 
 
-def chat(url: str, model: str, folder: Path, example: dict[str, Any]) -> str:
+def answer(url: str, model: str, folder: Path, example: dict[str, Any]) -> str:
     """The greedy answer to the example's question about its image, as an OpenAI client
     asks (the image embedded as a data: URI)."""
     image = base64.b64encode((folder / example["images"][0]).read_bytes()).decode()
-    content = [
-        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}},
-        {"type": "text", "text": question(example)},
-    ]
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": content}],
-        "max_tokens": 16,
-        "temperature": 0,
-    }
-    request = urllib.request.Request(
-        f"{url}/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    response = chat(
+        url, model, f"data:image/png;base64,{image}", text=question(example), max_tokens=16
     )
-    with urllib.request.urlopen(request, timeout=120) as response:
-        return str(json.loads(response.read())["choices"][0]["message"]["content"])
+    return str(response["choices"][0]["message"]["content"])
 
 
 def _served(k: Callable[..., str]) -> dict[str, Any]:
@@ -242,18 +236,6 @@ def _served(k: Callable[..., str]) -> dict[str, Any]:
             break
         time.sleep(2)
     return status
-
-
-def endpoint(k: Callable[..., str]) -> str:
-    """The OpenAI base URL of a ready server pod: there is no cluster network here."""
-    selector = "kubetune.io/modeldeployment=shapes-demo"
-    pods = json.loads(k("get", "pods", "-n", NAMESPACE, "-l", selector, "-o", "json"))["items"]
-    ready = [
-        p["status"]["podIP"]
-        for p in pods
-        if any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"]["conditions"])
-    ]
-    return f"http://{ready[0]}:8000/v1"
 
 
 if __name__ == "__main__":

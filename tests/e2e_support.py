@@ -95,6 +95,29 @@ def finetunejob(name: str, data: str, **spec: Any) -> dict[str, Any]:
     }
 
 
+def modeldeployment(name: str, **spec: Any) -> dict[str, Any]:
+    """A ModelDeployment of the tiny VLM on the `models` claim, on no GPU unless
+    ``spec`` says otherwise."""
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": name},
+        "spec": {
+            "baseModel": {
+                "name": "tiny-vlm",
+                "source": {"pvc": {"claimName": "models", "path": "tiny-vlm"}},
+            },
+            "resources": {"gpus": 0},
+            **spec,
+        },
+    }
+
+
+def pod_ready(pod: dict[str, Any]) -> bool:
+    conditions = pod.get("status", {}).get("conditions") or []
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+
 def status(kubectl: Kubectl, kind: str, ns: str, name: str) -> dict[str, Any]:
     st: dict[str, Any] = kubectl.get(kind, name, "-n", ns).get("status") or {}
     return st
@@ -154,13 +177,15 @@ def shape_image() -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def chat(base_url: str, model: str, image: str, token: str = "") -> dict[str, Any]:
+def chat(
+    base_url: str, model: str, image: str, token: str = "", text: str = "?", max_tokens: int = 8
+) -> dict[str, Any]:
     """One greedy chat completion with an image, through the OpenAI API."""
-    content = [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": "?"}]
+    content = [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": text}]
     body = {
         "model": model,
         "messages": [{"role": "user", "content": content}],
-        "max_tokens": 8,
+        "max_tokens": max_tokens,
         "temperature": 0,
     }
     code, answer = post(f"{base_url}/chat/completions", body, token)

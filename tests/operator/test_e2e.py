@@ -17,6 +17,7 @@ from e2e_support import (
     chat,
     dataset,
     finetunejob,
+    modeldeployment,
     provide_storage,
     restricted_operator,
     shape_image,
@@ -419,18 +420,7 @@ def test_a_finetunejob_with_deploy_gets_a_vllm_server(
 
 def test_a_server_no_node_can_fit_says_why(kubectl: Kubectl, ns: str, operator: Operator) -> None:
     """More GPUs than any node has: the scheduler's verdict is the status message."""
-    greedy = {
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "ModelDeployment",
-        "metadata": {"name": "greedy"},
-        "spec": {
-            "baseModel": {
-                "name": "tiny-vlm",
-                "source": {"pvc": {"claimName": "models", "path": "tiny-vlm"}},
-            },
-            "resources": {"gpus": 64},
-        },
-    }
+    greedy = modeldeployment("greedy", resources={"gpus": 64})
     kubectl.apply(greedy, "-n", ns)
     st = wait_ready_reason(
         operator, kubectl, "mdep", ns, "greedy", "Unschedulable", "the scheduler's verdict"

@@ -6,6 +6,9 @@ one server the module starts."""
 from __future__ import annotations
 
 import json
+import re
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,8 @@ from e2e_support import (
     chat,
     dataset,
     finetunejob,
+    modeldeployment,
+    pod_ready,
     post,
     provide_storage,
     restricted_operator,
@@ -56,19 +61,7 @@ def operator(
 
 def shared_server(adapters: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The platform's server for the tiny VLM, which runs attach to."""
-    return {
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "ModelDeployment",
-        "metadata": {"name": SERVER},
-        "spec": {
-            "baseModel": {
-                "name": "tiny-vlm",
-                "source": {"pvc": {"claimName": "models", "path": "tiny-vlm"}},
-            },
-            "adapters": adapters or [],
-            "resources": {"gpus": 0},
-        },
-    }
+    return modeldeployment(SERVER, adapters=adapters or [])
 
 
 def attached_run(name: str) -> dict[str, Any]:
@@ -86,9 +79,24 @@ def server_pods(kubectl: Kubectl, ns: str) -> list[dict[str, Any]]:
     return [p for p in pods if not p["metadata"].get("deletionTimestamp")]
 
 
-def ready(pod: dict[str, Any]) -> bool:
-    conditions = pod.get("status", {}).get("conditions") or []
-    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+def replacement(
+    kubectl: Kubectl, ns: str, operator: Operator, old: dict[str, Any], what: str
+) -> dict[str, Any]:
+    """The ready server pod that took the place of ``old``."""
+    pod: dict[str, Any] = wait_for(
+        lambda: next(
+            (
+                p
+                for p in server_pods(kubectl, ns)
+                if p["metadata"]["uid"] != old["metadata"]["uid"] and pod_ready(p)
+            ),
+            None,
+        ),
+        600,
+        what,
+        on_timeout=operator.tail,
+    )
+    return pod
 
 
 def url(pod: dict[str, Any]) -> str:
@@ -139,7 +147,7 @@ def first_pod(kubectl: Kubectl, ns: str, operator: Operator) -> dict[str, Any]:
     assert md["phase"] == "Available", md
     wait_adapter(operator, kubectl, ns, "alpha", served_everywhere, "alpha to be loaded")
     (pod,) = server_pods(kubectl, ns)
-    assert ready(pod)
+    assert pod_ready(pod)
     return pod
 
 
@@ -163,9 +171,6 @@ def test_the_dashboards_serving_panels_read_what_the_server_exports(
 ) -> None:
     """Every vLLM metric the Grafana dashboard's serving row queries is on a real
     server's /metrics (open to Prometheus through the guard)."""
-    import re
-    import urllib.request
-
     dashboard = json.loads(DASHBOARD.read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
     used = {m for e in exprs for m in re.findall(r"\bvllm:\w+", e)}
@@ -207,8 +212,6 @@ def test_nobody_but_the_operator_loads_or_unloads_adapters(
 
 
 def _models(base: str) -> tuple[int, dict[str, Any]]:
-    import urllib.request
-
     with urllib.request.urlopen(base + "/v1/models", timeout=30) as response:
         return response.status, json.loads(response.read())
 
@@ -248,19 +251,7 @@ def test_a_replacement_server_pod_takes_requests_only_with_every_adapter(
     kubectl: Kubectl, ns: str, operator: Operator, first_pod: dict[str, Any]
 ) -> None:
     kubectl.run("delete", "pod", first_pod["metadata"]["name"], "-n", ns, "--wait=false")
-    pod = wait_for(
-        lambda: next(
-            (
-                p
-                for p in server_pods(kubectl, ns)
-                if p["metadata"]["uid"] != first_pod["metadata"]["uid"] and ready(p)
-            ),
-            None,
-        ),
-        600,
-        "a replacement server pod to be ready",
-        on_timeout=operator.tail,
-    )
+    pod = replacement(kubectl, ns, operator, first_pod, "a replacement server pod to be ready")
     answers(pod, "alpha")
     answers(pod, "beta")
     for name in ("alpha", "beta"):
@@ -297,9 +288,6 @@ def test_with_an_api_key_every_client_route_needs_it_and_the_operator_still_load
     kubectl: Kubectl, ns: str, operator: Operator
 ) -> None:
     """Last: the key changes the pod template, so the server rolls to a new pod."""
-    import urllib.error
-    import urllib.request
-
     (before,) = server_pods(kubectl, ns)
     secret = {
         "apiVersion": "v1",
@@ -310,18 +298,8 @@ def test_with_an_api_key_every_client_route_needs_it_and_the_operator_still_load
     kubectl.apply(secret, "-n", ns)
     auth = {"spec": {"auth": {"apiKeySecretRef": {"name": "team-key"}}}}
     kubectl.run("patch", "mdep", SERVER, "-n", ns, "--type=merge", "-p", json.dumps(auth))
-    pod = wait_for(
-        lambda: next(
-            (
-                p
-                for p in server_pods(kubectl, ns)
-                if p["metadata"]["uid"] != before["metadata"]["uid"] and ready(p)
-            ),
-            None,
-        ),
-        600,
-        "the server to roll to a pod that requires the key",
-        on_timeout=operator.tail,
+    pod = replacement(
+        kubectl, ns, operator, before, "the server to roll to a pod that requires the key"
     )
     wait_adapter(operator, kubectl, ns, "alpha", served_everywhere, "alpha loaded again")
     base = url(pod)

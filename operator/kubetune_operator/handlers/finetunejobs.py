@@ -149,14 +149,14 @@ def finetunejob_event(
         ctx.watched.forget(FINE_TUNE_JOB.plural, namespace, name)
         PHASES.record(FINE_TUNE_JOB.kind, namespace, name, None)
         if modeldeployments.serving_changed(before, None):
-            modeldeployments.finetunejob_changed(ctx, namespace, name, *filter(None, [before]))
+            modeldeployments.finetunejob_changed(ctx, namespace, name, before)
         return
     ftj = plain(body)
     ctx.watched.remember(FINE_TUNE_JOB.plural, ftj)
     if unobserved(ftj) or (type is None and active(ftj)):
         reconcile(ctx, namespace, name, ftj=ftj)
     if modeldeployments.serving_changed(before, ftj):
-        modeldeployments.finetunejob_changed(ctx, namespace, name, *filter(None, [before]), ftj)
+        modeldeployments.finetunejob_changed(ctx, namespace, name, before, ftj)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_FINETUNEJOB: kopf.PRESENT})

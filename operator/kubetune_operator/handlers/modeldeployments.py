@@ -17,7 +17,7 @@ from kubetune_operator.handlers.context import Context, context_of
 from kubetune_operator.observability import PHASES
 from kubetune_operator.resources.common import LABEL_MODELDEPLOYMENT, Manifest, owned_by
 from kubetune_operator.resources.conditions import phase_of, unobserved
-from kubetune_operator.resources.modeldeployment.adapters import attaches_to
+from kubetune_operator.resources.modeldeployment.adapters import attached_to
 from kubetune_operator.resources.modeldeployment.decide import (
     Observed,
     decide,
@@ -60,7 +60,7 @@ def observe(
     running one has loaded."""
     namespace, name = md["metadata"]["namespace"], md["metadata"]["name"]
     attached = [
-        ftj for ftj in ctx.watched.all(FINE_TUNE_JOB.plural, namespace) if attaches_to(ftj, name)
+        ftj for ftj in ctx.watched.all(FINE_TUNE_JOB.plural, namespace) if attached_to(ftj) == name
     ]
     finetunejobs: dict[str, Manifest | None] = {
         job: ctx.api.get_object(FINE_TUNE_JOB.plural, namespace, job)
@@ -144,7 +144,9 @@ def server_pod_event(
         reconcile(context_of(memo), namespace, owner)
 
 
-def finetunejob_changed(ctx: Context, namespace: str, finetunejob: str, *bodies: Manifest) -> None:
+def finetunejob_changed(
+    ctx: Context, namespace: str, finetunejob: str, *bodies: Manifest | None
+) -> None:
     """Move on the ModelDeployments a FineTuneJob's change concerns: those whose adapter
     it is, and those its bodies (before and after the change) attach to."""
     names = {attached_to(body) for body in bodies} - {None}
@@ -167,12 +169,8 @@ def _served_as(ftj: Manifest | None) -> tuple[Any, ...] | None:
     return (phase_of(ftj), spec.get("deploy"), spec.get("outputModel"))
 
 
-def attached_to(ftj: Manifest | None) -> str | None:
-    deploy = ((ftj or {}).get("spec") or {}).get("deploy") or {}
-    return deploy.get("modelDeployment") if deploy.get("enabled") else None
-
-
 def resync(ctx: Context) -> None:
-    """Reconcile every ModelDeployment that is not Available: retries what failed and
-    picks up adapters whose FineTuneJob finished while an event was missed."""
+    """Reconcile every ModelDeployment that is not settled (decide.unsettled): retries
+    what failed and picks up adapters whose FineTuneJob finished while an event was
+    missed."""
     resync_each(ctx, MODEL_DEPLOYMENT, unsettled, reconcile)

@@ -43,10 +43,11 @@ class Unservable:
 Resolved = ServedAdapter | Unservable
 
 
-def attaches_to(ftj: Manifest, modeldeployment: str) -> bool:
-    """Whether a FineTuneJob asks to serve its result on that ModelDeployment."""
-    deploy = (ftj.get("spec") or {}).get("deploy") or {}
-    return bool(deploy.get("enabled")) and deploy.get("modelDeployment") == modeldeployment
+def attached_to(ftj: Manifest | None) -> str | None:
+    """The ModelDeployment a FineTuneJob asks to serve its result on
+    (spec.deploy.modelDeployment, while deploy is enabled), if any."""
+    deploy = ((ftj or {}).get("spec") or {}).get("deploy") or {}
+    return deploy.get("modelDeployment") if deploy.get("enabled") else None
 
 
 def wanted(spec: ModelDeploymentSpec, attached: Sequence[Manifest]) -> list[Wanted]:

@@ -86,8 +86,9 @@ def claim_folder(claim: str) -> str:
     return posixpath.join(CLAIMS, claim)
 
 
-def _claim_volume(claim: str) -> str:
-    return "claim-" + hashlib.sha256(claim.encode()).hexdigest()[:12]
+def _volume_name(prefix: str, key: str) -> str:
+    """A volume name for a claim or adapter name, which may be longer than one allows."""
+    return f"{prefix}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
 def adapter_path(adapter: ServedAdapter) -> str:
@@ -120,7 +121,7 @@ def plan(
         mounted.merge(base)
         base_path = base.path
     for claim in sorted(claims):
-        volume = _claim_volume(claim)
+        volume = _volume_name("claim", claim)
         mounted.volumes.append(
             {"name": volume, "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
         )
@@ -129,7 +130,7 @@ def plan(
         if adapter.s3 is not None:
             mounted.merge(
                 model_folder_input(
-                    "adapter-" + hashlib.sha256(adapter.name.encode()).hexdigest()[:12],
+                    _volume_name("adapter", adapter.name),
                     ModelSource(s3=adapter.s3),
                     adapter_path(adapter),
                     fetch_image,
