@@ -4,10 +4,11 @@ Builds a tiny random-weight Qwen2.5-VL-style model and a synthetic colours x sha
 image dataset into the volumes the local kubelet maps, brings the stack up
 (`hack/dev.sh up`), applies examples/demo/, prints the `kubectl get` table as it
 changes, then the final status and where the tuned adapter is, its exact match on
-held-out images beside the base model's (`kubetune evaluate`), and then the same
-through the vLLM server the run deployed (base and adapter on one server, through
-the OpenAI API) with one sample chat. Exits 0 when the FineTuneJob Succeeded and
-its server answered. `make dev-down` stops the stack afterwards.
+held-out images beside the base model's (status.evaluation: the evaluation Job the
+operator ran when the run succeeded, `kubetune evaluate`), and then the same through
+the vLLM server the run deployed (base and adapter on one server, through the OpenAI
+API) with one sample chat. Exits 0 when the FineTuneJob Succeeded and its server
+answered. `make dev-down` stops the stack afterwards.
 """
 
 from __future__ import annotations
@@ -103,18 +104,17 @@ def main() -> int:
         except OSError:
             print(f"the operator stopped; see {STATE.parent / 'operator.log'}", file=sys.stderr)
             return 1
+        # Read before the table, so that the table printed last shows the end.
+        current = json.loads(k("get", "ftj", "shapes-demo", "-n", NAMESPACE, "-o", "json"))
         table = k("get", "kds,ftj", "-n", NAMESPACE)
         # The AGE column changes every second; print only when something else does.
         shown = "\n".join(line.rsplit(None, 1)[0] for line in table.splitlines() if line.strip())
         if shown != last:
             print(f"\n[{time.strftime('%H:%M:%S')}]\n{table}", end="", flush=True)
             last = shown
-        phase = (
-            json.loads(k("get", "ftj", "shapes-demo", "-n", NAMESPACE, "-o", "json"))
-            .get("status", {})
-            .get("phase", "")
-        )
-        if phase in ("Succeeded", "Failed"):
+        phase = current.get("status", {}).get("phase", "")
+        scoring = (current.get("status", {}).get("evaluation") or {}).get("phase")
+        if phase == "Failed" or (phase == "Succeeded" and scoring != "Running"):
             break
         time.sleep(2)
     status = json.loads(k("get", "ftj", "shapes-demo", "-n", NAMESPACE, "-o", "json"))["status"]
@@ -139,34 +139,20 @@ def main() -> int:
     report = out / "report.json"
     if report.is_file():
         print(f"its report: {report}")
-    print("\nexact match on held-out images (`kubetune evaluate`), tuned and base model:")
-    offline = {}
-    for who, extra in (("tuned", ["--adapter", str(out)]), ("base", [])):
-        result = subprocess.run(
-            [
-                str(Path(sys.executable).with_name("kubetune")),
-                "evaluate",
-                "--model",
-                str(target),
-                *extra,
-                "--data",
-                str(held_out),
-                "--max-pixels",
-                "3136",
-                "--json",
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        figures = json.loads(result.stdout) if result.returncode == 0 else {}
-        offline[who] = figures.get("accuracy")
-        shown = (
-            f"{offline[who]:.0%}"
-            if isinstance(offline[who], float)
-            else f"unavailable ({result.stderr.strip()[-200:]})"
-        )
-        print(f"  {who:5}: {shown} of {figures.get('examples', '?')} examples")
+    evaluation = status.get("evaluation") or {}
+    print(
+        "\nexact match on held-out images, scored by the operator's evaluation Job "
+        f"(`kubetune evaluate`, {evaluation.get('jobName')}), tuned and base model:"
+    )
+    if evaluation.get("phase") != "Succeeded":
+        print(f"  unavailable: {evaluation}")
+    for who in ("tuned", "base"):
+        figures = evaluation.get(who) or {}
+        if figures:
+            print(
+                f"  {who:5}: {figures['accuracy']:.0%} of {figures['examples']} examples, "
+                f"loss {figures['loss']:.3f}"
+            )
 
     print("\nwaiting for vLLM to serve the base model and the adapter (1 to 3 minutes) ...")
     served = _served(k)

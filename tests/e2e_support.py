@@ -16,7 +16,8 @@ from typing import Any
 
 from kube import Kubectl
 from operator_harness import Operator, restricted_kubeconfig, wait_for
-from tiny_models import write_shapes_dataset
+from tiny_models import COLOURS, SHAPES, write_shapes_dataset
+from training.support import with_rejected
 
 RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted"}
 
@@ -34,12 +35,14 @@ def restricted_operator(kubectl: Kubectl, ns: str, folder: Path) -> Iterator[Ope
 
 def provide_storage(kubelet: Any, ns: str, model: Path) -> None:
     """The claims the manifests name: ``models`` with the tiny VLM at tiny-vlm, and
-    ``datasets`` with a shapes dataset at shapes/train.jsonl and a broken one at
-    bad/train.jsonl."""
+    ``datasets`` with a shapes dataset at shapes/train.jsonl, the same as preference
+    pairs at shapes/preferences.jsonl, and a broken one at bad/train.jsonl."""
     models = kubelet.provide_claim(ns, "models")
     shutil.copytree(model, models / "tiny-vlm", dirs_exist_ok=True)
     data = kubelet.provide_claim(ns, "datasets")
-    write_shapes_dataset(data / "shapes", 6, seed=3, name="train.jsonl")
+    shapes = write_shapes_dataset(data / "shapes", 6, seed=3, name="train.jsonl")
+    classes = [f"{c} {s}" for c in COLOURS for s in SHAPES]
+    with_rejected(shapes, data / "shapes" / "preferences.jsonl", classes, seed=3)
     bad = data / "bad"
     bad.mkdir(exist_ok=True)
     good = json.dumps(
@@ -90,6 +93,8 @@ def finetunejob(name: str, data: str, **spec: Any) -> dict[str, Any]:
                 "storage": {"pvc": {"claimName": "models", "path": f"out/{name}"}},
             },
             "resources": {"gpus": 0},
+            # Scoring takes a pod per run: the tests of it turn it on.
+            "evaluation": {"enabled": False},
             **spec,
         },
     }

@@ -274,6 +274,7 @@ def test_printer_columns_show_in_kubectl_get(kubectl: Kubectl, ns: str) -> None:
         "phase": "Running",
         "progress": {"percent": 42},
         "metrics": {"trainLoss": 1.25, "evalLoss": 1.5},
+        "evaluation": {"phase": "Succeeded", "tuned": {"accuracy": 0.75}},
     }
     kubectl.run(
         "patch",
@@ -287,8 +288,18 @@ def test_printer_columns_show_in_kubectl_get(kubectl: Kubectl, ns: str) -> None:
         json.dumps({"status": status}),
     )
     out = kubectl.run("get", "ftj", "columns", "-n", ns).stdout.splitlines()
-    assert out[0].split() == ["NAME", "PHASE", "PROGRESS", "TRAIN", "LOSS", "EVAL", "LOSS", "AGE"]
-    assert out[1].split()[:5] == ["columns", "Running", "42", "1.25", "1.5"]
+    assert out[0].split() == [
+        "NAME",
+        "PHASE",
+        "PROGRESS",
+        "TRAIN",
+        "LOSS",
+        "EVAL",
+        "LOSS",
+        "SCORE",
+        "AGE",
+    ]
+    assert out[1].split()[:6] == ["columns", "Running", "42", "1.25", "1.5", "0.75"]
     kds = kubectl.run("get", "kds", "-n", ns).stdout
     assert kds.startswith("NAME") or "No resources" in kds
 

@@ -708,3 +708,196 @@ def test_a_namesake_s_deployment_is_waited_out_and_a_pod_in_trouble_says_why() -
         md_seen(body, deployment=current, pods=[unschedulable]), SETTINGS
     )
     assert status_of(stuck) == ("Progressing", "Unschedulable", False)
+
+
+# FineTuneJob: evaluation -------------------------------------------------------------
+
+SCORED = {
+    "ok": True,
+    "tuned": {"examples": 9, "accuracy": 1.0, "loss": 0.1},
+    "base": {"examples": 9, "accuracy": 0.0, "loss": 4.0},
+    "klToBase": 2.5,
+    "samples": [
+        {"prompt": "Which shape?", "expected": "red circle", "base": "", "tuned": "red circle"}
+    ],
+}
+
+
+def trained_job(**spec: Any) -> Any:
+    """The training Job a run with ``spec`` got, as the job controller completes it."""
+    made = ftj_decide(ftj_body(**spec), datasets={"train": dataset_in("Ready")})
+    (body,) = [a.body for a in made.actions if isinstance(a, Create) and a.body["kind"] == "Job"]
+    body["metadata"]["ownerReferences"] = [{"uid": "ftj-1", "name": "run", "kind": "FineTuneJob"}]
+    # Kueue writes its flavor's placement into the Job it admits.
+    body["spec"]["template"]["spec"]["nodeSelector"] = {"flavor": "a100"}
+    body["status"] = {"conditions": COMPLETE, "succeeded": 1}
+    return body
+
+
+def test_a_run_that_trained_is_scored_in_an_evaluation_job_on_one_gpu() -> None:
+    spec = {"validation": {"split": 0.25}, "resources": {"gpus": 4, "nodes": 2}}
+    training = trained_job(**spec)
+    decision = ftj_decide(
+        ftj_body({"phase": "Running"}, **spec), job=training, pods=[finished_pod(SUMMARY)]
+    )
+    assert status_of(decision) == ("Succeeded", "Completed", True)
+    (created,) = [a.body for a in decision.actions if isinstance(a, Create)]
+    assert created["metadata"]["name"] == "run-evaluate"
+    assert created["metadata"]["labels"]["app.kubernetes.io/component"] == "evaluation"
+    assert created["metadata"]["ownerReferences"][0]["uid"] == "ftj-1"
+    assert "completionMode" not in created["spec"] and not created["spec"]["suspend"]
+    pod_spec = created["spec"]["template"]["spec"]
+    trained_pod = training["spec"]["template"]["spec"]
+    assert pod_spec["volumes"] == trained_pod["volumes"]
+    assert "subdomain" not in pod_spec and "nodeSelector" not in pod_spec
+    (container,) = pod_spec["containers"]
+    assert container["command"] == ["kubetune"]
+    assert container["args"] == [
+        "evaluate",
+        "--config",
+        "/etc/kubetune/job.json",
+        "--max-examples",
+        "200",
+    ]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert "ports" not in container
+    assert container["volumeMounts"] == trained_pod["containers"][0]["volumeMounts"]
+    assert decision.status is not None
+    assert decision.status.fields["evaluation"] == {
+        "phase": "Running",
+        "message": None,
+        "jobName": "run-evaluate",
+    }
+
+
+def test_an_evaluation_job_reports_the_tuned_model_beside_its_base() -> None:
+    spec = {"validation": {"split": 0.25}}
+    training = trained_job(**spec)
+    scoring = {
+        "phase": "Succeeded",
+        "observedGeneration": 1,
+        "message": "training finished",
+        "evaluation": {"phase": "Running", "jobName": "run-evaluate"},
+        "conditions": [
+            {
+                "type": "Ready",
+                "status": "True",
+                "reason": "Completed",
+                "lastTransitionTime": A_MINUTE_AGO,
+            }
+        ],
+    }
+    body = ftj_body(scoring, **spec)
+    assert not finetunejob.finished(body) and finetunejob.active(body)
+    running = job("ftj-1", "run-evaluate")
+    under_way = ftj_decide(body, job=training, evaluation_job=running, pods=[finished_pod(SUMMARY)])
+    assert under_way.actions == ()
+    assert under_way.status is not None
+    assert under_way.status.fields["evaluation"] == {
+        "phase": "Running",
+        "message": "waiting for the evaluation pod to start",
+        "jobName": "run-evaluate",
+    }
+    # Said once: the next reconcile that sees the same writes nothing.
+    said = {k: v for k, v in under_way.status.fields.items() if v is not None}
+    said["evaluation"] = {k: v for k, v in said["evaluation"].items() if v is not None}
+    again = ftj_body({**scoring, **said, "observedGeneration": 1}, **spec)
+    assert status_patch(again, under_way.status, NOW) is None
+
+    done = job("ftj-1", "run-evaluate", COMPLETE)
+    decision = ftj_decide(
+        body,
+        job=training,
+        pods=[finished_pod(SUMMARY)],
+        evaluation_job=done,
+        evaluation_pods=[finished_pod(json.dumps(SCORED))],
+    )
+    assert status_of(decision) == ("Succeeded", "Completed", True)
+    assert decision.status is not None
+    evaluation = decision.status.fields["evaluation"]
+    assert evaluation == {
+        "phase": "Succeeded",
+        "message": None,  # what it said while running goes
+        "jobName": "run-evaluate",
+        **{k: v for k, v in SCORED.items() if k != "ok"},
+    }
+    # The write goes through although the run is Succeeded, and settles it.
+    patch = status_patch(body, decision.status, NOW)
+    assert patch is not None and patch["evaluation"]["tuned"]["accuracy"] == 1.0
+    scored = ftj_body({**scoring, "evaluation": evaluation}, **spec)
+    assert finetunejob.finished(scored) and not finetunejob.active(scored)
+    # A reconcile that still saw it running writes nothing over the result.
+    assert status_patch(scored, under_way.status, NOW) is None
+
+
+def test_a_failed_evaluation_leaves_the_run_succeeded_and_says_why() -> None:
+    spec = {"validation": {"split": 0.25}}
+    scoring = {
+        "phase": "Succeeded",
+        "observedGeneration": 1,
+        "evaluation": {"phase": "Running", "jobName": "run-evaluate"},
+    }
+    failed = job("ftj-1", "run-evaluate", FAILED)
+    why = '{"ok": false, "message": "the run\'s validation data holds no examples"}'
+    decision = ftj_decide(
+        ftj_body(scoring, **spec),
+        job=trained_job(**spec),
+        evaluation_job=failed,
+        evaluation_pods=[finished_pod(why, 3)],
+    )
+    assert status_of(decision) == ("Succeeded", "Completed", True)
+    assert decision.status is not None
+    assert decision.status.fields["evaluation"] == {
+        "phase": "Failed",
+        "message": "the run's validation data holds no examples",
+        "jobName": "run-evaluate",
+    }
+    # Deleted while it ran: not made again, the run says so.
+    gone = ftj_decide(ftj_body(scoring, **spec), job=trained_job(**spec))
+    assert gone.actions == ()
+    assert gone.status is not None and gone.status.fields["evaluation"]["phase"] == "Failed"
+
+
+def test_a_run_without_validation_data_or_with_evaluation_off_is_not_scored() -> None:
+    unscored = ftj_decide(
+        ftj_body({"phase": "Running"}), job=trained_job(), pods=[finished_pod(SUMMARY)]
+    )
+    assert unscored.actions == () and unscored.status is not None
+    assert unscored.status.fields["evaluation"] == {
+        "phase": "Skipped",
+        "message": "the run has no validation data to score on",
+        "jobName": None,
+    }
+    spec = {"validation": {"split": 0.25}, "evaluation": {"enabled": False}}
+    off = ftj_decide(
+        ftj_body({"phase": "Running"}, **spec),
+        job=trained_job(**spec),
+        pods=[finished_pod(SUMMARY)],
+    )
+    assert off.actions == () and off.status is not None and "evaluation" not in off.status.fields
+
+
+def test_a_queued_run_s_evaluation_job_waits_for_kueue_with_the_spec_s_placement() -> None:
+    spec = {
+        "validation": {"split": 0.25},
+        "queueName": "gpus",
+        "evaluation": {"maxExamples": 50},
+        "resources": {"nodeSelector": {"pool": "gpu"}},
+    }
+    decision = ftj_decide(
+        ftj_body({"phase": "Running"}, **spec),
+        job=trained_job(**spec),
+        pods=[finished_pod(SUMMARY)],
+    )
+    (created,) = [a.body for a in decision.actions if isinstance(a, Create)]
+    assert created["spec"]["suspend"] is True
+    assert created["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpus"
+    assert created["spec"]["template"]["spec"]["nodeSelector"] == {"pool": "gpu"}
+    assert created["spec"]["template"]["spec"]["containers"][0]["args"][-1] == "50"
+    held = job("ftj-1", "run-evaluate", suspend=True)
+    scoring = {"phase": "Succeeded", "observedGeneration": 1, "evaluation": {"phase": "Running"}}
+    waiting = ftj_decide(ftj_body(scoring, **spec), job=trained_job(**spec), evaluation_job=held)
+    assert waiting.status is not None
+    assert waiting.status.fields["evaluation"]["message"] == (
+        "waiting for Kueue to admit the evaluation Job"
+    )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ from e2e_support import (
 )
 from kube import Kubectl
 from operator_harness import Operator, wait_for
+from tiny_models import COLOURS, SHAPES
 
 pytestmark = [pytest.mark.apiserver, pytest.mark.training]
 
@@ -75,9 +77,10 @@ def test_dataset_and_finetunejob_train_a_tiny_vlm(
         "loggingSteps": 4,
         "maxPixels": 3136,
     }
-    kubectl.apply(
-        finetunejob("shapes", "shapes", tuning="lora", hyperparameters=hyperparameters), "-n", ns
+    run = finetunejob(
+        "shapes", "shapes", tuning="lora", hyperparameters=hyperparameters, evaluation={}
     )
+    kubectl.apply(run, "-n", ns)
     ds = wait_phase(
         operator, kubectl, "kds", ns, "shapes", ("Ready", "Invalid", "Failed"), 120, "the Dataset"
     )
@@ -120,6 +123,65 @@ def test_dataset_and_finetunejob_train_a_tiny_vlm(
         annotations = set(obj["metadata"].get("annotations") or {})
         assert annotations <= {"kubectl.kubernetes.io/last-applied-configuration"}, annotations
         assert not obj["metadata"].get("finalizers")
+
+    # Scored against its base, by default, on the 9 examples the split held out.
+    evaluation = wait_evaluated(operator, kubectl, ns, "shapes")
+    assert evaluation["phase"] == "Succeeded", evaluation
+    tuned, base = evaluation["tuned"], evaluation["base"]
+    assert tuned["examples"] == base["examples"] == 9
+    assert tuned["loss"] < base["loss"] and evaluation["klToBase"] > 0
+    assert tuned["accuracy"] > base["accuracy"]
+    sample = evaluation["samples"][0]
+    assert sample["expected"] in {f"{c} {s}" for c in COLOURS for s in SHAPES}
+    assert {"prompt", "base", "tuned"} <= set(sample)
+    assert json.loads((out / "evaluation.json").read_text())["tuned"] == tuned
+    table = kubectl.run("get", "ftj", "shapes", "-n", ns, "-o", "wide").stdout.splitlines()
+    header, values = (re.split(r"\s{2,}", line.strip()) for line in table[:2])
+    shown = dict(zip(header, values, strict=True))
+    assert float(shown["SCORE"]) == pytest.approx(tuned["accuracy"])
+    assert float(shown["BASE SCORE"]) == pytest.approx(base["accuracy"])
+    scorer = kubectl.get("job", evaluation["jobName"], "-n", ns)
+    assert scorer["metadata"]["labels"]["app.kubernetes.io/component"] == "evaluation"
+
+
+def wait_evaluated(operator: Operator, kubectl: Kubectl, ns: str, name: str) -> dict[str, Any]:
+    def evaluated() -> dict[str, Any] | None:
+        evaluation: dict[str, Any] = status(kubectl, "ftj", ns, name).get("evaluation") or {}
+        return evaluation if evaluation.get("phase") in ("Succeeded", "Failed") else None
+
+    found: dict[str, Any] = wait_for(
+        evaluated, 300, f"{name}'s evaluation", interval=1, on_timeout=operator.tail
+    )
+    return found
+
+
+def test_a_dpo_run_is_scored_by_preference_accuracy_against_its_base(
+    kubectl: Kubectl, ns: str, operator: Operator
+) -> None:
+    prefs = dataset("prefs", "shapes/preferences.jsonl")
+    prefs["spec"]["task"] = "dpo"
+    kubectl.apply(prefs, "-n", ns)
+    hyperparameters = {"epochs": 6, "batchSize": 8, "learningRate": 0.005, "maxPixels": 3136}
+    run = finetunejob(
+        "prefs",
+        "prefs",
+        method="dpo",
+        tuning="lora",
+        hyperparameters=hyperparameters,
+        evaluation={"maxExamples": 6},
+    )
+    kubectl.apply(run, "-n", ns)
+    final = wait_phase(
+        operator, kubectl, "ftj", ns, "prefs", ("Succeeded", "Failed"), 600, "the DPO run"
+    )
+    assert final["phase"] == "Succeeded", final
+    evaluation = wait_evaluated(operator, kubectl, ns, "prefs")
+    assert evaluation["phase"] == "Succeeded", evaluation
+    for model in ("tuned", "base"):
+        figures = evaluation[model]
+        assert figures["examples"] == 6
+        assert 0 <= figures["preferenceAccuracy"] <= 1 and "rewardMargin" in figures
+    assert evaluation["tuned"]["rewardMargin"] > evaluation["base"]["rewardMargin"]
 
 
 def test_pods_are_created_by_the_job_controller_and_placed_by_the_scheduler(

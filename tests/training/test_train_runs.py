@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from safetensors import safe_open
-from training.support import JobFactory, subset, train, write_text_dataset
+from training.support import JobFactory, subset, train, write_job, write_text_dataset
 from transformers import TrainerCallback
 
 from kubetune_trainer import cli
@@ -135,6 +135,52 @@ def test_llm_full_tuning_with_an_eval_split_serves_metrics_and_reports(
     for key in ("trainLoss", "evalLoss", "bestEvalLoss", "bestStep", "steps", "outputDir"):
         assert summary[key] == report[key]
     assert len(Path(config.termination_log).read_bytes()) < 4096
+
+    # `kubetune evaluate --config`, as the evaluation Job runs it: the fully tuned model
+    # against its base on the same 12 examples the seeded split held out.
+    code = cli.main(
+        [
+            "evaluate",
+            "--config",
+            str(write_job(config, tmp_path / "job.json")),
+            "--max-new-tokens",
+            "8",
+        ]
+    )
+    assert code == 0
+    scored = json.loads((out / "evaluation.json").read_text())
+    assert scored["tuned"]["examples"] == scored["base"]["examples"] == 12
+    assert scored["tuned"]["loss"] < scored["base"]["loss"] and scored["klToBase"] > 0
+    samples = scored["samples"]
+    assert len(samples) == 5 and all(
+        s["tuned"] is not None and s["base"] is not None for s in samples
+    )
+    held_out = {
+        json.loads(line)["messages"][-1]["content"] for line in data.read_text().splitlines()
+    }
+    assert {s["expected"] for s in samples} <= held_out
+    message = json.loads(Path(config.termination_log).read_text())
+    assert message["ok"] and message["tuned"] == scored["tuned"] and len(message["samples"]) == 3
+    assert len(Path(config.termination_log).read_bytes()) < 4096
+    # At most --max-examples, and a job without validation data is refused as it stands.
+    assert (
+        cli.main(
+            [
+                "evaluate",
+                "--config",
+                str(tmp_path / "job.json"),
+                "--max-examples",
+                "3",
+                "--max-new-tokens",
+                "2",
+            ]
+        )
+        == 0
+    )
+    assert json.loads((out / "evaluation.json").read_text())["tuned"]["examples"] == 3
+    unscorable = write_job(config.model_copy(update={"validation": None}), tmp_path / "none.json")
+    assert cli.main(["evaluate", "--config", str(unscorable)]) == EXIT_CANNOT_SUCCEED
+    assert "no validation data" in json.loads(Path(config.termination_log).read_text())["message"]
 
 
 def test_llm_lora_exports_an_adapter(tiny_qwen2: Path, job: JobFactory, tmp_path: Path) -> None:

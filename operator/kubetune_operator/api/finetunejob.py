@@ -31,7 +31,7 @@ from kubetune_trainer.contract.job import (
     Tuning,
 )
 from kubetune_trainer.contract.rules import RULES, cel_rule
-from kubetune_trainer.contract.summaries import TrainingFigures
+from kubetune_trainer.contract.summaries import EvaluationFigures, TrainingFigures
 
 
 class JobPhase(StrEnum):
@@ -133,6 +133,35 @@ class Deploy(CamelModel):
     )
 
 
+class Evaluation(CamelModel):
+    """Score the tuned model against its base on the held-out examples (the validation
+    Dataset or split) when training succeeds, in an evaluation Job of one pod on the
+    run's GPU type."""
+
+    enabled: bool = Field(
+        True,
+        description="Score the run when it succeeds (a run without validation data is not scored).",
+    )
+    max_examples: int = Field(
+        200, ge=1, le=100_000, description="Score at most this many held-out examples."
+    )
+
+
+class EvaluationPhase(StrEnum):
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SKIPPED = "Skipped"
+
+
+class EvaluationStatus(EvaluationFigures):
+    """The tuned model beside its base on the held-out examples."""
+
+    phase: EvaluationPhase = Field(description="Running, Succeeded, Failed or Skipped.")
+    message: Text | None = Field(None, description="Why it failed or was skipped.")
+    job_name: Name | None = Field(None, description="Name of the evaluation Job.")
+
+
 # Rules across the spec's fields, as CEL (they are written once, in the contract).
 SPEC_RULES: tuple[dict[str, str], ...] = tuple(cel_rule(rule) for rule in RULES)
 
@@ -193,6 +222,12 @@ class FineTuneJobSpec(CamelModel):
         None, description="Kueue LocalQueue; the Job is admitted by Kueue."
     )
     deploy: Deploy | None = Field(None, description="Serve the result; editable.")
+    evaluation: Evaluation = Field(
+        default_factory=Evaluation,
+        json_schema_extra={"default": {}},
+        description="Score the tuned model against its base when training succeeds; read "
+        "when it succeeds.",
+    )
     image: Image | None = Field(
         None, description="Trainer image. Default: the operator's trainer image."
     )
@@ -254,6 +289,9 @@ class FineTuneJobStatus(CamelModel):
     deployment: DeploymentRef | None = Field(
         None, description="The ModelDeployment serving the result."
     )
+    evaluation: EvaluationStatus | None = Field(
+        None, description="The tuned model against its base on the held-out examples."
+    )
     conditions: list[Condition] = Field(
         default_factory=list, description="Ready and other conditions."
     )
@@ -299,6 +337,19 @@ FINE_TUNE_JOB = CrdInfo(
         ),
         PrinterColumn("Train Loss", ".status.metrics.trainLoss", "number", "Latest training loss."),
         PrinterColumn("Eval Loss", ".status.metrics.evalLoss", "number", "Latest validation loss."),
+        PrinterColumn(
+            "Score",
+            ".status.evaluation.tuned.accuracy",
+            "number",
+            "The tuned model's exact match on the held-out examples (0 to 1).",
+        ),
+        PrinterColumn(
+            "Base Score",
+            ".status.evaluation.base.accuracy",
+            "number",
+            "The base model's exact match on the same examples.",
+            priority=1,
+        ),
         PrinterColumn("Model", ".spec.baseModel.name", "string", "Base model.", priority=1),
         AGE_COLUMN,
     ),

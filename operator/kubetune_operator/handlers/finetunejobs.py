@@ -18,6 +18,7 @@ from kubetune_operator.kube import scrape
 from kubetune_operator.observability import PHASES
 from kubetune_operator.resources.common import LABEL_FINETUNEJOB, Manifest, owned_by
 from kubetune_operator.resources.conditions import unobserved
+from kubetune_operator.resources.finetunejob import evaluation as ev
 from kubetune_operator.resources.finetunejob import training_job as tj
 from kubetune_operator.resources.finetunejob.decide import (
     Observed,
@@ -76,9 +77,13 @@ def observe(
     namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
     at = now()
     namesake = None
+    evaluation_job = None
     if found is not None:
         if found.get("kind") == "Job" and owned_by(found, uid):
-            job = found
+            if found["metadata"]["name"] == ev.job_name(name):
+                evaluation_job = found
+            else:
+                job = found
         else:
             namesake = found
     if finished(ftj):
@@ -115,6 +120,16 @@ def observe(
         if job is not None and spec.queue_name and not job_finished(job)
         else None
     )
+    evaluation_pods: list[Manifest] = []
+    if trained(ftj, job) and ev.due(ftj, spec):
+        if evaluation_job is None:
+            current = ctx.api.get_job(namespace, ev.job_name(name))
+            if current is not None and owned_by(current, uid):
+                evaluation_job = current
+            elif current is not None:
+                return Observed(ftj, spec, at, namesake=current)
+        if evaluation_job is not None and may_have_pods(evaluation_job):
+            evaluation_pods = ctx.api.job_pods(namespace, evaluation_job["metadata"]["name"])
     return Observed(
         ftj,
         spec,
@@ -125,6 +140,8 @@ def observe(
         samples=samples,
         deployment=deployment,
         workload=workload,
+        evaluation_job=evaluation_job,
+        evaluation_pods=evaluation_pods,
     )
 
 
@@ -173,8 +190,13 @@ def training_object_event(
         # this would give; its pods and its controller's first update will tell more.
         return
     # A deleted Job's last body is no state to report: the reconcile reads afresh (and
-    # makes the Job again while the FineTuneJob still wants one).
-    current = body.get("kind") == "Job" and type != "DELETED"
+    # makes the Job again while the FineTuneJob still wants one). The evaluation Job's
+    # events only move the run on: the reconcile reads that Job itself.
+    current = (
+        body.get("kind") == "Job"
+        and type != "DELETED"
+        and body.get("metadata", {}).get("name") == tj.job_name(owner)
+    )
     reconcile(context_of(memo), namespace, owner, job=plain(body) if current else None)
 
 

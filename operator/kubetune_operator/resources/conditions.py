@@ -4,7 +4,7 @@ no write when nothing changed."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -34,14 +34,15 @@ class StatusUpdate:
     """The status one reconcile decided on for generation ``generation``: ``fields``
     (phase, message and the rest) and the Ready condition's status and reason.
     ``notice`` is posted when the write moves the object into this phase. Nothing is
-    written once the object has reached one of ``final`` for the same generation, or
-    when a newer generation has appeared (its own reconcile writes)."""
+    written once ``done`` says the object has settled for its generation (the object
+    as it is when the write is made: a later reconcile may have settled it), or when a
+    newer generation has appeared (its own reconcile writes)."""
 
     fields: Manifest
     reason: str
     ready: bool | None
     generation: int | None
-    final: frozenset[str] = frozenset()
+    done: Callable[[Manifest], bool] = lambda obj: False
     notice: Notice | None = None
 
     @property
@@ -102,7 +103,7 @@ def phase_patch(
     old = next((c for c in conditions if c.get("type") == "Ready"), None)
     new = next(c for c in patch["conditions"] if c.get("type") == "Ready")
     if (
-        all(current.get(k) == v for k, v in patch.items() if k != "conditions")
+        all(_pruned(current.get(k)) == _pruned(v) for k, v in patch.items() if k != "conditions")
         and old is not None
         and (old.get("status"), old.get("reason")) == (new.get("status"), reason)
     ):
@@ -110,10 +111,17 @@ def phase_patch(
     return patch
 
 
-def status_patch(obj: Mapping[str, Any], update: StatusUpdate, now: str) -> Manifest | None:
+def _pruned(value: Any) -> Any:
+    """A status value as the API server keeps it after a merge patch: None removes."""
+    if isinstance(value, dict):
+        return {k: _pruned(v) for k, v in value.items() if v is not None}
+    return value
+
+
+def status_patch(obj: Manifest, update: StatusUpdate, now: str) -> Manifest | None:
     """The patch that writes ``update`` onto the object as it is now (the reconcile's
     copy, or a fresh read after a conflict); None when there is nothing to write."""
-    if obj.get("metadata", {}).get("generation") != update.generation or settled(obj, update.final):
+    if obj.get("metadata", {}).get("generation") != update.generation or update.done(obj):
         return None
     status = obj.get("status") or {}
     return phase_patch(status, update.fields, update.reason, update.ready, update.generation, now)

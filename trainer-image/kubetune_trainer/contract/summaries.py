@@ -2,7 +2,8 @@
 termination message (Kubernetes keeps 4096 bytes of it).
 
 ``kubetune train`` writes a ``TrainingSummary`` (report.json is the same plus the loss
-curves), ``kubetune validate --summary-file`` a ``ValidationSummary``. The writers use
+curves), ``kubetune evaluate --config`` an ``EvaluationSummary``, ``kubetune validate
+--summary-file`` a ``ValidationSummary``. The writers use
 the models as they are, so a key cannot drift from what is defined here; the operator
 reads them with ``read_summary``, which ignores keys it does not know (a newer trainer
 image may add some).
@@ -108,6 +109,52 @@ class TrainingReport(TrainingSummary):
     """report.json: the summary plus the loss curves (against step)."""
 
     history: LossHistory | None = None
+
+
+class ModelScores(CamelModel):
+    """One model's figures on the held-out examples (``kubetune evaluate``)."""
+
+    examples: int | None = Field(None, ge=0, description="Held-out examples scored.")
+    accuracy: float | None = Field(
+        None,
+        description="Share of examples whose greedy reply equals the reference (whitespace trimmed).",
+    )
+    loss: float | None = Field(None, description="Mean per-token loss on the reference replies.")
+    preference_accuracy: float | None = Field(
+        None, description="DPO: share of pairs whose chosen reply gets the higher log-probability."
+    )
+    reward_margin: float | None = Field(
+        None, description="DPO: mean log-probability of the chosen reply minus the rejected one's."
+    )
+
+
+class SampleAnswer(CamelModel):
+    """One held-out example and what each model answered (cut to a few hundred characters)."""
+
+    prompt: str = Field(description="The final user turn's text.")
+    expected: str = Field(description="The reference reply.")
+    base: str | None = Field(None, description="The base model's reply.")
+    tuned: str = Field(description="The tuned model's reply.")
+
+
+class EvaluationFigures(CamelModel):
+    """The tuned model beside its base on the run's held-out examples."""
+
+    tuned: ModelScores | None = Field(None, description="The tuned model's figures.")
+    base: ModelScores | None = Field(None, description="The base model's figures.")
+    kl_to_base: float | None = Field(
+        None,
+        description="Mean per-token KL(base || tuned) on the reference replies: how far tuning "
+        "moved the model.",
+    )
+    samples: list[SampleAnswer] | None = Field(
+        None, description="A few held-out examples with the base's and the tuned model's answers."
+    )
+
+
+class EvaluationSummary(Outcome, EvaluationFigures):
+    """``kubetune evaluate --config``'s termination message; evaluation.json beside the
+    run's report.json holds the same."""
 
 
 class LineProblem(CamelModel):

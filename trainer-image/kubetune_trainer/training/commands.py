@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kubetune_trainer.contract.job import Hyperparameters
+from kubetune_trainer.contract.job import EXIT_INVALID_JOB, Hyperparameters, TrainingConfig
 
 _DEFAULT_MAX_PIXELS = Hyperparameters.model_fields["max_pixels"].default
 
@@ -38,9 +38,23 @@ def register(sub: Any) -> None:
         "accuracy (whitespace trimmed) and the mean loss on the reference replies; on preference "
         "data also preferenceAccuracy (pairs where the chosen reply gets the higher log-probability) "
         "and rewardMargin (mean log-probability margin). With --adapter or --base, the base model's "
-        "figures too and klToBase (mean per-token KL from the base on the reference replies).",
+        "figures too and klToBase (mean per-token KL from the base on the reference replies). "
+        "With --config instead of --model and --data: a finished run's output against its base "
+        "on the run's held-out examples, written to evaluation.json beside its report.json.",
     )
-    evaluate.add_argument("--model", required=True, metavar="PATH", help="model folder or hub id")
+    evaluate.add_argument(
+        "--config",
+        metavar="PATH",
+        help="a finished run's TrainingConfig JSON file (job.json): score its output",
+    )
+    evaluate.add_argument(
+        "--max-examples",
+        type=int,
+        default=200,
+        metavar="N",
+        help="with --config: score at most N held-out examples (200)",
+    )
+    evaluate.add_argument("--model", metavar="PATH", help="model folder or hub id")
     evaluate.add_argument(
         "--adapter", metavar="PATH", help="a LoRA adapter (PEFT format) for the model"
     )
@@ -49,7 +63,7 @@ def register(sub: Any) -> None:
         metavar="PATH",
         help="the base model of a fully tuned --model, to report klToBase and the base's figures",
     )
-    evaluate.add_argument("--data", required=True, metavar="FILE.jsonl", help="examples to score")
+    evaluate.add_argument("--data", metavar="FILE.jsonl", help="examples to score")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.add_argument(
         "--max-new-tokens", type=int, default=64, metavar="N", help="reply length cap (64)"
@@ -83,18 +97,22 @@ def _quiet_libraries() -> None:
     transformers.logging.disable_progress_bar()  # per-file save/load bars; our log lines suffice
 
 
-def train_command(args: argparse.Namespace) -> int:
+def read_job(command: str, path: str) -> TrainingConfig | None:
+    """job.json as a TrainingConfig, or None after saying why it is not one."""
     from pydantic import ValidationError
 
-    from kubetune_trainer.contract.job import EXIT_INVALID_JOB, TrainingConfig
-
     try:
-        config = TrainingConfig.model_validate_json(Path(args.config).read_bytes())
+        return TrainingConfig.model_validate_json(Path(path).read_bytes())
     except OSError as exc:
-        print(f"kubetune train: cannot read {args.config}: {exc.strerror}", file=sys.stderr)
-        return EXIT_INVALID_JOB
+        print(f"kubetune {command}: cannot read {path}: {exc.strerror}", file=sys.stderr)
     except ValidationError as exc:
-        print(f"kubetune train: {args.config} is not a valid job:\n{exc}", file=sys.stderr)
+        print(f"kubetune {command}: {path} is not a valid job:\n{exc}", file=sys.stderr)
+    return None
+
+
+def train_command(args: argparse.Namespace) -> int:
+    config = read_job("train", args.config)
+    if config is None:
         return EXIT_INVALID_JOB
     _quiet_libraries()
     from kubetune_trainer.training.runner import run
@@ -103,9 +121,21 @@ def train_command(args: argparse.Namespace) -> int:
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
+    if args.config is not None:
+        if args.model or args.data or args.adapter or args.base:
+            print(
+                "kubetune evaluate: --config takes the model and data from the job; "
+                "drop --model, --data, --adapter and --base",
+                file=sys.stderr,
+            )
+            return EXIT_INVALID_JOB
+        return evaluate_run_command(args)
+    if not (args.model and args.data):
+        print("kubetune evaluate: give --model and --data, or --config", file=sys.stderr)
+        return EXIT_INVALID_JOB
     if args.adapter and args.base:
         print("kubetune evaluate: give either --adapter or --base, not both", file=sys.stderr)
-        return 2
+        return EXIT_INVALID_JOB
     _quiet_libraries()
     from kubetune_trainer.data import DatasetError
     from kubetune_trainer.training.evaluate import evaluate
@@ -128,16 +158,56 @@ def evaluate_command(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
-    for name, scores in (("model", result), ("base", result.get("base"))):
+    _print_scores("model", result, result.get("base"), result.get("klToBase"))
+    return 0
+
+
+def _print_scores(
+    name: str, tuned: dict[str, Any], base: dict[str, Any] | None, kl: float | None
+) -> None:
+    for who, scores in ((name, tuned), ("base", base)):
         if scores:
-            loss = "-" if scores["loss"] is None else f"{scores['loss']:.4f}"
-            line = f"{name}: {scores['examples']} examples, accuracy {scores['accuracy']:.1%}, loss {loss}"
-            if "preferenceAccuracy" in scores:
+            loss = "-" if scores.get("loss") is None else f"{scores['loss']:.4f}"
+            line = f"{who}: {scores['examples']} examples, accuracy {scores['accuracy']:.1%}, loss {loss}"
+            if scores.get("preferenceAccuracy") is not None:
                 line += (
                     f", preference accuracy {scores['preferenceAccuracy']:.1%},"
                     f" reward margin {scores['rewardMargin']:.4f}"
                 )
-            if scores.get("klToBase") is not None:
-                line += f", KL to base {scores['klToBase']:.4f}"
+            if who == name and kl is not None:
+                line += f", KL to base {kl:.4f}"
             print(line)
+
+
+def evaluate_run_command(args: argparse.Namespace) -> int:
+    """A finished run's output against its base; the outcome also goes to the
+    termination log, as ``kubetune train``'s does."""
+    config = read_job("evaluate", args.config)
+    if config is None:
+        return EXIT_INVALID_JOB
+    _quiet_libraries()
+    from kubetune_trainer.contract.job import EXIT_CANNOT_SUCCEED, EXIT_FAILED
+    from kubetune_trainer.contract.summaries import EvaluationSummary
+    from kubetune_trainer.data import DatasetError
+    from kubetune_trainer.training.evaluate_run import as_json, evaluate_run, write_outcome
+    from kubetune_trainer.training.inputs import JobError
+    from kubetune_trainer.transfer import FetchError
+
+    try:
+        summary = evaluate_run(
+            config,
+            max_examples=args.max_examples,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+        )
+    except (DatasetError, JobError, FetchError, OSError) as exc:
+        print(f"kubetune evaluate: {exc}", file=sys.stderr)
+        write_outcome(config, EvaluationSummary(ok=False, message=str(exc)[-400:]))
+        return EXIT_CANNOT_SUCCEED if isinstance(exc, DatasetError | JobError) else EXIT_FAILED
+    write_outcome(config, summary)
+    result = as_json(summary)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        _print_scores("tuned", result["tuned"], result.get("base"), result.get("klToBase"))
     return 0

@@ -36,6 +36,7 @@ class Scores:
     examples: int
     accuracy: float
     loss: float | None  # mean per-token loss on the reference replies
+    replies: tuple[str, ...] = ()  # the generated replies of the first examples, as asked
 
     def as_dict(self) -> dict[str, Any]:
         return {"examples": self.examples, "accuracy": self.accuracy, "loss": self.loss}
@@ -63,14 +64,17 @@ def score(
     *,
     max_new_tokens: int,
     batch_size: int,
+    keep: int = 0,
 ) -> Scores:
     """Generate (greedily) the reply to each example's final user turn and compare it,
-    whitespace-trimmed, with the reference; and measure the loss on the reference."""
+    whitespace-trimmed, with the reference; and measure the loss on the reference. The
+    replies to the first ``keep`` examples come back too."""
     tokenizer = tokenizer_of(encoder.processing)
     loss_collator = SFTCollator(encoder, final_turn_only=True)
     correct = 0
     loss_sum = 0.0
     loss_tokens = 0
+    kept: list[str] = []
     for start in range(0, len(records), batch_size):
         batch = records[start : start + batch_size]
         prompts = _to(encoder.encode(batch, prompt_only=True, padding_side="left"), model.device)
@@ -83,6 +87,7 @@ def score(
         replies = tokenizer.batch_decode(
             generated[:, prompts["input_ids"].shape[1] :], skip_special_tokens=True
         )
+        kept += replies[: max(keep - len(kept), 0)]
         references = [e.chosen.text for e in examples[start : start + batch_size]]
         correct += sum(r.strip() == ref.strip() for r, ref in zip(replies, references, strict=True))
 
@@ -97,6 +102,7 @@ def score(
         examples=len(records),
         accuracy=correct / len(records) if records else 0.0,
         loss=loss_sum / loss_tokens if loss_tokens else None,
+        replies=tuple(kept),
     )
 
 
@@ -169,23 +175,26 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def evaluate(
-    *,
+@dataclass(frozen=True)
+class Scorer:
+    """A model loaded for scoring, with its base where there is one: with an adapter,
+    the same model with the adapter switched off (no second copy is loaded)."""
+
+    model: Any
+    base: Any
+    as_base: Context
+    encoder: ChatEncoder
+    multimodal: bool
+
+
+def load_scorer(
     model_path: str,
-    data: str,
+    *,
     adapter: str | None = None,
     base_path: str | None = None,
-    image_root: str | None = None,
     max_pixels: int,
-    max_new_tokens: int,
-    batch_size: int,
     trust_remote_code: bool = False,
-) -> dict[str, Any]:
-    """``{"examples", "accuracy", "loss"}``, with ``"preferenceAccuracy"`` and
-    ``"rewardMargin"`` when every example is a preference pair. Given an adapter (the
-    base is the model with it switched off: no second copy is loaded) or a base model
-    (``base_path``, for a fully tuned model), also ``"klToBase"`` and ``"base"`` with
-    the base model's own figures."""
+) -> Scorer:
     if adapter and base_path:
         raise ValueError("give either an adapter or a base model, not both")
     hardware = Hardware.detect()
@@ -211,30 +220,104 @@ def evaluate(
         base, as_base = model, model.disable_adapter
     elif base_path:
         base = load(base_path).to(device).eval()
+    return Scorer(model, base, as_base, chat_encoder(processing, max_pixels), multimodal)
 
-    examples = list(read_examples(data))
-    root = Path(image_root) if image_root else Path(data).resolve().parent
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A model's figures on a set of examples, and its base's where it has one."""
+
+    tuned: Scores
+    tuned_preference: Preference | None = None
+    base: Scores | None = None
+    base_preference: Preference | None = None
+    kl_to_base: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """``{"examples", "accuracy", "loss"}``, with ``"preferenceAccuracy"`` and
+        ``"rewardMargin"`` on preference pairs; with a base, also ``"klToBase"`` and
+        ``"base"`` holding the base's own figures."""
+
+        def figures(scores: Scores, pref: Preference | None) -> dict[str, Any]:
+            return scores.as_dict() | (pref.as_dict() if pref is not None else {})
+
+        result = figures(self.tuned, self.tuned_preference)
+        if self.base is not None:
+            result["klToBase"] = self.kl_to_base
+            result["base"] = figures(self.base, self.base_preference)
+        return result
+
+
+def score_examples(
+    scorer: Scorer,
+    examples: Sequence[Example],
+    root: Path,
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    keep: int = 0,
+) -> Evaluation:
+    """Score the model, and its base where it has one, on ``examples`` (relative image
+    paths resolve under ``root``); preference figures when every example is a pair."""
+    multimodal = scorer.multimodal
     records = [to_chat_record(e, root, multimodal=multimodal) for e in examples]
     pairs = (
         [to_preference_record(e, root, multimodal=multimodal) for e in examples]
         if examples and all(e.rejected is not None for e in examples)
         else None
     )
-    encoder = chat_encoder(processing, max_pixels)
 
-    def scores(target: Any) -> dict[str, Any]:
+    def scores(target: Any) -> tuple[Scores, Preference | None]:
         result = score(
-            target, encoder, examples, records, max_new_tokens=max_new_tokens, batch_size=batch_size
-        ).as_dict()
-        if pairs is not None:
-            result |= preference(target, encoder, pairs, batch_size=batch_size).as_dict()
-        return result
-
-    result = scores(model)
-    if base is not None:
-        result["klToBase"] = kl_to_base(
-            model, base, as_base, encoder, records, batch_size=batch_size
+            target,
+            scorer.encoder,
+            examples,
+            records,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            keep=keep,
         )
-        with as_base():
-            result["base"] = scores(base)
-    return result
+        pref = (
+            preference(target, scorer.encoder, pairs, batch_size=batch_size)
+            if pairs is not None
+            else None
+        )
+        return result, pref
+
+    tuned, tuned_preference = scores(scorer.model)
+    if scorer.base is None:
+        return Evaluation(tuned, tuned_preference)
+    kl = kl_to_base(
+        scorer.model, scorer.base, scorer.as_base, scorer.encoder, records, batch_size=batch_size
+    )
+    with scorer.as_base():
+        base, base_preference = scores(scorer.base)
+    return Evaluation(tuned, tuned_preference, base, base_preference, kl)
+
+
+def evaluate(
+    *,
+    model_path: str,
+    data: str,
+    adapter: str | None = None,
+    base_path: str | None = None,
+    image_root: str | None = None,
+    max_pixels: int,
+    max_new_tokens: int,
+    batch_size: int,
+    trust_remote_code: bool = False,
+) -> dict[str, Any]:
+    """A model's figures on a JSONL file (``Evaluation.as_dict``). Given an adapter or a
+    base model (``base_path``, for a fully tuned model), its base's too."""
+    scorer = load_scorer(
+        model_path,
+        adapter=adapter,
+        base_path=base_path,
+        max_pixels=max_pixels,
+        trust_remote_code=trust_remote_code,
+    )
+    examples = list(read_examples(data))
+    root = Path(image_root) if image_root else Path(data).resolve().parent
+    return score_examples(
+        scorer, examples, root, max_new_tokens=max_new_tokens, batch_size=batch_size
+    ).as_dict()

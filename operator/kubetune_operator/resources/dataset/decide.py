@@ -94,7 +94,7 @@ def decide(seen: Observed, settings: Settings) -> Decision:
         reason=reason,
         ready=ready(phase),
         generation=meta.get("generation"),
-        final=VALIDATED,
+        done=validated,
         notice=notice,
     )
     # The Job of a validation that failed while it still runs (its pod never started)

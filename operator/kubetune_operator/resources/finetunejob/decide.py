@@ -29,6 +29,7 @@ from kubetune_operator.resources.conditions import (
     ready_reason,
     settled,
 )
+from kubetune_operator.resources.finetunejob import evaluation as ev
 from kubetune_operator.resources.finetunejob import training_job as tj
 from kubetune_operator.resources.finetunejob.deploy import deploy
 from kubetune_operator.resources.finetunejob.progress import (
@@ -71,6 +72,9 @@ class Observed:
     deployment: Manifest | None = None
     # Kueue's Workload of the Job, for a run with a queue.
     workload: Manifest | None = None
+    # The evaluation Job and its pods, once the run has trained and is to be scored.
+    evaluation_job: Manifest | None = None
+    evaluation_pods: Sequence[Manifest] = ()
 
 
 def dataset_roles(spec: FineTuneJobSpec) -> dict[str, str]:
@@ -82,8 +86,9 @@ def dataset_roles(spec: FineTuneJobSpec) -> dict[str, str]:
 
 
 def finished(ftj: Manifest) -> bool:
-    """Whether the run has ended for its current spec: nothing about it can change."""
-    return settled(ftj, FINISHED)
+    """Whether the run has ended for its current spec, its evaluation included: nothing
+    about it can change."""
+    return settled(ftj, FINISHED) and not ev.evaluating(ftj)
 
 
 def needs_datasets(ftj: Manifest, job: Manifest | None) -> bool:
@@ -131,7 +136,7 @@ def uses_dataset(ftj: Manifest, dataset: str) -> bool:
 def active(ftj: Manifest) -> bool:
     """Whether the run may change without an event the operator sees (its metrics move;
     a missed watch event would leave status stale)."""
-    return phase_of(ftj) not in FINISHED
+    return phase_of(ftj) not in FINISHED or ev.evaluating(ftj)
 
 
 def decide(seen: Observed, settings: Settings) -> Decision:
@@ -142,7 +147,7 @@ def decide(seen: Observed, settings: Settings) -> Decision:
     if seen.namesake is not None:
         return _decision(seen, _waiting_for_namesake(seen.namesake))
     if seen.job is None and status.get("phase") in FINISHED:
-        return _finished_without_job(seen)
+        return _finished_without_job(seen, settings)
     actions: tuple[Action, ...] = ()
     created: Manifest = {}
     job = seen.job
@@ -198,19 +203,36 @@ def _following(
     }
     if state.phase == RunPhase.RUNNING:
         fields |= _gauges(seen.samples)
+    after: tuple[Action, ...] = ()
     if state.phase == RunPhase.SUCCEEDED:
         served, deployed = deploy(seen.finetunejob, seen.spec, seen.deployment)
-        actions += served
-        fields |= deployed
-    # The Job of a run that failed while it still runs (its pod never started) goes
-    # only once status says Failed.
-    after = (Delete("Job", job["metadata"]["namespace"], job["metadata"]["name"]),)
+        scoring, after, scored = _evaluate(seen, job, settings)
+        actions += served + scoring
+        fields |= deployed | scored
+    if state.stop_job:
+        # The Job of a run that failed while it still runs (its pod never started)
+        # goes only once status says Failed.
+        after = (Delete("Job", job["metadata"]["namespace"], job["metadata"]["name"]),)
     return _decision(
         seen,
         Verdict(fields["phase"], state.reason or state.phase, fields["message"]),
         fields,
         actions,
-        after if state.stop_job else (),
+        after,
+    )
+
+
+def _evaluate(
+    seen: Observed, training: Manifest | None, settings: Settings
+) -> tuple[tuple[Action, ...], tuple[Action, ...], Manifest]:
+    return ev.evaluate(
+        seen.finetunejob,
+        seen.spec,
+        training,
+        seen.evaluation_job,
+        seen.evaluation_pods,
+        seen.now,
+        settings.start_grace,
     )
 
 
@@ -283,18 +305,23 @@ def _finished(seen: Observed) -> Decision:
     return Decision()
 
 
-def _finished_without_job(seen: Observed) -> Decision:
+def _finished_without_job(seen: Observed, settings: Settings) -> Decision:
     """A finished run whose Job is gone (deleted, or removed by a cleanup policy) got a
     spec edit: the fields that define the run are immutable, so it never trains again;
     only deploy can change what follows from it."""
     status = seen.finetunejob.get("status") or {}
     fields: Manifest = {"phase": status["phase"], "message": status.get("message")}
     actions: tuple[Action, ...] = ()
+    after: tuple[Action, ...] = ()
     if status["phase"] == JobPhase.SUCCEEDED:
-        actions, deployed = deploy(seen.finetunejob, seen.spec, seen.deployment)
-        fields |= deployed
+        served, deployed = deploy(seen.finetunejob, seen.spec, seen.deployment)
+        scoring, after, scored = _evaluate(seen, None, settings)
+        actions = served + scoring
+        fields |= deployed | scored
     reason = ready_reason(seen.finetunejob) or status["phase"]
-    return _decision(seen, Verdict(status["phase"], reason, fields["message"]), fields, actions)
+    return _decision(
+        seen, Verdict(status["phase"], reason, fields["message"]), fields, actions, after
+    )
 
 
 def _waiting_for_namesake(child: Manifest) -> Verdict:
@@ -331,7 +358,7 @@ def _decision(
         reason=verdict.reason,
         ready=ready,
         generation=seen.finetunejob["metadata"].get("generation"),
-        final=FINISHED,
+        done=finished,
         notice=notice,
     )
     return Decision(

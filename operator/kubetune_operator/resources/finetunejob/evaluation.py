@@ -1,0 +1,183 @@
+"""The evaluation of a FineTuneJob that succeeded: a Job of one pod, like a training
+pod, that runs `kubetune evaluate --config` (the tuned model against its base on the
+run's held-out examples), and status.evaluation from its summary.
+
+A Job of its own rather than a last step of training: a run on many nodes frees them
+all when training ends, scoring needs one GPU, and a failed evaluation leaves the run
+Succeeded (it only says so in status.evaluation).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from kubetune_operator.api.finetunejob import EvaluationPhase, FineTuneJobSpec
+from kubetune_operator.resources.actions import Action, Create, Delete
+from kubetune_operator.resources.common import (
+    LABEL_FINETUNEJOB,
+    LABEL_KUEUE_QUEUE,
+    Manifest,
+    child_name,
+    container_resources,
+    labels,
+    owner_reference,
+    scheduling,
+)
+from kubetune_operator.resources.finetunejob.training_job import (
+    CONFIG_DIR,
+    CONFIG_KEY,
+    POD_FAILURE_POLICY,
+    TRAINER_CONTAINER,
+)
+from kubetune_operator.resources.workloads import RunPhase, job_state
+from kubetune_trainer.contract.summaries import EvaluationSummary, read_summary
+
+# A crash or lost node gets one more try; a final exit code fails at once (the policy).
+BACKOFF_LIMIT = 1
+DONE = frozenset({EvaluationPhase.SUCCEEDED, EvaluationPhase.FAILED, EvaluationPhase.SKIPPED})
+
+
+def job_name(finetunejob: str) -> str:
+    return child_name(finetunejob, "evaluate")
+
+
+def evaluation_phase(ftj: Mapping[str, Any]) -> str | None:
+    return ((ftj.get("status") or {}).get("evaluation") or {}).get("phase")
+
+
+def due(ftj: Mapping[str, Any], spec: FineTuneJobSpec) -> bool:
+    """Whether the run, once trained, still has an evaluation to start or follow."""
+    return spec.evaluation.enabled and evaluation_phase(ftj) not in DONE
+
+
+def evaluating(ftj: Mapping[str, Any]) -> bool:
+    """Whether an evaluation Job of the run is under way."""
+    return evaluation_phase(ftj) == EvaluationPhase.RUNNING
+
+
+def evaluation_job(ftj: Manifest, spec: FineTuneJobSpec, training: Manifest) -> Manifest:
+    """The training Job's pod (its mounts, image, job.json and identity, so that the run
+    is scored on exactly what it trained with) as one pod that runs `kubetune evaluate`
+    on one GPU. Placement comes from the spec again: Kueue writes its flavor's into an
+    admitted Job's template, and admits this Job on its own."""
+    meta = ftj["metadata"]
+    name = meta["name"]
+    pod = copy.deepcopy(training["spec"]["template"]["spec"])
+    for key in ("subdomain", "nodeSelector", "tolerations", "priorityClassName"):
+        pod.pop(key, None)
+    pod |= scheduling(spec.resources)
+    one_gpu = spec.resources.model_copy(update={"gpus": min(spec.resources.gpus, 1)})
+    for container in pod["containers"]:
+        if container["name"] == TRAINER_CONTAINER:
+            container["command"] = ["kubetune"]
+            container["args"] = [
+                "evaluate",
+                "--config",
+                f"{CONFIG_DIR}/{CONFIG_KEY}",
+                "--max-examples",
+                str(spec.evaluation.max_examples),
+            ]
+            container.pop("ports", None)
+            container["resources"] = container_resources(one_gpu)
+    extra = {LABEL_FINETUNEJOB: name}
+    if spec.queue_name:
+        extra[LABEL_KUEUE_QUEUE] = spec.queue_name
+    job_labels = labels("evaluation", name, extra)
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": job_name(name),
+            "namespace": meta["namespace"],
+            "labels": job_labels,
+            "ownerReferences": [owner_reference(ftj)],
+        },
+        "spec": {
+            "backoffLimit": BACKOFF_LIMIT,
+            "podFailurePolicy": POD_FAILURE_POLICY,
+            "suspend": bool(spec.queue_name),
+            "template": {
+                "metadata": {
+                    "labels": {k: v for k, v in job_labels.items() if k != LABEL_KUEUE_QUEUE}
+                },
+                "spec": pod,
+            },
+        },
+    }
+
+
+def evaluate(
+    ftj: Manifest,
+    spec: FineTuneJobSpec,
+    training: Manifest | None,
+    job: Manifest | None,
+    pods: Sequence[Manifest],
+    now: str,
+    start_grace: float,
+) -> tuple[tuple[Action, ...], tuple[Action, ...], Manifest]:
+    """(actions, actions after the status write, status fields) for a run that has
+    trained: start its evaluation Job, follow it, and report its figures."""
+    if not due(ftj, spec):
+        return (), (), {}
+    if spec.validation is None:
+        return (
+            (),
+            (),
+            _status(EvaluationPhase.SKIPPED, "the run has no validation data to score on"),
+        )
+    if job is None:
+        if evaluating(ftj):
+            # Deleted under way: the Job is made again only while nothing says it ran.
+            return (), (), _status(EvaluationPhase.FAILED, "the evaluation Job was deleted")
+        if training is None:
+            return (
+                (),
+                (),
+                _status(
+                    EvaluationPhase.SKIPPED, "the training Job is gone: nothing to score it with"
+                ),
+            )
+        created = evaluation_job(ftj, spec, training)
+        return (
+            (Create(created),),
+            (),
+            _status(EvaluationPhase.RUNNING, None, created["metadata"]["name"]),
+        )
+    name = job["metadata"]["name"]
+    state = job_state(job, pods, now, start_grace)
+    after: tuple[Action, ...] = (
+        (Delete("Job", job["metadata"]["namespace"], name),) if state.stop_job else ()
+    )
+    summary = read_summary(EvaluationSummary, state.summary)
+    if state.phase == RunPhase.SUCCEEDED and summary is not None and summary.ok:
+        figures = summary.model_dump(by_alias=True, exclude_none=True, exclude={"ok", "message"})
+        return (
+            (),
+            after,
+            {
+                "evaluation": {
+                    **_status(EvaluationPhase.SUCCEEDED, None, name)["evaluation"],
+                    **figures,
+                }
+            },
+        )
+    if state.phase in (RunPhase.SUCCEEDED, RunPhase.FAILED):
+        why = (summary.message if summary is not None else None) or state.message
+        return (), after, _status(EvaluationPhase.FAILED, why, name)
+    if state.phase == RunPhase.RUNNING:
+        message = "scoring the tuned model against its base"
+    elif state.phase == RunPhase.SUSPENDED:
+        message = "waiting for Kueue to admit the evaluation Job"
+    elif state.reason == "PodPending":
+        message = "waiting for the evaluation pod to start"
+    else:
+        message = state.message  # why its pod cannot start
+    return (), after, _status(EvaluationPhase.RUNNING, message, name)
+
+
+def _status(phase: EvaluationPhase, message: str | None, job: str | None = None) -> Manifest:
+    """status.evaluation's own fields. Status writes merge into what is there, so a
+    field that no longer applies is written as None (removed), not left out."""
+    return {"evaluation": {"phase": phase, "message": message, "jobName": job}}
