@@ -63,6 +63,9 @@ print(*ports)')
   # The key the vLLM servers' admin tokens derive from: kept, so that servers started
   # before an operator restart still answer it.
   [[ -s "${DEV}/admin-key" ]] || "${PY}" -c 'import secrets; print(secrets.token_hex(32))' >"${DEV}/admin-key"
+  # An operator left running by an earlier `up` is replaced: it may run older code, and
+  # it answers on ports other than the ones just chosen (a second `make demo` failed so).
+  stop_pid "${DEV}/operator.pid"
   start_bg operator env KUBETUNE_RESYNC_SECONDS="${KUBETUNE_RESYNC_SECONDS:-3}" \
     KUBETUNE_ADMIN_KEY="$(cat "${DEV}/admin-key")" \
     "${PY}" -m kubetune_operator --all-namespaces --standalone \
