@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -322,17 +321,6 @@ def _drained(response: Any) -> bool:
     response.drain_conn()
     response.release_conn()
     return True
-
-
-def scrape(ip: str, port: int, timeout: float) -> str | None:
-    """The trainer's /metrics text, or None while it does not answer."""
-    try:
-        with urllib.request.urlopen(f"http://{ip}:{port}/metrics", timeout=timeout) as resp:
-            text: str = resp.read(1 << 20).decode("utf-8", "replace")
-            return text
-    except OSError as exc:
-        log.debug("metrics of %s:%s not readable: %s", ip, port, exc)
-        return None
 
 
 def _counted(call: Callable[[], Any]) -> Any:

@@ -6,32 +6,35 @@ from __future__ import annotations
 
 import json
 import logging
-import urllib.error
-import urllib.request
 from typing import Any
 
+from kubetune_operator.pod_http import PodHttpError, request
 from kubetune_operator.resources.modeldeployment.server import SERVE_PORT
 
 log = logging.getLogger(__name__)
 
-# Loading reads the adapter's weights and warms it up in the engine.
+# Loading reads the adapter's weights and warms it up in the engine. The server runs
+# the image its ModelDeployment names: each call has this deadline as a whole, and
+# holds only its own ModelDeployment's reconcile (pod_http, context.ReconcileLocks).
 LOAD_TIMEOUT = 300.0
+# /v1/models of a server with many adapters is some KiB; errors are shorter.
+MAX_ANSWER_BYTES = 1 << 20
 
 
 def _call(
     ip: str, token: str, method: str, path: str, body: Any, timeout: float
 ) -> tuple[int, bytes]:
-    request = urllib.request.Request(
-        f"http://{ip}:{SERVE_PORT}{path}",
-        data=None if body is None else json.dumps(body).encode(),
-        method=method,
+    answer = request(
+        ip,
+        SERVE_PORT,
+        method,
+        path,
+        deadline=timeout,
+        max_bytes=MAX_ANSWER_BYTES,
         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        body=None if body is None else json.dumps(body).encode(),
     )
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, response.read(1 << 20)
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read(1 << 16)
+    return answer.status, answer.body
 
 
 def loaded(ip: str, token: str, timeout: float) -> dict[str, str] | None:
@@ -43,10 +46,11 @@ def loaded(ip: str, token: str, timeout: float) -> dict[str, str] | None:
             log.info("server %s: /v1/models answered %s", ip, status)
             return None
         cards = json.loads(body)["data"]
-    except (OSError, ValueError, KeyError) as exc:
+        return {str(c["id"]): str(c.get("root") or "") for c in cards if c.get("parent")}
+    except (PodHttpError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        # A server that is not vLLM (its image is the ModelDeployment's) may say anything.
         log.debug("server %s: /v1/models not readable: %s", ip, exc)
         return None
-    return {c["id"]: c.get("root") or "" for c in cards if c.get("parent")}
 
 
 def load(ip: str, token: str, name: str, path: str) -> str | None:
@@ -61,7 +65,7 @@ def unload(ip: str, token: str, name: str) -> str | None:
 def _admin(ip: str, token: str, path: str, body: dict[str, str]) -> str | None:
     try:
         status, answer = _call(ip, token, "POST", path, body, LOAD_TIMEOUT)
-    except OSError as exc:
+    except PodHttpError as exc:
         return f"no answer from {ip}: {exc}"
     if status == 200:
         return None

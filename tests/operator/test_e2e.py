@@ -4,9 +4,12 @@ kubelet running the pods."""
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import math
 import re
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +33,8 @@ from e2e_support import (
 from kube import Kubectl
 from operator_harness import Operator, wait_for
 from tiny_models import COLOURS, SHAPES
+
+from kubetune_trainer.contract.metrics import METRICS_PORT
 
 pytestmark = [pytest.mark.apiserver, pytest.mark.training]
 
@@ -182,6 +187,91 @@ def test_a_dpo_run_is_scored_by_preference_accuracy_against_its_base(
         assert figures["examples"] == 6
         assert 0 <= figures["preferenceAccuracy"] <= 1 and "rewardMargin" in figures
     assert evaluation["tuned"]["rewardMargin"] > evaluation["base"]["rewardMargin"]
+
+
+class MetricsPod:
+    """A trainer's /metrics on ``ip``:9090 (the port the training pod declares), played
+    by the test: ``trickle`` sends headers and then a byte every 50 ms for ever."""
+
+    def __init__(self, ip: str, trickle: bool = False) -> None:
+        self.step = 3
+        pod = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if trickle:
+                    self.send_response(200)
+                    self.send_header("Content-Length", "100000000")
+                    self.end_headers()
+                    with contextlib.suppress(OSError):
+                        while True:
+                            self.wfile.write(b"#")
+                            self.wfile.flush()
+                            time.sleep(0.05)
+                    return  # the reader gave up
+                body = f"kubetune_train_step {pod.step}\nkubetune_train_total_steps 10\n"
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body.encode())
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer((ip, METRICS_PORT), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_trainer_whose_metrics_trickle_holds_up_no_other_run(
+    kubectl: Kubectl, ns: str, operator: Operator
+) -> None:
+    """Two runs whose training pods the test plays (they fit no node; their status is
+    written as a kubelet would): one trainer's /metrics trickles for ever, the other's
+    answers. The other run shows its progress within seconds, and each change of it at
+    the resync period (2 s here), while the operator keeps reading the trickling one."""
+    pods = {"trickle": MetricsPod("127.3.0.1", trickle=True), "honest": MetricsPod("127.3.0.2")}
+    nowhere = {"gpus": 0, "nodeSelector": {"kubetune.io/test": "nowhere"}}
+    try:
+        for name in pods:
+            kubectl.apply(finetunejob(name, "shapes", tuning="lora", resources=nowhere), "-n", ns)
+        for name, metrics in pods.items():
+            selector = f"batch.kubernetes.io/job-name={name}-train"
+            (pod,) = wait_for(
+                lambda selector=selector: (
+                    kubectl.get("pods", "-n", ns, "-l", selector)["items"] or None
+                ),
+                60,
+                f"{name}'s training pod",
+                on_timeout=operator.tail,
+            )
+            running = {"phase": "Running", "podIP": metrics.server.server_address[0]}
+            kubectl.run(
+                *("patch", "pod", pod["metadata"]["name"], "-n", ns, "--subresource=status"),
+                *("--type=merge", "-p", json.dumps({"status": running})),
+            )
+        for step in (3, 6, 9):
+            pods["honest"].step = step
+            wait_for(
+                lambda step=step: (
+                    (status(kubectl, "ftj", ns, "honest").get("progress") or {}).get("step") == step
+                    or None
+                ),
+                10,
+                f"the honest run's progress to show step {step}",
+                interval=0.2,
+                on_timeout=operator.tail,
+            )
+        assert status(kubectl, "ftj", ns, "trickle")["phase"] == "Running"
+        assert "progress" not in status(kubectl, "ftj", ns, "trickle")
+    finally:
+        kubectl.run("delete", "ftj", *pods, "-n", ns, "--wait=false")
+        for metrics in pods.values():
+            metrics.close()
 
 
 def test_pods_are_created_by_the_job_controller_and_placed_by_the_scheduler(

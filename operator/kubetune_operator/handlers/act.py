@@ -4,6 +4,7 @@ observe → decide → act, write the decided status once, and the periodic resy
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -212,13 +213,12 @@ def resync_each(
     wanted: Callable[[Manifest], bool],
     reconcile: Callable[[Context, str, str], None],
 ) -> None:
-    """Reconcile each watched object that ``wanted`` picks, from a fresh read: the
-    watch's copy only chooses, so finished objects, which pile up in a long-lived
-    cluster, cost no request at all."""
+    """Reconcile each watched object that ``wanted`` picks, from a fresh read, in the
+    resync pool (the loop waits on none of them): the watch's copy only chooses, so
+    finished objects, which pile up in a long-lived cluster, cost no request at all."""
     for body in ctx.watched.all(crd.plural):
         if wanted(body):
-            meta = body["metadata"]
-            try:
-                reconcile(ctx, meta["namespace"], meta["name"])
-            except Exception:
-                log.exception("resync of %s/%s failed", meta["namespace"], meta["name"])
+            namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+            ctx.resyncs.submit(
+                (crd.kind, namespace, name), functools.partial(reconcile, ctx, namespace, name)
+            )

@@ -1,11 +1,15 @@
 """What the handlers share: the API client, the settings, the watch's copies of
-kubetune objects, the reconcile locks, the adapter loads servers refused, and the
-clock."""
+kubetune objects, the reconcile locks, the adapter loads servers refused, the
+trainers' metrics read in the background, and the clock."""
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,33 +17,43 @@ from kubetune_operator.api.dataset import DATASET
 from kubetune_operator.kube import Api
 from kubetune_operator.resources.common import Manifest
 from kubetune_operator.resources.workloads import ServerPod
+from kubetune_operator.scrapes import Scrapes
 from kubetune_operator.settings import Settings
 
-_STRIPES = 64
+log = logging.getLogger(__name__)
 
 
 class ReconcileLocks:
     """The lock a reconcile of an object holds. kopf runs the handlers of one object's
-    own events in turn, but its Jobs', pods' and Deployments' events and the periodic
-    resync reach the same object from other threads; two reconciles at once could
-    each act on what the other is about to change (say, make a new Job for a run the
-    other is failing).
+    own events in turn, but its Jobs', pods' and Deployments' events, the periodic
+    resync and the background metrics reads reach the same object from other threads;
+    two reconciles at once could each act on what the other is about to change (say,
+    make a new Job for a run the other is failing).
 
-    Striped, so that the table stays bounded however many objects come and go; one set
-    per kind, and a reconcile only ever nests one of another kind (a FineTuneJob's its
-    ModelDeployment's), so two threads never wait on each other."""
+    One lock per object, made while someone holds or waits for it and dropped after,
+    so that the table stays as small as the work under way and a reconcile that waits
+    on a slow pod holds up no other object. A reconcile only ever nests one of another
+    kind (a FineTuneJob's its ModelDeployment's), so two threads never wait on each
+    other."""
 
     def __init__(self) -> None:
-        self._locks: dict[str, tuple[threading.RLock, ...]] = {}
         self._guard = threading.Lock()
+        self._locks: dict[tuple[str, str, str], tuple[threading.RLock, list[int]]] = {}
 
-    def hold(self, kind: str, namespace: str, name: str) -> threading.RLock:
-        stripes = self._locks.get(kind)
-        if stripes is None:
+    @contextmanager
+    def hold(self, kind: str, namespace: str, name: str) -> Iterator[None]:
+        key = (kind, namespace, name)
+        with self._guard:
+            lock, users = self._locks.setdefault(key, (threading.RLock(), [0]))
+            users[0] += 1
+        try:
+            with lock:
+                yield
+        finally:
             with self._guard:
-                stripes = self._locks.get(kind) or tuple(threading.RLock() for _ in range(_STRIPES))
-                self._locks[kind] = stripes
-        return stripes[hash((namespace, name)) % _STRIPES]
+                users[0] -= 1
+                if users[0] == 0:
+                    del self._locks[key]
 
 
 class Watched:
@@ -109,6 +123,42 @@ class LoadFailures:
             return dict(kept)
 
 
+RESYNC_WORKERS = 8
+
+
+class ResyncPool:
+    """Runs the reconciles the periodic resync asks for, in a few threads and at most
+    one per object at a time, so that the resync keeps its period however long one
+    takes (a server pod that answers slowly holds one thread, not the loop)."""
+
+    def __init__(self, workers: int = RESYNC_WORKERS) -> None:
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="resync")
+        self._lock = threading.Lock()
+        self._running: set[tuple[str, str, str]] = set()
+
+    def submit(self, key: tuple[str, str, str], work: Callable[[], None]) -> bool:
+        """Start ``work`` for the object ``key`` (kind, namespace, name); False when the
+        one started for it before has not finished."""
+        with self._lock:
+            if key in self._running:
+                return False
+            self._running.add(key)
+        self._pool.submit(self._run, key, work)
+        return True
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _run(self, key: tuple[str, str, str], work: Callable[[], None]) -> None:
+        try:
+            work()
+        except Exception:
+            log.exception("resync of %s %s/%s failed", *key)
+        finally:
+            with self._lock:
+                self._running.discard(key)
+
+
 @dataclass
 class Context:
     """What every handler works with, made once at start (kopf hands it to each
@@ -120,6 +170,11 @@ class Context:
     watched: Watched = field(default_factory=Watched)
     locks: ReconcileLocks = field(default_factory=ReconcileLocks)
     load_failures: LoadFailures = field(default_factory=LoadFailures)
+    resyncs: ResyncPool = field(default_factory=ResyncPool)
+    scrapes: Scrapes = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.scrapes = Scrapes(self.settings.scrape_timeout, self.settings.resync_seconds)
 
     def dataset(self, namespace: str, name: str) -> Manifest | None:
         """The Dataset, from the watch's copy, or read (and kept) when the watch has not

@@ -14,7 +14,6 @@ from kubetune_operator.api.modeldeployment import MODEL_DEPLOYMENT
 from kubetune_operator.handlers import modeldeployments
 from kubetune_operator.handlers.act import plain, reconcile_object, reconciling, resync_each
 from kubetune_operator.handlers.context import Context, context_of, now
-from kubetune_operator.kube import scrape
 from kubetune_operator.observability import PHASES
 from kubetune_operator.resources.common import LABEL_FINETUNEJOB, Manifest, owned_by
 from kubetune_operator.resources.conditions import unobserved
@@ -109,8 +108,12 @@ def observe(
     )
     samples = None
     endpoint = trainer_endpoint(job, pods, at, ctx.settings) if job is not None else None
-    if endpoint is not None:
-        text = scrape(*endpoint, ctx.settings.scrape_timeout)
+    if endpoint is None:
+        ctx.scrapes.forget((namespace, name))
+    else:
+        text = ctx.scrapes.latest(
+            (namespace, name), endpoint, then=lambda: reconcile(ctx, namespace, name)
+        )
         samples = parse_samples(text) if text is not None else None
     deployment = (
         ctx.api.get_object(MODEL_DEPLOYMENT.plural, namespace, name) if trained(ftj, job) else None
@@ -164,6 +167,7 @@ def finetunejob_event(
     before = ctx.watched.get(FINE_TUNE_JOB.plural, namespace, name)
     if type == "DELETED":
         ctx.watched.forget(FINE_TUNE_JOB.plural, namespace, name)
+        ctx.scrapes.forget((namespace, name))
         PHASES.record(FINE_TUNE_JOB.kind, namespace, name, None)
         if modeldeployments.serving_changed(before, None):
             modeldeployments.finetunejob_changed(ctx, namespace, name, before)

@@ -41,6 +41,10 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     task = memo.get("resync")
     if task is not None:
         task.cancel()
+    # What is queued is dropped; what runs ends at its request deadlines.
+    ctx = context_of(memo)
+    ctx.resyncs.shutdown()
+    ctx.scrapes.shutdown()
 
 
 async def _resync_forever(ctx: Context) -> None:
