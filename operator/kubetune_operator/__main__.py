@@ -58,7 +58,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    settings = from_arguments(args)
+    try:
+        settings = from_arguments(args)
+    except ValueError as e:
+        # A policy it cannot enforce as written: better no operator than a looser one.
+        sys.exit(f"kubetune-operator: {e}")
     if not settings.admin_key:
         # Without it the operator could not reach the adapter routes of the servers it
         # starts, and a key made up here would not survive its restart.

@@ -6,11 +6,22 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, replace
+from typing import Any
 
+from kubetune_operator.api.modeldeployment import DEFAULT_VLLM_IMAGE
+from kubetune_operator.resources.policy import Policy, repository_patterns
 from kubetune_operator.resources.workloads import START_GRACE_SECONDS
 
 DEFAULT_TRAINER_IMAGE = "ghcr.io/kubetune/trainer:0.1.0"
+
+
+def default_policy() -> Policy:
+    """Any tag of the default trainer and vLLM images, and the harmless vLLM flags."""
+    return Policy(
+        trainer_images=repository_patterns(DEFAULT_TRAINER_IMAGE),
+        server_images=repository_patterns(DEFAULT_VLLM_IMAGE),
+    )
 
 
 @dataclass(frozen=True)
@@ -30,6 +41,9 @@ class Settings:
     # resources/modeldeployment/server.py admin_token). It must outlive the operator's
     # restarts: the chart keeps it in a Secret.
     admin_key: str = ""
+    # What specs may name: the images and vLLM flags the chart's values allow (it also
+    # enforces them at admission, from the same ConfigMap).
+    policy: Policy = field(default_factory=default_policy)
 
 
 # Each setting's flag and environment variable.
@@ -40,44 +54,53 @@ _SOURCES = {
     "start_grace": ("--start-grace-seconds", "KUBETUNE_START_GRACE_SECONDS"),
     "admin_key": ("--admin-key", "KUBETUNE_ADMIN_KEY"),
 }
+# The policy's lists, comma-separated. Unlike the settings above, a variable that is set
+# but empty counts: it allows nothing.
+_POLICY_SOURCES = {
+    "trainer_images": ("--allowed-trainer-images", "KUBETUNE_ALLOWED_TRAINER_IMAGES"),
+    "server_images": ("--allowed-server-images", "KUBETUNE_ALLOWED_SERVER_IMAGES"),
+    "server_flags": ("--allowed-server-flags", "KUBETUNE_ALLOWED_SERVER_FLAGS"),
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = Settings()
-    for field in fields(Settings):
-        flag, variable = _SOURCES[field.name]
+    for name, (flag, variable) in _SOURCES.items():
         parser.add_argument(
             flag,
-            dest=field.name,
-            type=type(getattr(defaults, field.name)),
+            dest=name,
+            type=type(getattr(defaults, name)),
             default=None,
-            help=f"(or ${variable}; default {getattr(defaults, field.name)})",
+            help=f"(or ${variable}; default {getattr(defaults, name)})",
+        )
+    for name, (flag, variable) in _POLICY_SOURCES.items():
+        default = ",".join(getattr(defaults.policy, name))
+        parser.add_argument(
+            flag,
+            dest=name,
+            default=None,
+            help=f"comma-separated (or ${variable}; default {default})",
         )
 
 
 def from_arguments(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> Settings:
+    """The settings; ValueError for a policy that lists what cannot be allowed."""
     defaults = Settings()
 
-    def pick(name: str) -> str | None:
+    def pick(name: str, variable: str) -> str | None:
         given = getattr(args, name, None)
         if given is not None:
             return str(given)
-        return env.get(_SOURCES[name][1]) or None
+        return env.get(variable)
 
-    image, resync, timeout, grace, key = (
-        pick(name)
-        for name in (
-            "trainer_image",
-            "resync_seconds",
-            "scrape_timeout",
-            "start_grace",
-            "admin_key",
-        )
-    )
-    return Settings(
-        trainer_image=image or defaults.trainer_image,
-        resync_seconds=float(resync) if resync else defaults.resync_seconds,
-        scrape_timeout=float(timeout) if timeout else defaults.scrape_timeout,
-        start_grace=float(grace) if grace else defaults.start_grace,
-        admin_key=key or defaults.admin_key,
-    )
+    chosen: dict[str, Any] = {}
+    for name, (_, variable) in _SOURCES.items():
+        value = pick(name, variable)
+        if value:
+            chosen[name] = type(getattr(defaults, name))(value)
+    lists: dict[str, tuple[str, ...]] = {}
+    for name, (_, variable) in _POLICY_SOURCES.items():
+        value = pick(name, variable)
+        if value is not None:
+            lists[name] = tuple(item.strip() for item in value.split(",") if item.strip())
+    return Settings(**chosen, policy=replace(defaults.policy, **lists))

@@ -1,12 +1,16 @@
 """The Helm chart (charts/kubetune): it lints, it renders, and the API server accepts
-what it renders, with RBAC that is exactly the rules the operator is tested under.
-helm is built from Go modules by hack/helm.sh on first use."""
+what it renders, with RBAC that is exactly the rules the operator is tested under, and
+the platform policy that reaches the operator and, at admission, refuses what the
+operator refuses with the same message. helm is built from Go modules by hack/helm.sh
+on first use."""
 
 from __future__ import annotations
 
 import json
 import re
 import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +18,20 @@ import pytest
 import yaml
 from kube import Kubectl
 
+from kubetune_operator.__main__ import parse_args
 from kubetune_operator.api.dataset import DatasetSpec
 from kubetune_operator.api.finetunejob import FineTuneJobSpec
 from kubetune_operator.api.modeldeployment import ModelDeploymentSpec
 from kubetune_operator.resources.common import LABEL_FINETUNEJOB, LABEL_MODELDEPLOYMENT
 from kubetune_operator.resources.finetunejob import training_job as tj
 from kubetune_operator.resources.modeldeployment import server
+from kubetune_operator.resources.policy import (
+    RESERVED_FLAGS,
+    Policy,
+    finetunejob_refusal,
+    modeldeployment_refusal,
+)
+from kubetune_operator.settings import Settings, from_arguments
 from kubetune_trainer.contract.metrics import GAUGES
 
 pytestmark = pytest.mark.apiserver
@@ -189,3 +201,208 @@ def test_the_dashboard_queries_only_metrics_that_exist() -> None:
         assert gauge in used
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
+
+
+# The platform policy --------------------------------------------------------------------
+
+POLICY_VALUES = {
+    "policy": {
+        "trainerImages": ["ghcr.io/kubetune/trainer:*", "corp.io/ml/**"],
+        "serverImages": ["vllm/vllm-openai:*", "corp.io/vllm@*"],
+        "serverFlags": ["--max-num-seqs", "--seed", "--enable-prefix-caching", "--dtype"],
+    }
+}
+
+
+def values_file(tmp_path: Path, values: dict[str, Any]) -> str:
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return str(path)
+
+
+def operator_settings(docs: list[dict[str, Any]]) -> Settings:
+    """The settings the operator of a rendered chart starts with: its args, and its
+    environment with each ConfigMap reference read from the rendered ConfigMap."""
+    maps = {d["metadata"]["name"]: d["data"] for d in by_kind(docs, "ConfigMap")}
+    (deploy,) = by_kind(docs, "Deployment")
+    container = deploy["spec"]["template"]["spec"]["containers"][0]
+    env: dict[str, str] = {}
+    for variable in container["env"]:
+        ref = variable.get("valueFrom", {}).get("configMapKeyRef")
+        if ref is not None:
+            env[variable["name"]] = maps[ref["name"]][ref["key"]]
+        elif "value" in variable:
+            env[variable["name"]] = variable["value"]
+    return from_arguments(parse_args(container["args"]), env)
+
+
+def test_the_policy_values_reach_the_operator(tmp_path: Path) -> None:
+    policy = POLICY_VALUES["policy"]
+    docs = render("kubetune-system", "-f", values_file(tmp_path, POLICY_VALUES))
+    assert operator_settings(docs).policy == Policy(
+        trainer_images=tuple(policy["trainerImages"]),
+        server_images=tuple(policy["serverImages"]),
+        server_flags=tuple(policy["serverFlags"]),
+    )
+    # The chart's defaults are the operator's own.
+    defaults = render("kubetune-system")
+    assert operator_settings(defaults).policy == Settings().policy
+    # The operator reads the policy when it starts: a new one rolls its pod.
+    checksum = "kubetune.io/policy-checksum"
+    (new,), (old,) = by_kind(docs, "Deployment"), by_kind(defaults, "Deployment")
+    annotations = [d["spec"]["template"]["metadata"]["annotations"] for d in (new, old)]
+    assert annotations[0][checksum] != annotations[1][checksum]
+
+
+def test_the_chart_knows_the_flags_no_policy_may_allow(tmp_path: Path) -> None:
+    reserved = yaml.safe_load((CHART / "files" / "reserved-server-flags.yaml").read_text())
+    assert reserved == dict(RESERVED_FLAGS)
+    values = values_file(tmp_path, {"policy": {"serverFlags": ["--seed", "--trust-remote-code"]}})
+    proc = subprocess.run(
+        [str(REPO / "hack" / "helm.sh"), "template", "kubetune", str(CHART), "-f", values],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert proc.returncode != 0
+    assert (
+        "policy.serverFlags: --trust-remote-code cannot be allowed: "
+        f"{RESERVED_FLAGS['--trust-remote-code']}" in proc.stderr
+    )
+
+
+def test_the_admission_objects_are_optional() -> None:
+    kinds = {"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
+    assert kinds <= {d["kind"] for d in render("kubetune-system")}
+    off = render("kubetune-system", "--set", "policy.admission.enabled=false")
+    assert not kinds & {d["kind"] for d in off}
+    # The operator still gets the policy.
+    assert operator_settings(off).policy == Settings().policy
+
+
+def _ftj(name: str, **spec: Any) -> dict[str, Any]:
+    return {**FTJ, "metadata": {"name": name}, "spec": {**FTJ["spec"], **spec}}
+
+
+def _mdep(name: str, **runtime: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": name},
+        "spec": {"baseModel": {"name": "org/model"}, "runtime": runtime},
+    }
+
+
+def _refusal(doc: dict[str, Any], policy: Policy) -> str | None:
+    if doc["kind"] == "FineTuneJob":
+        return finetunejob_refusal(FineTuneJobSpec.model_validate(doc["spec"]), policy)
+    return modeldeployment_refusal(ModelDeploymentSpec.model_validate(doc["spec"]), policy)
+
+
+TRUSTING = {"enabled": True, "runtime": {"extraArgs": ["--seed", "1", "--trust-remote-code"]}}
+# Each spec and whether the policy (POLICY_VALUES) refuses it.
+ADMISSION_CASES: list[tuple[dict[str, Any], bool]] = [
+    (_ftj("default-image"), False),
+    (_ftj("tagged", image="ghcr.io/kubetune/trainer:0.2.0"), False),
+    (_ftj("nested", image="corp.io/ml/team/trainer:1"), False),
+    (_ftj("evil", image="evil/img:1"), True),
+    (_ftj("neighbour", image="ghcr.io/kubetune/trainer-evil:1"), True),
+    (_ftj("path-after-tag", image="ghcr.io/kubetune/trainer:1/../../evil/img:1"), True),
+    (_ftj("server-image", deploy={"enabled": True, "runtime": {"image": "evil/vllm:1"}}), True),
+    (_ftj("trusting", deploy=TRUSTING), True),
+    (_ftj("deployed", deploy={"enabled": True, "runtime": {"extraArgs": ["--seed=3"]}}), False),
+    (_mdep("defaults"), False),
+    (
+        _mdep(
+            "tuned", extraArgs=["--max-num-seqs", "8", "--enable-prefix-caching", "--dtype=half"]
+        ),
+        False,
+    ),
+    (_mdep("digest", image="corp.io/vllm@sha256:" + "a" * 64), False),
+    (_mdep("trust", extraArgs=["--max-num-seqs", "8", "--trust-remote-code"]), True),
+    (_mdep("underscore", extraArgs=["--trust_remote_code"]), True),
+    (_mdep("media", extraArgs=["--allowed-local-media-path", "/"]), True),
+    (_mdep("plugin", extraArgs=["--tool-parser-plugin=/models/base/p.py"]), True),
+    (_mdep("port", extraArgs=["--port=9000"]), True),
+    (_mdep("image", image="evil/vllm:1"), True),
+]
+
+
+@pytest.fixture(scope="module")
+def policed(
+    kubectl: Kubectl, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, Policy]]:
+    """A namespace under the chart's admission policies (bound to it alone, so that the
+    rest of the session's tests are not), and the policy its operator would enforce. A
+    ModelDeployment named `legacy` was made in it before the policy."""
+    release = kubectl.new_namespace("kubetune")
+    team = kubectl.new_namespace("policed")
+    kubectl.apply(_mdep("legacy", extraArgs=["--trust-remote-code"]), "-n", team)
+    tmp = tmp_path_factory.mktemp("policy")
+    docs = render(release, "-f", values_file(tmp, {**POLICY_VALUES, "watchNamespaces": [team]}))
+    policy = operator_settings(docs).policy
+    admission = [
+        d
+        for d in docs
+        if d["kind"].startswith("ValidatingAdmissionPolicy")
+        or d["metadata"]["name"] == "kubetune-policy"
+    ]
+    path = tmp / "policy.yaml"
+    path.write_text(yaml.safe_dump_all(admission))
+    kubectl.run("apply", "-f", str(path))
+    try:
+        # The API server takes in new admission policies within a second or two.
+        probe = yaml.safe_dump(_mdep("probe", extraArgs=["--trust-remote-code"]))
+        deadline = time.monotonic() + 30
+        while kubectl.apply(probe, "-n", team, "--dry-run=server", check=False).returncode == 0:
+            assert time.monotonic() < deadline, "the admission policies were never enforced"
+            time.sleep(0.5)
+        yield team, policy
+    finally:
+        kubectl.run("delete", "--ignore-not-found", "-f", str(path))
+
+
+@pytest.mark.parametrize(
+    ("doc", "refused"),
+    ADMISSION_CASES,
+    ids=[f"{d['kind']}-{d['metadata']['name']}" for d, _ in ADMISSION_CASES],
+)
+def test_admission_refuses_what_the_operator_refuses_with_its_message(
+    kubectl: Kubectl, policed: tuple[str, Policy], doc: dict[str, Any], refused: bool
+) -> None:
+    team, policy = policed
+    message = _refusal(doc, policy)
+    assert (message is not None) is refused
+    proc = kubectl.apply(doc, "-n", team, check=False)
+    if message is None:
+        assert proc.returncode == 0, proc.stderr
+    else:
+        assert proc.returncode != 0
+        assert f"denied request: {message}" in proc.stderr, proc.stderr
+
+
+def test_only_a_new_or_changed_spec_is_checked(
+    kubectl: Kubectl, policed: tuple[str, Policy]
+) -> None:
+    """An object from before the policy keeps its metadata editable; a change of its
+    spec, or of an allowed object's into a refused one, is refused."""
+    team, policy = policed
+    kubectl.run("label", "-n", team, "modeldeployment/legacy", "owner=team-a")
+    legacy = _mdep("legacy", extraArgs=["--trust-remote-code"])
+    legacy["spec"]["replicas"] = 2
+    proc = kubectl.apply(legacy, "-n", team, check=False)
+    assert proc.returncode != 0
+    assert f"denied request: {_refusal(legacy, policy)}" in proc.stderr
+
+    kubectl.apply(_mdep("edited", extraArgs=["--seed", "1"]), "-n", team)
+    edited = _mdep("edited", extraArgs=["--seed", "1", "--enforce-eager"])
+    proc = kubectl.apply(edited, "-n", team, check=False)
+    assert proc.returncode != 0
+    assert '"--enforce-eager" is not an allowed server flag' in proc.stderr
+
+
+def test_namespaces_the_operator_does_not_watch_are_not_policed(
+    kubectl: Kubectl, policed: tuple[str, Policy]
+) -> None:
+    other = kubectl.new_namespace("unwatched")
+    kubectl.apply(_ftj("evil", image="evil/img:1"), "-n", other)

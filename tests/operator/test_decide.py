@@ -513,6 +513,81 @@ def test_which_runs_a_dataset_moves_on() -> None:
     assert not finetunejob.uses_dataset(ftj_body({"phase": "Running"}), "train")
 
 
+REFUSED_TRAINER = (
+    'spec.image "evil/img:1" is not an allowed trainer image '
+    "(allowed: ghcr.io/kubetune/trainer:*, ghcr.io/kubetune/trainer@*)"
+)
+REFUSED_DEPLOY_FLAG = (
+    'spec.deploy.runtime.extraArgs[2] "--trust-remote-code" is not an allowed server flag: '
+    "the operator sets it from baseModel.trustRemoteCode"
+)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"image": "evil/img:1"}, REFUSED_TRAINER),
+        (
+            {
+                "deploy": {
+                    "enabled": True,
+                    "runtime": {"extraArgs": ["--seed", "1", "--trust-remote-code"]},
+                }
+            },
+            REFUSED_DEPLOY_FLAG,
+        ),
+    ],
+)
+def test_a_run_the_policy_refuses_fails_before_anything_is_made(
+    spec: dict[str, Any], message: str
+) -> None:
+    decision = ftj_decide(ftj_body(**spec), datasets={"train": dataset_in("Ready")})
+    assert decision.actions == () and decision.after_status == ()
+    assert status_of(decision) == ("Failed", "NotAllowed", False)
+    assert decision.status is not None and decision.status.fields["message"] == message
+    assert decision.status.notice is not None and decision.status.notice.type == "Warning"
+
+
+def test_a_refused_run_stays_failed_until_its_spec_changes_then_starts_afresh() -> None:
+    ready = {"type": "Ready", "status": "False", "reason": "NotAllowed"}
+    refused = {"phase": "Failed", "observedGeneration": 1, "message": REFUSED_TRAINER}
+    refused["conditions"] = [ready]
+    datasets = {"train": dataset_in("Ready")}
+    same = ftj_body(refused, image="evil/img:1")
+    assert finetunejob.finished(same) and not finetunejob.needs_datasets(same, None)
+    assert ftj_decide(same, datasets=datasets) == Decision()
+
+    fixed = ftj_body(refused, generation=2, image="ghcr.io/kubetune/trainer:0.2.0")
+    assert finetunejob.needs_datasets(fixed, None)
+    started = ftj_decide(fixed, datasets=datasets)
+    assert creates(started) == ["ServiceAccount", "ConfigMap", "Job"]
+    trainer = started.actions[-1].body["spec"]["template"]["spec"]["containers"][0]  # type: ignore[union-attr]
+    assert trainer["image"] == "ghcr.io/kubetune/trainer:0.2.0"
+    assert status_of(started) == ("Pending", "PodPending", None)
+
+    other = ftj_body(refused, generation=2, image="evil/img:2")
+    again = ftj_decide(other, datasets=datasets)
+    assert again.actions == () and status_of(again) == ("Failed", "NotAllowed", False)
+    assert again.status is not None and '"evil/img:2"' in again.status.fields["message"]
+
+
+def test_a_trained_run_whose_server_is_refused_is_not_deployed() -> None:
+    """deploy stays editable after training: a runtime the policy refuses makes no
+    server, and the run stays Succeeded."""
+    status = {
+        "phase": "Succeeded",
+        "observedGeneration": 1,
+        "message": "training finished",
+        "conditions": [{"type": "Ready", "status": "True", "reason": "Completed"}],
+    }
+    deploy = {"enabled": True, "runtime": {"extraArgs": ["--seed", "1", "--trust-remote-code"]}}
+    decision = ftj_decide(ftj_body(status, generation=2, deploy=deploy))
+    assert decision.actions == ()
+    assert status_of(decision) == ("Succeeded", "Completed", True)
+    assert decision.status is not None
+    assert decision.status.fields["message"] == f"trained, but not deployed: {REFUSED_DEPLOY_FLAG}"
+
+
 # ModelDeployment ----------------------------------------------------------------------
 
 BASE = {"name": "org/model", "source": {"pvc": {"claimName": "models", "path": "base"}}}
@@ -557,6 +632,50 @@ def adapters_of(decision: Decision) -> list[tuple[str, int, int, str | None]]:
         (a["name"], a["loaded"], a["replicas"], a.get("reason"))
         for a in decision.status.fields["adapters"]
     ]
+
+
+@pytest.mark.parametrize(
+    ("runtime", "message"),
+    [
+        (
+            {"extraArgs": ["--max-num-seqs", "8", "--trust-remote-code"]},
+            'spec.runtime.extraArgs[2] "--trust-remote-code" is not an allowed server flag: '
+            "the operator sets it from baseModel.trustRemoteCode",
+        ),
+        (
+            {"extraArgs": ["--allowed-local-media-path", "/"]},
+            'spec.runtime.extraArgs[0] "--allowed-local-media-path" is not an allowed server flag',
+        ),
+        (
+            {"image": "evil/vllm:1"},
+            'spec.runtime.image "evil/vllm:1" is not an allowed server image '
+            "(allowed: vllm/vllm-openai:*, vllm/vllm-openai@*)",
+        ),
+    ],
+)
+def test_a_server_the_policy_refuses_fails_and_nothing_is_made_or_loaded(
+    runtime: dict[str, Any], message: str
+) -> None:
+    body = md_body(runtime=runtime, adapters=[ADAPTER_A])
+    decision = modeldeployment.decide(md_seen(body), SETTINGS)
+    assert decision.actions == ()
+    assert status_of(decision) == ("Failed", "NotAllowed", False)
+    assert decision.status is not None and decision.status.fields["message"].startswith(message)
+    # A server made for an earlier spec keeps serving it; nothing is loaded into it.
+    running = modeldeployment.decide(
+        md_seen(body, deployment=available(md_body()), servers=[server("p1", {})]),
+        SETTINGS,
+    )
+    assert running.actions == () and status_of(running)[1] == "NotAllowed"
+
+
+def test_a_refused_server_waits_for_its_spec_to_change() -> None:
+    ready = {"type": "Ready", "status": "False", "reason": "NotAllowed"}
+    body = md_body(runtime={"extraArgs": ["--trust-remote-code"]})
+    body["status"] = {"phase": "Failed", "observedGeneration": 1, "conditions": [ready]}
+    assert not modeldeployment.unsettled(body)
+    body["metadata"]["generation"] = 2
+    assert modeldeployment.unsettled(body)
 
 
 def test_a_server_serves_the_base_while_an_adapter_waits_for_or_refuses_its_run() -> None:

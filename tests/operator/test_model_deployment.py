@@ -258,7 +258,18 @@ def test_remote_code_runs_only_when_the_spec_opts_in() -> None:
         return list(container["args"])
 
     assert "--trust-remote-code" not in args(BASE)
-    assert "--trust-remote-code" in args({**BASE, "trustRemoteCode": True})
+    assert args({**BASE, "trustRemoteCode": True}).count("--trust-remote-code") == 1
+
+
+@pytest.mark.parametrize("flag", ["--trust-remote-code", "--trust_remote_code=true", "--port"])
+@pytest.mark.parametrize("opted_in", [False, True])
+def test_extra_args_never_carry_a_flag_the_operator_sets(flag: str, opted_in: bool) -> None:
+    """Whatever the policy allows, and with or without the spec's opt-in: the decision
+    refuses such a spec first, and the builder will not build it for another caller."""
+    body = md(runtime={"extraArgs": ["--seed", "7", flag]})
+    body["spec"]["baseModel"] = {**BASE, "trustRemoteCode": opted_in}
+    with pytest.raises(ValueError, match=r"^runtime\.extraArgs carry flags the operator sets: \["):
+        plan(body, [], IMAGE)
 
 
 def test_the_spec_hash_follows_the_spec() -> None:

@@ -37,6 +37,7 @@ from kubetune_operator.resources.finetunejob.progress import (
     progress_from_samples,
 )
 from kubetune_operator.resources.finetunejob.status import dataset_gate, status_from_job
+from kubetune_operator.resources.policy import NOT_ALLOWED, finetunejob_refusal, was_refused
 from kubetune_operator.resources.workloads import (
     START_FAILURES,
     RunPhase,
@@ -92,8 +93,12 @@ def finished(ftj: Manifest) -> bool:
 
 
 def needs_datasets(ftj: Manifest, job: Manifest | None) -> bool:
-    """Whether a reconcile may create the training Job, and so needs its Datasets."""
-    return job is None and phase_of(ftj) not in FINISHED
+    """Whether a reconcile may create the training Job, and so needs its Datasets: a
+    run that has none and has not ended, or one the policy refused (it starts afresh
+    once its spec changes)."""
+    if job is not None:
+        return False
+    return phase_of(ftj) not in FINISHED or (was_refused(ftj) and not finished(ftj))
 
 
 def trained(ftj: Manifest, job: Manifest | None) -> bool:
@@ -144,9 +149,13 @@ def decide(seen: Observed, settings: Settings) -> Decision:
     status = ftj.get("status") or {}
     if finished(ftj):
         return _finished(seen)
+    if needs_datasets(ftj, seen.job):
+        refusal = finetunejob_refusal(seen.spec, settings.policy)
+        if refusal is not None:
+            return _decision(seen, Verdict(JobPhase.FAILED, NOT_ALLOWED, refusal))
     if seen.namesake is not None:
         return _decision(seen, _waiting_for_namesake(seen.namesake))
-    if seen.job is None and status.get("phase") in FINISHED:
+    if seen.job is None and status.get("phase") in FINISHED and not was_refused(ftj):
         return _finished_without_job(seen, settings)
     actions: tuple[Action, ...] = ()
     created: Manifest = {}
@@ -205,7 +214,7 @@ def _following(
         fields |= _gauges(seen.samples)
     after: tuple[Action, ...] = ()
     if state.phase == RunPhase.SUCCEEDED:
-        served, deployed = deploy(seen.finetunejob, seen.spec, seen.deployment)
+        served, deployed = deploy(seen.finetunejob, seen.spec, seen.deployment, settings.policy)
         scoring, after, scored = _evaluate(seen, job, settings)
         actions += served + scoring
         fields |= deployed | scored
@@ -314,7 +323,7 @@ def _finished_without_job(seen: Observed, settings: Settings) -> Decision:
     actions: tuple[Action, ...] = ()
     after: tuple[Action, ...] = ()
     if status["phase"] == JobPhase.SUCCEEDED:
-        served, deployed = deploy(seen.finetunejob, seen.spec, seen.deployment)
+        served, deployed = deploy(seen.finetunejob, seen.spec, seen.deployment, settings.policy)
         scoring, after, scored = _evaluate(seen, None, settings)
         actions = served + scoring
         fields |= deployed | scored

@@ -18,6 +18,7 @@ from kubetune_operator.resources.common import (
     owned_by,
     owner_reference,
 )
+from kubetune_operator.resources.policy import Policy, runtime_refusal
 
 
 def model_deployment(ftj: Mapping[str, Any], spec: FineTuneJobSpec, deploy: Deploy) -> Manifest:
@@ -67,7 +68,7 @@ def model_deployment(ftj: Mapping[str, Any], spec: FineTuneJobSpec, deploy: Depl
 
 
 def deploy(
-    ftj: Mapping[str, Any], spec: FineTuneJobSpec, existing: Manifest | None
+    ftj: Mapping[str, Any], spec: FineTuneJobSpec, existing: Manifest | None, policy: Policy
 ) -> tuple[tuple[Action, ...], Manifest]:
     """Serve the result as spec.deploy says, given the ModelDeployment of the
     FineTuneJob's name (``existing``): apply it, or delete the one it made once deploy
@@ -89,6 +90,11 @@ def deploy(
             }
         return (), {"deployment": None}
     if wanted is not None:
+        # A runtime edited after training (or made before the policy): the server it
+        # asks for would be refused, and the one already serving stays as it is.
+        refusal = runtime_refusal(wanted.runtime, "spec.deploy.runtime", policy)
+        if refusal is not None:
+            return (), {"message": f"trained, but not deployed: {refusal}"}
         return (Apply(model_deployment(ftj, spec, wanted)),), {"deployment": {"name": meta["name"]}}
     if existing is not None:
         return (Delete(MODEL_DEPLOYMENT.kind, meta["namespace"], meta["name"]),), {

@@ -29,6 +29,7 @@ from kubetune_operator.resources.modeldeployment.server import (
     service,
 )
 from kubetune_operator.resources.modeldeployment.status import serving_status
+from kubetune_operator.resources.policy import NOT_ALLOWED, modeldeployment_refusal, was_refused
 from kubetune_operator.settings import Settings
 
 NOTICED = frozenset({DeploymentPhase.AVAILABLE, DeploymentPhase.FAILED})
@@ -64,17 +65,25 @@ def serves(md: Manifest, finetunejob: str) -> bool:
 def unsettled(md: Manifest) -> bool:
     """Whether the ModelDeployment is worth another look without an event: not yet
     acted on, not Available, or an adapter not served on every replica (its
-    FineTuneJob may have finished while an event was missed; a load may work now)."""
+    FineTuneJob may have finished while an event was missed; a load may work now). One
+    the policy refused waits for its spec to change."""
     status = md.get("status") or {}
-    return (
-        unobserved(md)
-        or status.get("phase") != DeploymentPhase.AVAILABLE
+    if unobserved(md):
+        return True
+    return not was_refused(md) and (
+        status.get("phase") != DeploymentPhase.AVAILABLE
         or any(a.get("reason") for a in status.get("adapters") or [])
     )
 
 
 def decide(seen: Observed, settings: Settings) -> Decision:
     md, spec = seen.modeldeployment, seen.spec
+    refusal = modeldeployment_refusal(spec, settings.policy)
+    if refusal is not None:
+        # Nothing is made or loaded; a server made for an earlier spec keeps serving it.
+        return _decision(
+            seen, Verdict(DeploymentPhase.FAILED, NOT_ALLOWED, refusal), {"message": refusal}
+        )
     name = md["metadata"]["name"]
     resolved = resolve(spec, wanted(spec, seen.attached), seen.finetunejobs)
     loading, states = plan_loading(resolved, seen.servers, seen.failures)

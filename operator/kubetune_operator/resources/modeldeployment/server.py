@@ -24,6 +24,7 @@ from kubetune_operator.resources.common import (
     scheduling,
 )
 from kubetune_operator.resources.modeldeployment.adapters import ServedAdapter
+from kubetune_operator.resources.policy import reserved
 from kubetune_operator.resources.storage import Mounted, base_model_input, model_folder_input
 from kubetune_trainer.serving import guard
 
@@ -56,7 +57,7 @@ class Serving:
 
 
 def server_args(spec: ModelDeploymentSpec, model_path: str) -> list[str]:
-    """`vllm serve` arguments. extraArgs come last, so that they win."""
+    """`vllm serve` arguments. `--trust-remote-code` only where the spec opts in."""
     runtime: Runtime = spec.runtime
     args = [
         model_path,
@@ -109,7 +110,14 @@ def plan(
     loads them into each running pod), but their folders must be in the pod: each
     PersistentVolumeClaim that holds the base model or an adapter is mounted whole, so
     an adapter on a claim already mounted joins without a new pod; an adapter in S3 is
-    fetched by an init container, so adding one rolls the pods."""
+    fetched by an init container, so adding one rolls the pods.
+
+    extraArgs come last, so that they win over vLLM's defaults; they can never carry a
+    flag the operator sets (the decision refuses such a spec before it gets here)."""
+    extra = spec.runtime.extra_args or []
+    taken = [arg for arg in extra if reserved(arg) is not None]
+    if taken:
+        raise ValueError(f"runtime.extraArgs carry flags the operator sets: {taken}")
     mounted = Mounted(path=BASE_MODEL)
     source = spec.base_model.source
     claims = {a.pvc.claim_name for a in adapters if a.pvc is not None}
@@ -145,7 +153,7 @@ def plan(
         str(spec.runtime.max_lora_rank),
         "--middleware",
         guard.MIDDLEWARE,
-        *(spec.runtime.extra_args or []),
+        *extra,
     ]
     return Serving(md, spec, tuple(adapters), mounted, tuple(args), fetch_image)
 
