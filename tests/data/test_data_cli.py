@@ -86,6 +86,7 @@ def test_limit_flags_reach_the_rules(tmp_path: Path, capsys: pytest.CaptureFixtu
             sft("<image><image>", images=["a.png", "a.png"]),
             sft("<image>", images=["http://127.0.0.1/x.png"]),
             sft("c"),
+            sft("<image>d", images=["a.png"]),
         ],
     )
     assert (
@@ -94,11 +95,32 @@ def test_limit_flags_reach_the_rules(tmp_path: Path, capsys: pytest.CaptureFixtu
     )
     out = capsys.readouterr().out
     assert "line 1: 2 images, more than the limit of 1 per example" in out
+    assert "line 4: image 1 (a.png): image is" in out
     assert "more than the limit of 10 (maxImageBytes)" in out
+    # the images of a line with too many are not looked at (nor fetched) one by one
+    assert "line 1: image" not in out
     assert "line 2: image 1 (http://127.0.0.1/x.png): remote image URLs are not allowed" in out
     assert kubetune("validate", str(path), "--allow-remote-images") == 1
-    assert "127.0.0.1, a loopback address" in capsys.readouterr().out
+    assert "host 127.0.0.1 resolves to a loopback address" in capsys.readouterr().out
     assert kubetune("validate", str(path), "--min-examples", "1", "--max-examples", "2") == 1
+
+
+def test_memory_limit_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", [sft("a" * 300_000), sft("b"), sft("c")])
+    assert kubetune("validate", str(path)) == 0
+    capsys.readouterr()
+    assert kubetune("validate", str(path), "--memory-limit", "161Mi") == 1
+    assert (
+        "line 1: line is longer than 209,715 bytes, the most one line may have in 161 MiB of "
+        "memory; keep large images in files next to the JSONL"
+    ) in capsys.readouterr().out
+    out = tmp_path / "out.jsonl"
+    assert (
+        kubetune("convert", str(path), str(out), "--to", "placeholder", "--memory-limit", "161Mi")
+        == 1
+    )
+    assert "line 1: line is longer than 209,715 bytes" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_deep_and_image_root(capsys: pytest.CaptureFixture[str]) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from kubetune_trainer.contract.job import DatasetLimits
 from kubetune_trainer.data import validate_file
-from kubetune_trainer.data.jsonl import DEFAULT_MAX_LINE_BYTES
+from kubetune_trainer.data.jsonl import DEFAULT_BUDGET, LineBudget
 
 CORPUS = Path(__file__).parent / "corpus"
 MANIFEST: list[dict[str, Any]] = json.loads((CORPUS / "manifest.json").read_text())
@@ -45,7 +45,7 @@ def test_malformed_file_is_rejected_on_the_right_line(case: dict[str, Any]) -> N
         image_root=CORPUS,
         limits=DatasetLimits.model_validate(case["limits"]),
         deep=case["deep"],
-        max_line_bytes=case["max_line_bytes"] or DEFAULT_MAX_LINE_BYTES,
+        budget=LineBudget(case["memory_limit"]) if case["memory_limit"] else DEFAULT_BUDGET,
     )
     found = report.errors if case["severity"] == "error" else report.warnings
     assert any(p.line == case["line"] and case["message"] in p.message for p in found), (

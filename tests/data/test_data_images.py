@@ -1,31 +1,40 @@
-"""Image rules: root confinement, base64, formats, modes, decompression bombs, and
-that the default check reads headers only."""
+"""Image rules: root confinement (of paths, and of the root to its volume), base64,
+formats, modes, decompression and scan bombs, and that the default check decodes no
+pixels."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import io
+import json
 import os
+import re
 from pathlib import Path
 
 import pytest
-from data_helpers import data_uri, image_bytes, png_header_only
+from data_helpers import data_uri, image_bytes, png_header_only, sft, write_jsonl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
 from kubetune_trainer.contract.job import DatasetLimits
-from kubetune_trainer.data import DatasetError, ImageRef, check_image, open_image
+from kubetune_trainer.data import DatasetError, ImageRef, check_image, open_image, validate_file
 from kubetune_trainer.data import image_bytes as read_image_bytes
 from kubetune_trainer.data import images as images_mod
 from kubetune_trainer.data.images import (
+    MAX_JPEG_SCANS,
     Base64Reader,
     ImageProblem,
+    ImageRootError,
     base64_problem,
     base64_size,
+    jpeg_scans,
     resolve_image_path,
+    resolve_image_root,
+    volume_of,
 )
+from kubetune_trainer.training.images import ImageFitter
 
 LIMITS = DatasetLimits()
 
@@ -93,6 +102,99 @@ def test_symlinks_may_not_point_out(root: Path, tmp_path: Path) -> None:
     assert resolve_image_path("in.png", root) == root / "sub" / "a.png"
     errors, _ = check("out.png", root)
     assert errors == ("the path resolves outside the image root (through a symlink)",)
+
+
+def test_symlinked_images_may_not_point_out_at_training_time_either(
+    root: Path, tmp_path: Path
+) -> None:
+    os.symlink(tmp_path / "outside.png", root / "out.png")
+    with pytest.raises(DatasetError, match="resolves outside the image root") as info:
+        ImageFitter(3136)("out.png", str(root), 4)
+    assert info.value.line == 4
+
+
+# --- the image root and its volume ------------------------------------------------
+
+
+@pytest.fixture
+def volume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A folder that counts as a mount point, as a dataset's volume in a pod is, with
+    an ``images`` folder; beside it, ``outside`` holds ``secret.png``."""
+    base = tmp_path.resolve()
+    vol = base / "vol"
+    (vol / "images").mkdir(parents=True)
+    (vol / "images" / "a.png").write_bytes(image_bytes("PNG"))
+    (base / "outside").mkdir()
+    (base / "outside" / "secret.png").write_bytes(image_bytes("PNG"))
+    real = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == vol or real(p))
+    return vol
+
+
+def test_the_volume_is_the_deepest_mount_before_any_symlink(
+    volume: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    elsewhere = volume.parent / "outside"
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) in (volume, elsewhere))
+    os.symlink(elsewhere, volume / "link")
+    assert volume_of(volume / "images" / "x") == volume
+    assert volume_of(volume) == volume
+    # The link's target is a mount too, but a symlink is never followed to find it.
+    assert volume_of(volume / "link" / "x") == volume
+    assert volume_of(elsewhere / "x") == elsewhere
+
+
+def test_image_roots_inside_their_volume_resolve(volume: Path) -> None:
+    assert resolve_image_root(volume / "images") == volume / "images"
+    assert resolve_image_root(volume) == volume
+    (volume / "shared" / "pictures").mkdir(parents=True)
+    os.symlink(volume / "shared" / "pictures", volume / "linked")  # stays in the volume
+    assert resolve_image_root(volume / "linked") == volume / "shared" / "pictures"
+    os.symlink("../images", volume / "shared" / "up")
+    assert resolve_image_root(str(volume / "shared" / "up")) == volume / "images"
+
+
+@pytest.mark.parametrize("target", ["/", "outside"])
+def test_an_image_root_that_is_a_symlink_out_of_its_volume_is_refused(
+    volume: Path, target: str
+) -> None:
+    os.symlink(volume.parent / target, volume / "escape")
+    root = volume / "escape"
+    with pytest.raises(
+        ImageRootError, match=rf"the image root {re.escape(str(root))} resolves to .*, outside"
+    ):
+        resolve_image_root(root)
+    secret = str(volume.parent / "outside" / "secret.png")
+    # Training opens images under the same guard: the error names the line and root.
+    with pytest.raises(
+        DatasetError, match=rf"the image root {re.escape(str(root))} resolves to"
+    ) as info:
+        open_image(ImageRef(secret), root, line=3)
+    assert info.value.line == 3
+    with pytest.raises(DatasetError, match="outside its volume") as info:
+        ImageFitter(3136)(secret, str(root), 5)
+    assert info.value.line == 5
+    with pytest.raises(DatasetError, match="outside its volume"):
+        read_image_bytes(ImageRef(secret), root, line=6)
+
+
+def test_an_image_root_below_a_symlinked_folder_out_of_its_volume_is_refused(
+    volume: Path,
+) -> None:
+    os.symlink(volume.parent, volume / "up")
+    with pytest.raises(ImageRootError, match="outside its volume"):
+        resolve_image_root(volume / "up" / "outside")
+
+
+def test_a_missing_or_file_image_root(volume: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        resolve_image_root(volume / "missing")
+    with pytest.raises(NotADirectoryError):
+        resolve_image_root(volume / "images" / "a.png")
+    with pytest.raises(DatasetError, match=r"the image root .* cannot be used"):
+        open_image(ImageRef("a.png"), volume / "missing", line=2)
+    # Nothing of an embedded image is read under the root.
+    assert open_image(ImageRef(data_uri(image_bytes("PNG"))), volume / "missing").size == (8, 6)
 
 
 def test_a_colon_in_a_file_name_is_a_path(root: Path) -> None:
@@ -268,6 +370,119 @@ def test_broken_images(root: Path) -> None:
     assert errors and "does not decode" in errors[0]
 
 
+# --- JPEG scans --------------------------------------------------------------------
+
+
+def progressive_jpeg(size: tuple[int, int] = (16, 16), mode: str = "RGB") -> bytes:
+    noisy = Image.effect_noise(size, 60).convert(mode)
+    buf = io.BytesIO()
+    noisy.save(buf, "JPEG", progressive=True, quality=90)
+    return buf.getvalue()
+
+
+def with_scans(jpeg: bytes, total: int) -> bytes:
+    """``jpeg`` with its last scan repeated until it has ``total`` scans: a scan bomb's
+    shape. Entropy-coded data holds no 0xFF 0xDA, so the last one starts the last scan,
+    which runs to the end-of-image marker."""
+    last = jpeg[jpeg.rindex(b"\xff\xda") : -2]
+    return jpeg[:-2] + last * (total - jpeg.count(b"\xff\xda")) + jpeg[-2:]
+
+
+class Trickle(io.RawIOBase):
+    """Reads ``data`` at most ``step`` bytes at a time, so that markers fall across reads."""
+
+    def __init__(self, data: bytes, step: int) -> None:
+        super().__init__()
+        self._data, self._step, self._pos = data, step, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._pos = (self._pos if whence == io.SEEK_CUR else 0) + offset
+        return self._pos
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        chunk = self._data[self._pos : self._pos + min(self._step, len(buffer))]
+        buffer[: len(chunk)] = chunk
+        self._pos += len(chunk)
+        return len(chunk)
+
+
+def test_real_jpegs_have_few_scans() -> None:
+    assert jpeg_scans(io.BytesIO(image_bytes("JPEG")), MAX_JPEG_SCANS) == 1
+    assert jpeg_scans(io.BytesIO(progressive_jpeg()), MAX_JPEG_SCANS) == 10
+    assert jpeg_scans(io.BytesIO(progressive_jpeg(mode="L")), MAX_JPEG_SCANS) == 6
+    assert jpeg_scans(io.BytesIO(progressive_jpeg(mode="CMYK")), MAX_JPEG_SCANS) == 18
+
+
+def test_scans_are_counted_as_libjpeg_reads_them() -> None:
+    image = progressive_jpeg((64, 48))
+    # An APP1 segment holding a thumbnail with scans of its own: skipped by its length.
+    thumbnail = with_scans(progressive_jpeg((8, 8)), 50)
+    app1 = b"\xff\xe1" + (len(thumbnail) + 2).to_bytes(2, "big") + thumbnail
+    # Stray bytes and fill bytes before a marker, which libjpeg skips to find it.
+    second = image.index(b"\xff\xda", image.index(b"\xff\xda") + 2)
+    messy = image[:2] + app1 + image[2:second] + b"\x12\x00\xff\x00\xff\xff" + image[second:]
+    assert Image.open(io.BytesIO(messy)).load() is not None  # still a JPEG to PIL
+    # Nothing after the end-of-image marker is read.
+    bomb_after_the_end = image + with_scans(image, 500)[2:]
+    for data, scans in ((messy, 10), (bomb_after_the_end, 10), (with_scans(image, 500), 101)):
+        assert jpeg_scans(io.BytesIO(data), MAX_JPEG_SCANS) == scans
+        for step in (1, 2, 3, 7):
+            assert jpeg_scans(io.BufferedReader(Trickle(data, step), 4), MAX_JPEG_SCANS) == scans
+
+
+def test_a_scan_bomb_is_refused_by_validation_with_its_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def never(self: ImageFile.ImageFile) -> None:
+        raise AssertionError("a scan bomb was decoded")
+
+    bomb = with_scans(progressive_jpeg(), 5_000)  # about 240 kB
+    (tmp_path / "bomb.jpg").write_bytes(bomb)
+    (tmp_path / "ok.jpg").write_bytes(with_scans(progressive_jpeg(), MAX_JPEG_SCANS))
+    (tmp_path / "normal.jpg").write_bytes(progressive_jpeg())
+    path = write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            sft("<image>a", images=["normal.jpg"]),
+            sft("<image>b", images=["bomb.jpg"]),
+            sft("<image>c", images=["ok.jpg"]),
+            sft("<image>d", images=[data_uri(bomb, "image/jpeg")]),
+        ],
+    )
+    message = (
+        f"refused as a possible scan bomb: the JPEG has more than {MAX_JPEG_SCANS} scans, "
+        "and decoding costs a pass over the whole image for each"
+    )
+    embedded = images_mod.describe(ImageRef(data_uri(bomb, "image/jpeg")))
+    expected = [(2, f"image 1 (bomb.jpg): {message}"), (4, f"image 1 ({embedded}): {message}")]
+    monkeypatch.setattr(ImageFile.ImageFile, "load", never)
+    assert [(e.line, e.message) for e in validate_file(path).errors] == expected
+    monkeypatch.undo()  # deep validation decodes the other two
+    assert [(e.line, e.message) for e in validate_file(path, deep=True).errors] == expected
+
+
+def test_open_image_refuses_scan_bombs_before_decoding(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (root / "ok.jpg").write_bytes(with_scans(progressive_jpeg(), MAX_JPEG_SCANS))
+    assert open_image(ImageRef("ok.jpg"), root).size == (16, 16)
+    (root / "bomb.jpg").write_bytes(with_scans(progressive_jpeg(), MAX_JPEG_SCANS + 1))
+
+    def never(self: ImageFile.ImageFile) -> None:
+        raise AssertionError("a scan bomb was decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", never)
+    with pytest.raises(DatasetError, match="scan bomb") as info:
+        open_image(ImageRef("bomb.jpg"), root, line=9)
+    assert info.value.line == 9
+
+
 # --- the trainer's API ---------------------------------------------------------------
 
 
@@ -303,3 +518,25 @@ def test_open_image_refuses_bombs(root: Path) -> None:
 def test_image_bytes_for_embedding(root: Path) -> None:
     data, mime = read_image_bytes(ImageRef("sub/a.png"), root)
     assert data == (root / "sub" / "a.png").read_bytes() and mime == "image/png"
+
+
+def test_validation_refuses_an_image_root_that_leaves_its_volume(volume: Path) -> None:
+    secret = str(volume.parent / "outside" / "secret.png")
+    line = json.dumps(
+        {
+            "messages": [
+                {"role": "user", "content": "<image>what?"},
+                {"role": "assistant", "content": "a secret"},
+            ],
+            "images": [secret],
+        }
+    )
+    (volume / "d.jsonl").write_text(line + "\n")
+    os.symlink("/", volume / "escape")
+    with pytest.raises(ImageRootError, match="outside its volume"):
+        validate_file(volume / "d.jsonl", image_root=volume / "escape")
+    # The default root, the JSONL's folder, when that folder is a link out of the volume.
+    os.symlink(volume.parent / "outside", volume / "data")
+    (volume.parent / "outside" / "d.jsonl").write_text(line + "\n")
+    with pytest.raises(ImageRootError, match="outside its volume"):
+        validate_file(volume / "data" / "d.jsonl")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +47,11 @@ def test_read_examples_reads_a_mixture_with_line_numbers(tmp_path: Path) -> None
             "line 3: the last turn must be the assistant reply",
         ),
         (sft("<image>"), "line 3: 1 <image> placeholder but 0 images"),
+        # A RecursionError once: the trainer exited 1 (retry) instead of 3 (final).
+        (
+            json.dumps(sft("c"))[:-1] + ', "meta": ' + "[" * 400 + "]" * 400 + "}",
+            "line 3: arrays and objects nest more than 64 levels deep",
+        ),
     ],
 )
 def test_read_examples_raises_at_the_first_invalid_line(

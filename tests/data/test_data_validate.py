@@ -21,7 +21,15 @@ from kubetune_trainer.contract.job import DatasetLimits
 from kubetune_trainer.data import jsonl, validate_file
 from kubetune_trainer.data import validate as validate_mod
 from kubetune_trainer.data.duplicates import FingerprintTable
-from kubetune_trainer.data.jsonl import BOM, Line, decode_line, iter_lines
+from kubetune_trainer.data.jsonl import (
+    BOM,
+    BYTE_COST,
+    RESERVED_MEMORY,
+    Line,
+    LineBudget,
+    decode_line,
+    iter_lines,
+)
 from kubetune_trainer.data.problems import Problem
 
 
@@ -128,8 +136,13 @@ def test_repeated_image_paths_are_checked_once(
 # --- lines -----------------------------------------------------------------------
 
 
-def lines_of(data: bytes, **kw: int) -> list[Line | Problem]:
+def lines_of(data: bytes, **kw: Any) -> list[Line | Problem]:
     return list(iter_lines(io.BytesIO(data), **kw))
+
+
+def budget_for(max_bytes: int) -> LineBudget:
+    """The budget whose longest (ASCII) line is ``max_bytes``."""
+    return LineBudget(RESERVED_MEMORY + max_bytes * BYTE_COST)
 
 
 def test_line_endings_bom_and_last_line_without_newline() -> None:
@@ -150,13 +163,24 @@ def test_line_endings_bom_and_last_line_without_newline() -> None:
 def test_long_lines_are_read_in_pieces_and_capped(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(jsonl, "_CHUNK", 7)
     data = b"x" * 50 + b"\n" + b"y" * 20 + b"\n" + b"z" * 21 + b"\n" + b"w" * 30
-    items = lines_of(data, max_line_bytes=20)
+    items = lines_of(data, budget=budget_for(20))
+    too_long = (
+        "line is longer than 20 bytes, the most one line may have in 160 MiB of memory; "
+        "keep large images in files next to the JSONL"
+    )
     assert items == [
-        Problem(1, "line is longer than 20 bytes; keep large images in files"),
+        Problem(1, too_long),
         Line(2, b"y" * 20),
-        Problem(3, "line is longer than 20 bytes; keep large images in files"),
-        Problem(4, "line is longer than 20 bytes; keep large images in files"),
+        Problem(3, too_long),
+        Problem(4, too_long),
     ]
+
+
+def _nested(levels: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(levels - 1):
+        value = [value]
+    return value
 
 
 @pytest.mark.parametrize("with_orjson", [True, False], ids=["orjson", "stdlib"])
@@ -171,7 +195,11 @@ def test_long_lines_are_read_in_pieces_and_capped(monkeypatch: pytest.MonkeyPatc
         (b'{"a": "\\udc00"}', (None, "lone UTF-16 surrogate")),
         (b'{"a": "\xff"}', (None, "not valid UTF-8 at byte 8")),
         (b"{'a': 1}", (None, "invalid JSON at column 2")),
-        (b"[" * 100_000, (None, "invalid JSON")),
+        (b"[" * 100_000, (None, "nest more than 64 levels deep")),
+        (b"[" * 64 + b"]" * 64, (_nested(64), None)),
+        (b"[" * 65 + b"]" * 65, (None, "nest more than 64 levels deep")),
+        (b'{"a":' * 400 + b"1" + b"}" * 400, (None, "nest more than 64 levels deep")),
+        (b'{"a":' * 2000 + b"1" + b"}" * 2000, (None, "nest more than 64 levels deep")),
     ],
 )
 def test_decode_line_is_the_same_with_and_without_orjson(

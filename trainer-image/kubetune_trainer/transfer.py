@@ -8,10 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +19,8 @@ from urllib.parse import urlparse
 from pydantic import ValidationError
 
 from kubetune_trainer.contract.fetch import DEFAULT_REVISION, FetchSource
+from kubetune_trainer.data import remote
+from kubetune_trainer.data.commands import memory_size
 
 
 class FetchError(Exception):
@@ -33,32 +33,68 @@ def _atomic_target(out: Path) -> tuple[int, str]:
     return tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
 
 
-def fetch_http(url: str, out: Path, timeout: float = 60) -> None:
+DOWNLOAD_TIMEOUT_S = 3600.0
+"""The deadline of one http or hub download, from the first DNS query to the last byte."""
+MAX_DOWNLOAD_BYTES = 16 << 30
+"""The largest file an http or hub download may bring into the pod's emptyDir."""
+
+
+def fetch_http(
+    url: str, out: Path, *, timeout: float = DOWNLOAD_TIMEOUT_S, max_bytes: int = MAX_DOWNLOAD_BYTES
+) -> None:
+    """A Dataset's ``http`` source: any public http(s) URL."""
+    _download(url, out, timeout, max_bytes, url)
+
+
+def fetch_hugging_face(
+    repo: str,
+    file: str,
+    revision: str,
+    out: Path,
+    *,
+    timeout: float = DOWNLOAD_TIMEOUT_S,
+    max_bytes: int = MAX_DOWNLOAD_BYTES,
+) -> None:
+    """A dataset repository's file, by its resolve URL on the hub (``HF_ENDPOINT``),
+    through the same fetcher as any URL. The token (``HF_TOKEN``) goes to the hub
+    only, not to the storage host its redirect names."""
+    from huggingface_hub import hf_hub_url
+    from huggingface_hub.utils import build_hf_headers
+
+    headers = build_hf_headers()
+    token = {k: headers.pop(k) for k in list(headers) if k.lower() == "authorization"}
+    _download(
+        hf_hub_url(repo, file, repo_type="dataset", revision=revision),
+        out,
+        timeout,
+        max_bytes,
+        f"{file} from dataset repository {repo}@{revision}",
+        headers,
+        token,
+    )
+
+
+def _download(
+    url: str,
+    out: Path,
+    timeout: float,
+    max_bytes: int,
+    what: str,
+    headers: dict[str, str] | None = None,
+    credentials: dict[str, str] | None = None,
+) -> None:
+    """``url`` to the file ``out`` through the guarded fetcher (``data/remote.py``):
+    public addresses only, at every redirect; one deadline; a size cap."""
     fd, tmp = _atomic_target(out)
     try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as resp:
-            shutil.copyfileobj(resp, f, 1 << 20)
+        with os.fdopen(fd, "wb") as f:
+            remote.fetch_to(
+                url, f, max_bytes, timeout=timeout, headers=headers, credentials=credentials
+            )
         os.replace(tmp, out)
-    except OSError as exc:
+    except (remote.RemoteError, OSError) as exc:
         Path(tmp).unlink(missing_ok=True)
-        raise FetchError(f"cannot download {url}: {exc}") from exc
-
-
-def fetch_hugging_face(repo: str, file: str, revision: str, out: Path) -> None:
-    from huggingface_hub import hf_hub_download
-
-    try:
-        cached = hf_hub_download(
-            repo_id=repo, filename=file, revision=revision, repo_type="dataset"
-        )
-    except Exception as exc:
-        raise FetchError(
-            f"cannot download {file} from dataset repository {repo}@{revision}: {exc}"
-        ) from exc
-    fd, tmp = _atomic_target(out)
-    os.close(fd)
-    shutil.copyfile(cached, tmp)
-    os.replace(tmp, out)
+        raise FetchError(f"cannot download {what}: {exc}") from None
 
 
 def _s3_client() -> Any:
@@ -166,41 +202,80 @@ def fetch_s3(uri: str, out: Path) -> None:
             s3.download_file(bucket, name, str(target))
 
 
-def fetch(source: FetchSource, out: Path) -> None:
+def fetch(
+    source: FetchSource,
+    out: Path,
+    *,
+    timeout: float = DOWNLOAD_TIMEOUT_S,
+    max_bytes: int = MAX_DOWNLOAD_BYTES,
+) -> None:
+    """``timeout`` and ``max_bytes`` bound the http and hub downloads; S3 goes through
+    boto3, to the endpoint the Dataset names."""
     if source.http is not None:
-        fetch_http(source.http.url, out)
+        fetch_http(source.http.url, out, timeout=timeout, max_bytes=max_bytes)
     elif source.hugging_face is not None:
         hub = source.hugging_face
-        fetch_hugging_face(hub.repo, hub.file, hub.revision, out)
+        fetch_hugging_face(
+            hub.repo, hub.file, hub.revision, out, timeout=timeout, max_bytes=max_bytes
+        )
     elif source.s3 is not None:
         fetch_s3(source.s3.uri, out)
 
 
+class SourceError(Exception):
+    """``--source`` is not a usable source: a usage error."""
+
+
+def parse_source(text: str) -> FetchSource:
+    """The ``--source`` JSON as a ``FetchSource``, or ``SourceError`` saying what is
+    wrong with it."""
+    try:
+        given = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise SourceError(f"--source is not JSON: {str(exc)[:200]}") from None
+    if not isinstance(given, dict):
+        raise SourceError("--source is not a JSON object")
+    try:
+        source = FetchSource.model_validate(given)
+    except ValidationError as exc:
+        problems = "; ".join(
+            ".".join(str(p) for p in error["loc"]) + ": " + error["msg"]
+            if error["loc"]
+            else error["msg"]
+            for error in exc.errors()
+        )
+        raise SourceError(
+            f"unusable source: {problems} (expected exactly one of http, s3 or huggingFace)"
+        ) from None
+    hub = source.hugging_face
+    if hub is not None:
+        _check_hub_file(hub.repo, hub.file)
+    return source
+
+
+def _check_hub_file(repo: str, file: str) -> None:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo)
+    except HFValidationError:
+        raise SourceError(f"{repo!r} is not a repository id (name or namespace/name)") from None
+    if any(part in ("", ".", "..") for part in file.split("/")):
+        raise SourceError(f"{file!r} is not a path inside the repository")
+
+
 def _run(args: argparse.Namespace) -> int:
     try:
-        given = json.loads(args.source)
-        if not isinstance(given, dict):
-            raise ValueError("not an object")
-    except ValueError as exc:
-        print(f"kubetune fetch: --source is not a JSON object: {exc}", file=sys.stderr)
+        source = parse_source(args.source)
+    except SourceError as exc:
+        print(f"kubetune fetch: {exc}", file=sys.stderr)
         return 2
     try:
-        fetch(_source(given), Path(args.out))
+        fetch(source, Path(args.out), timeout=args.timeout, max_bytes=args.max_bytes)
     except FetchError as exc:
         print(f"kubetune fetch: {exc}", file=sys.stderr)
         return 1
     return 0
-
-
-def _source(given: dict[str, Any]) -> FetchSource:
-    try:
-        return FetchSource.model_validate(given)
-    except ValidationError as exc:
-        problems = "; ".join(error["msg"] for error in exc.errors())
-        raise FetchError(
-            f"unusable source {sorted(given)}: {problems} (expected exactly one of http, s3 or "
-            "huggingFace)"
-        ) from exc
 
 
 def register(sub: Any) -> None:
@@ -214,4 +289,17 @@ def register(sub: Any) -> None:
         f" (revision: {DEFAULT_REVISION} unless given)",
     )
     p.add_argument("--out", required=True, help="file (or folder, for an S3 prefix) to write")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=DOWNLOAD_TIMEOUT_S,
+        help="seconds an http or hub download may take, all of it (default: %(default)g)",
+    )
+    p.add_argument(
+        "--max-bytes",
+        type=memory_size,
+        default=MAX_DOWNLOAD_BYTES,
+        help="largest file an http or hub download may bring, as 1000, 64Mi or 2Gi "
+        f"(default: {MAX_DOWNLOAD_BYTES >> 30}Gi)",
+    )
     p.set_defaults(func=_run)

@@ -22,6 +22,8 @@ sys.path.insert(0, str(HERE.parent))
 
 from data_helpers import data_uri, image_bytes, png_header_only  # noqa: E402
 
+from kubetune_trainer.data.jsonl import RESERVED_MEMORY  # noqa: E402
+
 
 def write_images() -> None:
     images = HERE / "images"
@@ -139,7 +141,7 @@ class Case:
     task: str = "sft"
     deep: bool = False
     limits: dict[str, Any] = field(default_factory=dict)
-    max_line_bytes: int | None = None
+    memory_limit: int | None = None
 
 
 def around(bad: Any, at: int = 3, total: int = 5, make: Any = good) -> list[Any]:
@@ -160,6 +162,13 @@ def cases() -> list[Case]:
     add("json-truncated", '{"messages": [{"role": "user"', "invalid JSON", at=1)
     add("json-not-object", "[1, 2, 3]", "expected a JSON object, got an array")
     add("json-string", '"hello"', "expected a JSON object, got a string")
+    # 880 bytes: a RecursionError once, and the trainer's exit 1 (retry).
+    add(
+        "json-nested-400-levels",
+        '{"messages":[{"role":"user","content":"hi"},{"role":"assistant","content":"yo"}],'
+        '"meta":' + "[" * 400 + "]" * 400 + "}",
+        "arrays and objects nest more than 64 levels deep",
+    )
     add("json-trailing-garbage", json.dumps(good(9)) + " x", "invalid JSON", at=5)
     add("json-nan", '{"messages": [], "score": NaN}', "invalid JSON")
     add("utf8-invalid", b'{"messages": "caf\xe9"}', "not valid UTF-8", at=2)
@@ -383,7 +392,7 @@ def cases() -> list[Case]:
     add(
         "remote-loopback",
         with_image("http://127.0.0.1:8080/a.png"),
-        "127.0.0.1, a loopback address",
+        "host 127.0.0.1 resolves to a loopback address",
         limits={"allowRemoteImages": True},
     )
     add(
@@ -401,7 +410,7 @@ def cases() -> list[Case]:
     add(
         "remote-private",
         with_image("http://10.1.2.3/a.png"),
-        "10.1.2.3, a private address",
+        "host 10.1.2.3 resolves to a private address",
         limits={"allowRemoteImages": True},
     )
     add(
@@ -420,6 +429,18 @@ def cases() -> list[Case]:
         "remote-metadata-host",
         with_image("http://metadata.google.internal/computeMetadata/v1/"),
         "is a cloud metadata service",
+        limits={"allowRemoteImages": True},
+    )
+    add(
+        "remote-bad-ipv6",
+        with_image("http://[/x.png"),
+        "remote image refused: not a valid URL",
+        limits={"allowRemoteImages": True},
+    )
+    add(
+        "remote-bad-host",
+        with_image("http://exa\u2028mple.com/x.png"),
+        "is not valid",
         limits={"allowRemoteImages": True},
     )
     add(
@@ -550,8 +571,17 @@ def cases() -> list[Case]:
             "line-too-long",
             around(good(100) | {"padding": "x" * 3000}, at=4),
             4,
-            "line is longer than 2,000 bytes",
-            max_line_bytes=2000,
+            "line is longer than 3,000 bytes, the most one line may have in",
+            memory_limit=RESERVED_MEMORY + 15_000,  # 15,000 bytes for a line: 3,000 ASCII bytes
+        )
+    )
+    c.append(
+        Case(
+            "line-too-many-values",
+            around(good(100) | {"padding": [{}] * 2000}, at=2),
+            2,
+            "line holds about 4,0",
+            memory_limit=RESERVED_MEMORY + 100_000,
         )
     )
     c.append(

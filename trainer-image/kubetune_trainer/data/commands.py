@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from typing import Any
 
@@ -16,6 +17,7 @@ from pydantic import ValidationError
 from kubetune_trainer.contract.job import DatasetLimits
 from kubetune_trainer.contract.summaries import ValidationSummary, dump
 from kubetune_trainer.data.convert import STYLES, convert_file
+from kubetune_trainer.data.jsonl import DEFAULT_MEMORY_LIMIT, LineBudget
 from kubetune_trainer.data.validate import validate_file
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
@@ -88,10 +90,30 @@ def _add_limit_flags(
         )
     parser.add_argument("--max-image-bytes", type=int, default=defaults.max_image_bytes)
     parser.add_argument(
+        "--memory-limit",
+        type=memory_size,
+        default=DEFAULT_MEMORY_LIMIT,
+        help=(
+            "memory this run may use, in bytes or with a Ki, Mi or Gi suffix (default: 1Gi, "
+            "the validation pod's limit); a line that would need more to check is an error"
+        ),
+    )
+    parser.add_argument(
         "--allow-remote-images",
         action="store_true",
         help="allow http(s) image URLs (never to loopback, link-local, private or metadata addresses)",
     )
+
+
+_SUFFIXES = {"": 1, "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40}
+
+
+def memory_size(text: str) -> int:
+    """A memory size as Kubernetes writes it in binary units: 1073741824, 1024Mi, 1Gi."""
+    match = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti)?", text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 1Gi or 512Mi")
+    return int(match.group(1)) * _SUFFIXES[match.group(2) or ""]
 
 
 def _limits(args: argparse.Namespace) -> DatasetLimits:
@@ -122,6 +144,7 @@ def run_validate(args: argparse.Namespace) -> int:
             image_root=args.image_root,
             limits=limits,
             deep=args.deep,
+            budget=LineBudget(args.memory_limit),
             style=args.format,
         )
     except OSError as exc:
@@ -160,6 +183,7 @@ def run_convert(args: argparse.Namespace) -> int:
             embed_images=args.embed_images,
             image_root=args.image_root,
             limits=limits,
+            budget=LineBudget(args.memory_limit),
         )
     except OSError as exc:
         return _usage_error("convert", f"{exc.filename or args.input}: {exc.strerror or exc}")

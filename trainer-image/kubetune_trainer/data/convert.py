@@ -25,7 +25,7 @@ from kubetune_trainer.contract.job import DatasetLimits
 from kubetune_trainer.data.example import Example, ImageRef, Part, Turn
 from kubetune_trainer.data.formats import PLACEHOLDER
 from kubetune_trainer.data.images import image_bytes
-from kubetune_trainer.data.jsonl import encode_record
+from kubetune_trainer.data.jsonl import DEFAULT_BUDGET, LineBudget, encode_record
 from kubetune_trainer.data.problems import DatasetError, Problem
 from kubetune_trainer.data.reader import Record, iter_records
 
@@ -151,23 +151,32 @@ def write_examples(
     embed_images: bool = False,
     image_root: str | Path | None = None,
     limits: DatasetLimits | None = None,
+    budget: LineBudget | None = None,
 ) -> int:
     """Write examples as JSONL in ``style``, atomically; returns how many.
 
     With ``embed_images``, image files under ``image_root`` (and URLs, if
-    ``limits.allow_remote_images``) become ``data:`` URIs. A ``DatasetError`` from
-    an image leaves ``path`` as it was."""
+    ``limits.allow_remote_images``) become ``data:`` URIs. With ``budget``, a line
+    that a reader with that budget would refuse is a ``DatasetError``. A
+    ``DatasetError`` leaves ``path`` as it was."""
     limits = limits or DatasetLimits()
     if embed_images and image_root is None:
         raise ValueError("embedding images needs the image_root that relative paths resolve under")
-    root = Path(image_root).resolve() if image_root is not None else Path.cwd()
+    # Not resolved here: the image-root guard (images.resolve_image_root) must see a
+    # symlinked root to refuse it.
+    root = Path(image_root).absolute() if image_root is not None else Path.cwd()
     count = 0
     with atomic_output(path) as fp:
         for example in examples:
             if embed_images:
                 example = embed_example_images(example, root, limits)
-            fp.write(encode_record(to_json_record(example, style)) + b"\n")
+            line = encode_record(to_json_record(example, style))
+            problem = budget.problem(line) if budget is not None else None
+            if problem is not None:
+                raise DatasetError(example.line, f"once converted, the {problem}")
+            fp.write(line + b"\n")
             count += 1
+            del example, line  # not held while the next example is read
     return count
 
 
@@ -194,18 +203,20 @@ def convert_file(
     embed_images: bool = False,
     image_root: str | Path | None = None,
     limits: DatasetLimits | None = None,
+    budget: LineBudget = DEFAULT_BUDGET,
 ) -> ConvertResult:
     """Convert a dataset file. Every line is read so that all errors are reported;
-    ``dst`` is written only when there are none. Raises ``OSError`` only for a file
-    that cannot be read or written (a usage error)."""
+    ``dst`` is written only when there are none. ``budget`` bounds the lines read
+    and the lines written, so that the output can be validated with it. Raises
+    ``OSError`` only for a file that cannot be read or written (a usage error)."""
     src = Path(src)
     limits = limits or DatasetLimits()
-    root = Path(image_root if image_root is not None else src.parent).resolve()
+    root = Path(image_root if image_root is not None else src.parent).absolute()
     errors: list[Problem] = []
     warnings: list[Problem] = []
 
     def examples(fp: BinaryIO) -> Iterator[Example]:
-        for item in iter_records(fp, limits=limits):
+        for item in iter_records(fp, limits=limits, budget=budget):
             if isinstance(item, Record):
                 if errors:
                     continue  # keep reading to report every error, but write no more
@@ -217,6 +228,7 @@ def convert_file(
                         errors.append(Problem(exc.line, exc.message))
                         continue
                 yield example
+                del item, example  # not held while the next line is read
             elif item.is_error:
                 errors.append(item)
             else:
@@ -226,8 +238,14 @@ def convert_file(
 
     count = 0
     with src.open("rb") as fp:
+        pending = examples(fp)
         try:
-            count = write_examples(examples(fp), dst, style)
+            count = write_examples(pending, dst, style, budget=budget)
+        except DatasetError as exc:  # a converted line too big to read back
+            errors.append(Problem(exc.line, exc.message))
+            with contextlib.suppress(_Rejected):
+                for _ in pending:  # only collects the remaining errors now
+                    pass
         except _Rejected:
-            count = 0
+            pass
     return ConvertResult(count, tuple(errors), tuple(warnings))

@@ -241,7 +241,7 @@ def _message_segments(
     if "content" not in msg:
         raise _Invalid(f"{where} has no 'content'")
     if len(msg) > 2:
-        warnings.extend(f"{where}.{key} is ignored" for key in msg if key not in MESSAGE_KEYS)
+        warnings.extend(f"{where}.{_cut(key)} is ignored" for key in msg if key not in MESSAGE_KEYS)
     content = msg["content"]
     if isinstance(content, str):
         segments = _split_placeholders(content)
@@ -328,29 +328,37 @@ def _detail_list(obj: dict[str, Any], count: int) -> list[str | None]:
 
 def _merge(segments: list[Any], where: str) -> tuple[Part, ...]:
     """Canonical parts: no empty strings and no two strings side by side, so that both
-    styles write and read back the same example."""
+    styles write and read back the same example. Each run of strings is joined once:
+    adding them up one by one would take time quadratic in a line's length."""
     if len(segments) == 1:  # the common case: one string
         only = segments[0]
         return (only,) if only else ()
     parts: list[Part] = []
-    for seg in segments:
+    run: list[str] = []
+    for seg in [*segments, None]:
         if isinstance(seg, str):
-            if not seg:
-                continue
-            if parts and isinstance(parts[-1], str):
-                # Only text content parts meet here; joined they must not spell out a
-                # placeholder, or the placeholder style could not write them back.
-                parts[-1] += seg
-                if PLACEHOLDER in parts[-1]:
-                    raise _Invalid(
-                        f"{where}.content: text parts join up into {PLACEHOLDER}; "
-                        "in content parts an image is an image_url part"
-                    )
-                continue
-        parts.append(seg)
+            if seg:
+                run.append(seg)
+            continue
+        if run:
+            text = "".join(run)
+            # Only text content parts meet here; joined they must not spell out a
+            # placeholder, or the placeholder style could not write them back.
+            if len(run) > 1 and PLACEHOLDER in text:
+                raise _Invalid(
+                    f"{where}.content: text parts join up into {PLACEHOLDER}; "
+                    "in content parts an image is an image_url part"
+                )
+            parts.append(text)
+            run = []
+        if seg is not None:
+            parts.append(seg)
     return tuple(parts)
 
 
 def _show(value: object) -> str:
-    text = repr(value) if isinstance(value, str) else json_type(value)
+    return _cut(repr(value) if isinstance(value, str) else json_type(value))
+
+
+def _cut(text: str) -> str:
     return text if len(text) <= 40 else text[:37] + "..."

@@ -2,19 +2,22 @@
 
 Where the bytes are: a path under the image root (never outside it, whatever ``..``,
 absolute paths or symlinks say), a base64 ``data:`` URI, or an http(s) URL when
-remote images are allowed (see ``remote.py``).
+remote images are allowed (see ``remote.py``). The image root itself must stay in the
+volume that holds it (``resolve_image_root``).
 
 What is checked: the encoded size, the format (JPEG, PNG or WEBP), the pixel count
-(decompression bombs are refused from the header, before anything is decoded) and
-the mode. The default check reads only the header: PIL's ``Image.open`` is lazy, and
-a data URI is decoded from base64 only as far as PIL reads (``Base64Reader``), so a
-10 MB embedded PNG costs a scan of its characters and a few kilobytes of decoding.
-``deep=True`` decodes every image fully.
+and a JPEG's number of scans (decompression bombs and scan bombs are refused before
+anything is decoded) and the mode. The default check decodes no pixels: PIL's
+``Image.open`` is lazy and reads the header only, and a data URI is decoded from
+base64 only as far as it is read (``Base64Reader``), so a 10 MB embedded PNG costs a
+scan of its characters and a few kilobytes of decoding. A JPEG is read to its end, to
+count its scans from its markers. ``deep=True`` decodes every image fully.
 """
 
 from __future__ import annotations
 
 import binascii
+import errno
 import io
 import os
 import re
@@ -38,10 +41,30 @@ TRAINING_MODES: Final = ("RGB", "RGBA")
 MAX_IMAGE_PIXELS: Final = 89_478_485
 """Most pixels an image may declare (PIL's own default, about 9459 x 9459). Larger
 headers are refused as decompression bombs without decoding anything."""
+MAX_JPEG_SCANS: Final = 100
+"""Most scans a JPEG may have. Decoding makes a pass over the whole image for each scan
+of a progressive JPEG, so a small file that repeats a scan tens of thousands of times
+costs CPU-minutes (a scan bomb). libjpeg's standard progression has 10 scans (6 for
+greyscale) and encoders that tune theirs (mozjpeg, jpegrescan) stay near that. At this
+limit a JPEG makes ten times the passes of libjpeg's progression, and training decodes
+it once per run (``training.images.ImageFitter``). libjpeg-turbo can refuse more scans
+(``djpeg -maxscans``, ``TJPARAM_SCANLIMIT``) but is unlimited by default, and Pillow
+sets no limit."""
 
 _B64_ALPHABET: Final = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 _B64_BAD_CHAR: Final = re.compile(r"[^A-Za-z0-9+/=]")
 _URL_SCHEME: Final = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
+# A marker as libjpeg finds one: 0xFF, then a code that is neither a stuffed zero nor
+# another 0xFF (fill bytes before a marker are skipped the same way).
+_JPEG_MARKER: Final = re.compile(rb"\xff[^\x00\xff]")
+_JPEG_WITHOUT_LENGTH: Final = frozenset({0x01, *range(0xD0, 0xD9)})  # TEM, RST0-7, SOI
+_JPEG_EOI: Final = 0xD9
+_JPEG_SOS: Final = 0xDA
+_JPEG_READ: Final = 1 << 16
+
+
+class ImageRootError(OSError):
+    """The image root lies outside the volume that holds it."""
 
 
 class ImageProblem(Exception):
@@ -69,8 +92,44 @@ class ImageCheck:
 # --- where the bytes are ---------------------------------------------------------
 
 
+def resolve_image_root(root: str | Path) -> Path:
+    """The image root with its symlinks resolved, which must be a folder in the volume
+    that holds it (``volume_of``): a root that is, or passes through, a symlink out of
+    the volume would let image paths read anything in the container.
+
+    Raises ``FileNotFoundError`` or ``NotADirectoryError`` for a root that is missing
+    or not a folder, and ``ImageRootError`` (naming the root) for one outside its
+    volume; all are ``OSError``."""
+    nominal = Path(os.path.abspath(root))
+    resolved = Path(os.path.realpath(nominal, strict=True))
+    if not resolved.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(root))
+    volume = volume_of(nominal)
+    if not resolved.is_relative_to(volume):
+        raise ImageRootError(
+            f"the image root {root} resolves to {resolved}, outside its volume {volume}"
+        )
+    return resolved
+
+
+def volume_of(path: Path) -> Path:
+    """The mount point that the absolute ``path`` lies in as written: the deepest one
+    among its leading folders up to the first symlink. In a pod that is the dataset's
+    volume (every volume is mounted); a symlink is not followed, since its target may
+    be any mount in the container."""
+    volume = current = Path(path.anchor)
+    for part in path.parts[1:]:
+        current = current / part
+        if current.is_symlink():
+            break
+        if os.path.ismount(current):
+            volume = current
+    return volume
+
+
 def resolve_image_path(source: str, root: Path) -> Path:
-    """The file ``source`` names, which must lie under ``root`` (already resolved).
+    """The file ``source`` names, which must lie under ``root`` (as
+    ``resolve_image_root`` returns it).
 
     Relative paths resolve under the root. Absolute paths are accepted only when they
     point inside it, so a dataset cannot read the validator's or trainer's files."""
@@ -256,7 +315,59 @@ def _open_header(fp: BinaryIO) -> Image.Image:
         )
     if width < 1 or height < 1:
         raise ImageProblem(f"the image is {width} x {height} pixels")
+    if im.format == "JPEG":
+        _check_scans(fp)
     return im
+
+
+def _check_scans(fp: BinaryIO) -> None:
+    header_end = fp.tell()
+    fp.seek(0)
+    scans = jpeg_scans(fp, MAX_JPEG_SCANS)
+    fp.seek(header_end)  # where PIL's lazy image left it
+    if scans > MAX_JPEG_SCANS:
+        raise ImageProblem(
+            f"refused as a possible scan bomb: the JPEG has more than {MAX_JPEG_SCANS} "
+            "scans, and decoding costs a pass over the whole image for each"
+        )
+
+
+def jpeg_scans(fp: BinaryIO, stop_after: int) -> int:
+    """How many scans (SOS segments) the JPEG that ``fp`` reads has, counting no further
+    than ``stop_after + 1``. Nothing is decoded: the markers are walked as libjpeg reads
+    them. A segment's body is skipped by its length (an EXIF thumbnail's scans are not
+    the image's), and the bytes after it (a scan's entropy-coded data, or stray bytes)
+    are searched for the next marker, up to the end of the image (EOI)."""
+    buf, pos, scans = b"", 0, 0
+    while scans <= stop_after:
+        found = _JPEG_MARKER.search(buf, pos)
+        if found is None:
+            # A final 0xFF not yet passed may start a marker that the next read ends.
+            tail = buf[max(pos, len(buf) - 1) :]
+            chunk = fp.read(_JPEG_READ)
+            if not chunk:
+                return scans
+            buf, pos = (tail if tail == b"\xff" else b"") + chunk, 0
+            continue
+        pos = found.end()
+        code = buf[pos - 1]
+        if code == _JPEG_EOI:
+            return scans
+        if code in _JPEG_WITHOUT_LENGTH:
+            continue
+        while len(buf) - pos < 2:
+            chunk = fp.read(_JPEG_READ)
+            if not chunk:
+                return scans
+            buf, pos = buf[pos:] + chunk, 0
+        scans += code == _JPEG_SOS
+        # The length counts its own two bytes; libjpeg consumes those even when it
+        # says less.
+        pos += max(2, int.from_bytes(buf[pos : pos + 2], "big"))
+        if pos > len(buf):
+            fp.seek(pos - len(buf), io.SEEK_CUR)
+            buf, pos = b"", 0
+    return scans
 
 
 def _sniff(prefix: bytes) -> str | None:
@@ -309,7 +420,8 @@ def _inspect(source: _Source, *, deep: bool) -> tuple[ImageInfo, list[str]]:
 def check_image(
     ref: ImageRef, image_root: Path, limits: DatasetLimits, *, deep: bool = False
 ) -> ImageCheck:
-    """Check one image; never raises. ``image_root`` must be resolved already."""
+    """Check one image; never raises. ``image_root`` is as ``resolve_image_root``
+    returns it (validation resolves it once, not for every image)."""
     try:
         source = _locate(ref, image_root, limits, lazy=not deep)
         info, warns = _inspect(source, deep=deep)
@@ -324,11 +436,11 @@ def open_image(
     ref: ImageRef, image_root: Path, limits: DatasetLimits | None = None, *, line: int = 0
 ) -> Image.Image:
     """The image, decoded (``load()`` done) but not converted: under the same rules
-    as validation (root confinement, size cap, remote rules, format, pixel cap).
-    Raises ``DatasetError`` naming ``line``."""
+    as validation (root confinement, size cap, remote rules, format, pixel and scan
+    caps). Raises ``DatasetError`` naming ``line``."""
     limits = limits or DatasetLimits()
     try:
-        source = _locate(ref, Path(image_root).resolve(), limits, lazy=False)
+        source = _locate(ref, _root_for(ref, image_root), limits, lazy=False)
         with source.open() as fp:
             data = io.BytesIO(fp.read())
         im = _open_header(data)
@@ -349,7 +461,7 @@ def image_bytes(
     (for ``convert --embed-images``). Raises ``DatasetError`` naming ``line``."""
     limits = limits or DatasetLimits()
     try:
-        source = _locate(ref, Path(image_root).resolve(), limits, lazy=False)
+        source = _locate(ref, _root_for(ref, image_root), limits, lazy=False)
         with source.open() as fp:
             data = fp.read()
         im = _open_header(io.BytesIO(data))
@@ -360,6 +472,21 @@ def image_bytes(
             line, f"{describe(ref)}: image file cannot be read: {exc.strerror or exc}"
         ) from None
     return data, ALLOWED_FORMATS[str(im.format)]
+
+
+def _root_for(ref: ImageRef, image_root: str | Path) -> Path:
+    """The root a reference resolves under: ``resolve_image_root``'s for a path; a data
+    URI or URL reads nothing under it, so a missing root does not matter to them."""
+    if ref.kind != "path":
+        return Path(image_root)
+    try:
+        return resolve_image_root(image_root)
+    except ImageRootError as exc:
+        raise ImageProblem(str(exc)) from None
+    except OSError as exc:
+        raise ImageProblem(
+            f"the image root {image_root} cannot be used: {exc.strerror or exc}"
+        ) from None
 
 
 def describe(ref: ImageRef) -> str:

@@ -1,13 +1,16 @@
 """JSON Lines at the byte level: split a stream into numbered lines, decode one line,
 encode one record.
 
-Lines are read with a length cap, so memory depends on the longest line allowed,
-never on the file size. orjson is used when it is installed (it parses the long
-base64 strings of embedded images about twice as fast as the standard library);
-both paths accept and reject the same documents. One difference remains: orjson
-reads an integer beyond 64 bits as a float. No field kubetune interprets can hold
-one; for carried-through metadata the reader re-reads such a line with the
-standard library (``may_have_lost_digits``), so convert keeps every digit.
+Memory depends on the longest line allowed, never on the file size, and that
+allowance comes from the memory the process may use (``LineBudget``): a line too
+long, or holding too many JSON values, for the memory it would take to check is an
+error naming the line, not an out-of-memory kill. orjson is used when it is
+installed (it parses the long base64 strings of embedded images about twice as fast
+as the standard library); both paths accept and reject the same documents. One
+difference remains: orjson reads an integer beyond 64 bits as a float. No field
+kubetune interprets can hold one; for carried-through metadata the reader re-reads
+such a line with the standard library (``may_have_lost_digits``), so convert keeps
+every digit.
 """
 
 from __future__ import annotations
@@ -27,15 +30,98 @@ except ImportError:  # pragma: no cover - exercised when orjson is absent
 
 BOM = b"\xef\xbb\xbf"
 
-DEFAULT_MAX_LINE_BYTES = 256 * 1024 * 1024
-"""Longest line read. A line is one example, so this bounds the memory one example
-may take; embedded images beyond it should be files next to the JSONL instead."""
+MAX_NESTING = 64
+"""Deepest nesting of arrays and objects in a line. The chat formats need 6 levels;
+the cap keeps every recursive reader and writer of a value (orjson writes 255
+levels at most, the standard library fails near 1000) far from its limit."""
+
+DEFAULT_MEMORY_LIMIT = 1 << 30
+"""The memory a reader may use unless told otherwise: the validation Job pod's
+limit (the operator's ``resources/dataset/validation_job.py``)."""
+
+RESERVED_MEMORY = 160 << 20
+"""Memory that is not the line's: the interpreter with the validator's modules
+(about 40 MiB), the duplicate table at its 3,000,000-line limit (up to 72 MiB
+while it grows), the stored problems and the image check cache."""
+
+BYTE_COST = 5
+"""Bytes of memory per byte of an ASCII line without ``\\u`` escapes, with a margin:
+the line, its decoded strings and the copies an embedded image's check makes
+(measured 4.0: a 40 MiB data: URI line costs 160 MiB)."""
+
+WIDE_BYTE_COST = 10
+"""The same for other lines: one character beyond Latin-1 makes a whole string take
+4 bytes a character (measured 9.0: a 40 MiB data: URI with one emoji costs 360 MiB,
+as does an assistant reply with one that is not valid JSON)."""
+
+VALUE_COST = 160
+"""Bytes of memory per JSON value, with a margin, where values are counted as the
+line's ``{ [ , :`` bytes (measured at most 145: an image placeholder with its entry
+in ``images``; 41 for the ``{}`` of ``[{},{},...]``, 98 for small nested objects)."""
 
 _CHUNK = 4 << 20  # bytes per read
 
 
 class Hasher(Protocol):
     def update(self, data: bytes, /) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class LineBudget:
+    """What one line may cost to read and check, given the memory the process may use.
+
+    A line needs about ``BYTE_COST`` bytes a byte (``WIDE_BYTE_COST`` with non-ASCII
+    text or ``\\u`` escapes) plus ``VALUE_COST`` a JSON value (each object, array,
+    string and number becomes a Python object). Lines are looked at, by a few C-speed
+    scans, only when they are long enough for that to matter: the limits are
+    estimates from measurements, set so that the pod is never the one to say no."""
+
+    memory_limit: int = DEFAULT_MEMORY_LIMIT
+
+    @property
+    def line_memory(self) -> int:
+        return max(self.memory_limit - RESERVED_MEMORY, 0)
+
+    @property
+    def max_bytes(self) -> int:
+        """The longest line worth holding: an ASCII one, the cheapest kind."""
+        return self.line_memory // BYTE_COST
+
+    def too_long(self, wide: bool = False) -> str:
+        cap = self.line_memory // (WIDE_BYTE_COST if wide else BYTE_COST)
+        kind = "with non-ASCII text or \\u escapes " if wide else ""
+        return (
+            f"line is longer than {cap:,} bytes, the most one line {kind}may have in "
+            f"{_size(self.memory_limit)} of memory; keep large images in files next to the JSONL"
+        )
+
+    def problem(self, data: bytes) -> str | None:
+        """Why the line ``data`` is too costly to decode and check, or None."""
+        if len(data) * (WIDE_BYTE_COST + VALUE_COST) <= self.line_memory:
+            return None  # fits whatever it holds
+        wide = not data.isascii() or b"\\u" in data
+        per_byte = WIDE_BYTE_COST if wide else BYTE_COST
+        if len(data) * per_byte > self.line_memory:
+            return self.too_long(wide)
+        values = sum(data.count(c) for c in (b"{", b"[", b",", b":"))
+        need = len(data) * per_byte + values * VALUE_COST
+        if need <= self.line_memory:
+            return None
+        return (
+            f"line holds about {values:,} JSON values; reading them would take about "
+            f"{_size(need)}, more than one line may use in {_size(self.memory_limit)} of "
+            "memory; split the line up"
+        )
+
+
+DEFAULT_BUDGET = LineBudget()
+
+
+def _size(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):,.4g} {unit}"
+    return f"{n:,} bytes"
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,17 +133,15 @@ class Line:
 
 
 def iter_lines(
-    fp: BinaryIO, *, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, digest: Hasher | None = None
+    fp: BinaryIO, *, budget: LineBudget = DEFAULT_BUDGET, digest: Hasher | None = None
 ) -> Iterator[Line | Problem]:
     """Yield each line, or a problem for a blank (warning) or over-long (error) line.
 
     ``digest`` is fed every byte of the file, so one pass gives the file's hash too.
     """
-    for number, data in enumerate(_split_lines(fp, max_line_bytes, digest), 1):
+    for number, data in enumerate(_split_lines(fp, budget.max_bytes, digest), 1):
         if data is None:
-            yield Problem(
-                number, f"line is longer than {max_line_bytes:,} bytes; keep large images in files"
-            )
+            yield Problem(number, budget.too_long())
             continue
         if number == 1 and data.startswith(BOM):
             data = data[len(BOM) :]
@@ -90,7 +174,8 @@ def _split_lines(
                 yield None
             elif held:
                 held.append(chunk[start:end])
-                yield b"".join(held)
+                line, held = b"".join(held), []  # the pieces go before the line is used
+                yield line
             else:
                 yield chunk[start:end]
             held, held_size, too_long = [], 0, False
@@ -104,7 +189,8 @@ def _split_lines(
     if too_long:
         yield None
     elif held:
-        yield b"".join(held)
+        line, held = b"".join(held), []
+        yield line
 
 
 def _reject_constant(name: str) -> Any:
@@ -115,6 +201,9 @@ def _reject_constant(name: str) -> Any:
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
+_TOO_DEEP = f"arrays and objects nest more than {MAX_NESTING} levels deep"
+
+
 def decode_line(data: bytes) -> tuple[Any, str | None]:
     """Parse one line as strict UTF-8 JSON: ``(value, None)`` or ``(None, message)``.
 
@@ -123,22 +212,60 @@ def decode_line(data: bytes) -> tuple[Any, str | None]:
     the same whether orjson is installed or not."""
     if orjson is not None:
         try:
-            return orjson.loads(data), None
+            value = orjson.loads(data)
         except orjson.JSONDecodeError:
             pass
+        else:
+            return (None, _TOO_DEEP) if _too_deep(data, value) else (value, None)
     return _decode_stdlib(data)
+
+
+def _too_deep(data: bytes, value: Any) -> bool:
+    # Counting brackets (a C-speed scan) spares most lines the walk: a line with no
+    # more than MAX_NESTING of them cannot nest deeper.
+    if data.count(b"[") + data.count(b"{") <= MAX_NESTING:
+        return False
+    return nests_deeper(value, MAX_NESTING)
+
+
+def nests_deeper(value: Any, limit: int) -> bool:
+    """Whether arrays and objects in ``value`` (decoded JSON) nest more than ``limit``
+    levels deep. Without recursion, and with memory for ``limit`` iterators at most;
+    exact type tests and skipping empty containers make it a few times faster on
+    lines of millions of tiny values."""
+    if type(value) is not dict and type(value) is not list:
+        return False
+    stack = [iter(value.values() if type(value) is dict else value)]
+    while stack:
+        for child in stack[-1]:
+            kind = type(child)
+            if kind is dict or kind is list:
+                if len(stack) >= limit:
+                    return True
+                if child:
+                    stack.append(iter(child.values() if kind is dict else child))
+                    break
+        else:
+            stack.pop()
+    return False
 
 
 def may_have_lost_digits(value: Any) -> bool:
     """Whether ``value`` holds a float that orjson may have made from an integer too
     big for 64 bits (it does that silently); then the line is worth re-reading with
-    ``decode_line_exact``."""
-    if isinstance(value, float):
-        return abs(value) >= 2.0**63
-    if isinstance(value, dict):
-        return any(may_have_lost_digits(v) for v in value.values())
-    if isinstance(value, list | tuple):
-        return any(may_have_lost_digits(v) for v in value)
+    ``decode_line_exact``. Walked like ``nests_deeper``."""
+    stack = [iter((value,))]
+    while stack:
+        for item in stack[-1]:
+            kind = type(item)
+            if kind is float:
+                if abs(item) >= 2.0**63:
+                    return True
+            elif kind is dict or kind is list or kind is tuple:
+                stack.append(iter(item.values() if kind is dict else item))
+                break
+        else:
+            stack.pop()
     return False
 
 
@@ -156,8 +283,12 @@ def _decode_stdlib(data: bytes) -> tuple[Any, str | None]:
         value = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         return None, f"invalid JSON at column {exc.colno}: {exc.msg}"
-    except (ValueError, RecursionError) as exc:
+    except RecursionError:
+        return None, _TOO_DEEP
+    except ValueError as exc:
         return None, f"invalid JSON: {exc}"
+    if _too_deep(data, value):
+        return None, _TOO_DEEP
     # A lone surrogate is an escape that decodes to no character; refuse it so that
     # every accepted line can be written back out as UTF-8.
     if _SURROGATE_ESCAPE.search(data):

@@ -16,8 +16,10 @@ from kubetune_trainer.contract.job import DatasetLimits, Task
 from kubetune_trainer.data.example import Example
 from kubetune_trainer.data.formats import line_style, parse_record
 from kubetune_trainer.data.jsonl import (
-    DEFAULT_MAX_LINE_BYTES,
+    DEFAULT_BUDGET,
     Hasher,
+    Line,
+    LineBudget,
     decode_line,
     decode_line_exact,
     iter_lines,
@@ -42,54 +44,68 @@ def iter_records(
     *,
     limits: DatasetLimits | None = None,
     task: Task | None = None,
-    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    budget: LineBudget = DEFAULT_BUDGET,
     digest: Hasher | None = None,
     style: str = "auto",
 ) -> Iterator[Record | Problem]:
     """Each line's problems, then its ``Record`` if it parsed into an example. A
-    ``style`` other than "auto" makes a line written in the other style an error."""
+    ``style`` other than "auto" makes a line written in the other style an error.
+    ``budget`` says which lines are too big to check in the memory there is."""
     limits = limits or DatasetLimits()
-    for item in iter_lines(fp, max_line_bytes=max_line_bytes, digest=digest):
+    for item in iter_lines(fp, budget=budget, digest=digest):
         if isinstance(item, Problem):
             yield item
-            continue
-        line = item.number
-        value, json_error = decode_line(item.data)
-        if json_error is not None:
-            yield Problem(line, json_error)
-            continue
-        written = line_style(value) if style != "auto" else None
-        if written is not None and written != style:
-            yield Problem(
-                line, f"written in the {written} style, but the Dataset's format is {style}"
-            )
-            continue
-        parsed = parse_record(value, line)
-        if (
-            parsed.example is not None
-            and parsed.example.extra
-            and may_have_lost_digits(parsed.example.extra)
-        ):
-            parsed = parse_record(decode_line_exact(item.data)[0], line)
-        for warning in parsed.warnings:
-            yield Problem(line, warning, "warning")
-        if parsed.example is None:
-            for error in parsed.errors:
-                yield Problem(line, error)
-            continue
-        for error in example_problems(parsed.example, limits, task):
+        else:
+            # A function of its own, so that one line's values are gone before the
+            # next line is read: two at once could pass the memory budget.
+            yield from _read_line(item, limits, task, budget, style)
+
+
+def _read_line(
+    item: Line, limits: DatasetLimits, task: Task | None, budget: LineBudget, style: str
+) -> Iterator[Record | Problem]:
+    line = item.number
+    too_costly = budget.problem(item.data)
+    if too_costly is not None:
+        yield Problem(line, too_costly)
+        return
+    value, json_error = decode_line(item.data)
+    if json_error is not None:
+        yield Problem(line, json_error)
+        return
+    written = line_style(value) if style != "auto" else None
+    if written is not None and written != style:
+        yield Problem(line, f"written in the {written} style, but the Dataset's format is {style}")
+        return
+    parsed = parse_record(value, line)
+    if (
+        parsed.example is not None
+        and parsed.example.extra
+        and may_have_lost_digits(parsed.example.extra)
+    ):
+        # The first reading goes before the second: both at once could pass the
+        # line's memory budget.
+        del value, parsed
+        parsed = parse_record(decode_line_exact(item.data)[0], line)
+    for warning in parsed.warnings:
+        yield Problem(line, warning, "warning")
+    if parsed.example is None:
+        for error in parsed.errors:
             yield Problem(line, error)
-        # hash() of bytes is SipHash, keyed per process: fine for an in-run set.
-        yield Record(parsed.example, hash(item.data))
+        return
+    for error in example_problems(parsed.example, limits, task):
+        yield Problem(line, error)
+    # hash() of bytes is SipHash, keyed per process: fine for an in-run set.
+    yield Record(parsed.example, hash(item.data))
 
 
-def read_examples(path: str | Path) -> Iterator[Example]:
+def read_examples(path: str | Path, budget: LineBudget = DEFAULT_BUDGET) -> Iterator[Example]:
     """Every example of a JSONL file, in any supported format (mixed is fine), with
     ``Example.line`` set. Raises ``DatasetError`` at the first invalid line: the
-    trainer reads files that ``kubetune validate`` has accepted. Images are not
-    opened here; see ``open_image``."""
+    trainer reads files that ``kubetune validate`` has accepted (with the same
+    default budget). Images are not opened here; see ``open_image``."""
     with open(path, "rb") as fp:
-        for item in iter_records(fp):
+        for item in iter_records(fp, budget=budget):
             if isinstance(item, Record):
                 yield item.example
             elif item.is_error:

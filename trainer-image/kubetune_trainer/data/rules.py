@@ -25,7 +25,7 @@ def example_problems(
     last = turns[-1]
     if last.role != "assistant":
         problems.append(f"the last turn must be the assistant reply, not a {last.role} turn")
-    elif not last.text.strip():
+    elif _blank(last.text):
         problems.append("the assistant reply is empty")
     n_images = len(example.images)
     if n_images > limits.max_images_per_example:
@@ -45,7 +45,7 @@ def _preference_problems(example: Example) -> list[str]:
             "dpo needs a rejected reply: 'rejected_response', or 'non_preferred_output' "
             "with 'input'"
         ]
-    if not rejected.text.strip():
+    if _blank(rejected.text):
         return ["the rejected reply is empty"]
     same_images = example.rejected_images is None or [
         r.source for r in example.rejected_images
@@ -53,6 +53,12 @@ def _preference_problems(example: Example) -> list[str]:
     if rejected.parts == example.chosen.parts and same_images:
         return ["the rejected reply is the same as the chosen one"]
     return []
+
+
+def _blank(text: str) -> bool:
+    # Not ``text.strip()``: that copies a reply that has spaces at its ends, and a
+    # reply may be as long as a line.
+    return not text or text.isspace()
 
 
 def count_problem(examples: int, limits: DatasetLimits) -> str | None:

@@ -1,9 +1,11 @@
 """`kubetune validate`: one streaming pass over a JSONL file that checks every rule
 and produces a report (the JSON the operator stores in the Dataset status).
 
-Memory stays flat whatever the file size: one line at a time, 12 bytes per distinct
-line for duplicate detection (bounded, see ``duplicates.py``), at most
-``MAX_REPORTED`` stored errors and warnings, and a small cache of image checks.
+Memory stays flat whatever the file size: one line at a time, and no line costlier
+than the memory allows (``jsonl.LineBudget``); 12 bytes per distinct line for
+duplicate detection (bounded, see ``duplicates.py``); at most ``MAX_REPORTED``
+stored errors and warnings, of ``MAX_MESSAGE`` characters at most; and a small
+cache of image checks.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from kubetune_trainer.contract.summaries import (
 )
 from kubetune_trainer.data.duplicates import DEFAULT_LIMIT, FingerprintTable
 from kubetune_trainer.data.example import ImageRef
-from kubetune_trainer.data.images import ImageCheck, check_image, describe
-from kubetune_trainer.data.jsonl import DEFAULT_MAX_LINE_BYTES
+from kubetune_trainer.data.images import ImageCheck, check_image, describe, resolve_image_root
+from kubetune_trainer.data.jsonl import DEFAULT_BUDGET, LineBudget
 from kubetune_trainer.data.problems import FILE_LINE, Problem
 from kubetune_trainer.data.reader import Record, iter_records
 from kubetune_trainer.data.rules import count_problem
@@ -34,7 +36,12 @@ from kubetune_trainer.data.rules import count_problem
 MAX_REPORTED = 1000
 """Errors (and, separately, warnings) kept in the report; the rest are only counted."""
 
+MAX_MESSAGE = 1024
+"""Longest message kept in the report: a message may quote the line (a key, a path),
+and a thousand of them must not add up to a line's worth of memory each."""
+
 _IMAGE_CACHE_SIZE = 1024  # path and URL checks; repeated images are common
+_CACHED_SOURCE = 4096  # longer sources are checked afresh: the cache keeps its keys
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +119,10 @@ class _Tally:
     warning_count: int = 0
 
     def add(self, problem: Problem) -> None:
+        if len(problem.message) > MAX_MESSAGE:
+            problem = Problem(
+                problem.line, problem.message[: MAX_MESSAGE - 3] + "...", problem.severity
+            )
         if problem.is_error:
             self.error_count += 1
             if len(self.errors) < MAX_REPORTED:
@@ -129,28 +140,28 @@ def validate_file(
     image_root: str | Path | None = None,
     limits: DatasetLimits | None = None,
     deep: bool = False,
-    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    budget: LineBudget = DEFAULT_BUDGET,
     style: str = "auto",
 ) -> ValidationReport:
     """Validate a dataset file. Problems in the data go into the report; only a
-    missing file or image root raises (``OSError``), which is a usage error."""
+    missing file or image root raises (``OSError``), which is a usage error.
+    ``budget`` keeps the memory one line takes within what the process may use."""
     path = Path(path)
     limits = limits or DatasetLimits()
-    root = Path(image_root if image_root is not None else path.parent).resolve(strict=True)
-    if not root.is_dir():
-        raise NotADirectoryError(f"image root {root} is not a directory")
+    root = resolve_image_root(image_root if image_root is not None else path.parent)
     check = _image_checker(root, limits, deep)
     tally = _Tally()
     seen = FingerprintTable(min(DEFAULT_LIMIT, limits.max_examples + 1))
     digest = hashlib.sha256()
     with path.open("rb") as fp:
         for item in iter_records(
-            fp, limits=limits, task=task, max_line_bytes=max_line_bytes, digest=digest, style=style
+            fp, limits=limits, task=task, budget=budget, digest=digest, style=style
         ):
             if isinstance(item, Problem):
                 tally.add(item)
             else:
-                _check_record(item, tally, seen, check)
+                _check_record(item, tally, seen, check, limits.max_images_per_example)
+            del item  # a record may hold a line's worth of values: not while the next is read
     if seen.full:
         tally.add(
             Problem(
@@ -176,7 +187,11 @@ def validate_file(
 
 
 def _check_record(
-    record: Record, tally: _Tally, seen: FingerprintTable, check: Callable[[ImageRef], ImageCheck]
+    record: Record,
+    tally: _Tally,
+    seen: FingerprintTable,
+    check: Callable[[ImageRef], ImageCheck],
+    max_images: int,
 ) -> None:
     example = record.example
     line = example.line
@@ -191,6 +206,8 @@ def _check_record(
         tally.add(Problem(line, f"exact duplicate of line {earlier}", "warning"))
     if not images and not rejected_images:
         return
+    if len(images) > max_images:
+        return  # already an error; checking (or fetching) them all would only cost time
     for label, ref in _labelled_images(images, rejected_images):
         result = check(ref)
         for error in result.errors:
@@ -212,15 +229,16 @@ def _image_checker(
     root: Path, limits: DatasetLimits, deep: bool
 ) -> Callable[[ImageRef], ImageCheck]:
     """``check_image`` with the run's settings bound, and a small cache for paths and
-    URLs (many examples share images; a URL is then fetched once). Data URIs are
-    not cached: each is its own image, and keys that size would hold memory."""
+    URLs (many examples share images; a URL is then fetched once). Data URIs and
+    other long sources are not cached: each is its own image, and keys that size
+    would hold memory."""
 
     @functools.lru_cache(maxsize=_IMAGE_CACHE_SIZE)
     def cached(source: str) -> ImageCheck:
         return check_image(ImageRef(source), root, limits, deep=deep)
 
     def check(ref: ImageRef) -> ImageCheck:
-        if ref.kind == "data":
+        if ref.kind == "data" or len(ref.source) > _CACHED_SOURCE:
             return check_image(ref, root, limits, deep=deep)
         return cached(ref.source)
 

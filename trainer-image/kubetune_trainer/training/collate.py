@@ -2,7 +2,8 @@
 
 TRL's collators are not used for this: they take images already decoded in the dataset
 (a large dataset would sit decoded in memory; here each image is opened under the
-dataset rules and resized only when its batch is built), and they truncate at
+dataset rules and resized when its batch is built, and kept for later epochs only
+within a memory budget: images.ImageFitter), and they truncate at
 max_length wherever it falls, image tokens included, which makes a VLM fail (its image
 features must match its image tokens). The label masking itself is transformers' own:
 the chat template's ``{% generation %}`` markers, from TRL's training variant of the

@@ -317,7 +317,8 @@ def evaluate(
         trust_remote_code=trust_remote_code,
     )
     examples = list(read_examples(data))
-    root = Path(image_root) if image_root else Path(data).resolve().parent
+    # Not resolved here: the image-root guard must see a symlinked folder to refuse it.
+    root = Path(image_root) if image_root else Path(data).absolute().parent
     return score_examples(
         scorer, examples, root, max_new_tokens=max_new_tokens, batch_size=batch_size
     ).as_dict()

@@ -1,10 +1,16 @@
-"""Fit images to the pixel budget before the processor sees them."""
+"""Fit images to the pixel budget before the processor sees them, and keep them fitted
+for later epochs."""
 
 from __future__ import annotations
 
+import hashlib
+import heapq
 import math
-from dataclasses import dataclass
+import os
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Final
 
 from PIL import Image
 
@@ -42,15 +48,104 @@ def fit_to_max_pixels(image: Image.Image, max_pixels: int) -> Image.Image:
     return image.resize((new_w, new_h), Image.Resampling.BICUBIC)
 
 
+# A process keeps fitted images in at most 1/CACHE_SHARE of its memory limit, and in
+# at most CACHE_CAP bytes. Forked dataloader workers share what the main process kept
+# while planning (which opens every image), but each process may keep more of its own,
+# so at worst the main process and its train and eval workers (five processes on a GPU)
+# hold this much each: under a third of the pod's memory.
+CACHE_SHARE: Final = 16
+CACHE_CAP: Final = 8 << 30
+
+CacheKey = tuple[str, bytes]
+"""(image root, digest of the image's source)"""
+
+CGROUP_LIMITS: Final = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+"""Where a container's memory limit is read: cgroup v2, then v1."""
+
+
+def memory_limit() -> int:
+    """The memory this process may use: its cgroup's limit where one is set, else the
+    machine's."""
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit in CGROUP_LIMITS:
+        try:
+            text = Path(limit).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():  # v2 writes "max" when there is no limit
+            return min(int(text), physical)
+    return physical
+
+
+def default_cache_budget() -> int:
+    return min(memory_limit() // CACHE_SHARE, CACHE_CAP)
+
+
+class FittedImages:
+    """Fitted images kept for later epochs, within ``budget`` bytes.
+
+    When they do not all fit, the images that took the longest to open and fit for
+    the memory they hold are kept: a large or slow image (a progressive JPEG near the
+    scan limit) is then decoded once per run, and a small cheap one again when it is
+    met again. Each process keeps its own: a pickled copy (a dataloader worker that is
+    spawned rather than forked) starts empty."""
+
+    def __init__(self, budget: int | None = None) -> None:
+        self.budget = default_cache_budget() if budget is None else budget
+        self.used = 0
+        self._images: dict[CacheKey, tuple[Image.Image, int]] = {}
+        self._cheapest: list[tuple[float, CacheKey]] = []  # heap of (seconds per byte, key)
+
+    def __reduce__(self) -> tuple[type[FittedImages], tuple[int]]:
+        return type(self), (self.budget,)
+
+    def get(self, key: CacheKey) -> Image.Image | None:
+        entry = self._images.get(key)
+        return entry[0] if entry else None
+
+    def put(self, key: CacheKey, image: Image.Image, seconds: float) -> None:
+        size = image.width * image.height * 4  # PIL holds an RGB pixel in 4 bytes
+        worth = seconds / size
+        victims: list[tuple[float, CacheKey]] = []
+        freed = 0
+        while (
+            self.used - freed + size > self.budget
+            and self._cheapest
+            and self._cheapest[0][0] < worth
+        ):
+            victims.append(heapq.heappop(self._cheapest))
+            freed += self._images[victims[-1][1]][1]
+        if self.used - freed + size > self.budget:
+            for victim in victims:
+                heapq.heappush(self._cheapest, victim)
+            return
+        for _, old in victims:
+            del self._images[old]
+        self._images[key] = (image, size)
+        self.used += size - freed
+        heapq.heappush(self._cheapest, (worth, key))
+
+
 @dataclass(frozen=True)
 class ImageFitter:
-    """Opens a dataset image under the dataset rules (root confinement, size caps, no
-    remote URLs) and fits it to ``max_pixels``: the collator's ImageLoader. A class,
-    not a closure, so that dataloader worker processes can receive it."""
+    """Opens a dataset image under the dataset rules (root confinement, size, pixel and
+    scan caps, no remote URLs) and fits it to ``max_pixels``: the collator's
+    ImageLoader. Planning opens every image once, and each epoch's batches open them
+    again, so fitted images are kept (``FittedImages``) and a run decodes each once
+    while they fit in memory. A class, not a closure, so that dataloader worker
+    processes can receive it."""
 
     max_pixels: int
+    cache: FittedImages = field(default_factory=FittedImages, compare=False, repr=False)
 
     def __call__(self, source: str, root: str, line: int) -> Image.Image:
-        return fit_to_max_pixels(
-            open_image(ImageRef(source), Path(root), line=line), self.max_pixels
-        )
+        # A data: URI can be megabytes long: its digest is the key, not the text.
+        key = (root, hashlib.blake2b(source.encode("utf-8", "surrogatepass")).digest())
+        fitted = self.cache.get(key)
+        if fitted is None:
+            started = time.perf_counter()
+            fitted = fit_to_max_pixels(
+                open_image(ImageRef(source), Path(root), line=line), self.max_pixels
+            )
+            self.cache.put(key, fitted, time.perf_counter() - started)
+        return fitted

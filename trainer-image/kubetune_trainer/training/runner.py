@@ -91,7 +91,8 @@ def verify_dataset(config: TrainingConfig) -> None:
 
 
 def image_root(config: TrainingConfig, dataset: str) -> Path:
-    return Path(config.image_root) if config.image_root else Path(dataset).resolve().parent
+    # Not resolved here: the image-root guard must see a symlinked folder to refuse it.
+    return Path(config.image_root) if config.image_root else Path(dataset).absolute().parent
 
 
 def split_data(config: TrainingConfig) -> tuple[list[Any], Path, list[Any], Path]:
@@ -129,15 +130,14 @@ def run(config: TrainingConfig, *, callbacks: Sequence[TrainerCallback] = ()) ->
     try:
         report = _train(config, metrics, callbacks)
     except Exception as exc:
-        if isinstance(exc, DatasetError | JobError | FetchError):
-            log.error("training failed: %s", exc)  # not a bug: no traceback
+        code, message = outcome(exc)
+        if code == EXIT_CANNOT_SUCCEED or isinstance(exc, FetchError):
+            log.error("training failed: %s", message)  # not a bug: no traceback
         else:
             log.exception("training failed")
         if main:
-            write_termination_log(
-                config.termination_log, failure_summary(f"{type(exc).__name__}: {exc}")
-            )
-        return EXIT_CANNOT_SUCCEED if isinstance(exc, DatasetError | JobError) else EXIT_FAILED
+            write_termination_log(config.termination_log, failure_summary(message))
+        return code
     finally:
         if stop_metrics:
             stop_metrics()
@@ -166,6 +166,25 @@ def run(config: TrainingConfig, *, callbacks: Sequence[TrainerCallback] = ()) ->
             done.output_dir,
         )
     return 0
+
+
+_IN_A_WORKER = f"Caught {DatasetError.__name__} in DataLoader worker"
+
+
+def outcome(exc: Exception) -> tuple[int, str]:
+    """The exit code and the message for a run that raised ``exc``: EXIT_CANNOT_SUCCEED
+    when the data or the settings are at fault (a retry, on a new GPU pod, would fail
+    the same way), else EXIT_FAILED."""
+    if isinstance(exc, DatasetError | JobError):
+        return EXIT_CANNOT_SUCCEED, f"{type(exc).__name__}: {exc}"
+    text = str(exc)
+    if isinstance(exc, RuntimeError) and text.startswith(_IN_A_WORKER):
+        # A DataLoader worker (where images are opened) hands its exception back as a
+        # RuntimeError holding the traceback when torch cannot rebuild it, as with
+        # DatasetError's two arguments; the traceback's last line is the error.
+        last = text.rstrip().rsplit("\n", 1)[-1]
+        return EXIT_CANNOT_SUCCEED, f"{DatasetError.__name__}: {last.split(': ', 1)[-1]}"
+    return EXIT_FAILED, f"{type(exc).__name__}: {exc}"
 
 
 def _checkpoint_to_resume(config: TrainingConfig) -> Path | None:
