@@ -174,6 +174,17 @@ class Api:
             API_ERRORS.labels(str(exc.status)).inc()
             log.warning("could not post Event %s: %s", body["reason"], exc.reason)
 
+    # Objects a spec names ------------------------------------------------------------
+
+    def exists(self, kind: str, namespace: str, name: str) -> bool:
+        """Whether the ConfigMap or PersistentVolumeClaim exists (metadata only: a
+        ConfigMap's data is not the operator's to read)."""
+        read = {
+            "ConfigMap": self.core.read_namespaced_config_map,
+            "PersistentVolumeClaim": self.core.read_namespaced_persistent_volume_claim,
+        }[kind]
+        return _or_none(lambda: _drained(read(name, namespace, **METADATA_ONLY))) is not None
+
     # Jobs, pods and their companions ----------------------------------------------
 
     def get_job(self, namespace: str, name: str) -> Manifest | None:
@@ -309,6 +320,11 @@ class Api:
 # The raw JSON of a response: the client's typed models cost more CPU to build (and to
 # turn back into dicts) than the operator's whole reconcile.
 RAW: dict[str, Any] = {"_preload_content": False}
+# Only the object's metadata comes back (the API server's PartialObjectMetadata).
+METADATA_ONLY: dict[str, Any] = {
+    **RAW,
+    "_headers": {"Accept": "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"},
+}
 
 
 def _json(response: Any) -> Any:

@@ -11,6 +11,7 @@ import pytest
 from kubetune_operator.api.dataset import DatasetSpec
 from kubetune_operator.api.finetunejob import FineTuneJobSpec
 from kubetune_operator.api.modeldeployment import ModelDeploymentSpec
+from kubetune_operator.resources import references
 from kubetune_operator.resources.actions import (
     Activate,
     Apply,
@@ -1020,3 +1021,80 @@ def test_a_queued_run_s_evaluation_job_waits_for_kueue_with_the_spec_s_placement
     assert waiting.status.fields["evaluation"]["message"] == (
         "waiting for Kueue to admit the evaluation Job"
     )
+
+
+# Missing references ------------------------------------------------------------------
+
+
+def test_a_dataset_whose_configmap_is_missing_says_so_and_makes_no_job() -> None:
+    spec = {"source": {"configMap": {"name": "shapes-data", "key": "train.jsonl"}}}
+    body = {**ds_body(), "spec": spec}
+    refs = references.of_dataset(DatasetSpec.model_validate(spec))
+    assert refs == (references.Reference("ConfigMap", "shapes-data", "spec.source.configMap.name"),)
+    waiting = dataset.decide(ds_seen(body, missing=refs), SETTINGS)
+    assert waiting.actions == ()
+    assert status_of(waiting) == ("Pending", "ConfigMapNotFound", None)
+    assert waiting.status is not None
+    assert waiting.status.fields["message"] == (
+        "ConfigMap 'shapes-data' (spec.source.configMap.name) does not exist in namespace "
+        "'team'; waiting for it to be created"
+    )
+    # Once it exists, validation starts.
+    assert creates(dataset.decide(ds_seen(body), SETTINGS)) == ["ServiceAccount", "Job"]
+
+
+def test_a_run_whose_claims_are_missing_names_them_and_makes_nothing() -> None:
+    body = ftj_body(
+        baseModel={"name": "m", "source": {"pvc": {"claimName": "models", "path": "m"}}},
+    )
+    refs = references.of_finetunejob(FineTuneJobSpec.model_validate(body["spec"]))
+    assert [(r.name, r.field) for r in refs] == [
+        ("models", "spec.baseModel.source.pvc.claimName"),
+        ("models", "spec.outputModel.storage.pvc.claimName"),
+    ]
+    decision = ftj_decide(body, datasets={"train": dataset_in("Ready")}, missing=refs[1:])
+    assert decision.actions == ()
+    assert status_of(decision) == ("Pending", "PersistentVolumeClaimNotFound", None)
+    assert decision.status is not None
+    assert (
+        "PersistentVolumeClaim 'models' (spec.outputModel.storage.pvc.claimName)"
+        in (decision.status.fields["message"])
+    )
+    # Datasets are waited for first: they name what is missing more precisely.
+    waiting = ftj_decide(body, datasets={"train": None}, missing=refs)
+    assert status_of(waiting)[:2] == ("WaitingForDataset", "DatasetNotFound")
+
+
+def test_out_of_memory_advice_names_only_fields_of_the_kind_that_ran() -> None:
+    oom = {
+        "metadata": {"name": "p", "creationTimestamp": A_MINUTE_AGO},
+        "spec": {"containers": [{}]},
+        "status": {
+            "phase": "Failed",
+            "containerStatuses": [
+                {"state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}
+            ],
+        },
+    }
+    crashed = job("ds-1", "shapes-validate-1", FAILED)
+    validation = dataset.decide(ds_seen(ds_body(), job=crashed, pods=[oom]), SETTINGS)
+    assert status_of(validation)[:2] == ("Failed", "ValidationFailed")
+    assert validation.status is not None
+    message = validation.status.fields["message"]
+    assert "validator ran out of memory" in message
+    assert "resources.memory" not in message and "batchSize" not in message
+    training = ftj_decide(
+        ftj_body({"phase": "Running"}), job=job("ftj-1", "run-train", FAILED), pods=[oom]
+    )
+    assert training.status is not None
+    assert "hyperparameters.batchSize" in training.status.fields["message"]
+    spec = {"validation": {"split": 0.25}}
+    scoring = {"phase": "Succeeded", "observedGeneration": 1, "evaluation": {"phase": "Running"}}
+    evaluation = ftj_decide(
+        ftj_body(scoring, **spec),
+        job=trained_job(**spec),
+        evaluation_job=job("ftj-1", "run-evaluate", FAILED),
+        evaluation_pods=[oom],
+    )
+    assert evaluation.status is not None
+    assert "evaluation.maxExamples" in evaluation.status.fields["evaluation"]["message"]

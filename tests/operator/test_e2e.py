@@ -274,6 +274,51 @@ def test_a_trainer_whose_metrics_trickle_holds_up_no_other_run(
             metrics.close()
 
 
+def test_a_dataset_names_its_missing_configmap_at_once_and_goes_on_when_it_appears(
+    kubectl: Kubectl, ns: str, operator: Operator
+) -> None:
+    late = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "Dataset",
+        "metadata": {"name": "late"},
+        "spec": {
+            "source": {"configMap": {"name": "late-data", "key": "train.jsonl"}},
+            "limits": {"minExamples": 3},
+        },
+    }
+    kubectl.apply(late, "-n", ns)
+    waiting = wait_ready_reason(
+        operator, kubectl, "kds", ns, "late", "ConfigMapNotFound", "the missing ConfigMap named"
+    )
+    assert waiting["phase"] == "Pending"
+    assert (
+        "ConfigMap 'late-data' (spec.source.configMap.name) does not exist" in (waiting["message"])
+    )
+    assert not kubectl.get("jobs", "-n", ns, "-l", "kubetune.io/dataset=late")["items"]
+    lines = [
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": f"say {word}"},
+                    {"role": "assistant", "content": word},
+                ]
+            }
+        )
+        for word in ("red", "green", "blue")
+    ]
+    data = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "late-data"},
+        "data": {"train.jsonl": "".join(f"{line}\n" for line in lines)},
+    }
+    kubectl.apply(data, "-n", ns)
+    ready = wait_phase(
+        operator, kubectl, "kds", ns, "late", ("Ready", "Invalid", "Failed"), 120, "validation"
+    )
+    assert (ready["phase"], ready["examples"]) == ("Ready", 3), ready
+
+
 def test_pods_are_created_by_the_job_controller_and_placed_by_the_scheduler(
     kubectl: Kubectl, ns: str, operator: Operator
 ) -> None:

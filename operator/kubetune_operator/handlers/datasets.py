@@ -13,6 +13,7 @@ from kubetune_operator.handlers import finetunejobs
 from kubetune_operator.handlers.act import plain, reconcile_object, reconciling, resync_each
 from kubetune_operator.handlers.context import Context, context_of, now
 from kubetune_operator.observability import PHASES
+from kubetune_operator.resources import references
 from kubetune_operator.resources.common import LABEL_DATASET, Manifest, owner_name
 from kubetune_operator.resources.conditions import unobserved
 from kubetune_operator.resources.dataset.decide import (
@@ -41,8 +42,9 @@ def reconcile(ctx: Context, namespace: str, name: str) -> None:
 
 def observe(ctx: Context, ds: Manifest, spec: DatasetSpec, found: Manifest | None) -> Observed:
     """The validation Job of the current generation (``found``, when a create ran into
-    it) with its pods, and the Jobs of earlier generations when a new one is due: only
-    a new generation makes them stale, so they are looked for only then."""
+    it) with its pods, and when a new one is due the Jobs of earlier generations (only
+    a new generation makes them stale, so they are looked for only then) and whether
+    what the spec names exists."""
     meta = ds["metadata"]
     namespace, name = meta["namespace"], current_job_name(ds)
     job = found if found is not None else ctx.api.get_job(namespace, name)
@@ -50,7 +52,16 @@ def observe(ctx: Context, ds: Manifest, spec: DatasetSpec, found: Manifest | Non
         ctx.api.list_jobs(namespace, f"{LABEL_DATASET}={meta['name']}") if job_due(ds, job) else []
     )
     pods = ctx.api.job_pods(namespace, name) if job is not None else []
-    return Observed(ds, spec, now(), job=job, pods=pods, earlier_jobs=earlier)
+    missing = (
+        [
+            ref
+            for ref in references.of_dataset(spec)
+            if not ctx.api.exists(ref.kind, namespace, ref.name)
+        ]
+        if job_due(ds, job)
+        else []
+    )
+    return Observed(ds, spec, now(), job=job, pods=pods, earlier_jobs=earlier, missing=missing)
 
 
 @kopf.on.event(GROUP, VERSION, DATASET.plural)

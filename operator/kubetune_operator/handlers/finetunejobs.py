@@ -15,6 +15,7 @@ from kubetune_operator.handlers import modeldeployments
 from kubetune_operator.handlers.act import plain, reconcile_object, reconciling, resync_each
 from kubetune_operator.handlers.context import Context, context_of, now
 from kubetune_operator.observability import PHASES
+from kubetune_operator.resources import references
 from kubetune_operator.resources.common import LABEL_FINETUNEJOB, Manifest, owned_by
 from kubetune_operator.resources.conditions import unobserved
 from kubetune_operator.resources.finetunejob import evaluation as ev
@@ -98,11 +99,15 @@ def observe(
             namesake = current
     if namesake is not None:
         return Observed(ftj, spec, at, namesake=namesake)
-    datasets = (
-        {ds: ctx.dataset(namespace, ds) for ds in dataset_roles(spec)}
-        if needs_datasets(ftj, job)
-        else {}
-    )
+    datasets: dict[str, Manifest | None] = {}
+    missing: list[references.Reference] = []
+    if needs_datasets(ftj, job):
+        datasets = {ds: ctx.dataset(namespace, ds) for ds in dataset_roles(spec)}
+        missing = [
+            ref
+            for ref in references.of_finetunejob(spec)
+            if not ctx.api.exists(ref.kind, namespace, ref.name)
+        ]
     pods = (
         ctx.api.job_pods(namespace, job["metadata"]["name"]) if job and may_have_pods(job) else []
     )
@@ -145,6 +150,7 @@ def observe(
         workload=workload,
         evaluation_job=evaluation_job,
         evaluation_pods=evaluation_pods,
+        missing=missing,
     )
 
 

@@ -152,8 +152,23 @@ def _metrics_port(pod: Mapping[str, Any]) -> int | None:
     return None
 
 
+# What a run out of memory should change, by what ran: only fields its kind has.
+TRAINING_OOM = (
+    "the trainer ran out of memory (OOMKilled); raise resources.memory, or lower "
+    "hyperparameters.batchSize, maxContextLength or maxPixels"
+)
+EVALUATION_OOM = (
+    "the evaluation ran out of memory (OOMKilled); raise resources.memory, or lower "
+    "evaluation.maxExamples or hyperparameters.maxPixels"
+)
+VALIDATION_OOM = (
+    "the validator ran out of memory (OOMKilled); split the dataset's largest lines or "
+    "images, or ask the platform team to raise the validation pod's memory"
+)
+
+
 def _failure_message(
-    job_reason: str, job_message: str, pod: Mapping[str, Any] | None
+    job_reason: str, job_message: str, pod: Mapping[str, Any] | None, oom: str
 ) -> tuple[str, str]:
     init = _failed_init(pod)
     if init is not None:
@@ -165,10 +180,7 @@ def _failure_message(
     term = _terminated(pod)
     outcome = read_summary(Outcome, summary_of(pod))
     if term.get("reason") == "OOMKilled":
-        return "OOMKilled", (
-            "the trainer ran out of memory (OOMKilled); raise resources.memory, or lower "
-            "hyperparameters.batchSize, maxContextLength or maxPixels"
-        )
+        return "OOMKilled", oom
     if outcome is not None and outcome.ok is False and outcome.message:
         return job_reason or "TrainerError", outcome.message
     if term.get("exitCode"):
@@ -221,7 +233,10 @@ def job_state(
     pods: Sequence[Mapping[str, Any]],
     now: str,
     start_grace: float = START_GRACE_SECONDS,
+    oom: str = TRAINING_OOM,
 ) -> JobState:
+    """Where the Job stands; ``oom`` is what its failure says when a pod ran out of
+    memory."""
     status = job.get("status", {})
     pod = lead_pod(pods)
     start, end = status.get("startTime"), status.get("completionTime")
@@ -239,7 +254,7 @@ def job_state(
         # Whichever node failed says why; the others were only stopped.
         culprit = newest_pod([p for p in pods if p.get("status", {}).get("phase") == "Failed"])
         reason, message = _failure_message(
-            failed.get("reason", ""), failed.get("message", ""), culprit or pod
+            failed.get("reason", ""), failed.get("message", ""), culprit or pod, oom
         )
         return JobState(
             RunPhase.FAILED,

@@ -23,7 +23,8 @@ from kubetune_operator.resources.dataset.validation_job import (
     validation_job,
     validation_job_name,
 )
-from kubetune_operator.resources.workloads import job_state
+from kubetune_operator.resources.references import Reference, missing_message, missing_reason
+from kubetune_operator.resources.workloads import VALIDATION_OOM, job_state
 from kubetune_operator.settings import Settings
 
 
@@ -39,6 +40,8 @@ class Observed:
     job: Manifest | None = None
     pods: Sequence[Manifest] = ()
     earlier_jobs: Sequence[Manifest] = ()
+    # What the spec names that does not exist, looked for while a Job is due.
+    missing: Sequence[Reference] = ()
 
 
 def current_job_name(ds: Manifest) -> str:
@@ -72,6 +75,17 @@ def decide(seen: Observed, settings: Settings) -> Decision:
         # Its deletion event (or the periodic resync) brings this Dataset back here.
         return Decision(log=f"waiting for the deletion of Job {name} of a namesake")
     actions: tuple[Action, ...] = ()
+    if job_due(ds, job) and seen.missing:
+        message = missing_message(seen.missing, meta["namespace"])
+        return Decision(
+            status=StatusUpdate(
+                fields={"phase": DatasetPhase.PENDING, "message": message},
+                reason=missing_reason(seen.missing),
+                ready=ready(DatasetPhase.PENDING),
+                generation=meta.get("generation"),
+                done=validated,
+            )
+        )
     if job_due(ds, job):
         job = validation_job(ds, seen.spec, settings.trainer_image)
         # Jobs of earlier generations validated a spec that no longer exists.
@@ -81,7 +95,11 @@ def decide(seen: Observed, settings: Settings) -> Decision:
             if old["metadata"]["name"] != name and owner_name(old, "Dataset") == meta["name"]
         )
         actions = (Create(trainer_service_account(meta["namespace"])), Create(job), *stale)
-    state = job_state(job, seen.pods, seen.now, settings.start_grace) if job is not None else None
+    state = (
+        job_state(job, seen.pods, seen.now, settings.start_grace, oom=VALIDATION_OOM)
+        if job is not None
+        else None
+    )
     fields, reason = dataset_status(state, name, seen.spec.queue_name)
     phase = DatasetPhase(fields["phase"])
     notice = None

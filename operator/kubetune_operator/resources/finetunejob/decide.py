@@ -38,6 +38,7 @@ from kubetune_operator.resources.finetunejob.progress import (
 )
 from kubetune_operator.resources.finetunejob.status import dataset_gate, status_from_job
 from kubetune_operator.resources.policy import NOT_ALLOWED, finetunejob_refusal, was_refused
+from kubetune_operator.resources.references import Reference, missing_message, missing_reason
 from kubetune_operator.resources.workloads import (
     START_FAILURES,
     RunPhase,
@@ -76,6 +77,8 @@ class Observed:
     # The evaluation Job and its pods, once the run has trained and is to be scored.
     evaluation_job: Manifest | None = None
     evaluation_pods: Sequence[Manifest] = ()
+    # What the spec names that does not exist, looked for while the Job is to be made.
+    missing: Sequence[Reference] = ()
 
 
 def dataset_roles(spec: FineTuneJobSpec) -> dict[str, str]:
@@ -171,6 +174,16 @@ def decide(seen: Observed, settings: Settings) -> Decision:
         )
         if waiting is not None:
             return _decision(seen, waiting)
+        if seen.missing:
+            namespace = seen.finetunejob["metadata"]["namespace"]
+            return _decision(
+                seen,
+                Verdict(
+                    JobPhase.PENDING,
+                    missing_reason(seen.missing),
+                    missing_message(seen.missing, namespace),
+                ),
+            )
         plan = _plan(seen, settings)
         job = tj.training_job(plan)
         actions = (

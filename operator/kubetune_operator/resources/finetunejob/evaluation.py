@@ -31,7 +31,7 @@ from kubetune_operator.resources.finetunejob.training_job import (
     POD_FAILURE_POLICY,
     TRAINER_CONTAINER,
 )
-from kubetune_operator.resources.workloads import RunPhase, job_state
+from kubetune_operator.resources.workloads import EVALUATION_OOM, RunPhase, job_state
 from kubetune_trainer.contract.summaries import EvaluationSummary, read_summary
 
 # A crash or lost node gets one more try; a final exit code fails at once (the policy).
@@ -146,7 +146,7 @@ def evaluate(
             _status(EvaluationPhase.RUNNING, None, created["metadata"]["name"]),
         )
     name = job["metadata"]["name"]
-    state = job_state(job, pods, now, start_grace)
+    state = job_state(job, pods, now, start_grace, oom=EVALUATION_OOM)
     after: tuple[Action, ...] = (
         (Delete("Job", job["metadata"]["namespace"], name),) if state.stop_job else ()
     )
