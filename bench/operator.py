@@ -107,6 +107,18 @@ def run_case(
             "spec": {"source": {"configMap": {"name": "data", "key": "train.jsonl"}}},
         }
     )
+    # The claim the runs write to: the operator looks for it before it makes a Job.
+    kubectl.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": "models", "namespace": ns},
+            "spec": {
+                "accessModes": ["ReadWriteOnce"],
+                "resources": {"requests": {"storage": "1Gi"}},
+            },
+        }
+    )
     kubectl.run(
         "patch",
         "kds",
