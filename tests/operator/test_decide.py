@@ -1098,3 +1098,29 @@ def test_out_of_memory_advice_names_only_fields_of_the_kind_that_ran() -> None:
     )
     assert evaluation.status is not None
     assert "evaluation.maxExamples" in evaluation.status.fields["evaluation"]["message"]
+
+
+def test_a_run_that_attaches_says_when_its_shared_server_is_missing_or_serves_another_base() -> (
+    None
+):
+    done = job("ftj-1", "run-train", COMPLETE)
+    pods = [finished_pod(SUMMARY)]
+    body = ftj_body({"phase": "Running"}, deploy={"enabled": True, "modelDeployment": "shared"})
+
+    def message(shared: dict[str, Any] | None) -> str:
+        decision = ftj_decide(body, job=done, pods=pods, shared_server=shared)
+        assert status_of(decision)[0] == "Succeeded" and decision.status is not None
+        assert decision.status.fields["deployment"] == {"name": "shared"}
+        return str(decision.status.fields["message"])
+
+    assert message(None) == (
+        "trained; ModelDeployment 'shared' (spec.deploy.modelDeployment) did not exist in "
+        "namespace 'team' when the run succeeded: the adapter joins it once it is created"
+    )
+    other = {"metadata": {"name": "shared"}, "spec": {"baseModel": {"name": "org/other"}}}
+    assert message(other) == (
+        "trained, but not served: ModelDeployment 'shared' (spec.deploy.modelDeployment) "
+        "serves base model 'org/other', not this run's 'org/model'"
+    )
+    same = {"metadata": {"name": "shared"}, "spec": {"baseModel": {"name": "org/model"}}}
+    assert message(same) == "training finished"

@@ -32,6 +32,7 @@ from kubetune_operator.resources.finetunejob.decide import (
     trainer_endpoint,
     uses_dataset,
 )
+from kubetune_operator.resources.finetunejob.deploy import shared_server
 from kubetune_operator.resources.finetunejob.progress import parse_samples
 from kubetune_operator.resources.workloads import job_finished
 
@@ -120,9 +121,12 @@ def observe(
             (namespace, name), endpoint, then=lambda: reconcile(ctx, namespace, name)
         )
         samples = parse_samples(text) if text is not None else None
-    deployment = (
-        ctx.api.get_object(MODEL_DEPLOYMENT.plural, namespace, name) if trained(ftj, job) else None
-    )
+    deployment = shared = None
+    if trained(ftj, job):
+        deployment = ctx.api.get_object(MODEL_DEPLOYMENT.plural, namespace, name)
+        server = shared_server(spec)
+        if server is not None:
+            shared = ctx.api.get_object(MODEL_DEPLOYMENT.plural, namespace, server)
     workload = (
         ctx.api.job_workload(namespace, job["metadata"]["uid"])
         if job is not None and spec.queue_name and not job_finished(job)
@@ -151,6 +155,7 @@ def observe(
         evaluation_job=evaluation_job,
         evaluation_pods=evaluation_pods,
         missing=missing,
+        shared_server=shared,
     )
 
 

@@ -79,6 +79,8 @@ class Observed:
     evaluation_pods: Sequence[Manifest] = ()
     # What the spec names that does not exist, looked for while the Job is to be made.
     missing: Sequence[Reference] = ()
+    # The shared ModelDeployment deploy.modelDeployment names, once the run has trained.
+    shared_server: Manifest | None = None
 
 
 def dataset_roles(spec: FineTuneJobSpec) -> dict[str, str]:
@@ -227,7 +229,9 @@ def _following(
         fields |= _gauges(seen.samples)
     after: tuple[Action, ...] = ()
     if state.phase == RunPhase.SUCCEEDED:
-        served, deployed = deploy(seen.finetunejob, seen.spec, seen.deployment, settings.policy)
+        served, deployed = deploy(
+            seen.finetunejob, seen.spec, seen.deployment, settings.policy, seen.shared_server
+        )
         scoring, after, scored = _evaluate(seen, job, settings)
         actions += served + scoring
         fields |= deployed | scored
@@ -336,7 +340,9 @@ def _finished_without_job(seen: Observed, settings: Settings) -> Decision:
     actions: tuple[Action, ...] = ()
     after: tuple[Action, ...] = ()
     if status["phase"] == JobPhase.SUCCEEDED:
-        served, deployed = deploy(seen.finetunejob, seen.spec, seen.deployment, settings.policy)
+        served, deployed = deploy(
+            seen.finetunejob, seen.spec, seen.deployment, settings.policy, seen.shared_server
+        )
         scoring, after, scored = _evaluate(seen, None, settings)
         actions = served + scoring
         fields |= deployed | scored

@@ -67,12 +67,23 @@ def model_deployment(ftj: Mapping[str, Any], spec: FineTuneJobSpec, deploy: Depl
     }
 
 
+def shared_server(spec: FineTuneJobSpec) -> str | None:
+    """The shared ModelDeployment the run's adapter joins, if deploy names one."""
+    deploy = spec.deploy
+    return deploy.model_deployment if deploy is not None and deploy.enabled else None
+
+
 def deploy(
-    ftj: Mapping[str, Any], spec: FineTuneJobSpec, existing: Manifest | None, policy: Policy
+    ftj: Mapping[str, Any],
+    spec: FineTuneJobSpec,
+    existing: Manifest | None,
+    policy: Policy,
+    shared: Manifest | None = None,
 ) -> tuple[tuple[Action, ...], Manifest]:
     """Serve the result as spec.deploy says, given the ModelDeployment of the
     FineTuneJob's name (``existing``): apply it, or delete the one it made once deploy
-    is turned off. Returns the actions and the status fields that go with them."""
+    is turned off; or, with deploy.modelDeployment, say whether that one (``shared``)
+    can take the adapter. Returns the actions and the status fields that go with them."""
     meta = ftj["metadata"]
     wanted = spec.deploy if spec.deploy is not None and spec.deploy.enabled else None
     if wanted is not None and wanted.model_deployment:
@@ -80,7 +91,20 @@ def deploy(
         # a server of its own, from before, goes.
         mine = existing is not None and owned_by(existing, meta["uid"])
         gone = (Delete(MODEL_DEPLOYMENT.kind, meta["namespace"], meta["name"]),) if mine else ()
-        return gone, {"deployment": {"name": wanted.model_deployment}}
+        fields: Manifest = {"deployment": {"name": wanted.model_deployment}}
+        server = f"ModelDeployment {wanted.model_deployment!r} (spec.deploy.modelDeployment)"
+        base = ((shared or {}).get("spec") or {}).get("baseModel") or {}
+        if shared is None:
+            fields["message"] = (
+                f"trained; {server} did not exist in namespace {meta['namespace']!r} when "
+                "the run succeeded: the adapter joins it once it is created"
+            )
+        elif base.get("name") != spec.base_model.name:
+            fields["message"] = (
+                f"trained, but not served: {server} serves base model {base.get('name')!r}, "
+                f"not this run's {spec.base_model.name!r}"
+            )
+        return gone, fields
     if existing is not None and not owned_by(existing, meta["uid"]):
         if wanted is not None:
             return (), {
