@@ -132,7 +132,12 @@ def run_case(
     )
     api = client.ApiClient()
     custom, batch = client.CustomObjectsApi(api), client.BatchV1Api(api)
-    env = {**os.environ, "KUBECONFIG": str(kubectl.kubeconfig)}
+    # The operator will not start without the key its servers' admin tokens derive from.
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(kubectl.kubeconfig),
+        "KUBETUNE_ADMIN_KEY": "bench-admin-key",
+    }
     log = (workdir / f"{label}.log").open("wb")
     proc = subprocess.Popen(
         [*command, "--namespace", ns], env=env, stdout=log, stderr=subprocess.STDOUT

@@ -946,6 +946,8 @@ def test_an_evaluation_job_reports_the_tuned_model_beside_its_base() -> None:
     assert patch is not None and patch["evaluation"]["tuned"]["accuracy"] == 1.0
     scored = ftj_body({**scoring, "evaluation": evaluation}, **spec)
     assert finetunejob.finished(scored) and not finetunejob.active(scored)
+    assert finetunejob.active(ftj_body({"phase": "Queued"}))
+    assert not finetunejob.active(ftj_body({"phase": "Suspended"}))
     # A reconcile that still saw it running writes nothing over the result.
     assert status_patch(scored, under_way.status, NOW) is None
 

@@ -30,7 +30,12 @@ from kubetune_operator.resources.actions import (
     UnloadAdapter,
 )
 from kubetune_operator.resources.common import Manifest, event, owned_by
-from kubetune_operator.resources.conditions import StatusUpdate, phase_of, status_patch
+from kubetune_operator.resources.conditions import (
+    StatusUpdate,
+    phase_of,
+    status_patch,
+    unobserved,
+)
 from kubetune_operator.resources.modeldeployment.server import ADAPTERS_LOADED, admin_token
 
 log = logging.getLogger(__name__)
@@ -215,10 +220,16 @@ def resync_each(
 ) -> None:
     """Reconcile each watched object that ``wanted`` picks, from a fresh read, in the
     resync pool (the loop waits on none of them): the watch's copy only chooses, so
-    finished objects, which pile up in a long-lived cluster, cost no request at all."""
+    finished objects, which pile up in a long-lived cluster, cost no request at all.
+    A new or changed spec the watch delivered within the period is its event's to
+    reconcile (a burst of applies would otherwise be reconciled twice); a later round
+    retries it if that failed."""
     for body in ctx.watched.all(crd.plural):
-        if wanted(body):
-            namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        fresh = unobserved(body) and ctx.watched.delivered_within(
+            crd.plural, namespace, name, ctx.settings.resync_seconds
+        )
+        if wanted(body) and not fresh:
             ctx.resyncs.submit(
                 (crd.kind, namespace, name), functools.partial(reconcile, ctx, namespace, name)
             )

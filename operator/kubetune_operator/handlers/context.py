@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -65,11 +66,19 @@ class Watched:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._bodies: dict[str, dict[tuple[str, str], Manifest]] = {}
+        self._delivered: dict[tuple[str, str, str], float] = {}
 
     def remember(self, plural: str, body: Manifest) -> None:
         meta = body["metadata"]
         with self._lock:
             self._bodies.setdefault(plural, {})[(meta["namespace"], meta["name"])] = body
+            self._delivered[(plural, meta["namespace"], meta["name"])] = time.monotonic()
+
+    def delivered_within(self, plural: str, namespace: str, name: str, seconds: float) -> bool:
+        """Whether the watch delivered the object less than ``seconds`` ago."""
+        with self._lock:
+            at = self._delivered.get((plural, namespace, name))
+        return at is not None and time.monotonic() - at < seconds
 
     def remember_first(self, plural: str, body: Manifest) -> None:
         """Keep a body read from the API unless the watch delivered one meanwhile."""
@@ -80,6 +89,7 @@ class Watched:
     def forget(self, plural: str, namespace: str, name: str) -> None:
         with self._lock:
             self._bodies.get(plural, {}).pop((namespace, name), None)
+            self._delivered.pop((plural, namespace, name), None)
 
     def get(self, plural: str, namespace: str, name: str) -> Manifest | None:
         with self._lock:

@@ -144,9 +144,13 @@ def uses_dataset(ftj: Manifest, dataset: str) -> bool:
 
 
 def active(ftj: Manifest) -> bool:
-    """Whether the run may change without an event the operator sees (its metrics move;
-    a missed watch event would leave status stale)."""
-    return phase_of(ftj) not in FINISHED or ev.evaluating(ftj)
+    """Whether the run may change without an event the operator sees (its metrics move,
+    a pod's start grace runs out, Kueue says why it waits; a missed watch event would
+    leave status stale). A suspended run changes only with its spec or its Job, whose
+    events bring it back: rereading each one every period would cost three requests for
+    nothing."""
+    phase = phase_of(ftj)
+    return (phase not in FINISHED and phase != JobPhase.SUSPENDED) or ev.evaluating(ftj)
 
 
 def decide(seen: Observed, settings: Settings) -> Decision:
