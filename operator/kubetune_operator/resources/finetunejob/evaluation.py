@@ -16,20 +16,16 @@ from typing import Any
 from kubetune_operator.api.finetunejob import EvaluationPhase, FineTuneJobSpec
 from kubetune_operator.resources.actions import Action, Create, Delete
 from kubetune_operator.resources.common import (
-    LABEL_FINETUNEJOB,
-    LABEL_KUEUE_QUEUE,
     Manifest,
     child_name,
     container_resources,
-    labels,
-    owner_reference,
     scheduling,
 )
 from kubetune_operator.resources.finetunejob.training_job import (
     CONFIG_DIR,
     CONFIG_KEY,
-    POD_FAILURE_POLICY,
     TRAINER_CONTAINER,
+    run_job,
 )
 from kubetune_operator.resources.workloads import EVALUATION_OOM, RunPhase, job_state
 from kubetune_trainer.contract.summaries import EvaluationSummary, read_summary
@@ -81,31 +77,14 @@ def evaluation_job(ftj: Manifest, spec: FineTuneJobSpec, training: Manifest) -> 
             ]
             container.pop("ports", None)
             container["resources"] = container_resources(one_gpu)
-    extra = {LABEL_FINETUNEJOB: name}
-    if spec.queue_name:
-        extra[LABEL_KUEUE_QUEUE] = spec.queue_name
-    job_labels = labels("evaluation", name, extra)
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {
-            "name": job_name(name),
-            "namespace": meta["namespace"],
-            "labels": job_labels,
-            "ownerReferences": [owner_reference(ftj)],
-        },
-        "spec": {
-            "backoffLimit": BACKOFF_LIMIT,
-            "podFailurePolicy": POD_FAILURE_POLICY,
-            "suspend": bool(spec.queue_name),
-            "template": {
-                "metadata": {
-                    "labels": {k: v for k, v in job_labels.items() if k != LABEL_KUEUE_QUEUE}
-                },
-                "spec": pod,
-            },
-        },
-    }
+    return run_job(
+        ftj,
+        spec,
+        "evaluation",
+        job_name(name),
+        {"backoffLimit": BACKOFF_LIMIT, "suspend": bool(spec.queue_name)},
+        pod,
+    )
 
 
 def evaluate(

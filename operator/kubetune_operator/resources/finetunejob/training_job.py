@@ -221,11 +221,6 @@ def training_job(plan: Plan) -> Manifest:
     ftj = plan.finetunejob
     meta = ftj["metadata"]
     spec, mounted, image = plan.spec, plan.mounted, plan.image
-    extra = {LABEL_FINETUNEJOB: meta["name"]}
-    if spec.queue_name:
-        extra[LABEL_KUEUE_QUEUE] = spec.queue_name
-    job_labels = labels("training", meta["name"], extra)
-    pod_labels = {k: v for k, v in job_labels.items() if k != LABEL_KUEUE_QUEUE}
     nodes = spec.resources.nodes
     pod_spec: Manifest = {
         "restartPolicy": "Never",
@@ -285,33 +280,60 @@ def training_job(plan: Plan) -> Manifest:
         # rank) and hostname; the subdomain is rendezvous_service's.
         pod_spec["subdomain"] = job_name(meta["name"])
         job_spec = {"completionMode": "Indexed", "completions": nodes, "parallelism": nodes}
+    return run_job(
+        ftj,
+        spec,
+        "training",
+        job_name(meta["name"]),
+        {
+            **job_spec,
+            "backoffLimit": BACKOFF_LIMIT,
+            # Kueue admits a queued Job by unsuspending it; a suspended FineTuneJob too.
+            "suspend": bool(spec.queue_name) or spec.suspend,
+        },
+        pod_spec,
+        # For a Prometheus that discovers pods by annotation; the chart's PodMonitor
+        # finds them by label.
+        annotations={
+            "prometheus.io/scrape": "true",
+            "prometheus.io/port": str(METRICS_PORT),
+            "prometheus.io/path": "/metrics",
+        },
+    )
+
+
+def run_job(
+    ftj: Mapping[str, Any],
+    spec: FineTuneJobSpec,
+    component: str,
+    name: str,
+    job_spec: Manifest,
+    pod_spec: Manifest,
+    annotations: Mapping[str, str] | None = None,
+) -> Manifest:
+    """A Job of the run (its training or its evaluation): labelled and owned by the
+    FineTuneJob, with the pod failure policy; the queue's label only on the Job, where
+    Kueue looks for it."""
+    meta = ftj["metadata"]
+    extra = {LABEL_FINETUNEJOB: meta["name"]}
+    if spec.queue_name:
+        extra[LABEL_KUEUE_QUEUE] = spec.queue_name
+    job_labels = labels(component, meta["name"], extra)
+    template: Manifest = {"labels": {k: v for k, v in job_labels.items() if k != LABEL_KUEUE_QUEUE}}
+    if annotations:
+        template["annotations"] = dict(annotations)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {
-            "name": job_name(meta["name"]),
+            "name": name,
             "namespace": meta["namespace"],
             "labels": job_labels,
             "ownerReferences": [owner_reference(ftj)],
         },
         "spec": {
             **job_spec,
-            "backoffLimit": BACKOFF_LIMIT,
             "podFailurePolicy": POD_FAILURE_POLICY,
-            # Kueue admits a queued Job by unsuspending it; a suspended FineTuneJob too.
-            "suspend": bool(spec.queue_name) or spec.suspend,
-            "template": {
-                "metadata": {
-                    "labels": pod_labels,
-                    # For a Prometheus that discovers pods by annotation; the chart's
-                    # PodMonitor finds them by label.
-                    "annotations": {
-                        "prometheus.io/scrape": "true",
-                        "prometheus.io/port": str(METRICS_PORT),
-                        "prometheus.io/path": "/metrics",
-                    },
-                },
-                "spec": pod_spec,
-            },
+            "template": {"metadata": template, "spec": pod_spec},
         },
     }
