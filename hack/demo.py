@@ -1,9 +1,9 @@
 """`make demo`: a tiny VLM tuned end to end by kubetune on this machine's CPU.
 
-Builds a tiny random-weight Qwen2.5-VL-style model and a synthetic colours x shapes
-image dataset into the volumes the local kubelet maps, brings the stack up
-(`hack/dev.sh up`), applies examples/demo/, prints the `kubectl get` table as it
-changes, then the final status and where the tuned adapter is, its exact match on
+Brings the stack up (`hack/dev.sh up`, which builds a tiny random-weight
+Qwen2.5-VL-style model and a synthetic colours x shapes image dataset into the volumes
+the local kubelet maps: hack/example_storage.py), applies examples/demo/, prints the
+`kubectl get` table as it changes, then the final status and where the tuned adapter is, its exact match on
 held-out images beside the base model's (status.evaluation: the evaluation Job the
 operator ran when the run succeeded, `kubetune evaluate`), and then the same through
 the vLLM server the run deployed (base and adapter on one server, through the OpenAI
@@ -27,8 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from e2e_support import chat  # noqa: E402
-from local_kubelet import volume_claim  # noqa: E402
-from tiny_models import tiny_model, write_shapes_dataset  # noqa: E402
+from example_storage import BASE_MODEL  # noqa: E402
 
 STATE = ROOT / ".cache" / "dev" / "state"
 NAMESPACE = "default"
@@ -47,18 +46,12 @@ def kubectl(*args: str, kubeconfig: str) -> str:
 def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     volumes = STATE / "pvc" / NAMESPACE
-    print("building the tiny VLM and the synthetic dataset ...", flush=True)
-    model = tiny_model("qwen2_5_vl")
-    target = volumes / "models" / "tiny-qwen2.5-vl"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["rm", "-rf", str(target)], check=True)
-    subprocess.run(["cp", "-r", str(model), str(target)], check=True)
-    write_shapes_dataset(volumes / "datasets" / "shapes", 16, seed=1, name="train.jsonl")
-    held_out = write_shapes_dataset(
-        volumes / "datasets" / "shapes", 6, seed=2, name="held_out.jsonl"
+    held_out = volumes / "datasets" / "shapes" / "held_out.jsonl"
+    print(
+        "starting the control plane, the local kubelet and the operator, and building the "
+        "tiny VLM and the synthetic datasets (hack/example_storage.py) ...",
+        flush=True,
     )
-
-    print("starting the control plane, the local kubelet and the operator ...", flush=True)
     up = subprocess.run(
         [str(ROOT / "hack" / "dev.sh"), "up"], capture_output=True, text=True, check=False
     )
@@ -82,15 +75,6 @@ def main() -> int:
         ],
         capture_output=True,
         check=False,
-    )
-    claims = [
-        obj for c in ("models", "datasets") for obj in volume_claim(NAMESPACE, c, volumes / c)
-    ]
-    apply = ["kubectl", "--kubeconfig", kubeconfig, "apply", "-f", "-"]
-    listing = json.dumps({"apiVersion": "v1", "kind": "List", "items": claims})
-    print(
-        subprocess.run(apply, input=listing, capture_output=True, text=True, check=True).stdout,
-        end="",
     )
     print(k("apply", "-n", NAMESPACE, "-f", str(ROOT / "examples" / "demo")), end="")
 
@@ -171,7 +155,7 @@ def main() -> int:
     )
     examples = [json.loads(line) for line in held_out.read_text().splitlines() if line.strip()]
     print("exact match on the same held-out images, through vLLM's OpenAI API:")
-    for who, model in (("tuned", "shapes-demo"), ("base", BASE_NAME)):
+    for who, model in (("tuned", "shapes-demo"), ("base", BASE_MODEL)):
         answers = [answer(url, model, held_out.parent, e) for e in examples]
         right = sum(a.strip() == reply(e).strip() for a, e in zip(answers, examples, strict=True))
         print(f"  {who:5}: {right / len(examples):.0%} of {len(examples)} examples")
@@ -180,16 +164,13 @@ def main() -> int:
         f"\na chat: the image {held_out.parent / sample['images'][0]}, the question "
         f"{question(sample)!r}, the expected answer {reply(sample)!r}"
     )
-    for who, model in (("base", BASE_NAME), ("tuned", "shapes-demo")):
+    for who, model in (("base", BASE_MODEL), ("tuned", "shapes-demo")):
         print(f"  {who:5} model answers: {answer(url, model, held_out.parent, sample)!r}")
     print(
         f"\nstop the stack with `make dev-down`; meanwhile `export KUBECONFIG={kubeconfig}` and "
         f"use kubectl, or any OpenAI client at {url}"
     )
     return 0
-
-
-BASE_NAME = "tiny-qwen2.5-vl"
 
 
 def question(example: dict[str, Any]) -> str:
@@ -216,7 +197,19 @@ def _served(k: Callable[..., str]) -> dict[str, Any]:
     deadline = time.monotonic() + 600
     status: dict[str, Any] = {}
     while time.monotonic() < deadline:
-        found = json.loads(k("get", "mdep", "-n", NAMESPACE, "-o", "json"))["items"]
+        # By name: the examples' server may share the namespace.
+        found = json.loads(
+            k(
+                "get",
+                "mdep",
+                "-n",
+                NAMESPACE,
+                "--field-selector",
+                "metadata.name=shapes-demo",
+                "-o",
+                "json",
+            )
+        )["items"]
         status = (found[0].get("status") or {}) if found else {}
         if status.get("phase") in ("Available", "Failed"):
             break

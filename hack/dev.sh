@@ -4,6 +4,9 @@
 # the local kubelet (runs the pods as local processes) and the operator, all in the
 # background. `up` prints `export KUBECONFIG=...` last; `up --kueue` also starts Kueue
 # (hack/kueue.sh), so that FineTuneJobs and Datasets with a queueName are queued.
+# `up` also gives namespace `default` what the files in examples/ name
+# (hack/example_storage.py: the claims `models` and `datasets`, holding a tiny base
+# model and the datasets), so each of them can be applied as it stands.
 #
 # State lives in .cache/dev/: the kubelet's volumes (a PVC named X in namespace N is the
 # folder .cache/dev/state/pvc/N/X), pod logs (.cache/dev/state/logs) and the
@@ -53,6 +56,8 @@ up() {
   "${ROOT}/hack/controlplane.sh" restart-kcm >/dev/null
   start_bg kubelet "${PY}" "${ROOT}/hack/local_kubelet.py" --kubeconfig "${KUBECONFIG}" \
     --state-dir "${DEV}/state" --gpus "${KUBETUNE_DEV_GPUS:-2}"
+  echo "giving namespace default the tiny base model and datasets examples/ names ..." >&2
+  "${PY}" "${ROOT}/hack/example_storage.py" default >/dev/null
   # Free ports, so that nothing else listening (another stack) can answer for ours.
   local metrics health
   read -r metrics health < <("${PY}" -c 'import socket

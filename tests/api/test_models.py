@@ -15,15 +15,24 @@ EXAMPLES = sorted((Path(__file__).parents[2] / "examples").glob("*.yaml"))
 SPECS = {info.kind: info.spec for info in ALL}
 
 
+def kubetune_documents(path: Path) -> list[dict[str, object]]:
+    """The kubetune objects of an example file (some also hold the ConfigMap or Secret
+    they name)."""
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return [d for d in docs if str(d["apiVersion"]).startswith("kubetune.io/")]
+
+
 def test_examples_exist_for_every_kind() -> None:
-    kinds = {yaml.safe_load(p.read_text())["kind"] for p in EXAMPLES}
+    kinds = {doc["kind"] for p in EXAMPLES for doc in kubetune_documents(p)}
     assert kinds == set(SPECS)
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_examples_parse_with_the_models(path: Path) -> None:
-    doc = yaml.safe_load(path.read_text())
-    SPECS[doc["kind"]].model_validate(doc["spec"])
+    docs = kubetune_documents(path)
+    assert docs
+    for doc in docs:
+        SPECS[str(doc["kind"])].model_validate(doc["spec"])
 
 
 def test_hyperparameter_defaults_are_a_small_vlm_service_s() -> None:
