@@ -65,6 +65,7 @@ def test_json_report(dataset: Path, capsys: pytest.CaptureFixture[str]) -> None:
         "examples",
         "images",
         "textOnlyExamples",
+        "remoteImages",
         "sha256",
         "errors",
         "warnings",
@@ -237,3 +238,24 @@ def test_summary_file_fits_a_termination_message(tmp_path: Path) -> None:
     assert len(summary.read_bytes()) <= 4096
     assert report["errorCount"] >= 500 and 1 <= len(report["errors"]) <= 20
     assert report["errors"][0]["line"] == 1
+
+
+def test_summary_file_carries_the_first_warnings_after_the_errors(tmp_path: Path) -> None:
+    from kubetune_trainer.cli import main
+
+    def chat(answer: int) -> str:
+        messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": f"{answer}"}]
+        return json.dumps({"messages": messages, "tools": [{"type": "function"}]})
+
+    path = tmp_path / "warned.jsonl"
+    path.write_text("".join(chat(i) + "\n" for i in range(30)) + "{not json\n")
+    summary = tmp_path / "summary.json"
+    assert main(["validate", str(path), "--summary-file", str(summary)]) == 1
+    report = json.loads(summary.read_text())
+    assert report["errors"] == [{"line": 31, "message": report["errors"][0]["message"]}]
+    assert report["warningCount"] == 30 and len(report["warnings"]) == 20
+    assert report["warnings"][0] == {
+        "line": 1,
+        "message": "'tools' is ignored: tool calling is not trained",
+    }
+    assert len(summary.read_bytes()) <= 4096

@@ -216,7 +216,7 @@ def test_ignored_features_warn() -> None:
         {
             "messages": [
                 {"role": "user", "content": "q"},
-                {"role": "assistant", "content": "a", "weight": 0},
+                {"role": "assistant", "content": "a", "name": "bot", "weight": 1},
             ],
             "tools": [{"type": "function"}],
         }
@@ -224,7 +224,7 @@ def test_ignored_features_warn() -> None:
     assert parsed.example is not None
     assert parsed.warnings == (
         "'tools' is ignored: tool calling is not trained",
-        "messages[1].weight is ignored",
+        "messages[1].name is ignored",
     )
 
 
@@ -266,13 +266,14 @@ keys = st.sampled_from(
         "image_url",
         "url",
         "detail",
+        "weight",
         "tools",
     ]
 ) | st.text(max_size=6)
 json_values = st.recursive(
     json_scalars
     | st.sampled_from(
-        ["user", "assistant", "system", "text", "image_url", "<image>", "low", "a.png"]
+        ["user", "assistant", "system", "text", "image_url", "<image>", "low", "a.png", 0, 1]
     ),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(keys, inner, max_size=5),
     max_leaves=30,
@@ -327,15 +328,23 @@ def parts(draw: st.DrawFn, images: bool) -> tuple[Any, ...]:
 
 @st.composite
 def examples(draw: st.DrawFn) -> Example:
-    """Canonical examples: images only in user turns, a text-only rejected reply."""
+    """Canonical examples: images only in user turns, weights only on assistant turns,
+    a text-only rejected reply, and a reply to learn."""
+    weights = st.sampled_from([None, 0, 1])
     turns = [
-        Turn(role, draw(parts(images=role == "user")))
+        Turn(
+            role,
+            draw(parts(images=role == "user")),
+            draw(weights) if role == "assistant" else None,
+        )
         for role in draw(
             st.lists(st.sampled_from(["system", "user", "assistant"]), min_size=1, max_size=5)
         )
     ]
-    turns.append(Turn("assistant", draw(parts(images=False))))
     rejected = draw(st.none() | parts(images=False).map(lambda p: Turn("assistant", p)))
+    learned = rejected is None and any(t.learned for t in turns)
+    final = draw(weights if learned else st.sampled_from([None, 1]))
+    turns.append(Turn("assistant", draw(parts(images=False)), final))
     n_images = sum(len(t.images) for t in turns)
     rejected_images = draw(
         st.none()

@@ -348,7 +348,7 @@ def test_only_line_numbered_problems_come_out(lines: list[bytes], budget: LineBu
         result = convert_file(path, Path(folder) / "out.jsonl", "placeholder", budget=budget)
         assert all(1 <= p.line <= n_lines for p in result.errors)
         try:
-            list(read_examples(path, budget))
+            list(read_examples(path, budget=budget))
         except DatasetError as exc:
             assert 1 <= exc.line <= n_lines
     # every example that comes out can be written and read back: nothing nests too deep

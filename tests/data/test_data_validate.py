@@ -33,6 +33,19 @@ from kubetune_trainer.data.jsonl import (
 from kubetune_trainer.data.problems import Problem
 
 
+def test_image_urls_are_counted_as_remote_images(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(image_bytes("PNG"))
+    path = write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            sft("<image>one", images=["a.png"]),
+            sft("<image>two", images=["https://example.com/b.png"]),
+        ],
+    )
+    report = validate_file(path).to_json()
+    assert (report["images"], report["remoteImages"]) == (2, 1)
+
+
 def test_report_json_shape(tmp_path: Path) -> None:
     (tmp_path / "a.png").write_bytes(image_bytes("PNG"))
     path = write_jsonl(
@@ -45,6 +58,7 @@ def test_report_json_shape(tmp_path: Path) -> None:
         "examples": 4,
         "images": 1,
         "textOnlyExamples": 3,
+        "remoteImages": 0,
         "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
         "errors": [
             {

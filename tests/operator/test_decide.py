@@ -286,6 +286,55 @@ def test_a_run_waits_for_its_datasets_or_fails_with_them(
     assert decision.dependents_changed is (phase == "Failed")
 
 
+def dpo_dataset(phase: str, name: str = "train") -> dict[str, Any]:
+    ds = dataset_in(phase, name)
+    return {**ds, "spec": {**ds["spec"], "task": "dpo"}}
+
+
+@pytest.mark.parametrize(
+    ("datasets", "spec", "named"),
+    [
+        # Said at once, while the Dataset still validates.
+        ({"train": dataset_in("Validating")}, {}, "training Dataset 'train'"),
+        (
+            {"train": dpo_dataset("Ready"), "held": dataset_in("Ready", "held")},
+            {"validation": {"dataset": {"name": "held"}}},
+            "validation Dataset 'held'",
+        ),
+    ],
+)
+def test_a_dpo_run_on_a_dataset_validated_for_sft_fails_at_once_with_no_job(
+    datasets: dict[str, Any], spec: dict[str, Any], named: str
+) -> None:
+    decision = ftj_decide(ftj_body(method="dpo", **spec), datasets=datasets)
+    assert decision.actions == ()
+    assert status_of(decision)[:2] == ("Failed", "DatasetTaskMismatch")
+    assert decision.status is not None
+    message = decision.status.fields["message"]
+    assert named in message and "task sft" in message and "spec.task" in message
+
+
+def test_a_run_on_a_dataset_of_remote_images_fails_before_a_gpu_is_booked() -> None:
+    remote = dataset_in("Ready", "held")
+    remote["status"]["remoteImages"] = 3
+    decision = ftj_decide(
+        ftj_body(validation={"dataset": {"name": "held"}}),
+        datasets={"train": dataset_in("Ready"), "held": remote},
+    )
+    assert decision.actions == ()
+    assert status_of(decision)[:2] == ("Failed", "RemoteImagesNotSupported")
+    assert decision.status is not None
+    assert (
+        "validation Dataset 'held' names 3 images by http(s) URL"
+        in (decision.status.fields["message"])
+    )
+
+
+def test_an_sft_run_trains_on_a_dpo_datasets_chosen_replies() -> None:
+    decision = ftj_decide(ftj_body(), datasets={"train": dpo_dataset("Ready")})
+    assert creates(decision) == ["ServiceAccount", "ConfigMap", "Job"]
+
+
 def test_a_run_whose_datasets_are_ready_gets_its_job() -> None:
     decision = ftj_decide(ftj_body(), datasets={"train": dataset_in("Ready")})
     assert creates(decision) == ["ServiceAccount", "ConfigMap", "Job"]

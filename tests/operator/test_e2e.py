@@ -4,6 +4,7 @@ kubelet running the pods."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import http.server
 import json
@@ -317,6 +318,78 @@ def test_a_dataset_names_its_missing_configmap_at_once_and_goes_on_when_it_appea
         operator, kubectl, "kds", ns, "late", ("Ready", "Invalid", "Failed"), 120, "validation"
     )
     assert (ready["phase"], ready["examples"]) == ("Ready", 3), ready
+
+
+def test_a_dataset_validated_with_raised_limits_trains_under_them(
+    kubectl: Kubectl, ns: str, operator: Operator, state_dir: Path
+) -> None:
+    """70 images an example, under the Dataset's maxImagesPerExample of 100: the
+    trainer read it with the default 64 before the limits travelled in job.json."""
+    folder = pvc_dir(state_dir, ns, "datasets") / "many"
+    folder.mkdir()
+    (folder / "red.png").write_bytes(base64.b64decode(shape_image().split(",", 1)[1]))
+    chat_line = {
+        "messages": [
+            {"role": "user", "content": "<image>" * 70 + "what colour?"},
+            {"role": "assistant", "content": "red"},
+        ],
+        "images": ["red.png"] * 70,
+    }
+    (folder / "train.jsonl").write_text((json.dumps(chat_line) + "\n") * 4)
+    many = dataset("many", "many/train.jsonl")
+    many["spec"]["limits"]["maxImagesPerExample"] = 100
+    kubectl.apply(many, "-n", ns)
+    hyperparameters = {"epochs": 1, "batchSize": 2, "maxPixels": 3136}
+    kubectl.apply(finetunejob("many", "many", hyperparameters=hyperparameters), "-n", ns)
+    done = wait_phase(
+        operator, kubectl, "ftj", ns, "many", ("Succeeded", "Failed"), 300, "70 images to train"
+    )
+    assert done["phase"] == "Succeeded", done
+
+
+def test_a_dpo_run_on_a_dataset_validated_for_sft_fails_at_once(
+    kubectl: Kubectl, ns: str, operator: Operator
+) -> None:
+    kubectl.apply(dataset("sft-only", "shapes/train.jsonl"), "-n", ns)
+    kubectl.apply(finetunejob("mismatch", "sft-only", method="dpo"), "-n", ns)
+    failed = wait_ready_reason(
+        operator, kubectl, "ftj", ns, "mismatch", "DatasetTaskMismatch", "the mismatch"
+    )
+    assert failed["phase"] == "Failed"
+    assert "training Dataset 'sft-only' is validated for task sft" in failed["message"]
+    assert not kubectl.get("jobs", "-n", ns, "-l", "kubetune.io/finetunejob=mismatch")["items"]
+
+
+def test_a_truncated_png_passes_a_header_check_and_fails_a_deep_one_on_its_line(
+    kubectl: Kubectl, ns: str, operator: Operator, state_dir: Path
+) -> None:
+    folder = pvc_dir(state_dir, ns, "datasets") / "cut"
+    folder.mkdir()
+    whole = base64.b64decode(shape_image().split(",", 1)[1])
+    (folder / "whole.png").write_bytes(whole)
+    (folder / "cut.png").write_bytes(whole[: len(whole) * 2 // 3])
+    lines = [
+        {
+            "messages": [
+                {"role": "user", "content": "<image>what colour?"},
+                {"role": "assistant", "content": "red"},
+            ],
+            "images": [image],
+        }
+        for image in ("whole.png", "whole.png", "cut.png", "whole.png")
+    ]
+    (folder / "train.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    for name, deep in (("headers", False), ("deep", True)):
+        checked = dataset(name, "cut/train.jsonl")
+        checked["spec"]["deep"] = deep
+        kubectl.apply(checked, "-n", ns)
+    phases = ("Ready", "Invalid", "Failed")
+    headers = wait_phase(operator, kubectl, "kds", ns, "headers", phases, 120, "headers")
+    assert headers["phase"] == "Ready", headers
+    deep = wait_phase(operator, kubectl, "kds", ns, "deep", phases, 120, "a deep validation")
+    assert deep["phase"] == "Invalid", deep
+    assert [e["line"] for e in deep["errors"]] == [3], deep["errors"]
+    assert "cut.png" in deep["errors"][0]["message"]
 
 
 def test_pods_are_created_by_the_job_controller_and_placed_by_the_scheduler(

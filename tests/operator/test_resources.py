@@ -33,6 +33,7 @@ from kubetune_trainer.contract.job import (
     EXIT_CANNOT_SUCCEED,
     EXIT_FAILED,
     EXIT_INVALID_JOB,
+    DatasetLimits,
     TrainingConfig,
 )
 
@@ -105,6 +106,32 @@ def test_spec_maps_to_the_trainer_config() -> None:
     assert cfg.effective_checkpoint_dir == "/output/runs/out/checkpoints"
     assert plan.output_uri == "pvc://models/runs/out"
     assert cfg.trust_remote_code is False
+
+
+def test_each_datasets_limits_and_image_root_travel_to_the_trainer() -> None:
+    train = PVC_DATA.model_copy(update={"limits": DatasetLimits(maxImagesPerExample=100)})
+    held = DatasetSpec.model_validate(
+        {
+            "source": {"pvc": {"claimName": "held-out", "path": "val/pairs.jsonl"}},
+            "imageRoot": "val/images",
+            "limits": {"maxImageBytes": 2048},
+        }
+    )
+    ftj = _ftj(validation={"dataset": {"name": "held"}})
+    inputs = tj.Inputs(
+        finetunejob=ftj,
+        spec=FineTuneJobSpec.model_validate(ftj["spec"]),
+        dataset=train,
+        dataset_sha256=SHA,
+        validation_dataset=held,
+    )
+    cfg = tj.plan(inputs, IMAGE).config
+    assert cfg.dataset_limits.max_images_per_example == 100
+    assert cfg.validation is not None
+    assert cfg.validation.dataset == "/data/validation/val/pairs.jsonl"
+    assert cfg.validation.image_root == "/data/validation/val/images"
+    assert cfg.validation.limits.max_image_bytes == 2048
+    assert cfg.validation.limits.max_images_per_example == 64
 
 
 def test_config_map_holds_a_loadable_job_json() -> None:
@@ -245,6 +272,11 @@ def test_validation_job_runs_kubetune_validate_on_the_source() -> None:
     assert job["metadata"]["name"] == "shapes-validate-3"
     assert container["args"][:5] == ["validate", "/data/train.jsonl", "--task", "dpo", "--json"]
     assert container["args"][container["args"].index("--max-images-per-example") + 1] == "2"
+    assert "--deep" not in container["args"]
+    deep = {**ds, "spec": {**ds["spec"], "deep": True}}
+    assert (
+        "--deep" in validation_job(deep, IMAGE)["spec"]["template"]["spec"]["containers"][0]["args"]
+    )
     assert container["terminationMessagePath"] == "/dev/termination-log"
     assert job["spec"]["backoffLimit"] == 0
     # A drained node's pod is replaced, not taken for the data's failure.
@@ -470,6 +502,19 @@ def test_dataset_result_keeps_twenty_errors_with_lines() -> None:
     assert len(status["errors"]) == 20 and status["errors"][0] == {"line": 1, "message": "bad 1"}
     assert "line 1: bad 1" in status["message"]
     assert dataset_result({"valid": True, "examples": 5, "images": 4})["phase"] == "Ready"
+
+
+def test_dataset_result_shows_the_first_twenty_warnings_with_lines() -> None:
+    summary = {
+        "valid": True,
+        "examples": 50,
+        "warningCount": 25,
+        "warnings": [{"line": i, "message": f"'tools' is ignored {i}"} for i in range(1, 26)],
+    }
+    status = dataset_result(summary)
+    assert status["phase"] == "Ready" and status["warningCount"] == 25
+    assert len(status["warnings"]) == 20
+    assert status["warnings"][0] == {"line": 1, "message": "'tools' is ignored 1"}
 
 
 def test_condition_transition_time_moves_only_on_change() -> None:

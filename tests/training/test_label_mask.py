@@ -1,9 +1,10 @@
-"""Labels: every assistant turn and nothing else; overlong examples are truncated
-without cutting image tokens, or dropped."""
+"""Labels: every assistant turn not weighted 0 and nothing else; overlong examples are
+truncated without cutting image tokens, or dropped."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -11,12 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
+from kubetune_trainer.data import DatasetError
 from kubetune_trainer.data.example import Example, ImageRef, Turn
 from kubetune_trainer.training.collate import (
     IGNORE_INDEX,
     SFTCollator,
     assistant_labels,
     keep_length,
+    learned_tokens,
     without_tokens,
 )
 from kubetune_trainer.training.models import (
@@ -43,6 +46,14 @@ def multi_turn(image: bool) -> Example:
         ),
         line=1,
     )
+
+
+def first_reply_as_context(example: Example) -> Example:
+    """The example with its first assistant turn weighted 0."""
+    first = next(i for i, t in enumerate(example.turns) if t.role == "assistant")
+    turns = list(example.turns)
+    turns[first] = replace(turns[first], weight=0)
+    return replace(example, turns=tuple(turns))
 
 
 def short_chat() -> Example:
@@ -96,6 +107,88 @@ def test_final_turn_only_labels_the_last_reply() -> None:
     labels = assistant_labels(input_ids, assistant, attention, final_turn_only=True)
     assert labels[0].tolist() == [IGNORE_INDEX] * 5 + [5, 6, IGNORE_INDEX]
     assert labels[1].tolist() == [IGNORE_INDEX] * 2 + [2, 3, 4] + [IGNORE_INDEX] * 3
+
+
+def test_untrained_turns_lose_every_label() -> None:
+    input_ids = torch.arange(8).repeat(2, 1)
+    assistant = torch.tensor([[0, 1, 1, 0, 0, 1, 1, 0], [0, 1, 0, 1, 0, 1, 0, 0]])
+    attention = torch.ones_like(assistant)
+    labels = assistant_labels(input_ids, assistant, attention, untrained=[[0], [1, 2]])
+    assert labels[0].tolist() == [IGNORE_INDEX] * 5 + [5, 6, IGNORE_INDEX]
+    assert labels[1].tolist() == [IGNORE_INDEX, 1] + [IGNORE_INDEX] * 6
+    # The final turn is still the last one, learned or not.
+    final = assistant_labels(
+        input_ids, assistant, attention, final_turn_only=True, untrained=[[1], [0]]
+    )
+    assert final[0].tolist() == [IGNORE_INDEX] * 8
+    assert final[1].tolist() == [IGNORE_INDEX] * 5 + [5, IGNORE_INDEX, IGNORE_INDEX]
+
+
+def test_a_weight_0_turn_is_context_with_every_label_ignored(
+    processing: Any, tmp_path: Path
+) -> None:
+    multimodal = is_multimodal(processing)
+    encoder = chat_encoder(processing, max_pixels=3136)
+    weighted, plain = first_reply_as_context(multi_turn(multimodal)), multi_turn(multimodal)
+    kept, _, _ = plan_lengths(encoder, records(processing, tmp_path, weighted, plain), 4096)
+    batch = SFTCollator(encoder)(kept)
+    labels, input_ids = batch["labels"], batch["input_ids"]
+    tokenizer = tokenizer_of(processing)
+
+    # The weight changes no input: the first reply stays, as context for the next turn.
+    assert torch.equal(input_ids[0], input_ids[1])
+    learned, learned_plain = labels[0] != IGNORE_INDEX, labels[1] != IGNORE_INDEX
+    # Every label of the weight-0 reply is ignored, and only those.
+    only_plain = learned_plain & ~learned
+    assert tokenizer.decode(input_ids[1][only_plain], skip_special_tokens=True).split() == [
+        "red",
+        "square",
+    ]
+    assert not (learned & ~learned_plain).any()
+    assert tokenizer.decode(input_ids[0][learned], skip_special_tokens=True).split() == ["yes"]
+    # Trained tokens count the labels, so not the weight-0 reply.
+    assert [learned_tokens(r) for r in kept] == [int(learned.sum()), int(learned_plain.sum())]
+    # Batches from planned tokens label the same tokens as the processor's batches.
+    fresh = SFTCollator(encoder)([without_tokens(r) for r in kept])
+    assert torch.equal(fresh["labels"], labels)
+
+
+def test_truncation_that_leaves_only_weight_0_turns_drops_the_example(
+    tiny_qwen2: Path, tmp_path: Path
+) -> None:
+    processing = load_processing(str(tiny_qwen2), trust_remote_code=False)
+    encoder = chat_encoder(processing, max_pixels=3136)
+    weighted = records(processing, tmp_path, first_reply_as_context(multi_turn(False)))
+    (whole,), _, _ = plan_lengths(encoder, weighted, 4096)
+    before_last_reply = whole["keep"] - learned_tokens(whole)
+    assert plan_lengths(encoder, weighted, before_last_reply)[1:] == (0, 1)
+    plain = records(processing, tmp_path, multi_turn(False))
+    assert plan_lengths(encoder, plain, before_last_reply)[1:] == (1, 0)
+
+
+def test_weights_need_a_template_that_marks_each_turn_apart(
+    tiny_qwen2: Path, tmp_path: Path
+) -> None:
+    processing = load_processing(str(tiny_qwen2), trust_remote_code=False)
+    encoder = chat_encoder(processing, max_pixels=3136)
+    # One generation block around every reply: two replies in a row become one run.
+    encoder.chat_template = (
+        "{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}"
+        "{{ m.content }}{% endgeneration %}{% else %}{{ m.content }}{% endif %}{% endfor %}"
+    )
+    replies = Example(
+        turns=(
+            Turn("user", ("hi",)),
+            Turn("assistant", ("hello",), 0),
+            Turn("assistant", ("there",)),
+        ),
+        line=5,
+    )
+    with pytest.raises(DatasetError, match="line 5: the chat template marks 1 assistant turns"):
+        plan_lengths(encoder, records(processing, tmp_path, replies), 4096)
+    # Without a weight 0 the turns need not be told apart.
+    unweighted = replace(replies, turns=tuple(replace(t, weight=None) for t in replies.turns))
+    assert plan_lengths(encoder, records(processing, tmp_path, unweighted), 4096)[1:] == (0, 0)
 
 
 @pytest.mark.parametrize(

@@ -45,7 +45,7 @@ def test_a_batch_is_chosen_rows_then_rejected_rows_with_the_final_reply_as_compl
 ) -> None:
     processing = load_processing(str(tiny_qwen2_5_vl), trust_remote_code=False)
     encoder: ChatEncoder = chat_encoder(processing, 3136)
-    encoder.load_image = lambda source, root, line: Image.new("RGB", (56, 56), "white")
+    encoder.load_image = lambda source, root, line, detail: Image.new("RGB", (56, 56), "white")
     records = [to_preference_record(pair(), "/data", multimodal=True)] * 2
     batch = PreferenceCollator(encoder)(records)
     assert batch["input_ids"].shape[0] == 4

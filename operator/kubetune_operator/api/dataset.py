@@ -120,6 +120,14 @@ class DatasetSpec(CamelModel):
         json_schema_extra={"default": {}},
         description="Bounds the dataset must keep to be Ready.",
     )
+    deep: bool = Field(
+        False,
+        description=(
+            "Decode every image fully while validating, so that a truncated or corrupt "
+            "image is an error on its line here rather than a failure in training. Slower: "
+            "by default only image headers are read."
+        ),
+    )
     queue_name: Name | None = Field(
         None,
         description=(
@@ -147,6 +155,9 @@ class DatasetStatus(CamelModel):
     examples: int | None = Field(None, ge=0, description="Examples in the file.")
     images: int | None = Field(None, ge=0, description="Image references in the file.")
     text_only_examples: int | None = Field(None, ge=0, description="Examples without images.")
+    remote_images: int | None = Field(
+        None, ge=0, description="Images named by an http(s) URL (with limits.allowRemoteImages)."
+    )
     sha256: str | None = Field(None, max_length=64, description="SHA-256 of the validated file.")
     error_count: int | None = Field(
         None, ge=0, description="Problems that make the dataset Invalid."
@@ -158,6 +169,14 @@ class DatasetStatus(CamelModel):
         default_factory=list,
         max_length=20,
         description="The first 20 errors, with their line numbers.",
+    )
+    warnings: list[LineError] = Field(
+        default_factory=list,
+        max_length=20,
+        description=(
+            "The first 20 warnings (what is ignored or odd but does not block training), "
+            "with their line numbers."
+        ),
     )
     validation_job: Name | None = Field(None, description="Name of the validation Job.")
     conditions: list[Condition] = Field(

@@ -184,6 +184,14 @@ class TrainValidation(CamelModel):
     """Where validation examples come from: a separate file or a seeded split."""
 
     dataset: str | None = Field(None, description="Path of a validation JSONL file.")
+    image_root: str | None = Field(
+        None,
+        description="Where the validation file's relative image paths resolve. Default: its folder.",
+    )
+    limits: DatasetLimits = Field(
+        default_factory=DatasetLimits,
+        description="The validation Dataset's limits, which the file is read under.",
+    )
     split: float | None = Field(
         None, gt=0, lt=1, description="Fraction of the training set held out for validation."
     )
@@ -213,6 +221,13 @@ class TrainingConfig(CamelModel):
     )
     image_root: str | None = Field(
         None, description="Relative image paths resolve here. Default: the dataset's folder."
+    )
+    dataset_limits: DatasetLimits = Field(
+        default_factory=DatasetLimits,
+        description=(
+            "The training Dataset's limits: training reads the file under the rules its "
+            "validation approved it by."
+        ),
     )
     validation: TrainValidation | None = None
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)

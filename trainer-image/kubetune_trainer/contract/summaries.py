@@ -93,6 +93,7 @@ class TrainingSummary(Outcome, TrainingFigures):
     eval_examples: int | None = None
     truncated_examples: int | None = None
     dropped_examples: int | None = None
+    trained_tokens: int | None = None
     train_runtime_seconds: float | None = None
     samples_per_second: float | None = None
     tokens_per_second: float | None = None
@@ -171,6 +172,7 @@ class ValidationSummary(Outcome):
     examples: int | None = None
     images: int | None = None
     text_only_examples: int | None = None
+    remote_images: int | None = None
     sha256: str | None = None
     errors: list[LineProblem] = Field(default_factory=list)
     warnings: list[LineProblem] | None = None

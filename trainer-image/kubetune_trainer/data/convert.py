@@ -4,7 +4,8 @@ Writing is the inverse of ``formats.parse_record`` for every valid example:
 ``parse_record(to_json_record(e, style)) == e`` for both styles (the round-trip tests
 hold this). Two kubetune extensions make that possible where the hosted formats
 have no field: ``image_details`` carries content-part ``detail`` values in
-placeholder style, and ``rejected_images`` is kept in content-part style.
+placeholder style, and ``rejected_images`` is kept in content-part style. OpenAI's
+per-message ``weight`` is written in both styles.
 
 Output is atomic: it goes to a temporary file next to OUT that replaces OUT only
 when every line converted, so a failed run never leaves a half-written OUT.
@@ -46,7 +47,7 @@ def to_json_record(example: Example, style: Style) -> dict[str, Any]:
 def _placeholder_record(example: Example) -> dict[str, Any]:
     images = example.images
     record: dict[str, Any] = {
-        "messages": [{"role": t.role, "content": _placeholder_text(t.parts)} for t in example.turns]
+        "messages": [_message(t, _placeholder_text(t.parts)) for t in example.turns]
     }
     if images:
         record["images"] = [img.source for img in images]
@@ -81,8 +82,15 @@ def _content_record(example: Example) -> dict[str, Any]:
 
 def _content_message(turn: Turn) -> dict[str, Any]:
     if not turn.images:
-        return {"role": turn.role, "content": turn.text}
-    return {"role": turn.role, "content": [_content_part(p) for p in turn.parts]}
+        return _message(turn, turn.text)
+    return _message(turn, [_content_part(p) for p in turn.parts])
+
+
+def _message(turn: Turn, content: str | list[dict[str, Any]]) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": turn.role, "content": content}
+    if turn.weight is not None:
+        message["weight"] = turn.weight
+    return message
 
 
 def _content_part(part: Part) -> dict[str, Any]:
@@ -108,8 +116,8 @@ def embed_example_images(example: Example, image_root: Path, limits: DatasetLimi
         return ImageRef(f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}", ref.detail)
 
     def embed_turn(turn: Turn) -> Turn:
-        return Turn(
-            turn.role, tuple(embed(p) if isinstance(p, ImageRef) else p for p in turn.parts)
+        return replace(
+            turn, parts=tuple(embed(p) if isinstance(p, ImageRef) else p for p in turn.parts)
         )
 
     rejected_images = example.rejected_images

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 Role = Literal["system", "user", "assistant"]
 ImageKind = Literal["path", "url", "data"]
+Weight = Literal[0, 1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,10 +36,19 @@ Part = str | ImageRef
 
 @dataclass(frozen=True, slots=True)
 class Turn:
-    """One message: its role and its text and images in order."""
+    """One message: its role and its text and images in order.
+
+    ``weight`` is OpenAI's per-message ``weight`` on an assistant turn as the dataset
+    wrote it (None where it wrote none): 0 keeps the turn as context only."""
 
     role: Role
     parts: tuple[Part, ...]
+    weight: Weight | None = None
+
+    @property
+    def learned(self) -> bool:
+        """Whether SFT learns this turn: an assistant turn not weighted 0."""
+        return self.role == "assistant" and self.weight != 0
 
     @property
     def text(self) -> str:

@@ -10,8 +10,9 @@ The formats, detected per line (one file may mix them):
   ``rejected_images``), or ``{"input": {"messages"}, "preferred_output",
   "non_preferred_output"}``.
 
-Parsing checks shape: types, roles, where images may go, placeholder counts. Rules
-about the conversation as a whole live in ``rules.py``; image files in ``images.py``.
+Parsing checks shape: types, roles, where images and weights may go, placeholder
+counts. Rules about the conversation as a whole live in ``rules.py``; image files in
+``images.py``.
 ``parse_record`` never raises: every failure comes back as a message.
 """
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final
 
-from kubetune_trainer.data.example import Example, ImageRef, Part, Role, Turn
+from kubetune_trainer.data.example import Example, ImageRef, Part, Role, Turn, Weight
 
 PLACEHOLDER: Final = "<image>"
 ROLES: Final[tuple[Role, ...]] = ("system", "user", "assistant")
@@ -43,7 +44,7 @@ INTERPRETED_KEYS: Final = frozenset(
 UNSUPPORTED_MEDIA: Final = ("videos", "audios")
 # Keys of hosted formats that change what a line means but that training ignores.
 IGNORED_FEATURES: Final = ("tools", "functions", "parallel_tool_calls")
-MESSAGE_KEYS: Final = frozenset({"role", "content"})
+MESSAGE_KEYS: Final = frozenset({"role", "content", "weight"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +133,7 @@ def _parse(obj: object, line: int, warnings: list[str]) -> Example:
     details = _detail_list(obj, len(images))
     segments = [_message_segments(msg, where, warnings) for where, msg in messages]
 
-    slots = sum(segs.count(_SLOT) for _, segs in segments)
+    slots = sum(segs.count(_SLOT) for _, segs, _ in segments)
     if slots != len(images):
         raise _Invalid(
             f"{slots} {PLACEHOLDER} placeholder{'s' * (slots != 1)} but {len(images)} "
@@ -141,20 +142,32 @@ def _parse(obj: object, line: int, warnings: list[str]) -> Example:
     if slots:
         queue = iter([ImageRef(src, det) for src, det in zip(images, details, strict=True)])
         segments = [
-            (role, [next(queue) if s is _SLOT else s for s in segs]) for role, segs in segments
+            (role, [next(queue) if s is _SLOT else s for s in segs], weight)
+            for role, segs, weight in segments
         ]
     turns = tuple(
-        Turn(role, _merge(segs, where))
-        for (where, _), (role, segs) in zip(messages, segments, strict=True)
+        Turn(role, _merge(segs, where), weight)
+        for (where, _), (role, segs, weight) in zip(messages, segments, strict=True)
     )
 
     rejected = None
     if rejected_message is not None:
+        # DPO trains on both replies of a pair (SFT on a pair file, on the chosen one), so
+        # weight 0 on either contradicts the pair. Weight 1 is the default: the rejected
+        # reply does not keep it, as the placeholder style writes that reply as a bare
+        # string.
         where, msg = rejected_message
-        role, segs = _message_segments(msg, where, warnings, default_role="assistant")
+        role, segs, weight = _message_segments(msg, where, warnings, default_role="assistant")
         if role != "assistant":
             raise _Invalid(f"{where}: the rejected reply must be an assistant message, not {role}")
+        if weight == 0 or turns[-1].weight == 0:
+            field = where if weight == 0 else messages[-1][0]
+            raise _Invalid(
+                f"{field}.weight is 0, but both replies of a preference pair are trained on"
+            )
         rejected = Turn(role, _merge(segs, where))
+    elif any(t.weight == 0 for t in turns) and not any(t.learned for t in turns):
+        raise _Invalid("every assistant message has weight 0: the example has nothing to learn")
 
     rejected_images = None
     if "rejected_images" in obj and obj["rejected_images"] is not None:
@@ -230,7 +243,7 @@ def _single_message(value: object, where: str) -> _RawMessage:
 
 def _message_segments(
     msg: object, where: str, warnings: list[str], default_role: Role | None = None
-) -> tuple[Role, list[_Segment]]:
+) -> tuple[Role, list[_Segment], Weight | None]:
     if not isinstance(msg, dict):
         raise _Invalid(f"{where} must be an object with 'role' and 'content', not {json_type(msg)}")
     role = msg.get("role", default_role)
@@ -253,7 +266,21 @@ def _message_segments(
         )
     if role != "user" and any(not isinstance(s, str) for s in segments):
         raise _Invalid(f"{where}: images belong in user turns, not in {role} turns")
-    return role, segments
+    return role, segments, _weight(msg.get("weight"), where, role)
+
+
+def _weight(value: object, where: str, role: Role) -> Weight | None:
+    """OpenAI's per-message weight: 0 or 1 (true and false too, as JSON writers may
+    spell them), on assistant messages only. Null is no weight, as pandas writes it
+    for the rows of a column that only some messages fill."""
+    if value is None:
+        return None
+    if role != "assistant":
+        raise _Invalid(f"{where}.weight: only assistant messages have a weight, not {role} ones")
+    if type(value) not in (int, bool) or value not in (0, 1):
+        shown = _cut(repr(value)) if isinstance(value, int | float) else _show(value)
+        raise _Invalid(f"{where}.weight must be 0 or 1, not {shown}")
+    return 1 if value else 0
 
 
 def _split_placeholders(text: str) -> list[_Segment]:

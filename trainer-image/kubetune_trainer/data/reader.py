@@ -99,13 +99,16 @@ def _read_line(
     yield Record(parsed.example, hash(item.data))
 
 
-def read_examples(path: str | Path, budget: LineBudget = DEFAULT_BUDGET) -> Iterator[Example]:
+def read_examples(
+    path: str | Path, limits: DatasetLimits | None = None, budget: LineBudget = DEFAULT_BUDGET
+) -> Iterator[Example]:
     """Every example of a JSONL file, in any supported format (mixed is fine), with
     ``Example.line`` set. Raises ``DatasetError`` at the first invalid line: the
-    trainer reads files that ``kubetune validate`` has accepted (with the same
-    default budget). Images are not opened here; see ``open_image``."""
+    trainer reads files that ``kubetune validate`` has accepted, under the same
+    ``limits`` (the Dataset's) and the same default budget. Images are not opened
+    here; see ``open_image``."""
     with open(path, "rb") as fp:
-        for item in iter_records(fp, budget=budget):
+        for item in iter_records(fp, limits=limits, budget=budget):
             if isinstance(item, Record):
                 yield item.example
             elif item.is_error:

@@ -50,6 +50,8 @@ class ValidationReport:
     examples: int
     images: int
     text_only_examples: int
+    # http(s) image URLs: a run cannot train on them yet (they are not fetched before it).
+    remote_images: int
     sha256: str
     errors: tuple[Problem, ...]
     warnings: tuple[Problem, ...]
@@ -60,18 +62,26 @@ class ValidationReport:
         """The ``--json`` report (camelCase, as the Dataset status spells it)."""
         return dump(self._report())
 
-    def summary(self, max_bytes: int = TERMINATION_LIMIT, max_errors: int = 20) -> dict[str, Any]:
+    def summary(self, max_bytes: int = TERMINATION_LIMIT, max_each: int = 20) -> dict[str, Any]:
         """The report cut to fit a container termination message: the counts and as
-        many of the first errors as fit, without the warnings."""
+        many of the first errors, then of the first warnings, as fit (warnings go
+        first when something must)."""
         report = self._report()
         errors = [
-            LineProblem(line=e.line, message=e.message[:512]) for e in report.errors[:max_errors]
+            LineProblem(line=e.line, message=e.message[:512]) for e in report.errors[:max_each]
+        ]
+        warnings = [
+            LineProblem(line=w.line, message=w.message[:256])
+            for w in (report.warnings or [])[:max_each]
         ]
         while True:
-            cut = dump(report.model_copy(update={"errors": errors}), exclude={"warnings"})
-            if len(json.dumps(cut).encode()) <= max_bytes or not errors:
+            cut = dump(report.model_copy(update={"errors": errors, "warnings": warnings}))
+            if len(json.dumps(cut).encode()) <= max_bytes or not (errors or warnings):
                 return cut
-            errors = errors[:-1]
+            if warnings:
+                warnings = warnings[:-1]
+            else:
+                errors = errors[:-1]
 
     def _report(self) -> ValidationSummary:
         return ValidationSummary(
@@ -79,6 +89,7 @@ class ValidationReport:
             examples=self.examples,
             images=self.images,
             text_only_examples=self.text_only_examples,
+            remote_images=self.remote_images,
             sha256=self.sha256,
             errors=[LineProblem(line=p.line, message=p.message) for p in self.errors],
             warnings=[LineProblem(line=p.line, message=p.message) for p in self.warnings],
@@ -113,6 +124,7 @@ class _Tally:
     examples: int = 0
     images: int = 0
     text_only: int = 0
+    remote_images: int = 0
     errors: list[Problem] = field(default_factory=list)
     warnings: list[Problem] = field(default_factory=list)
     error_count: int = 0
@@ -178,6 +190,7 @@ def validate_file(
         examples=tally.examples,
         images=tally.images,
         text_only_examples=tally.text_only,
+        remote_images=tally.remote_images,
         sha256=digest.hexdigest(),
         errors=tuple(tally.errors),
         warnings=tuple(tally.warnings),
@@ -199,6 +212,7 @@ def _check_record(
     rejected_images = example.rejected_images or ()
     tally.examples += 1
     tally.images += len(images) + len(rejected_images)
+    tally.remote_images += sum(ref.kind == "url" for ref in (*images, *rejected_images))
     if not images:
         tally.text_only += 1
     earlier = seen.add(record.fingerprint, line)

@@ -38,8 +38,9 @@ SEQUENCE_KEYS = ("input_ids", "attention_mask", "labels", "token_type_ids", "mm_
 
 log = logging.getLogger("kubetune.train")
 
-ImageLoader = Callable[[str, str, int], Image.Image]
-"""(image source, image root, dataset line) -> an RGB image fitted to maxPixels."""
+ImageLoader = Callable[[str, str, int, str | None], Image.Image]
+"""(image source, image root, dataset line, content-part detail) -> an RGB image fitted
+to the pixel budget of that detail (images.pixel_budget)."""
 
 
 @dataclass
@@ -66,19 +67,22 @@ class ChatEncoder:
             if prompt_only:
                 messages = messages[:-1]
             if self.multimodal:
-                images = iter(record["images"])
+                images = iter(self.load_images(record))
                 for message in messages:
                     message["content"] = [
-                        {
-                            "type": "image",
-                            "image": self.load_image(next(images), record["root"], record["line"]),
-                        }
+                        {"type": "image", "image": next(images)}
                         if part["type"] == "image"
                         else part
                         for part in message["content"]
                     ]
             chats.append(messages)
         return chats
+
+    def load_images(self, record: ChatRecord) -> list[Image.Image]:
+        return [
+            self.load_image(source, record["root"], record["line"], detail)
+            for source, detail in zip(record["images"], record["image_details"], strict=True)
+        ]
 
     def encode(
         self,
@@ -139,13 +143,7 @@ class ChatEncoder:
                 [row[key] + [pad] * (width - len(row[key])) for row in rows], dtype=torch.long
             )
         if self.multimodal:
-            images = [
-                [
-                    self.load_image(source, record["root"], record["line"])
-                    for source in record["images"]
-                ]
-                for record in records
-            ]
+            images = [self.load_images(record) for record in records]
             if any(images):
                 batch.update(self.processing.image_processor(images=images, return_tensors="pt"))
         return batch
@@ -187,28 +185,65 @@ def without_tokens(record: ChatRecord) -> ChatRecord:
     return unplanned
 
 
+def turn_numbers(mask: torch.Tensor) -> torch.Tensor:
+    """For each token of an assistant mask, which contiguous run of assistant tokens it
+    is in, from 0: which assistant turn, as the chat template marks each turn as one
+    run. -1 outside the runs."""
+    starts = mask.clone()
+    starts[:, 1:] &= ~mask[:, :-1]
+    return torch.where(mask, torch.cumsum(starts.int(), dim=1) - 1, -1)
+
+
+def learned_mask(
+    assistant_masks: torch.Tensor,
+    attention_mask: torch.Tensor,
+    untrained: Sequence[Collection[int]] = (),
+    *,
+    final_turn_only: bool = False,
+) -> torch.Tensor:
+    """The tokens that carry a label: assistant tokens that are not padding, less those
+    of each row's ``untrained`` assistant turns (weight 0: context only). With
+    ``final_turn_only``, only the last assistant turn counts."""
+    mask = assistant_masks.bool() & attention_mask.bool()
+    turns = turn_numbers(mask)
+    learned = mask.clone()
+    if final_turn_only:
+        learned &= turns == turns.max(dim=1, keepdim=True).values
+    for row, skipped in enumerate(untrained):
+        for turn in skipped:
+            learned[row] &= turns[row] != turn
+    return learned
+
+
 def assistant_labels(
     input_ids: torch.Tensor,
     assistant_masks: torch.Tensor,
     attention_mask: torch.Tensor,
     *,
     final_turn_only: bool = False,
+    untrained: Sequence[Collection[int]] = (),
 ) -> torch.Tensor:
-    """Labels equal to the input ids on assistant tokens and IGNORE_INDEX elsewhere
-    (system, user, image and padding tokens). With ``final_turn_only``, only the last
-    assistant turn (the last contiguous run of assistant tokens) counts."""
-    mask = assistant_masks.bool() & attention_mask.bool()
-    if final_turn_only:
-        # A token is in the final run when no non-assistant token follows it before the
-        # end of the run: count the non-assistant tokens after each position; the final
-        # run has the same count as the last assistant token.
-        gaps_after = torch.flip(torch.cumsum(torch.flip((~mask).int(), [1]), 1), [1])
-        positions = torch.arange(mask.shape[1]).expand_as(mask)
-        last = torch.where(mask, positions, -1).max(dim=1).values.clamp(min=0)
-        mask &= gaps_after == gaps_after.gather(1, last[:, None])
+    """Labels equal to the input ids on the tokens ``learned_mask`` picks and
+    IGNORE_INDEX elsewhere (system, user, image and padding tokens, and the turns that
+    are context only)."""
     labels = input_ids.clone()
-    labels[~mask] = IGNORE_INDEX
+    labels[
+        ~learned_mask(assistant_masks, attention_mask, untrained, final_turn_only=final_turn_only)
+    ] = IGNORE_INDEX
     return labels
+
+
+def learned_tokens(record: ChatRecord, *, final_turn_only: bool = False) -> int:
+    """How many of a planned record's kept tokens carry a label: what it trains on."""
+    tokens = record["tokens"]
+    return int(
+        learned_mask(
+            torch.tensor([tokens["assistant_masks"]]),
+            torch.tensor([tokens["attention_mask"]]),
+            [record["untrained"]],
+            final_turn_only=final_turn_only,
+        ).sum()
+    )
 
 
 def keep_length(
@@ -239,33 +274,38 @@ def plan_row(
     final_turn_only: bool = False,
 ) -> tuple[int | None, int, PlannedTokens | None]:
     """Encode one chat: (kept length or None to drop it, full length, its planned tokens).
-    The loss falls on every assistant turn, or with ``final_turn_only`` on the last one
-    (DPO's completion); a chat whose template marks none is refused."""
+    The loss falls on every assistant turn not weighted 0, or with ``final_turn_only`` on
+    the last one (DPO's completion); a chat whose template marks none is refused, and so
+    is one with a turn weighted 0 whose template does not mark each turn apart."""
     encoded = encoder.encode([record])
     input_ids = encoded["input_ids"][0].tolist()
-    if final_turn_only:
-        reply = assistant_labels(
-            encoded["input_ids"],
-            encoded["assistant_masks"],
-            encoded["attention_mask"],
-            final_turn_only=True,
-        )[0]
-        assistant = (reply != IGNORE_INDEX).int().tolist()
-    else:
-        assistant = encoded["assistant_masks"][0].tolist()
-    if not any(assistant):
+    masks, attention = encoded["assistant_masks"], encoded["attention_mask"]
+    if not masks.any():
         raise DatasetError(
             record["line"], "the chat template marks no token of this example as the assistant's"
         )
-    keep = keep_length(input_ids, assistant, encoder.image_token_ids, max_length)
+    if record["untrained"]:
+        replies = sum(m["role"] == "assistant" for m in json.loads(record["messages"]))
+        marked = int(turn_numbers(masks.bool() & attention.bool()).max()) + 1
+        if marked != replies:
+            raise DatasetError(
+                record["line"],
+                f"the chat template marks {marked} assistant turns where the example has "
+                f"{replies}, so the turns with weight 0 cannot be told apart",
+            )
+    learned = learned_mask(
+        masks, attention, [record["untrained"]], final_turn_only=final_turn_only
+    )[0]
+    keep = keep_length(input_ids, learned.tolist(), encoder.image_token_ids, max_length)
     tokens = None if keep is None else encoder.planned_tokens(encoded, keep)
     return keep, len(input_ids), tokens
 
 
 @dataclass
 class SFTCollator:
-    """Builds training batches: encodes the chats, labels the assistant turns and cuts
-    each row to the length planned for it (the record's ``keep``)."""
+    """Builds training batches: encodes the chats, labels the assistant turns (those not
+    weighted 0) and cuts each row to the length planned for it (the record's
+    ``keep``)."""
 
     encoder: ChatEncoder
     final_turn_only: bool = False
@@ -277,6 +317,7 @@ class SFTCollator:
             batch.pop("assistant_masks"),
             batch["attention_mask"],
             final_turn_only=self.final_turn_only,
+            untrained=[record["untrained"] for record in records],
         )
         keep = [record.get("keep") for record in records]
         if any(k is not None and k < batch["input_ids"].shape[1] for k in keep):

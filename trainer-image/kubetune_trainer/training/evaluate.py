@@ -248,6 +248,12 @@ class Evaluation:
         return result
 
 
+def with_references(examples: Sequence[Example]) -> list[Example]:
+    """The examples that have a reference reply to score the model against: a final
+    reply weighted 0 is one the user chose not to teach, so matching it is no merit."""
+    return [e for e in examples if e.chosen.learned]
+
+
 def score_examples(
     scorer: Scorer,
     examples: Sequence[Example],
@@ -258,7 +264,8 @@ def score_examples(
     keep: int = 0,
 ) -> Evaluation:
     """Score the model, and its base where it has one, on ``examples`` (relative image
-    paths resolve under ``root``); preference figures when every example is a pair."""
+    paths resolve under ``root``; ``with_references`` picks them); preference figures
+    when every example is a pair."""
     multimodal = scorer.multimodal
     records = [to_chat_record(e, root, multimodal=multimodal) for e in examples]
     pairs = (
@@ -320,5 +327,9 @@ def evaluate(
     # Not resolved here: the image-root guard must see a symlinked folder to refuse it.
     root = Path(image_root) if image_root else Path(data).absolute().parent
     return score_examples(
-        scorer, examples, root, max_new_tokens=max_new_tokens, batch_size=batch_size
+        scorer,
+        with_references(examples),
+        root,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
     ).as_dict()

@@ -18,7 +18,13 @@ from typing import Any
 from kubetune_trainer.contract.job import TrainingConfig
 from kubetune_trainer.contract.summaries import EvaluationSummary, ModelScores, SampleAnswer
 from kubetune_trainer.data.example import Example
-from kubetune_trainer.training.evaluate import Evaluation, Preference, Scores, load_scorer
+from kubetune_trainer.training.evaluate import (
+    Evaluation,
+    Preference,
+    Scores,
+    load_scorer,
+    with_references,
+)
 from kubetune_trainer.training.evaluate import score_examples as score_all
 from kubetune_trainer.training.inputs import JobError
 from kubetune_trainer.training.report import write_json, write_termination_log
@@ -91,7 +97,7 @@ def evaluate_run(
         raise JobError("the run has no validation data to score on")
     verify_dataset(config)
     _, _, held_out, root = split_data(config)
-    held_out = held_out[:max_examples]
+    held_out = with_references(held_out)[:max_examples]
     if not held_out:
         raise JobError("the run's validation data holds no examples")
     output = Path(config.output_dir)

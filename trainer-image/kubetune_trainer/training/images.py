@@ -33,6 +33,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # CMYK, P, L, 1, I;16, YCbCr, ...
 
 
+LOW_DETAIL_PIXELS: Final = 512 * 512
+"""OpenAI's vision fine-tuning shows a ``detail: low`` image at 512 x 512."""
+
+
+def pixel_budget(detail: str | None, max_pixels: int) -> int:
+    """The most pixels an image with this content-part ``detail`` keeps: a low-detail
+    one at most LOW_DETAIL_PIXELS, any other the run's maxPixels."""
+    return min(max_pixels, LOW_DETAIL_PIXELS) if detail == "low" else max_pixels
+
+
 def fit_to_max_pixels(image: Image.Image, max_pixels: int) -> Image.Image:
     """An RGB copy whose width x height is at most ``max_pixels``, aspect ratio kept."""
     image = to_rgb(image)
@@ -56,8 +66,9 @@ def fit_to_max_pixels(image: Image.Image, max_pixels: int) -> Image.Image:
 CACHE_SHARE: Final = 16
 CACHE_CAP: Final = 8 << 30
 
-CacheKey = tuple[str, bytes]
-"""(image root, digest of the image's source)"""
+CacheKey = tuple[str, bytes, int]
+"""(image root, digest of the image's source, pixel budget): one file seen at two
+details is two fitted images, unless both details give it the same budget."""
 
 CGROUP_LIMITS: Final = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
 """Where a container's memory limit is read: cgroup v2, then v1."""
@@ -129,23 +140,22 @@ class FittedImages:
 @dataclass(frozen=True)
 class ImageFitter:
     """Opens a dataset image under the dataset rules (root confinement, size, pixel and
-    scan caps, no remote URLs) and fits it to ``max_pixels``: the collator's
-    ImageLoader. Planning opens every image once, and each epoch's batches open them
-    again, so fitted images are kept (``FittedImages``) and a run decodes each once
-    while they fit in memory. A class, not a closure, so that dataloader worker
-    processes can receive it."""
+    scan caps, no remote URLs) and fits it to the pixel budget of its ``detail``
+    (``pixel_budget``): the collator's ImageLoader. Planning opens every image once,
+    and each epoch's batches open them again, so fitted images are kept
+    (``FittedImages``) and a run decodes each once while they fit in memory. A class,
+    not a closure, so that dataloader worker processes can receive it."""
 
     max_pixels: int
     cache: FittedImages = field(default_factory=FittedImages, compare=False, repr=False)
 
-    def __call__(self, source: str, root: str, line: int) -> Image.Image:
+    def __call__(self, source: str, root: str, line: int, detail: str | None = None) -> Image.Image:
+        budget = pixel_budget(detail, self.max_pixels)
         # A data: URI can be megabytes long: its digest is the key, not the text.
-        key = (root, hashlib.blake2b(source.encode("utf-8", "surrogatepass")).digest())
+        key = (root, hashlib.blake2b(source.encode("utf-8", "surrogatepass")).digest(), budget)
         fitted = self.cache.get(key)
         if fitted is None:
             started = time.perf_counter()
-            fitted = fit_to_max_pixels(
-                open_image(ImageRef(source), Path(root), line=line), self.max_pixels
-            )
+            fitted = fit_to_max_pixels(open_image(ImageRef(source), Path(root), line=line), budget)
             self.cache.put(key, fitted, time.perf_counter() - started)
         return fitted

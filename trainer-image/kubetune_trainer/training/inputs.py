@@ -39,6 +39,9 @@ class DataStats:
     eval_examples: int
     truncated: int
     dropped: int
+    trained_tokens: int
+    """The tokens one epoch learns: those with a label in the kept training records,
+    not their prompts nor their turns weighted 0."""
 
 
 class JobError(ValueError):
@@ -52,6 +55,8 @@ RecordMaker = Callable[..., Record]
 Planner = Callable[[Any, list[Record], int], tuple[list[Record], int, int]]
 """(encoder, records, maxContextLength) -> (records kept with their lengths, truncated,
 dropped)."""
+TokenCounter = Callable[[Record], int]
+"""A planned record -> how many of its kept tokens carry a label."""
 
 log = logging.getLogger("kubetune.train")
 
@@ -71,12 +76,14 @@ def prepare_data(
     encoder: Any,
     make_record: RecordMaker[Record],
     plan: Planner[Record],
+    count_learned: TokenCounter[Record],
     unit: str,
     image_columns: tuple[str, ...] = ("images",),
 ) -> PreparedData:
     """Both splits made into records and planned (kept lengths, the encoder's planned
     tokens), with the counts logged and a job that has nothing left to train on
-    refused, then made datasets. `unit` names what is counted: "examples" or "pairs"."""
+    refused, then made datasets. `unit` names what is counted: "examples" or "pairs";
+    ``count_learned`` counts a record's trained tokens."""
     hp = inputs.config.hyperparameters
     multimodal = is_multimodal(inputs.processing)
 
@@ -91,6 +98,7 @@ def prepare_data(
         eval_examples=len(validation),
         truncated=train_cut + eval_cut,
         dropped=train_dropped + eval_dropped,
+        trained_tokens=sum(count_learned(record) for record in train),
     )
     if stats.truncated or stats.dropped:
         log.warning(

@@ -28,6 +28,7 @@ from kubetune_trainer.training.collate import (
     IGNORE_INDEX,
     ChatEncoder,
     assistant_labels,
+    learned_tokens,
     plan_row,
     truncate_rows,
 )
@@ -82,11 +83,16 @@ def _branch(
     keep: int | None,
     tokens: PlannedTokens | None,
 ) -> ChatRecord:
+    # Both branches show their images in the prompt's places, so at the prompt's detail.
+    # DPO learns only the final reply, which is never weighted 0 (formats.py): the
+    # weights of the prompt's assistant turns change nothing here.
     branch: ChatRecord = {
         "messages": messages,
         "images": images,
+        "image_details": pair["image_details"],
         "root": pair["root"],
         "line": pair["line"],
+        "untrained": [],
     }
     if keep is not None:
         branch["keep"] = keep
@@ -183,6 +189,12 @@ def plan_pairs(
     return kept, truncated, dropped
 
 
+def pair_learned_tokens(record: PreferenceRecord) -> int:
+    """The completion tokens of both branches of a planned pair: what DPO trains on."""
+    chosen, rejected = branches([record])
+    return sum(learned_tokens(branch, final_turn_only=True) for branch in chosen + rejected)
+
+
 class KubetuneDPOTrainer(ResumableCheckpoints, DPOTrainer):
     """TRL's DPOTrainer with checkpoints that resume correctly, on records that
     PreferenceCollator encodes batch by batch."""
@@ -201,6 +213,7 @@ def build_trainer(inputs: TrainerInputs) -> tuple[DPOTrainer, DataStats]:
         encoder,
         to_preference_record,
         plan_pairs,
+        pair_learned_tokens,
         "pairs",
         image_columns=("images", "rejected_images"),
     )

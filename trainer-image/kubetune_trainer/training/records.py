@@ -31,7 +31,11 @@ class ChatRecord(TypedDict):
 
     messages: str  # the chat as JSON, image parts as {"type": "image"} placeholders
     images: list[str]  # their sources, in order; a text-only model's dataset drops them
+    image_details: list[str | None]  # each image's content-part detail (low|high|auto)
     root: str  # where relative image paths resolve: each data file may have its own
+    # The assistant turns that are context only (weight 0), counted among the assistant
+    # turns from 0: their tokens get no labels.
+    untrained: list[int]
     line: int  # the example's line in its file, for error messages
     # Set by planning: how many leading tokens to train on, and the tokens themselves.
     keep: NotRequired[int]
@@ -67,11 +71,14 @@ def to_messages(turns: Sequence[Turn], line: int, *, multimodal: bool) -> list[d
 
 
 def to_chat_record(example: Example, image_root: str | Path, *, multimodal: bool) -> ChatRecord:
+    replies = [turn for turn in example.turns if turn.role == "assistant"]
     return {
         "messages": json.dumps(to_messages(example.turns, example.line, multimodal=multimodal)),
         "images": [image.source for image in example.images],
+        "image_details": [image.detail for image in example.images],
         "root": str(image_root),
         "line": example.line,
+        "untrained": [i for i, turn in enumerate(replies) if not turn.learned],
     }
 
 

@@ -90,15 +90,16 @@ def verify_dataset(config: TrainingConfig) -> None:
         )
 
 
-def image_root(config: TrainingConfig, dataset: str) -> Path:
+def image_root(root: str | None, dataset: str) -> Path:
     # Not resolved here: the image-root guard must see a symlinked folder to refuse it.
-    return Path(config.image_root) if config.image_root else Path(dataset).absolute().parent
+    return Path(root) if root else Path(dataset).absolute().parent
 
 
 def split_data(config: TrainingConfig) -> tuple[list[Any], Path, list[Any], Path]:
-    """(training examples, their image root, validation examples, their image root)."""
-    train = list(read_examples(config.dataset))
-    root = image_root(config, config.dataset)
+    """(training examples, their image root, validation examples, their image root),
+    each file read under its own Dataset's limits and with its own image root."""
+    train = list(read_examples(config.dataset, config.dataset_limits))
+    root = image_root(config.image_root, config.dataset)
     validation = config.validation
     if validation is None:
         return train, root, [], root
@@ -106,8 +107,8 @@ def split_data(config: TrainingConfig) -> tuple[list[Any], Path, list[Any], Path
         return (
             train,
             root,
-            list(read_examples(validation.dataset)),
-            image_root(config, validation.dataset),
+            list(read_examples(validation.dataset, validation.limits)),
+            image_root(validation.image_root, validation.dataset),
         )
     assert validation.split is not None
     train, held_out = split_validation(train, validation.split, config.hyperparameters.seed)
@@ -302,6 +303,9 @@ def _report(
             "eval_examples": stats.eval_examples,
             "truncated_examples": stats.truncated,
             "dropped_examples": stats.dropped,
+            # What the run learned from (labelled tokens of trained turns), as hosted
+            # services bill it: an epoch's worth for each epoch run.
+            "trained_tokens": round(stats.trained_tokens * (state.epoch or 0.0)),
             "train_runtime_seconds": runtime,
             # This process's share of the run (all of it unless it resumed).
             "samples_per_second": ((state.epoch or 0.0) - start_epoch)

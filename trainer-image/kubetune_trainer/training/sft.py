@@ -9,7 +9,7 @@ from typing import Any
 from trl import SFTTrainer
 
 from kubetune_trainer.training.checkpoints import ResumableCheckpoints
-from kubetune_trainer.training.collate import ChatEncoder, SFTCollator, plan_row
+from kubetune_trainer.training.collate import ChatEncoder, SFTCollator, learned_tokens, plan_row
 from kubetune_trainer.training.config_mapping import lora_config, sft_config
 from kubetune_trainer.training.images import ImageFitter
 from kubetune_trainer.training.inputs import (
@@ -73,7 +73,7 @@ def plan_lengths(
 def build_trainer(inputs: TrainerInputs) -> tuple[SFTTrainer, DataStats]:
     config = inputs.config
     encoder = chat_encoder(inputs.processing, config.hyperparameters.max_pixels)
-    data = prepare_data(inputs, encoder, to_chat_record, plan_lengths, "examples")
+    data = prepare_data(inputs, encoder, to_chat_record, plan_lengths, learned_tokens, "examples")
     arguments: dict[str, Any] = {
         "model": inputs.model,
         "args": sft_config(config, inputs.hardware, has_eval=data.validation is not None),

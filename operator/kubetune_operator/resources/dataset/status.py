@@ -11,7 +11,7 @@ from kubetune_operator.resources.common import Manifest
 from kubetune_operator.resources.workloads import RETRIED_START_FAILURES, JobState, RunPhase
 from kubetune_trainer.contract.summaries import ValidationSummary, read_summary
 
-MAX_STATUS_ERRORS = 20
+MAX_STATUS_PROBLEMS = 20
 
 _REASONS = {
     DatasetPhase.READY: "Validated",
@@ -26,9 +26,10 @@ def dataset_result(value: Mapping[str, Any]) -> Manifest | None:
     summary = read_summary(ValidationSummary, value)
     if summary is None:
         return None
-    errors = [
-        {"line": e.line, "message": e.message[:4096]} for e in summary.errors[:MAX_STATUS_ERRORS]
-    ]
+    errors, warnings = (
+        [{"line": p.line, "message": p.message[:4096]} for p in problems[:MAX_STATUS_PROBLEMS]]
+        for problems in (summary.errors, summary.warnings or [])
+    )
     error_count = summary.error_count if summary.error_count is not None else len(errors)
     examples = summary.examples or 0
     images = summary.images or 0
@@ -44,6 +45,7 @@ def dataset_result(value: Mapping[str, Any]) -> Manifest | None:
         "examples": examples,
         "images": images,
         "textOnlyExamples": summary.text_only_examples or 0,
+        "remoteImages": summary.remote_images or 0,
         "sha256": summary.sha256,
         "errorCount": error_count,
         "warningCount": (
@@ -52,6 +54,7 @@ def dataset_result(value: Mapping[str, Any]) -> Manifest | None:
             else len(summary.warnings or [])
         ),
         "errors": errors,
+        "warnings": warnings,
     }
 
 
@@ -89,10 +92,12 @@ def dataset_status(
             examples=None,
             images=None,
             textOnlyExamples=None,
+            remoteImages=None,
             sha256=None,
             errorCount=None,
             warningCount=None,
             errors=[],
+            warnings=[],
         )
     reason = waiting_reason or _REASONS.get(status["phase"], "Validating")
     return status, reason

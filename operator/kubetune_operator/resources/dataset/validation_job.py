@@ -55,6 +55,8 @@ def validate_args(spec: DatasetSpec, path: str, image_root: str | None) -> list[
         args += ["--image-root", image_root]
     if limits.allow_remote_images:
         args.append("--allow-remote-images")
+    if spec.deep:
+        args.append("--deep")
     return args
 
 

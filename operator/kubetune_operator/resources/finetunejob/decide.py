@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 from kubetune_operator.api.dataset import DatasetSpec
 from kubetune_operator.api.finetunejob import FINISHED, FineTuneJobSpec, JobPhase
@@ -36,7 +37,12 @@ from kubetune_operator.resources.finetunejob.progress import (
     metrics_from_samples,
     progress_from_samples,
 )
-from kubetune_operator.resources.finetunejob.status import dataset_gate, status_from_job
+from kubetune_operator.resources.finetunejob.status import (
+    dataset_gate,
+    remote_images_gate,
+    status_from_job,
+    task_mismatch,
+)
 from kubetune_operator.resources.policy import NOT_ALLOWED, finetunejob_refusal, was_refused
 from kubetune_operator.resources.references import Reference, missing_message, missing_reason
 from kubetune_operator.resources.workloads import (
@@ -170,11 +176,17 @@ def decide(seen: Observed, settings: Settings) -> Decision:
     created: Manifest = {}
     job = seen.job
     if job is None:
+        roles = dataset_roles(seen.spec).items()
         waiting = next(
             (
                 gate
-                for name, role in dataset_roles(seen.spec).items()
-                if (gate := dataset_gate(seen.datasets.get(name), role, name)) is not None
+                for check in (
+                    partial(task_mismatch, seen.spec.method),
+                    dataset_gate,
+                    remote_images_gate,
+                )
+                for name, role in roles
+                if (gate := check(seen.datasets.get(name), role, name)) is not None
             ),
             None,
         )

@@ -14,6 +14,42 @@ from kubetune_operator.resources.workloads import JobState
 from kubetune_trainer.contract.summaries import TrainingSummary, read_summary
 
 
+def task_mismatch(
+    method: str, ds: Mapping[str, Any] | None, role: str, name: str
+) -> Verdict | None:
+    """Why a run cannot train on a Dataset as it is validated, from the specs alone (so
+    it shows at once, before validation ends): DPO needs preference pairs. An SFT run
+    may train on a dpo Dataset, on its chosen replies, as TRL's SFT does with such data."""
+    if ds is None or method != "dpo":
+        return None
+    task = (ds.get("spec") or {}).get("task", "sft")
+    if task == "dpo":
+        return None
+    return Verdict(
+        JobPhase.FAILED,
+        "DatasetTaskMismatch",
+        f"method dpo trains on preference pairs, but {role} Dataset {name!r} is validated "
+        f"for task {task} (its spec.task); set it to dpo, or use method sft",
+    )
+
+
+def remote_images_gate(ds: Mapping[str, Any] | None, role: str, name: str) -> Verdict | None:
+    """Why a run cannot train on a Ready Dataset whose lines name http(s) images. The
+    training pod opens no network connection for data (design.md's security rules),
+    and the step that would fetch them before it starts does not exist yet; failing
+    here, before a GPU is booked, beats failing on the GPU node."""
+    remote = ((ds or {}).get("status") or {}).get("remoteImages") or 0
+    if not remote:
+        return None
+    return Verdict(
+        JobPhase.FAILED,
+        "RemoteImagesNotSupported",
+        f"{role} Dataset {name!r} names {remote} images by http(s) URL, which training "
+        "cannot read yet; embed them first (`kubetune convert --embed-images "
+        "--allow-remote-images`) or put them beside the file on its volume",
+    )
+
+
 def dataset_gate(ds: Mapping[str, Any] | None, role: str, name: str) -> Verdict | None:
     """None when the Dataset is Ready for its current spec; else what the run waits
     for, or why it fails."""

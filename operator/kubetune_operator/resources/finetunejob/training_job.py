@@ -115,7 +115,9 @@ def plan(inputs: Inputs, default_image: str) -> Plan:
     elif spec.validation is not None and inputs.validation_dataset is not None:
         val = dataset_input("validation-data", inputs.validation_dataset, VALIDATION_DATA, image)
         mounted.merge(val)
-        validation = TrainValidation(dataset=val.path)
+        validation = TrainValidation(
+            dataset=val.path, image_root=val.image_root, limits=inputs.validation_dataset.limits
+        )
     base = base_model_input(spec.base_model, BASE_MODEL, image)
     mounted.merge(base)
     output, uri = output_location(spec.output_model.storage, OUTPUT)
@@ -132,6 +134,7 @@ def plan(inputs: Inputs, default_image: str) -> Plan:
         dataset=train.path,
         dataset_sha256=inputs.dataset_sha256,
         image_root=train.image_root,
+        dataset_limits=inputs.dataset.limits,
         validation=validation,
         hyperparameters=spec.hyperparameters,
         early_stopping=spec.early_stopping,
