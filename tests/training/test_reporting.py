@@ -119,6 +119,17 @@ def test_schedule_adds_step_evaluations_and_checkpoints() -> None:
     assert [s for s, (_, v) in enumerate(flags, 1) if v] == [3, 4, 6, 8]
 
 
+def test_the_last_step_is_logged_however_short_the_run() -> None:
+    schedule = EvalSaveSchedule(eval_steps=None, save_steps=None, has_eval=False)
+    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to="none")
+    logged = []
+    for step in range(1, 7):
+        control = TrainerControl()
+        schedule.on_step_end(args, TrainerState(global_step=step, max_steps=6), control)
+        logged.append(control.should_log)
+    assert logged == [False] * 5 + [True]
+
+
 def test_without_evaluations_epochs_end_in_a_checkpoint_by_time() -> None:
     now = [0.0]
     schedule = EvalSaveSchedule(

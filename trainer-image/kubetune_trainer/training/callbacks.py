@@ -29,7 +29,8 @@ class EvalSaveSchedule(TrainerCallback):
     evaluation, on top of the per-epoch evaluation and checkpoint that the training
     arguments ask for (a transformers strategy can be "steps" or "epoch", not both).
     Without evaluations, checkpoint at an epoch's end when the last checkpoint is older
-    than ``interval`` seconds."""
+    than ``interval`` seconds. The last step is always logged, so that a run shorter
+    than ``loggingSteps`` still reports a train loss."""
 
     def __init__(
         self,
@@ -53,6 +54,8 @@ class EvalSaveSchedule(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> TrainerControl:
         step = state.global_step
+        if step == state.max_steps:
+            control.should_log = True
         if self.eval_steps and step % self.eval_steps == 0:
             control.should_evaluate = True
         # Saving right after each evaluation is what lets the best one be exported.
