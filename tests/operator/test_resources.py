@@ -517,6 +517,29 @@ def test_dataset_result_shows_the_first_twenty_warnings_with_lines() -> None:
     assert status["warnings"][0] == {"line": 1, "message": "'tools' is ignored 1"}
 
 
+def test_kstatus_reads_stalled_on_failure_and_reconciling_while_working() -> None:
+    def conditions(current: dict[str, Any], phase: str, ready: bool | None) -> dict[str, Any]:
+        patch = phase_patch(
+            current, {"phase": phase, "message": f"now {phase}"}, phase, ready, 1, "t"
+        )
+        assert patch is not None
+        return {c["type"]: c for c in patch["conditions"]}
+
+    working = conditions({}, "Validating", None)
+    assert set(working) == {"Ready", "Reconciling"}
+    assert (working["Reconciling"]["status"], working["Reconciling"]["message"]) == (
+        "True",
+        "now Validating",
+    )
+    failed = conditions({"conditions": list(working.values())}, "Invalid", False)
+    assert set(failed) == {"Ready", "Stalled"}
+    assert (failed["Stalled"]["status"], failed["Stalled"]["reason"]) == ("True", "Invalid")
+    assert set(conditions({"conditions": list(working.values())}, "Ready", True)) == {"Ready"}
+    # A server still starting is not ready yet, and not failed either.
+    assert set(conditions({}, "Progressing", False)) == {"Ready", "Reconciling"}
+    assert set(conditions({}, "Suspended", None)) == {"Ready"}
+
+
 def test_condition_transition_time_moves_only_on_change() -> None:
     first = set_condition([], "Ready", False, "Waiting", "w", 1, "t1")
     same = set_condition(first, "Ready", False, "Still", "w", 2, "t2")

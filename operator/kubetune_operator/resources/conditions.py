@@ -1,6 +1,6 @@
 """The status conventions every kind follows: a phase with its message, the Ready
-condition, observedGeneration, phases that a generation never leaves once reached, and
-no write when nothing changed."""
+condition (with kstatus's Stalled and Reconciling), observedGeneration, phases that a
+generation never leaves once reached, and no write when nothing changed."""
 
 from __future__ import annotations
 
@@ -83,6 +83,39 @@ def set_condition(
     return out
 
 
+# The phases that end a generation in failure (kstatus: Stalled), and those in which
+# nothing is under way although the object is not ready (nor Reconciling).
+FAILED_PHASES = frozenset({"Failed", "Invalid"})
+RESTING_PHASES = frozenset({"Suspended"})
+
+
+def kstatus_conditions(
+    conditions: Sequence[Mapping[str, Any]],
+    phase: str,
+    ready: bool | None,
+    reason: str,
+    message: str,
+    generation: int | None,
+    now: str,
+) -> list[Manifest]:
+    """Conditions with kstatus's abnormal-true pair set as it reads them (Flux and
+    `kubectl wait` tools use it): Stalled=True on a failure, Reconciling=True while
+    work is under way, and neither otherwise (removed, which kstatus reads as False).
+    Without them kstatus takes Ready=False for work in progress, for ever."""
+    stalled = phase in FAILED_PHASES
+    flags = {
+        "Stalled": stalled,
+        "Reconciling": not stalled and ready is not True and phase not in RESTING_PHASES,
+    }
+    out = [dict(c) for c in conditions]
+    for type_, on in flags.items():
+        if on:
+            out = set_condition(out, type_, True, reason, message, generation, now)
+        else:
+            out = [c for c in out if c.get("type") != type_]
+    return out
+
+
 def phase_patch(
     current: Mapping[str, Any],
     fields: Manifest,
@@ -96,8 +129,14 @@ def phase_patch(
     patch = dict(fields)
     message = patch.get("message") or patch["phase"]
     conditions = current.get("conditions") or []
-    patch["conditions"] = set_condition(
-        conditions, "Ready", ready, reason, message, generation, now
+    patch["conditions"] = kstatus_conditions(
+        set_condition(conditions, "Ready", ready, reason, message, generation, now),
+        patch["phase"],
+        ready,
+        reason,
+        message,
+        generation,
+        now,
     )
     patch["observedGeneration"] = generation
     old = next((c for c in conditions if c.get("type") == "Ready"), None)
