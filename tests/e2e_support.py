@@ -93,7 +93,9 @@ def finetunejob(name: str, data: str, **spec: Any) -> dict[str, Any]:
                 "storage": {"pvc": {"claimName": "models", "path": f"out/{name}"}},
             },
             "resources": {"gpus": 0},
-            # Scoring takes a pod per run: the tests of it turn it on.
+            # Pre-flight and scoring take a pod per run each: the tests of them turn
+            # them on.
+            "preflight": {"enabled": False},
             "evaluation": {"enabled": False},
             **spec,
         },

@@ -274,6 +274,7 @@ def test_printer_columns_show_in_kubectl_get(kubectl: Kubectl, ns: str) -> None:
         "phase": "Running",
         "progress": {"percent": 42},
         "metrics": {"trainLoss": 1.25, "evalLoss": 1.5},
+        "preflight": {"phase": "Succeeded", "trainingTokens": 3600},
         "evaluation": {"phase": "Succeeded", "tuned": {"accuracy": 0.75}},
     }
     kubectl.run(
@@ -296,10 +297,11 @@ def test_printer_columns_show_in_kubectl_get(kubectl: Kubectl, ns: str) -> None:
         "LOSS",
         "EVAL",
         "LOSS",
+        "TOKENS",
         "SCORE",
         "AGE",
     ]
-    assert out[1].split()[:6] == ["columns", "Running", "42", "1.25", "1.5", "0.75"]
+    assert out[1].split()[:7] == ["columns", "Running", "42", "1.25", "1.5", "3600", "0.75"]
     kds = kubectl.run("get", "kds", "-n", ns).stdout
     assert kds.startswith("NAME") or "No resources" in kds
 

@@ -55,7 +55,7 @@ def test_names_columns_and_status_subresource() -> None:
     }
     assert columns == {
         "Dataset": ["Phase", "Examples", "Images", "Age"],
-        "FineTuneJob": ["Phase", "Progress", "Train Loss", "Eval Loss", "Score", "Age"],
+        "FineTuneJob": ["Phase", "Progress", "Train Loss", "Eval Loss", "Tokens", "Score", "Age"],
         "ModelDeployment": ["Phase", "Endpoint", "Ready", "Age"],
     }
     for kind, short in [("Dataset", "kds"), ("FineTuneJob", "ftj"), ("ModelDeployment", "mdep")]:

@@ -335,8 +335,12 @@ def test_an_sft_run_trains_on_a_dpo_datasets_chosen_replies() -> None:
     assert creates(decision) == ["ServiceAccount", "ConfigMap", "Job"]
 
 
+# A run whose pre-flight has passed: the next reconcile makes its training Job.
+PASSED = {"preflight": {"phase": "Succeeded", "jobName": "run-preflight"}}
+
+
 def test_a_run_whose_datasets_are_ready_gets_its_job() -> None:
-    decision = ftj_decide(ftj_body(), datasets={"train": dataset_in("Ready")})
+    decision = ftj_decide(ftj_body(PASSED), datasets={"train": dataset_in("Ready")})
     assert creates(decision) == ["ServiceAccount", "ConfigMap", "Job"]
     assert status_of(decision) == ("Pending", "PodPending", None)
     assert decision.status is not None
@@ -345,11 +349,104 @@ def test_a_run_whose_datasets_are_ready_gets_its_job() -> None:
     assert fields["outputModel"] == {"uri": "pvc://models/runs/out"}
 
 
+def test_a_run_whose_datasets_are_ready_is_pre_flighted_on_a_cpu_first() -> None:
+    ready = {"train": dataset_in("Ready")}
+    body = ftj_body(resources={"gpus": 4, "nodes": 2, "nodeSelector": {"gpu": "h100"}})
+    decision = ftj_decide(body, datasets=ready)
+    assert creates(decision) == ["ServiceAccount", "ConfigMap", "Job"]
+    made = decision.actions[-1].body  # type: ignore[union-attr]
+    assert made["metadata"]["name"] == "run-preflight"
+    pod_spec = made["spec"]["template"]["spec"]
+    (trainer,) = pod_spec["containers"]
+    assert trainer["command"] == ["kubetune"]
+    assert trainer["args"] == [
+        "preflight",
+        "--config",
+        "/etc/kubetune/job.json",
+        "--processes",
+        "8",
+    ]
+    assert "nvidia.com/gpu" not in json.dumps(trainer["resources"])
+    assert "nodeSelector" not in pod_spec and "subdomain" not in pod_spec
+    assert status_of(decision) == ("Pending", "Preflight", None)
+    assert decision.status is not None
+    assert decision.status.fields["preflight"]["phase"] == "Running"
+    assert decision.status.fields["preflight"]["jobName"] == "run-preflight"
+
+
+PREFLIGHT_SUMMARY = {
+    "ok": True,
+    "examples": 40,
+    "tokens": 12000,
+    "trainingTokens": 3600,
+    "steps": 30,
+    "longestExample": {"line": 7, "tokens": 900},
+    "overLength": {"count": 2, "lines": [7, 12], "truncated": 1, "dropped": 1},
+}
+
+
+def test_a_passed_pre_flight_fills_status_and_makes_the_training_job() -> None:
+    running = ftj_body({"phase": "Pending", "preflight": {"phase": "Running"}})
+    done = job("ftj-1", "run-preflight", COMPLETE)
+    decision = ftj_decide(
+        running,
+        datasets={"train": dataset_in("Ready")},
+        preflight_job=done,
+        preflight_pods=[finished_pod(json.dumps(PREFLIGHT_SUMMARY))],
+    )
+    assert creates(decision) == ["ServiceAccount", "ConfigMap", "Job"]
+    assert decision.actions[-1].body["metadata"]["name"] == "run-train"  # type: ignore[union-attr]
+    assert status_of(decision) == ("Pending", "PodPending", None)
+    assert decision.status is not None
+    figures = decision.status.fields["preflight"]
+    assert figures["phase"] == "Succeeded" and figures["trainingTokens"] == 3600
+    assert figures["overLength"] == PREFLIGHT_SUMMARY["overLength"]
+    assert figures["longestExample"] == {"line": 7, "tokens": 900}
+
+
+def test_a_pre_flight_under_way_waits_and_one_that_fails_fails_the_run_with_no_training_job() -> (
+    None
+):
+    running = ftj_body({"phase": "Pending", "preflight": {"phase": "Running"}})
+    ready = {"train": dataset_in("Ready")}
+    underway = ftj_decide(
+        running,
+        datasets=ready,
+        preflight_job=job("ftj-1", "run-preflight"),
+        preflight_pods=[pod("Running", {"running": {}})],
+    )
+    assert underway.actions == ()
+    assert status_of(underway) == ("Pending", "Preflight", None)
+    summary = {"ok": False, "message": "no training example fits maxContextLength=16"}
+    failed = ftj_decide(
+        running,
+        datasets=ready,
+        preflight_job=job("ftj-1", "run-preflight", FAILED),
+        preflight_pods=[finished_pod(json.dumps(summary), 3)],
+    )
+    assert creates(failed) == []
+    assert status_of(failed) == ("Failed", "PreflightFailed", False)
+    assert failed.status is not None
+    assert failed.status.fields["message"] == (
+        "pre-flight: no training example fits maxContextLength=16"
+    )
+    assert failed.status.fields["preflight"]["phase"] == "Failed"
+    gone = ftj_decide(running, datasets=ready)
+    assert status_of(gone)[:2] == ("Failed", "PreflightFailed")
+
+
+def test_without_a_pre_flight_the_training_job_is_made_at_once() -> None:
+    decision = ftj_decide(
+        ftj_body(preflight={"enabled": False}), datasets={"train": dataset_in("Ready")}
+    )
+    assert decision.actions[-1].body["metadata"]["name"] == "run-train"  # type: ignore[union-attr]
+
+
 def test_a_multi_node_run_gets_its_rendezvous_service_and_a_queued_one_waits_for_kueue() -> None:
     ready = {"train": dataset_in("Ready")}
-    nodes = ftj_decide(ftj_body(resources={"nodes": 2}), datasets=ready)
+    nodes = ftj_decide(ftj_body(PASSED, resources={"nodes": 2}), datasets=ready)
     assert creates(nodes) == ["ServiceAccount", "ConfigMap", "Service", "Job"]
-    queued = ftj_decide(ftj_body(queueName="gpus"), datasets=ready)
+    queued = ftj_decide(ftj_body(PASSED, queueName="gpus"), datasets=ready)
     assert queued.actions[-1].body["spec"]["suspend"] is True  # type: ignore[union-attr]
     assert status_of(queued) == ("Queued", "JobSuspended", None)
 
@@ -610,10 +707,13 @@ def test_a_refused_run_stays_failed_until_its_spec_changes_then_starts_afresh() 
     fixed = ftj_body(refused, generation=2, image="ghcr.io/kubetune/trainer:0.2.0")
     assert finetunejob.needs_datasets(fixed, None)
     started = ftj_decide(fixed, datasets=datasets)
+    # Afresh: its pre-flight first, in the image now allowed.
     assert creates(started) == ["ServiceAccount", "ConfigMap", "Job"]
-    trainer = started.actions[-1].body["spec"]["template"]["spec"]["containers"][0]  # type: ignore[union-attr]
+    preflight = started.actions[-1].body  # type: ignore[union-attr]
+    assert preflight["metadata"]["name"] == "run-preflight"
+    trainer = preflight["spec"]["template"]["spec"]["containers"][0]
     assert trainer["image"] == "ghcr.io/kubetune/trainer:0.2.0"
-    assert status_of(started) == ("Pending", "PodPending", None)
+    assert status_of(started) == ("Pending", "Preflight", None)
 
     other = ftj_body(refused, generation=2, image="evil/img:2")
     again = ftj_decide(other, datasets=datasets)

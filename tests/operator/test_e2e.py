@@ -84,7 +84,12 @@ def test_dataset_and_finetunejob_train_a_tiny_vlm(
         "maxPixels": 3136,
     }
     run = finetunejob(
-        "shapes", "shapes", tuning="lora", hyperparameters=hyperparameters, evaluation={}
+        "shapes",
+        "shapes",
+        tuning="lora",
+        hyperparameters=hyperparameters,
+        preflight={},
+        evaluation={},
     )
     kubectl.apply(run, "-n", ns)
     ds = wait_phase(
@@ -112,13 +117,27 @@ def test_dataset_and_finetunejob_train_a_tiny_vlm(
     assert final["observedGeneration"] == 1
     ready = next(c for c in final["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "True"
+    assert {c["type"] for c in final["conditions"]} == {"Ready"}  # kstatus: Current
     kubectl.run("wait", "--for=condition=Ready", "ftj/shapes", "-n", ns, "--timeout=10s")
     out = pvc_dir(state_dir, ns, "models") / "out" / "shapes"
     assert (out / "report.json").is_file()
+    # Counted before the GPU Job, on a CPU, as the trainer then trained: the 27
+    # examples the split left, their steps and their learned tokens.
+    preflight, report = final["preflight"], json.loads((out / "report.json").read_text())
+    assert preflight["phase"] == "Succeeded", preflight
+    assert preflight["examples"] == report["trainExamples"] == 27
+    assert preflight["steps"] == report["totalSteps"]
+    assert preflight["trainingTokens"] == report["trainedTokens"] > 0
+    assert 1 <= preflight["longestExample"]["line"] <= 36
+    checked = kubectl.get("job", preflight["jobName"], "-n", ns)
+    trained = kubectl.get("job", final["jobName"], "-n", ns)
+    assert checked["spec"]["template"]["spec"]["containers"][0]["args"][0] == "preflight"
+    assert checked["status"]["completionTime"] <= trained["metadata"]["creationTimestamp"]
     # A PEFT adapter, as vLLM's --lora-modules loads it.
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
     table = kubectl.run("get", "ftj", "shapes", "-n", ns).stdout.splitlines()[1].split()
     assert table[1:3] == ["Succeeded", "100"]
+    assert str(preflight["trainingTokens"]) in table
     metrics = operator.metrics()
     assert 'kubetune_operator_objects{kind="FineTuneJob",phase="Succeeded"}' in metrics
     assert "kubetune_operator_reconcile_duration_seconds_count" in metrics
@@ -428,6 +447,9 @@ def test_an_invalid_dataset_fails_the_job_with_line_numbers(
     )
     ready = next(c for c in ftj["conditions"] if c["type"] == "Ready")
     assert ready["reason"] == "DatasetInvalid" and "line 3" in ftj["message"]
+    # kstatus (Flux, `kubectl wait`) reads a failure, not work in progress.
+    kubectl.run("wait", "--for=condition=Stalled", "ftj/bad", "kds/bad", "-n", ns, "--timeout=10s")
+    assert "Reconciling" not in {c["type"] for c in ftj["conditions"]}
     assert kubectl.get("jobs", "-n", ns, "-l", "kubetune.io/finetunejob=bad")["items"] == []
     events = kubectl.get("events", "-n", ns, "--field-selector", "involvedObject.name=bad")["items"]
     assert {e["reason"] for e in events} >= {"Invalid", "DatasetInvalid"}

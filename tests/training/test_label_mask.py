@@ -22,6 +22,7 @@ from kubetune_trainer.training.collate import (
     learned_tokens,
     without_tokens,
 )
+from kubetune_trainer.training.inputs import Plan
 from kubetune_trainer.training.models import (
     image_token_ids,
     is_multimodal,
@@ -70,6 +71,10 @@ def processing(request: pytest.FixtureRequest) -> Any:
 def records(processing: Any, root: Path, *examples: Example) -> list[dict[str, Any]]:
     Image.new("RGB", (56, 56), (200, 0, 0)).save(root / "square.png")
     return [to_chat_record(e, root, multimodal=is_multimodal(processing)) for e in examples]
+
+
+def cut_and_dropped(plan: Plan[Any]) -> tuple[int, int]:
+    return plan.truncated, plan.dropped
 
 
 def test_loss_is_on_every_assistant_turn_and_nothing_else(processing: Any, tmp_path: Path) -> None:
@@ -130,7 +135,7 @@ def test_a_weight_0_turn_is_context_with_every_label_ignored(
     multimodal = is_multimodal(processing)
     encoder = chat_encoder(processing, max_pixels=3136)
     weighted, plain = first_reply_as_context(multi_turn(multimodal)), multi_turn(multimodal)
-    kept, _, _ = plan_lengths(encoder, records(processing, tmp_path, weighted, plain), 4096)
+    kept = plan_lengths(encoder, records(processing, tmp_path, weighted, plain), 4096).kept
     batch = SFTCollator(encoder)(kept)
     labels, input_ids = batch["labels"], batch["input_ids"]
     tokenizer = tokenizer_of(processing)
@@ -159,11 +164,11 @@ def test_truncation_that_leaves_only_weight_0_turns_drops_the_example(
     processing = load_processing(str(tiny_qwen2), trust_remote_code=False)
     encoder = chat_encoder(processing, max_pixels=3136)
     weighted = records(processing, tmp_path, first_reply_as_context(multi_turn(False)))
-    (whole,), _, _ = plan_lengths(encoder, weighted, 4096)
+    (whole,) = plan_lengths(encoder, weighted, 4096).kept
     before_last_reply = whole["keep"] - learned_tokens(whole)
-    assert plan_lengths(encoder, weighted, before_last_reply)[1:] == (0, 1)
+    assert cut_and_dropped(plan_lengths(encoder, weighted, before_last_reply)) == (0, 1)
     plain = records(processing, tmp_path, multi_turn(False))
-    assert plan_lengths(encoder, plain, before_last_reply)[1:] == (1, 0)
+    assert cut_and_dropped(plan_lengths(encoder, plain, before_last_reply)) == (1, 0)
 
 
 def test_weights_need_a_template_that_marks_each_turn_apart(
@@ -188,7 +193,9 @@ def test_weights_need_a_template_that_marks_each_turn_apart(
         plan_lengths(encoder, records(processing, tmp_path, replies), 4096)
     # Without a weight 0 the turns need not be told apart.
     unweighted = replace(replies, turns=tuple(replace(t, weight=None) for t in replies.turns))
-    assert plan_lengths(encoder, records(processing, tmp_path, unweighted), 4096)[1:] == (0, 0)
+    assert cut_and_dropped(
+        plan_lengths(encoder, records(processing, tmp_path, unweighted), 4096)
+    ) == (0, 0)
 
 
 @pytest.mark.parametrize(
@@ -226,8 +233,9 @@ def test_overlong_examples_are_truncated_after_the_image_or_dropped(
     image_end = max(i for i, t in enumerate(ids) if t in encoder.image_token_ids)
     assert len(encoder.encode(recs[1:])["input_ids"][0]) < image_end
 
-    kept, truncated, dropped = plan_lengths(encoder, recs, max_length=full - 10)
-    assert (truncated, dropped) == (1, 0)
+    plan = plan_lengths(encoder, recs, max_length=full - 10)
+    kept = plan.kept
+    assert cut_and_dropped(plan) == (1, 0)
     # The only image example was truncated: nothing showed that this processor's image
     # batches are its tokens plus its image processor's output, so batches are encoded.
     assert encoder.reuse_tokens is False
@@ -237,8 +245,9 @@ def test_overlong_examples_are_truncated_after_the_image_or_dropped(
     assert (batch["labels"][0] != IGNORE_INDEX).any()
     assert batch["attention_mask"][1].sum() < full - 10  # the short chat is padding-masked, not cut
 
-    kept, truncated, dropped = plan_lengths(encoder, recs, max_length=image_end)
-    assert (truncated, dropped) == (0, 1)
+    plan = plan_lengths(encoder, recs, max_length=image_end)
+    kept = plan.kept
+    assert cut_and_dropped(plan) == (0, 1)
     assert json.loads(kept[0]["messages"])[-1]["content"][0]["text"] == "hello"
 
 
@@ -248,7 +257,7 @@ def test_batches_from_planned_tokens_equal_the_processors(processing: Any, tmp_p
     multimodal = is_multimodal(processing)
     encoder = chat_encoder(processing, max_pixels=3136)
     recs = records(processing, tmp_path, multi_turn(multimodal), short_chat(), multi_turn(False))
-    kept, _, _ = plan_lengths(encoder, recs, max_length=4096)
+    kept = plan_lengths(encoder, recs, max_length=4096).kept
     assert encoder.reuse_tokens is True
     reused = SFTCollator(encoder)(kept)
     fresh = SFTCollator(encoder)([without_tokens(r) for r in kept])
@@ -265,7 +274,7 @@ def test_planned_tokens_are_not_reused_where_they_differ_from_the_processors(
     encoder = chat_encoder(processing, max_pixels=3136)
     encoder.pad_token_id += 1  # padding that is not the tokenizer's: batches would differ
     recs = records(processing, tmp_path, multi_turn(is_multimodal(processing)), short_chat())
-    kept, _, _ = plan_lengths(encoder, recs, max_length=4096)
+    kept = plan_lengths(encoder, recs, max_length=4096).kept
     assert encoder.reuse_tokens is False
     batch = SFTCollator(encoder)(kept)
     assert batch["input_ids"][1, -1] == tokenizer_of(processing).pad_token_id

@@ -1,5 +1,5 @@
-"""`kubetune`: the trainer image's command (validate | convert | train | evaluate |
-fetch | install-guard).
+"""`kubetune`: the trainer image's command (validate | convert | train | preflight |
+evaluate | fetch | install-guard).
 
 Each command group registers its own subcommands; the training ones import torch
 only when they run, so `kubetune validate` starts fast and works without torch.

@@ -31,7 +31,11 @@ from kubetune_trainer.contract.job import (
     Tuning,
 )
 from kubetune_trainer.contract.rules import RULES, cel_rule
-from kubetune_trainer.contract.summaries import EvaluationFigures, TrainingFigures
+from kubetune_trainer.contract.summaries import (
+    EvaluationFigures,
+    PreflightFigures,
+    TrainingFigures,
+)
 
 
 class JobPhase(StrEnum):
@@ -133,6 +137,32 @@ class Deploy(CamelModel):
     )
 
 
+class Preflight(CamelModel):
+    """Count what the run will train on before its GPUs are booked: a Job of one CPU pod
+    (`kubetune preflight`) with the base model's tokenizer and processor, not its
+    weights, once the Datasets are Ready."""
+
+    enabled: bool = Field(
+        True,
+        description="Run the pre-flight before the training Job (status.preflight); false "
+        "starts training without it.",
+    )
+
+
+class PreflightPhase(StrEnum):
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+class PreflightStatus(PreflightFigures):
+    """Tokens, steps and over-length examples, counted before training."""
+
+    phase: PreflightPhase = Field(description="Running, Succeeded or Failed.")
+    message: Text | None = Field(None, description="Where it stands, or why it failed.")
+    job_name: Name | None = Field(None, description="Name of the pre-flight Job.")
+
+
 class Evaluation(CamelModel):
     """Score the tuned model against its base on the held-out examples (the validation
     Dataset or split) when training succeeds, in an evaluation Job of one pod on the
@@ -222,6 +252,12 @@ class FineTuneJobSpec(CamelModel):
         None, description="Kueue LocalQueue; the Job is admitted by Kueue."
     )
     deploy: Deploy | None = Field(None, description="Serve the result; editable.")
+    preflight: Preflight = Field(
+        default_factory=Preflight,
+        json_schema_extra={"default": {}},
+        description="Count tokens, steps and over-length examples on a CPU before the GPU "
+        "Job; read until the training Job exists.",
+    )
     evaluation: Evaluation = Field(
         default_factory=Evaluation,
         json_schema_extra={"default": {}},
@@ -289,6 +325,9 @@ class FineTuneJobStatus(CamelModel):
     deployment: DeploymentRef | None = Field(
         None, description="The ModelDeployment serving the result."
     )
+    preflight: PreflightStatus | None = Field(
+        None, description="What the run trains on, counted before its GPUs were booked."
+    )
     evaluation: EvaluationStatus | None = Field(
         None, description="The tuned model against its base on the held-out examples."
     )
@@ -337,6 +376,12 @@ FINE_TUNE_JOB = CrdInfo(
         ),
         PrinterColumn("Train Loss", ".status.metrics.trainLoss", "number", "Latest training loss."),
         PrinterColumn("Eval Loss", ".status.metrics.evalLoss", "number", "Latest validation loss."),
+        PrinterColumn(
+            "Tokens",
+            ".status.preflight.trainingTokens",
+            "integer",
+            "Tokens the run learns from (the pre-flight's count, over all epochs).",
+        ),
         PrinterColumn(
             "Score",
             ".status.evaluation.tuned.accuracy",

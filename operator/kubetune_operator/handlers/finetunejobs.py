@@ -19,6 +19,7 @@ from kubetune_operator.resources import references
 from kubetune_operator.resources.common import LABEL_FINETUNEJOB, Manifest, owned_by
 from kubetune_operator.resources.conditions import unobserved
 from kubetune_operator.resources.finetunejob import evaluation as ev
+from kubetune_operator.resources.finetunejob import preflight as pf
 from kubetune_operator.resources.finetunejob import training_job as tj
 from kubetune_operator.resources.finetunejob.decide import (
     Observed,
@@ -78,11 +79,13 @@ def observe(
     namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
     at = now()
     namesake = None
-    evaluation_job = None
+    evaluation_job = preflight_job = None
     if found is not None:
         if found.get("kind") == "Job" and owned_by(found, uid):
             if found["metadata"]["name"] == ev.job_name(name):
                 evaluation_job = found
+            elif found["metadata"]["name"] == pf.job_name(name):
+                preflight_job = found
             else:
                 job = found
         else:
@@ -102,6 +105,7 @@ def observe(
         return Observed(ftj, spec, at, namesake=namesake)
     datasets: dict[str, Manifest | None] = {}
     missing: list[references.Reference] = []
+    preflight_pods: list[Manifest] = []
     if needs_datasets(ftj, job):
         datasets = {ds: ctx.dataset(namespace, ds) for ds in dataset_roles(spec)}
         missing = [
@@ -109,6 +113,16 @@ def observe(
             for ref in references.of_finetunejob(spec)
             if not ctx.api.exists(ref.kind, namespace, ref.name)
         ]
+        # As for the training Job: read only once status says it was made.
+        recorded = ((ftj.get("status") or {}).get("preflight") or {}).get("jobName")
+        if preflight_job is None and recorded and pf.needed(ftj, spec):
+            current = ctx.api.get_job(namespace, pf.job_name(name))
+            if current is not None and owned_by(current, uid):
+                preflight_job = current
+            elif current is not None:
+                return Observed(ftj, spec, at, namesake=current)
+        if preflight_job is not None and may_have_pods(preflight_job):
+            preflight_pods = ctx.api.job_pods(namespace, preflight_job["metadata"]["name"])
     pods = (
         ctx.api.job_pods(namespace, job["metadata"]["name"]) if job and may_have_pods(job) else []
     )
@@ -156,6 +170,8 @@ def observe(
         evaluation_pods=evaluation_pods,
         missing=missing,
         shared_server=shared,
+        preflight_job=preflight_job,
+        preflight_pods=preflight_pods,
     )
 
 

@@ -161,6 +161,10 @@ EVALUATION_OOM = (
     "the evaluation ran out of memory (OOMKilled); raise resources.memory, or lower "
     "evaluation.maxExamples or hyperparameters.maxPixels"
 )
+PREFLIGHT_OOM = (
+    "the pre-flight ran out of memory (OOMKilled); lower hyperparameters.maxPixels, or set "
+    "preflight.enabled: false to train without it"
+)
 VALIDATION_OOM = (
     "the validator ran out of memory (OOMKilled); split the dataset's largest lines or "
     "images, or ask the platform team to raise the validation pod's memory"

@@ -2,8 +2,9 @@
 termination message (Kubernetes keeps 4096 bytes of it).
 
 ``kubetune train`` writes a ``TrainingSummary`` (report.json is the same plus the loss
-curves), ``kubetune evaluate --config`` an ``EvaluationSummary``, ``kubetune validate
---summary-file`` a ``ValidationSummary``. The writers use
+curves), ``kubetune evaluate --config`` an ``EvaluationSummary``, ``kubetune preflight
+--config`` a ``PreflightSummary``, ``kubetune validate --summary-file`` a
+``ValidationSummary``. The writers use
 the models as they are, so a key cannot drift from what is defined here; the operator
 reads them with ``read_summary``, which ignores keys it does not know (a newer trainer
 image may add some).
@@ -156,6 +157,66 @@ class EvaluationFigures(CamelModel):
 class EvaluationSummary(Outcome, EvaluationFigures):
     """``kubetune evaluate --config``'s termination message; evaluation.json beside the
     run's report.json holds the same."""
+
+
+class LongestExample(CamelModel):
+    """The training example with the most tokens."""
+
+    line: int = Field(ge=0, description="Its line in the training file.")
+    tokens: int = Field(ge=0, description="Its tokens, image tokens included, before any cut.")
+
+
+class OverLength(CamelModel):
+    """The training examples longer than maxContextLength, and what training does with them."""
+
+    count: int = Field(ge=0, description="How many there are.")
+    lines: list[int] = Field(
+        default_factory=list, max_length=20, description="The first 20 of their lines."
+    )
+    truncated: int = Field(
+        ge=0,
+        description="Of them, cut to maxContextLength (the cut keeps every image token and part "
+        "of the reply).",
+    )
+    dropped: int = Field(
+        ge=0,
+        description="Of them, left out: a cut would go through image tokens or leave nothing "
+        "to learn.",
+    )
+
+
+class PreflightFigures(CamelModel):
+    """What the run will train on, counted on a CPU with the base model's tokenizer and
+    processor (not its weights) before its GPUs are booked."""
+
+    examples: int | None = Field(
+        None, ge=0, description="Training examples (pairs, for DPO) left after drops."
+    )
+    tokens: int | None = Field(
+        None,
+        ge=0,
+        description="Their tokens in one pass, image tokens included, as they will train "
+        "(after cuts).",
+    )
+    training_tokens: int | None = Field(
+        None,
+        ge=0,
+        description="Tokens learned over the run (the labelled tokens of trained turns, times "
+        "epochs), as hosted services bill trained tokens.",
+    )
+    steps: int | None = Field(
+        None, ge=0, description="Optimizer steps planned (early stopping may end the run sooner)."
+    )
+    longest_example: LongestExample | None = Field(
+        None, description="The longest training example."
+    )
+    over_length: OverLength | None = Field(
+        None, description="Training examples longer than maxContextLength."
+    )
+
+
+class PreflightSummary(Outcome, PreflightFigures):
+    """``kubetune preflight --config``'s termination message (and its ``--json`` output)."""
 
 
 class LineProblem(CamelModel):

@@ -1,4 +1,4 @@
-"""``kubetune train`` and ``kubetune evaluate``.
+"""``kubetune train``, ``kubetune preflight`` and ``kubetune evaluate``.
 
 torch, transformers and TRL are imported inside the command functions only: the CLI
 imports this module at start-up, and ``kubetune validate`` must stay fast and torch-free.
@@ -30,6 +30,30 @@ def register(sub: Any) -> None:
         "--config", required=True, metavar="PATH", help="the TrainingConfig JSON file"
     )
     train.set_defaults(func=train_command)
+
+    preflight = sub.add_parser(
+        "preflight",
+        help="count what a job will train on, before it trains",
+        description="Plan a TrainingConfig's data as its training will, with the base model's "
+        "tokenizer and processor only (not its weights, no GPU), and report the training "
+        "examples left, their tokens (image tokens included), the tokens learned over the run, "
+        "the optimizer steps, the longest example and those longer than maxContextLength "
+        "(truncated or dropped). The summary also goes to the job's terminationLog. Exits 3 "
+        "when the job cannot succeed: a bad line, nothing that fits, a chat template that "
+        "cannot mark the assistant's turns.",
+    )
+    preflight.add_argument(
+        "--config", required=True, metavar="PATH", help="the TrainingConfig JSON file"
+    )
+    preflight.add_argument(
+        "--processes",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="training processes that share the batches (GPUs times nodes) (1)",
+    )
+    preflight.add_argument("--json", action="store_true", help="print the summary as JSON")
+    preflight.set_defaults(func=preflight_command)
 
     evaluate = sub.add_parser(
         "evaluate",
@@ -87,6 +111,13 @@ def register(sub: Any) -> None:
     evaluate.set_defaults(func=evaluate_command)
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def _quiet_libraries() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     # Tokenizers would warn at every dataloader worker fork.
@@ -118,6 +149,22 @@ def train_command(args: argparse.Namespace) -> int:
     from kubetune_trainer.training.runner import run
 
     return run(config)
+
+
+def preflight_command(args: argparse.Namespace) -> int:
+    config = read_job("preflight", args.config)
+    if config is None:
+        return EXIT_INVALID_JOB
+    _quiet_libraries()
+    from kubetune_trainer.contract.summaries import dump
+    from kubetune_trainer.training.preflight import describe, run
+
+    code, summary = run(config, processes=args.processes)
+    if args.json:
+        print(json.dumps(dump(summary)))
+    elif summary.ok:  # a failure's message is in the log already
+        print("\n".join(describe(summary, config)))
+    return code
 
 
 def evaluate_command(args: argparse.Namespace) -> int:

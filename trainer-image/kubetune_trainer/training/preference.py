@@ -35,6 +35,9 @@ from kubetune_trainer.training.collate import (
 from kubetune_trainer.training.config_mapping import dpo_config, lora_config
 from kubetune_trainer.training.inputs import (
     DataStats,
+    Plan,
+    Planning,
+    RecordPlan,
     TrainerInputs,
     prepare_data,
 )
@@ -147,52 +150,64 @@ class PreferenceCollator:
         return batch
 
 
+def plan_pair(
+    encoder: ChatEncoder, record: PreferenceRecord, max_length: int
+) -> RecordPlan[PreferenceRecord]:
+    """One pair with the ``keep`` length and tokens of its chosen and (``rejected_keep``,
+    ``rejected_tokens``) rejected chat, truncated when either is cut; dropped when either
+    would have to lose image tokens or its whole reply."""
+    # Both chats are encoded even when the first is dropped: a dropped pair's length is
+    # that of its longer chat (pre-flight's longest example).
+    (keep, length, tokens), (rejected_keep, rejected_length, rejected_tokens) = (
+        plan_row(encoder, branch[0], max_length, final_turn_only=True)
+        for branch in branches([record])
+    )
+    longer = max(length, rejected_length)
+    if keep is None or tokens is None or rejected_keep is None or rejected_tokens is None:
+        return RecordPlan(record["line"], longer)
+    kept: PreferenceRecord = {
+        **record,
+        "keep": keep,
+        "rejected_keep": rejected_keep,
+        "tokens": tokens,
+        "rejected_tokens": rejected_tokens,
+    }
+    return RecordPlan(
+        record["line"],
+        longer,
+        kept,
+        kept_tokens=keep + rejected_keep,
+        truncated=keep < length or rejected_keep < rejected_length,
+    )
+
+
 def plan_pairs(
     encoder: ChatEncoder, records: Sequence[PreferenceRecord], max_length: int
-) -> tuple[list[PreferenceRecord], int, int]:
-    """The pairs to train on, each with the ``keep`` length of its chosen and
-    (``rejected_keep``) rejected chat, and how many were truncated and dropped: a pair
-    is dropped when either chat would have to lose image tokens or its whole reply."""
-    kept: list[PreferenceRecord] = []
-    rows: list[ChatRecord] = []  # both branches of every kept pair
-    whole: list[ChatRecord] = []  # those of the pairs kept untruncated
-    truncated = dropped = 0
-    for record in records:
-        keeps: list[int] = []
-        tokens: list[PlannedTokens] = []
-        cut = 0
-        for branch in branches([record]):
-            keep, length, planned = plan_row(encoder, branch[0], max_length, final_turn_only=True)
-            if keep is None or planned is None:
-                break
-            keeps.append(keep)
-            tokens.append(planned)
-            cut += keep < length
-        if len(keeps) < 2:
-            dropped += 1
-            continue
-        truncated += cut
-        kept.append(
-            {
-                **record,
-                "keep": keeps[0],
-                "rejected_keep": keeps[1],
-                "tokens": tokens[0],
-                "rejected_tokens": tokens[1],
-            }
-        )
-        chosen, rejected = branches([kept[-1]])
-        rows += chosen + rejected
-        if not cut:
-            whole += chosen + rejected
-    encoder.check_reuse(rows, whole)
-    return kept, truncated, dropped
+) -> Plan[PreferenceRecord]:
+    """Each pair planned (plan_pair)."""
+    plan = Plan([plan_pair(encoder, record, max_length) for record in records])
+    encoder.check_reuse(_chats(plan.kept), _chats(plan.whole))
+    return plan
+
+
+def _chats(records: Sequence[PreferenceRecord]) -> list[ChatRecord]:
+    chosen, rejected = branches(records)
+    return [chat for pair in zip(chosen, rejected, strict=True) for chat in pair]
 
 
 def pair_learned_tokens(record: PreferenceRecord) -> int:
     """The completion tokens of both branches of a planned pair: what DPO trains on."""
     chosen, rejected = branches([record])
     return sum(learned_tokens(branch, final_turn_only=True) for branch in chosen + rejected)
+
+
+PLANNING = Planning(
+    to_preference_record,
+    plan_pairs,
+    pair_learned_tokens,
+    "pairs",
+    image_columns=("images", "rejected_images"),
+)
 
 
 class KubetuneDPOTrainer(ResumableCheckpoints, DPOTrainer):
@@ -208,15 +223,7 @@ class KubetuneDPOTrainer(ResumableCheckpoints, DPOTrainer):
 def build_trainer(inputs: TrainerInputs) -> tuple[DPOTrainer, DataStats]:
     config = inputs.config
     encoder = chat_encoder(inputs.processing, config.hyperparameters.max_pixels)
-    data = prepare_data(
-        inputs,
-        encoder,
-        to_preference_record,
-        plan_pairs,
-        pair_learned_tokens,
-        "pairs",
-        image_columns=("images", "rejected_images"),
-    )
+    data = prepare_data(inputs, encoder, PLANNING)
 
     # With LoRA the reference is the model with its adapter switched off (TRL does that
     # when ref_model is None and the model is a PEFT model): no second copy. With full

@@ -14,6 +14,10 @@ from kubetune_trainer.training.config_mapping import lora_config, sft_config
 from kubetune_trainer.training.images import ImageFitter
 from kubetune_trainer.training.inputs import (
     DataStats,
+    JobError,
+    Plan,
+    Planning,
+    RecordPlan,
     TrainerInputs,
     prepare_data,
 )
@@ -37,9 +41,20 @@ class PreserveSkillsSFTTrainer(PreserveSkillsLoss, KubetuneSFTTrainer):
 
 
 def chat_encoder(processing: Any, max_pixels: int) -> ChatEncoder:
+    """The encoder of a run's chats; a JobError when the base model's chat template
+    cannot mark the assistant's turns (then no token could be given a label)."""
+    try:
+        chat_template = training_chat_template(processing)
+    except ValueError as exc:
+        # The base model is the wrong one for chat fine-tuning: not worth a retry.
+        name = tokenizer_of(processing).name_or_path
+        raise JobError(
+            f"base model {name}: its chat template cannot mark the assistant's turns for "
+            f"training ({exc})"
+        ) from exc
     return ChatEncoder(
         processing=processing,
-        chat_template=training_chat_template(processing),
+        chat_template=chat_template,
         load_image=ImageFitter(max_pixels),
         multimodal=is_multimodal(processing),
         image_token_ids=image_token_ids(processing),
@@ -47,33 +62,36 @@ def chat_encoder(processing: Any, max_pixels: int) -> ChatEncoder:
     )
 
 
+def plan_example(
+    encoder: ChatEncoder, record: ChatRecord, max_length: int
+) -> RecordPlan[ChatRecord]:
+    """One record kept whole, truncated, or dropped, with its ``keep`` length and its
+    planned tokens."""
+    keep, length, tokens = plan_row(encoder, record, max_length)
+    if keep is None or tokens is None:
+        return RecordPlan(record["line"], length)
+    kept: ChatRecord = {**record, "keep": keep, "tokens": tokens}
+    return RecordPlan(record["line"], length, kept, kept_tokens=keep, truncated=keep < length)
+
+
 def plan_lengths(
     encoder: ChatEncoder, records: Sequence[ChatRecord], max_length: int
-) -> tuple[list[ChatRecord], int, int]:
-    """The records to train on, each with its ``keep`` length, and how many were
-    truncated and dropped. Each example is encoded once here, images included, which
-    also finds unreadable images before training starts rather than hours into it; its
-    tokens stay with the record for the collator."""
-    kept: list[ChatRecord] = []
-    whole: list[ChatRecord] = []
-    truncated = dropped = 0
-    for record in records:
-        keep, length, tokens = plan_row(encoder, record, max_length)
-        if keep is None or tokens is None:
-            dropped += 1
-            continue
-        truncated += keep < length
-        kept.append({**record, "keep": keep, "tokens": tokens})
-        if keep == length:
-            whole.append(kept[-1])
-    encoder.check_reuse(kept, whole)
-    return kept, truncated, dropped
+) -> Plan[ChatRecord]:
+    """Each record planned (plan_example). Each example is encoded once here, images
+    included, which also finds unreadable images before training starts rather than
+    hours into it; its tokens stay with the record for the collator."""
+    plan = Plan([plan_example(encoder, record, max_length) for record in records])
+    encoder.check_reuse(plan.kept, plan.whole)
+    return plan
+
+
+PLANNING = Planning(to_chat_record, plan_lengths, learned_tokens, "examples")
 
 
 def build_trainer(inputs: TrainerInputs) -> tuple[SFTTrainer, DataStats]:
     config = inputs.config
     encoder = chat_encoder(inputs.processing, config.hyperparameters.max_pixels)
-    data = prepare_data(inputs, encoder, to_chat_record, plan_lengths, learned_tokens, "examples")
+    data = prepare_data(inputs, encoder, PLANNING)
     arguments: dict[str, Any] = {
         "model": inputs.model,
         "args": sft_config(config, inputs.hardware, has_eval=data.validation is not None),

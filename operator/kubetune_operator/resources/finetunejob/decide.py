@@ -31,6 +31,7 @@ from kubetune_operator.resources.conditions import (
     settled,
 )
 from kubetune_operator.resources.finetunejob import evaluation as ev
+from kubetune_operator.resources.finetunejob import preflight as pf
 from kubetune_operator.resources.finetunejob import training_job as tj
 from kubetune_operator.resources.finetunejob.deploy import deploy
 from kubetune_operator.resources.finetunejob.progress import (
@@ -87,6 +88,10 @@ class Observed:
     missing: Sequence[Reference] = ()
     # The shared ModelDeployment deploy.modelDeployment names, once the run has trained.
     shared_server: Manifest | None = None
+    # The pre-flight Job and its pods, while the run has no training Job and its
+    # pre-flight has not passed.
+    preflight_job: Manifest | None = None
+    preflight_pods: Sequence[Manifest] = ()
 
 
 def dataset_roles(spec: FineTuneJobSpec) -> dict[str, str]:
@@ -204,15 +209,42 @@ def decide(seen: Observed, settings: Settings) -> Decision:
             )
         plan = _plan(seen, settings)
         job = tj.training_job(plan)
-        actions = (
+        inputs = (
             Create(trainer_service_account(plan.finetunejob["metadata"]["namespace"])),
             Create(tj.config_map(plan)),
+        )
+        checked: Manifest = {}
+        if pf.needed(ftj, seen.spec):
+            step = pf.preflight(
+                ftj,
+                seen.spec,
+                job,
+                seen.preflight_job,
+                seen.preflight_pods,
+                seen.now,
+                settings.start_grace,
+            )
+            if step.failed is not None:
+                verdict = Verdict(JobPhase.FAILED, "PreflightFailed", f"pre-flight: {step.failed}")
+                fields = {"phase": verdict.phase, "message": verdict.message, **step.status}
+                return _decision(seen, verdict, fields, step.actions, step.after)
+            if not step.passed:
+                message = step.status["preflight"]["message"]
+                verdict = Verdict(JobPhase.PENDING, "Preflight", message)
+                fields = {"phase": verdict.phase, "message": message, **step.status}
+                # The pre-flight pod mounts job.json: made with the Job that runs it.
+                made = (*inputs, *step.actions) if step.actions else ()
+                return _decision(seen, verdict, fields, made, step.after)
+            checked = step.status
+        actions = (
+            *inputs,
             *((Create(tj.rendezvous_service(plan)),) if seen.spec.resources.nodes > 1 else ()),
             Create(job),
         )
         created = {
             "datasetSha256": plan.config.dataset_sha256,
             "outputModel": {"uri": plan.output_uri},
+            **checked,
         }
     elif seen.spec.queue_name:
         activate = _activate(seen.spec, seen.workload)

@@ -1,0 +1,141 @@
+"""The pre-flight of a FineTuneJob: once its Datasets are Ready and before its GPUs are
+booked, a Job of one CPU pod, made from the training pod (its mounts, image, identity
+and job.json), runs `kubetune preflight --config`: the run's data planned with the base
+model's tokenizer and processor, as training will plan it. Its summary becomes
+status.preflight (tokens, training tokens, steps, the longest and the over-length
+examples); a failure the data or the settings cause fails the run here, before any
+GPU waits on it.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kubetune_operator.api.finetunejob import FineTuneJobSpec, PreflightPhase
+from kubetune_operator.resources.actions import Action, Create, Delete
+from kubetune_operator.resources.common import Manifest, child_name
+from kubetune_operator.resources.finetunejob.training_job import (
+    CONFIG_DIR,
+    CONFIG_KEY,
+    TRAINER_CONTAINER,
+    run_job,
+)
+from kubetune_operator.resources.workloads import PREFLIGHT_OOM, RunPhase, job_state
+from kubetune_trainer.contract.summaries import PreflightSummary, read_summary
+
+# A crash or lost node gets one more try; a final exit code fails at once (the policy).
+BACKOFF_LIMIT = 1
+# Planning holds a tokenizer, a processor and one example's images at a time.
+RESOURCES = {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"memory": "4Gi"}}
+# The training pod's placement is for GPU nodes; the pre-flight runs anywhere.
+GPU_PLACEMENT = ("subdomain", "nodeSelector", "tolerations", "priorityClassName")
+
+
+def job_name(finetunejob: str) -> str:
+    return child_name(finetunejob, "preflight")
+
+
+def preflight_phase(ftj: Mapping[str, Any]) -> str | None:
+    return ((ftj.get("status") or {}).get("preflight") or {}).get("phase")
+
+
+def needed(ftj: Mapping[str, Any], spec: FineTuneJobSpec) -> bool:
+    """Whether the run still has a pre-flight to start or follow before its Job."""
+    return spec.preflight.enabled and preflight_phase(ftj) != PreflightPhase.SUCCEEDED
+
+
+def preflight_job(ftj: Manifest, spec: FineTuneJobSpec, training: Manifest) -> Manifest:
+    """The training Job's pod as one CPU pod that runs `kubetune preflight`, told how
+    many processes will share the batches (GPUs times nodes), which sets the steps."""
+    pod = copy.deepcopy(training["spec"]["template"]["spec"])
+    for key in GPU_PLACEMENT:
+        pod.pop(key, None)
+    processes = max(spec.resources.gpus, 1) * spec.resources.nodes
+    for container in pod["containers"]:
+        if container["name"] == TRAINER_CONTAINER:
+            container["command"] = ["kubetune"]
+            container["args"] = [
+                "preflight",
+                "--config",
+                f"{CONFIG_DIR}/{CONFIG_KEY}",
+                "--processes",
+                str(processes),
+            ]
+            container.pop("ports", None)
+            container["resources"] = copy.deepcopy(RESOURCES)
+    return run_job(
+        ftj,
+        spec,
+        "preflight",
+        job_name(ftj["metadata"]["name"]),
+        {"backoffLimit": BACKOFF_LIMIT, "suspend": bool(spec.queue_name)},
+        pod,
+    )
+
+
+@dataclass(frozen=True)
+class Step:
+    """Where the pre-flight stands: what to do now and after the status write, its
+    status.preflight fields, and whether the run may go on to its training Job
+    (``passed``) or has failed (``failed``, with why)."""
+
+    actions: tuple[Action, ...]
+    after: tuple[Action, ...]
+    status: Manifest
+    passed: bool = False
+    failed: str | None = None
+
+
+def preflight(
+    ftj: Manifest,
+    spec: FineTuneJobSpec,
+    training: Manifest,
+    job: Manifest | None,
+    pods: Sequence[Manifest],
+    now: str,
+    start_grace: float,
+) -> Step:
+    """Start the pre-flight Job, follow it, and read its figures. ``training`` is the
+    training Job the run will make once it passes."""
+    if job is None:
+        if preflight_phase(ftj) == PreflightPhase.RUNNING:
+            why = "the pre-flight Job was deleted before it finished"
+            return Step((), (), _status(PreflightPhase.FAILED, why), failed=why)
+        created = preflight_job(ftj, spec, training)
+        message = "counting tokens with the base model's tokenizer before booking GPUs"
+        return Step(
+            (Create(created),),
+            (),
+            _status(PreflightPhase.RUNNING, message, created["metadata"]["name"]),
+        )
+    name = job["metadata"]["name"]
+    state = job_state(job, pods, now, start_grace, oom=PREFLIGHT_OOM)
+    after: tuple[Action, ...] = (
+        (Delete("Job", job["metadata"]["namespace"], name),) if state.stop_job else ()
+    )
+    summary = read_summary(PreflightSummary, state.summary)
+    if state.phase == RunPhase.SUCCEEDED and summary is not None and summary.ok:
+        figures = summary.model_dump(by_alias=True, exclude_none=True, exclude={"ok", "message"})
+        status = _status(PreflightPhase.SUCCEEDED, None, name)
+        return Step((), after, {"preflight": {**status["preflight"], **figures}}, passed=True)
+    if state.phase in (RunPhase.SUCCEEDED, RunPhase.FAILED):
+        why = (summary.message if summary is not None else None) or state.message
+        return Step((), after, _status(PreflightPhase.FAILED, why, name), failed=why)
+    if state.phase == RunPhase.RUNNING:
+        message = "counting tokens with the base model's tokenizer before booking GPUs"
+    elif state.phase == RunPhase.SUSPENDED:
+        message = "waiting for Kueue to admit the pre-flight Job"
+    elif state.reason == "PodPending":
+        message = "waiting for the pre-flight pod to start"
+    else:
+        message = state.message  # why its pod cannot start
+    return Step((), after, _status(PreflightPhase.RUNNING, message, name))
+
+
+def _status(phase: PreflightPhase, message: str | None, job: str | None = None) -> Manifest:
+    """status.preflight's own fields; a field that no longer applies is written as None
+    (removed), since status writes merge."""
+    return {"preflight": {"phase": phase, "message": message, "jobName": job}}
