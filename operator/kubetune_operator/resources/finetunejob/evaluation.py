@@ -14,21 +14,22 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kubetune_operator.api.finetunejob import EvaluationPhase, FineTuneJobSpec
-from kubetune_operator.resources.actions import Action, Create, Delete
+from kubetune_operator.resources.actions import Action, Create
 from kubetune_operator.resources.common import (
     Manifest,
     child_name,
     container_resources,
     scheduling,
 )
+from kubetune_operator.resources.finetunejob.side_jobs import follow
 from kubetune_operator.resources.finetunejob.training_job import (
     CONFIG_DIR,
     CONFIG_KEY,
     TRAINER_CONTAINER,
     run_job,
 )
-from kubetune_operator.resources.workloads import EVALUATION_OOM, RunPhase, job_state
-from kubetune_trainer.contract.summaries import EvaluationSummary, read_summary
+from kubetune_operator.resources.workloads import EVALUATION_OOM
+from kubetune_trainer.contract.summaries import EvaluationSummary
 
 # A crash or lost node gets one more try; a final exit code fails at once (the policy).
 BACKOFF_LIMIT = 1
@@ -124,36 +125,22 @@ def evaluate(
             (),
             _status(EvaluationPhase.RUNNING, None, created["metadata"]["name"]),
         )
-    name = job["metadata"]["name"]
-    state = job_state(job, pods, now, start_grace, oom=EVALUATION_OOM)
-    after: tuple[Action, ...] = (
-        (Delete("Job", job["metadata"]["namespace"], name),) if state.stop_job else ()
+    seen = follow(
+        job,
+        pods,
+        now,
+        start_grace,
+        summary=EvaluationSummary,
+        oom=EVALUATION_OOM,
+        what="evaluation",
+        doing="scoring the tuned model against its base",
     )
-    summary = read_summary(EvaluationSummary, state.summary)
-    if state.phase == RunPhase.SUCCEEDED and summary is not None and summary.ok:
-        figures = summary.model_dump(by_alias=True, exclude_none=True, exclude={"ok", "message"})
-        return (
-            (),
-            after,
-            {
-                "evaluation": {
-                    **_status(EvaluationPhase.SUCCEEDED, None, name)["evaluation"],
-                    **figures,
-                }
-            },
-        )
-    if state.phase in (RunPhase.SUCCEEDED, RunPhase.FAILED):
-        why = (summary.message if summary is not None else None) or state.message
-        return (), after, _status(EvaluationPhase.FAILED, why, name)
-    if state.phase == RunPhase.RUNNING:
-        message = "scoring the tuned model against its base"
-    elif state.phase == RunPhase.SUSPENDED:
-        message = "waiting for Kueue to admit the evaluation Job"
-    elif state.reason == "PodPending":
-        message = "waiting for the evaluation pod to start"
-    else:
-        message = state.message  # why its pod cannot start
-    return (), after, _status(EvaluationPhase.RUNNING, message, name)
+    if seen.figures is not None:
+        status = _status(EvaluationPhase.SUCCEEDED, None, seen.name)
+        return (), seen.after, {"evaluation": {**status["evaluation"], **seen.figures}}
+    if seen.failed is not None:
+        return (), seen.after, _status(EvaluationPhase.FAILED, seen.failed, seen.name)
+    return (), seen.after, _status(EvaluationPhase.RUNNING, seen.waiting, seen.name)
 
 
 def _status(phase: EvaluationPhase, message: str | None, job: str | None = None) -> Manifest:

@@ -15,21 +15,23 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubetune_operator.api.finetunejob import FineTuneJobSpec, PreflightPhase
-from kubetune_operator.resources.actions import Action, Create, Delete
+from kubetune_operator.resources.actions import Action, Create
 from kubetune_operator.resources.common import Manifest, child_name
+from kubetune_operator.resources.finetunejob.side_jobs import follow
 from kubetune_operator.resources.finetunejob.training_job import (
     CONFIG_DIR,
     CONFIG_KEY,
     TRAINER_CONTAINER,
     run_job,
 )
-from kubetune_operator.resources.workloads import PREFLIGHT_OOM, RunPhase, job_state
-from kubetune_trainer.contract.summaries import PreflightSummary, read_summary
+from kubetune_operator.resources.workloads import PREFLIGHT_OOM
+from kubetune_trainer.contract.summaries import PreflightSummary
 
 # A crash or lost node gets one more try; a final exit code fails at once (the policy).
 BACKOFF_LIMIT = 1
 # Planning holds a tokenizer, a processor and one example's images at a time.
 RESOURCES = {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"memory": "4Gi"}}
+COUNTING = "counting tokens with the base model's tokenizer before booking GPUs"
 # The training pod's placement is for GPU nodes; the pre-flight runs anywhere.
 GPU_PLACEMENT = ("subdomain", "nodeSelector", "tolerations", "priorityClassName")
 
@@ -105,34 +107,29 @@ def preflight(
             why = "the pre-flight Job was deleted before it finished"
             return Step((), (), _status(PreflightPhase.FAILED, why), failed=why)
         created = preflight_job(ftj, spec, training)
-        message = "counting tokens with the base model's tokenizer before booking GPUs"
         return Step(
             (Create(created),),
             (),
-            _status(PreflightPhase.RUNNING, message, created["metadata"]["name"]),
+            _status(PreflightPhase.RUNNING, COUNTING, created["metadata"]["name"]),
         )
-    name = job["metadata"]["name"]
-    state = job_state(job, pods, now, start_grace, oom=PREFLIGHT_OOM)
-    after: tuple[Action, ...] = (
-        (Delete("Job", job["metadata"]["namespace"], name),) if state.stop_job else ()
+    seen = follow(
+        job,
+        pods,
+        now,
+        start_grace,
+        summary=PreflightSummary,
+        oom=PREFLIGHT_OOM,
+        what="pre-flight",
+        doing=COUNTING,
     )
-    summary = read_summary(PreflightSummary, state.summary)
-    if state.phase == RunPhase.SUCCEEDED and summary is not None and summary.ok:
-        figures = summary.model_dump(by_alias=True, exclude_none=True, exclude={"ok", "message"})
-        status = _status(PreflightPhase.SUCCEEDED, None, name)
-        return Step((), after, {"preflight": {**status["preflight"], **figures}}, passed=True)
-    if state.phase in (RunPhase.SUCCEEDED, RunPhase.FAILED):
-        why = (summary.message if summary is not None else None) or state.message
-        return Step((), after, _status(PreflightPhase.FAILED, why, name), failed=why)
-    if state.phase == RunPhase.RUNNING:
-        message = "counting tokens with the base model's tokenizer before booking GPUs"
-    elif state.phase == RunPhase.SUSPENDED:
-        message = "waiting for Kueue to admit the pre-flight Job"
-    elif state.reason == "PodPending":
-        message = "waiting for the pre-flight pod to start"
-    else:
-        message = state.message  # why its pod cannot start
-    return Step((), after, _status(PreflightPhase.RUNNING, message, name))
+    if seen.figures is not None:
+        status = _status(PreflightPhase.SUCCEEDED, None, seen.name)
+        figures = {"preflight": {**status["preflight"], **seen.figures}}
+        return Step((), seen.after, figures, passed=True)
+    if seen.failed is not None:
+        failed = _status(PreflightPhase.FAILED, seen.failed, seen.name)
+        return Step((), seen.after, failed, failed=seen.failed)
+    return Step((), seen.after, _status(PreflightPhase.RUNNING, seen.waiting, seen.name))
 
 
 def _status(phase: PreflightPhase, message: str | None, job: str | None = None) -> Manifest:
