@@ -7,10 +7,13 @@ import importlib
 import json
 import random
 import sys
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
+from PIL import Image
 from transformers import PreTrainedModel, TrainerCallback
 
 from kubetune_trainer.contract.job import TrainingConfig
@@ -144,3 +147,19 @@ def subset(path: Path, n: int, out: Path) -> Path:
     """The first ``n`` lines; their images stay beside ``path`` (pass imageRoot)."""
     out.write_text("".join(path.read_text().splitlines(keepends=True)[:n]))
     return out
+
+
+def count_opens(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """How often each image source is opened (decoded) from now on, by training's
+    image loader."""
+    from kubetune_trainer.training import images
+
+    opened: Counter[str] = Counter()
+    real = images.open_image
+
+    def counting(ref: Any, *args: Any, **kwargs: Any) -> Image.Image:
+        opened[ref.source] += 1
+        return real(ref, *args, **kwargs)
+
+    monkeypatch.setattr(images, "open_image", counting)
+    return opened

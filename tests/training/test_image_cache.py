@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import pickle
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 from PIL import Image
-from training.support import JobFactory, subset, train
+from training.support import JobFactory, count_opens, subset, train
 
 from kubetune_trainer.data import DatasetError
 from kubetune_trainer.training import images
@@ -22,19 +21,6 @@ KEY_A, KEY_B, KEY_C = ("r", b"a"), ("r", b"b"), ("r", b"c")
 
 def rgb(pixels: int) -> Image.Image:
     return Image.new("RGB", (pixels, 1))
-
-
-def count_opens(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
-    """How often each image source is opened (decoded) from now on."""
-    opened: Counter[str] = Counter()
-    real = images.open_image
-
-    def counting(ref: Any, *args: Any, **kwargs: Any) -> Image.Image:
-        opened[ref.source] += 1
-        return real(ref, *args, **kwargs)
-
-    monkeypatch.setattr(images, "open_image", counting)
-    return opened
 
 
 @pytest.mark.training

@@ -4,13 +4,12 @@ image tokens follow), any other to maxPixels, in training and in `kubetune evalu
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 from PIL import Image
+from training.support import count_opens
 
 from kubetune_trainer.data.example import Example, ImageRef, Turn
 from kubetune_trainer.training import images
@@ -44,18 +43,6 @@ def test_pixel_budget(detail: str | None, max_pixels: int, budget: int) -> None:
 def big_image(root: Path, name: str = "big.png") -> str:
     Image.new("RGB", (SIDE, SIDE), (200, 30, 30)).save(root / name)
     return name
-
-
-def count_opens(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
-    opened: Counter[str] = Counter()
-    real = images.open_image
-
-    def counting(ref: Any, *args: Any, **kwargs: Any) -> Image.Image:
-        opened[ref.source] += 1
-        return real(ref, *args, **kwargs)
-
-    monkeypatch.setattr(images, "open_image", counting)
-    return opened
 
 
 def test_a_low_detail_image_is_fitted_to_512_by_512_and_others_to_max_pixels(

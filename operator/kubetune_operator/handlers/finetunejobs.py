@@ -115,14 +115,12 @@ def observe(
         ]
         # As for the training Job: read only once status says it was made.
         recorded = ((ftj.get("status") or {}).get("preflight") or {}).get("jobName")
-        if preflight_job is None and recorded and pf.needed(ftj, spec):
-            current = ctx.api.get_job(namespace, pf.job_name(name))
-            if current is not None and owned_by(current, uid):
-                preflight_job = current
-            elif current is not None:
-                return Observed(ftj, spec, at, namesake=current)
-        if preflight_job is not None and may_have_pods(preflight_job):
-            preflight_pods = ctx.api.job_pods(namespace, preflight_job["metadata"]["name"])
+        if (recorded or preflight_job is not None) and pf.needed(ftj, spec):
+            preflight_job, preflight_pods, namesake = _side_job(
+                ctx, namespace, pf.job_name(name), uid, preflight_job
+            )
+            if namesake is not None:
+                return Observed(ftj, spec, at, namesake=namesake)
     pods = (
         ctx.api.job_pods(namespace, job["metadata"]["name"]) if job and may_have_pods(job) else []
     )
@@ -148,14 +146,11 @@ def observe(
     )
     evaluation_pods: list[Manifest] = []
     if trained(ftj, job) and ev.due(ftj, spec):
-        if evaluation_job is None:
-            current = ctx.api.get_job(namespace, ev.job_name(name))
-            if current is not None and owned_by(current, uid):
-                evaluation_job = current
-            elif current is not None:
-                return Observed(ftj, spec, at, namesake=current)
-        if evaluation_job is not None and may_have_pods(evaluation_job):
-            evaluation_pods = ctx.api.job_pods(namespace, evaluation_job["metadata"]["name"])
+        evaluation_job, evaluation_pods, namesake = _side_job(
+            ctx, namespace, ev.job_name(name), uid, evaluation_job
+        )
+        if namesake is not None:
+            return Observed(ftj, spec, at, namesake=namesake)
     return Observed(
         ftj,
         spec,
@@ -173,6 +168,19 @@ def observe(
         preflight_job=preflight_job,
         preflight_pods=preflight_pods,
     )
+
+
+def _side_job(
+    ctx: Context, namespace: str, job_name: str, uid: str, found: Manifest | None
+) -> tuple[Manifest | None, list[Manifest], Manifest | None]:
+    """A pre-flight or evaluation Job of the run (``found`` when a create ran into it,
+    else read) with its pods, or the namesake's Job under that name: (job, pods,
+    namesake)."""
+    job = found if found is not None else ctx.api.get_job(namespace, job_name)
+    if job is not None and not owned_by(job, uid):
+        return None, [], job
+    pods = ctx.api.job_pods(namespace, job_name) if job is not None and may_have_pods(job) else []
+    return job, pods, None
 
 
 @kopf.on.event(GROUP, VERSION, FINE_TUNE_JOB.plural)
