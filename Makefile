@@ -25,13 +25,16 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 crds: $(STAMP)
-	$(BIN)/python -m kubetune_operator.api.crds crds charts/kubetune/crds
+	$(BIN)/python -m kubetune_operator.api.crds crds charts/kubetune/files/crds
 
-# etcd, kube-apiserver, kube-controller-manager, kube-scheduler and Kueue, built from Go
+# etcd, kube-apiserver, kube-controller-manager, kube-scheduler, Kueue and the small Go
+# programs the tests run (gopher-lua for Argo CD health checks, kstatus), built from Go
 # modules once (minutes; each step says what it builds), then reused.
 controlplane:
 	hack/controlplane.sh build
 	hack/kueue.sh build
+	hack/gotools.sh build argocd-health
+	hack/gotools.sh build kstatus
 
 # vLLM's CPU build in .venv-serving, which the local kubelet runs model servers with
 # (minutes and about 6 GB once, then reused).

@@ -31,13 +31,8 @@ READY_TIMEOUT="${KUBETUNE_CP_READY_TIMEOUT:-60}"
 log() { echo "controlplane: $*" >&2; }
 die() { echo "controlplane: error: $*" >&2; exit 1; }
 
-# go's "go: downloading MODULE VERSION", hundreds of lines on a cold module cache,
-# shown as a count every 100 modules; everything else go says passes through.
-count_downloads() {
-  awk '/^go: downloading /{ n++; if (n % 100 == 0) { printf "controlplane: %d Go modules downloaded ...\n", n; fflush() }; next }
-       { print; fflush() }
-       END { if (n % 100) printf "controlplane: %d Go modules downloaded\n", n }' >&2
-}
+# shellcheck source-path=SCRIPTDIR source=go-build.sh
+source "${HACK_DIR}/go-build.sh"
 
 # Hash of everything that determines the binaries; stored next to them.
 inputs_hash() {
@@ -86,14 +81,12 @@ cmd_build() {
     return 0
   fi
   rm -f "${BIN_DIR}/.inputs"
-  export GOFLAGS="${GOFLAGS:-} -mod=readonly -trimpath -buildvcs=false"
-  export GOTOOLCHAIN="${GOTOOLCHAIN:-local}"
-  export CGO_ENABLED=0
+  go_env
   local t0 t
   t0=$(date +%s)
   log "building etcd ${ETCD_VERSION} (first the Go modules are downloaded: minutes, once) ..."
   t=$(date +%s)
-  (cd "${HACK_DIR}/etcd" && go build -ldflags="-s -w" -o "${BIN_DIR}/etcd.tmp" . 2>&1) | count_downloads
+  (cd "${HACK_DIR}/etcd" && go build -ldflags="-s -w" -o "${BIN_DIR}/etcd.tmp" . 2>&1) | count_downloads controlplane 100
   mv "${BIN_DIR}/etcd.tmp" "${BIN_DIR}/etcd"
   log "etcd built in $(( $(date +%s) - t ))s"
   local b i=0
@@ -102,7 +95,7 @@ cmd_build() {
     log "building ${b} ${K8S_VERSION} (${i} of ${#KUBE_BINARIES[@]}; a few minutes each when cold) ..."
     t=$(date +%s)
     (cd "${HACK_DIR}/kube" && go build -ldflags="$(kube_ldflags)" -o "${BIN_DIR}/${b}.tmp" "./cmd/${b}" 2>&1) \
-      | count_downloads
+      | count_downloads controlplane 100
     mv "${BIN_DIR}/${b}.tmp" "${BIN_DIR}/${b}"
     log "${b} built in $(( $(date +%s) - t ))s"
   done

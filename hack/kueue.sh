@@ -35,19 +35,8 @@ KUEUE_NAMESPACE=kueue-system
 log() { echo "kueue: $*" >&2; }
 die() { echo "kueue: error: $*" >&2; exit 1; }
 
-# go's "go: downloading MODULE VERSION", hundreds of lines on a cold module cache,
-# shown as a count every 100 modules; everything else go says passes through.
-count_downloads() {
-  awk '/^go: downloading /{ n++; if (n % 100 == 0) { printf "kueue: %d Go modules downloaded ...\n", n; fflush() }; next }
-       { print; fflush() }
-       END { if (n % 100) printf "kueue: %d Go modules downloaded\n", n }' >&2
-}
-
-go_env() {
-  export GOFLAGS="${GOFLAGS:-} -mod=readonly -trimpath -buildvcs=false"
-  export GOTOOLCHAIN="${GOTOOLCHAIN:-local}"
-  export CGO_ENABLED=0
-}
+# shellcheck source-path=SCRIPTDIR source=go-build.sh
+source "${HACK_DIR}/go-build.sh"
 
 # Hash of everything that determines the binary; stored next to it.
 inputs_hash() {
@@ -92,7 +81,7 @@ cmd_build() {
   ldflags="-s -w -X ${MODULE}/pkg/version.GitVersion=${KUEUE_VERSION} -X ${MODULE}/pkg/version.BuildDate=${date:-unknown}"
   log "building kueue ${KUEUE_VERSION} (one binary; a few minutes when the Go build cache is cold) ..."
   t=$(date +%s)
-  (cd "${HACK_DIR}/kueue" && go build -ldflags="${ldflags}" -o "${BIN}.tmp" . 2>&1) | count_downloads
+  (cd "${HACK_DIR}/kueue" && go build -ldflags="${ldflags}" -o "${BIN}.tmp" . 2>&1) | count_downloads kueue 100
   mv "${BIN}.tmp" "${BIN}"
   inputs_hash > "${BIN_DIR}/.inputs"
   exec 8>&-

@@ -31,6 +31,7 @@ from e2e_support import (
     wait_phase,
     wait_ready_reason,
 )
+from kstatus import kstatus
 from kube import Kubectl
 from operator_harness import Operator, wait_for
 from tiny_models import COLOURS, SHAPES
@@ -97,12 +98,16 @@ def test_dataset_and_finetunejob_train_a_tiny_vlm(
     )
     assert ds["phase"] == "Ready", ds
     assert (ds["examples"], ds["images"]) == (36, 36) and len(ds["sha256"]) == 64
+    assert kstatus(kubectl.get("kds", "shapes", "-n", ns))["status"] == "Current"
     seen_running: list[dict[str, Any]] = []
+    running: list[dict[str, Any]] = []  # the whole objects, for kstatus
 
     def finished() -> dict[str, Any] | None:
-        st = status(kubectl, "ftj", ns, "shapes")
+        obj = kubectl.get("ftj", "shapes", "-n", ns)
+        st: dict[str, Any] = obj.get("status") or {}
         if st.get("phase") == "Running" and (st.get("progress") or {}).get("step"):
             seen_running.append(st)
+            running.append(obj)
         return st if st.get("phase") in ("Succeeded", "Failed") else None
 
     final = wait_for(
@@ -110,6 +115,7 @@ def test_dataset_and_finetunejob_train_a_tiny_vlm(
     )
     assert final["phase"] == "Succeeded", final
     assert seen_running, "no progress was seen while the trainer ran"
+    assert kstatus(running[0])["status"] == "InProgress"
     assert 0 < seen_running[0]["progress"]["percent"] <= 100
     assert "trainLoss" in seen_running[-1]["metrics"]
     assert final["metrics"]["trainLoss"] > 0 and final["metrics"]["evalLoss"] > 0
@@ -118,6 +124,7 @@ def test_dataset_and_finetunejob_train_a_tiny_vlm(
     ready = next(c for c in final["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "True"
     assert {c["type"] for c in final["conditions"]} == {"Ready"}  # kstatus: Current
+    assert kstatus(kubectl.get("ftj", "shapes", "-n", ns))["status"] == "Current"
     kubectl.run("wait", "--for=condition=Ready", "ftj/shapes", "-n", ns, "--timeout=10s")
     out = pvc_dir(state_dir, ns, "models") / "out" / "shapes"
     assert (out / "report.json").is_file()
@@ -449,6 +456,8 @@ def test_an_invalid_dataset_fails_the_job_with_line_numbers(
     assert ready["reason"] == "DatasetInvalid" and "line 3" in ftj["message"]
     # kstatus (Flux, `kubectl wait`) reads a failure, not work in progress.
     kubectl.run("wait", "--for=condition=Stalled", "ftj/bad", "kds/bad", "-n", ns, "--timeout=10s")
+    for kind in ("kds", "ftj"):
+        assert kstatus(kubectl.get(kind, "bad", "-n", ns))["status"] == "Failed"
     assert "Reconciling" not in {c["type"] for c in ftj["conditions"]}
     assert kubectl.get("jobs", "-n", ns, "-l", "kubetune.io/finetunejob=bad")["items"] == []
     events = kubectl.get("events", "-n", ns, "--field-selector", "involvedObject.name=bad")["items"]
@@ -649,6 +658,7 @@ def test_a_finetunejob_with_deploy_gets_a_vllm_server(
         operator, kubectl, "mdep", ns, "served", ("Available", "Failed"), 600, "the server"
     )
     assert md["phase"] == "Available", md
+    assert kstatus(kubectl.get("mdep", "served", "-n", ns))["status"] == "Current"
     assert md["endpoint"] == f"http://served.{ns}.svc:8000/v1"
     assert md["servedModels"] == ["tiny-vlm", "served"]
     deploy = kubectl.get("deployment", "served", "-n", ns)
