@@ -25,6 +25,7 @@ from kubetune_operator.api.modeldeployment import ModelDeploymentSpec
 from kubetune_operator.resources.common import LABEL_FINETUNEJOB, LABEL_MODELDEPLOYMENT
 from kubetune_operator.resources.finetunejob import training_job as tj
 from kubetune_operator.resources.modeldeployment import server
+from kubetune_operator.resources.platform import ModelStore, PodDefaults
 from kubetune_operator.resources.policy import (
     RESERVED_FLAGS,
     Policy,
@@ -64,13 +65,30 @@ def helm(*args: str) -> str:
     return proc.stdout
 
 
+# `helm template` renders for Kubernetes 1.20 unless told, which the chart's kubeVersion
+# refuses: render for the test API server's.
+KUBE_VERSION = re.search(
+    r"^K8S_VERSION=(\S+)$", (REPO / "hack" / "versions.env").read_text(), re.MULTILINE
+)[1]
+
+
 def render(namespace: str, *values: str) -> list[dict[str, Any]]:
-    text = helm("template", "kubetune", str(CHART), "--namespace", namespace, *values)
+    args = ("template", "kubetune", str(CHART), "-n", namespace, "--kube-version", KUBE_VERSION)
+    text = helm(*args, *values)
     return [doc for doc in yaml.safe_load_all(text) if doc]
 
 
 def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [d for d in docs if d["kind"] == kind]
+
+
+def operator_roles(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    """The operator's (Cluster)Roles, not the ones the chart adds to `edit` and `view`."""
+    return [
+        d
+        for d in by_kind(docs, kind)
+        if d["metadata"]["labels"]["app.kubernetes.io/component"] == "operator"
+    ]
 
 
 def test_the_chart_lints() -> None:
@@ -82,7 +100,7 @@ def test_cluster_wide_install_is_accepted_with_the_tested_rules(
 ) -> None:
     ns = kubectl.new_namespace("chart")
     docs = render(ns)
-    (role,) = by_kind(docs, "ClusterRole")
+    (role,) = operator_roles(docs, "ClusterRole")
     assert role["rules"] == RULES + CLUSTER_RULES
     (binding,) = by_kind(docs, "ClusterRoleBinding")
     assert binding["subjects"] == [
@@ -103,8 +121,8 @@ def test_namespaced_install_gets_a_role_per_watched_namespace(
     ns = kubectl.new_namespace("chart")
     watched = [kubectl.new_namespace("team"), kubectl.new_namespace("team")]
     docs = render(ns, "--set", f"watchNamespaces={{{','.join(watched)}}}")
-    assert not by_kind(docs, "ClusterRole")
-    roles = by_kind(docs, "Role")
+    assert not operator_roles(docs, "ClusterRole")
+    roles = operator_roles(docs, "Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == sorted(watched)
     assert all(r["rules"] == RULES for r in roles)
     bindings = by_kind(docs, "RoleBinding")
@@ -259,7 +277,10 @@ def test_the_chart_knows_the_flags_no_policy_may_allow(tmp_path: Path) -> None:
     assert reserved == dict(RESERVED_FLAGS)
     values = values_file(tmp_path, {"policy": {"serverFlags": ["--seed", "--trust-remote-code"]}})
     proc = subprocess.run(
-        [str(REPO / "hack" / "helm.sh"), "template", "kubetune", str(CHART), "-f", values],
+        [
+            str(REPO / "hack" / "helm.sh"),
+            *("template", "kubetune", str(CHART), "--kube-version", KUBE_VERSION, "-f", values),
+        ],
         capture_output=True,
         text=True,
         timeout=1200,
@@ -406,3 +427,37 @@ def test_namespaces_the_operator_does_not_watch_are_not_policed(
 ) -> None:
     other = kubectl.new_namespace("unwatched")
     kubectl.apply(_ftj("evil", image="evil/img:1"), "-n", other)
+
+
+def test_the_platform_defaults_reach_the_operator_and_every_pod_it_makes(tmp_path: Path) -> None:
+    toleration = {"key": "ml", "operator": "Exists", "effect": "NoSchedule"}
+    values = {
+        "imagePullSecrets": [{"name": "regcred"}],
+        "defaults": {
+            "modelStore": "s3://models/tuned",
+            "modelStoreEndpoint": "http://minio.storage:9000",
+            "serviceAccountAnnotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/t"},
+            "trustedHosts": ["images.internal:443"],
+            "pods": {"tolerations": [toleration], "priorityClassName": "batch"},
+        },
+    }
+    docs = render("kubetune-system", "-f", values_file(tmp_path, values))
+    (deploy,) = by_kind(docs, "Deployment")
+    assert deploy["spec"]["template"]["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
+    settings = operator_settings(docs)
+    assert settings.model_store == ModelStore.parse(
+        "s3://models/tuned", "http://minio.storage:9000"
+    )
+    assert settings.identity_annotations == {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/t"}
+    assert settings.pod_defaults == PodDefaults(
+        image_pull_secrets=("regcred",),
+        tolerations=(toleration,),
+        priority_class_name="batch",
+        trusted_hosts=("images.internal:443",),
+    )
+    # The pods' own pull secrets may differ from the operator's.
+    values["defaults"]["pods"]["imagePullSecrets"] = [{"name": "team-registry"}]  # type: ignore[index]
+    own = operator_settings(render("kubetune-system", "-f", values_file(tmp_path, values)))
+    assert own.pod_defaults.image_pull_secrets == ("team-registry",)
+    plain = operator_settings(render("kubetune-system"))
+    assert plain.model_store is None and plain.pod_defaults == PodDefaults()

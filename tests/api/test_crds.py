@@ -13,7 +13,7 @@ from kubetune_operator.api.crds import ALL, crd, filename, render
 ROOT = Path(__file__).parents[2]
 
 
-@pytest.mark.parametrize("folder", ["crds", "charts/kubetune/crds"])
+@pytest.mark.parametrize("folder", ["crds", "charts/kubetune/files/crds"])
 @pytest.mark.parametrize("info", ALL, ids=lambda i: i.kind)
 def test_committed_crds_are_current(folder: str, info: Any) -> None:
     committed = ROOT / folder / filename(info)
