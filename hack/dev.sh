@@ -71,8 +71,11 @@ print(*ports)')
   # An operator left running by an earlier `up` is replaced: it may run older code, and
   # it answers on ports other than the ones just chosen (a second `make demo` failed so).
   stop_pid "${DEV}/operator.pid"
+  # The dev stack is its own platform: runs that name no output go to the `models`
+  # claim of their namespace (examples/finetunejob-minimal.yaml).
   start_bg operator env KUBETUNE_RESYNC_SECONDS="${KUBETUNE_RESYNC_SECONDS:-3}" \
     KUBETUNE_ADMIN_KEY="$(cat "${DEV}/admin-key")" \
+    KUBETUNE_DEFAULT_MODEL_STORE="${KUBETUNE_DEFAULT_MODEL_STORE:-pvc://models/tuned}" \
     "${PY}" -m kubetune_operator --all-namespaces --standalone \
     --metrics-port "${metrics}" --liveness "http://127.0.0.1:${health}/healthz"
   echo "${metrics}" >"${DEV}/operator.metrics-port"

@@ -23,10 +23,13 @@ RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted"}
 
 
 @contextmanager
-def restricted_operator(kubectl: Kubectl, ns: str, folder: Path) -> Iterator[Operator]:
-    """The operator watching ``ns`` under the chart's RBAC, for as long as the block runs."""
+def restricted_operator(
+    kubectl: Kubectl, ns: str, folder: Path, env: dict[str, str] | None = None
+) -> Iterator[Operator]:
+    """The operator watching ``ns`` under the chart's RBAC, for as long as the block
+    runs; ``env`` adds to its settings (the chart's platform defaults)."""
     config = restricted_kubeconfig(kubectl, ns, folder / "kubeconfig")
-    op = Operator(config, [ns], folder / "operator.log").start()
+    op = Operator(config, [ns], folder / "operator.log", env=env or {}).start()
     try:
         yield op
     finally:

@@ -319,3 +319,18 @@ def test_examples_parse_as_yaml() -> None:
     for path in EXAMPLES:
         versions = {d["apiVersion"] for d in yaml.safe_load_all(path.read_text()) if d}
         assert "kubetune.io/v1alpha1" in versions
+
+
+def test_a_finetunejob_of_base_model_dataset_and_method_alone_is_accepted(
+    kubectl: Kubectl, ns: str
+) -> None:
+    """Where the output goes is the platform's default model store's to say."""
+    doc = _ftj("bare", method="sft")
+    del doc["spec"]["outputModel"]
+    assert set(doc["spec"]) == {"baseModel", "dataset", "method"}
+    kubectl.apply(doc, "-n", ns, "--validate=strict")
+    assert kubectl.get("ftj", "bare", "-n", ns)["spec"]["outputModel"] == {}
+    named = copy.deepcopy(doc)
+    named["spec"]["outputModel"] = {"name": "later"}
+    proc = kubectl.apply(named, "-n", ns, check=False)
+    assert proc.returncode != 0 and "outputModel is immutable" in proc.stderr, proc.stderr

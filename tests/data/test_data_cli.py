@@ -66,6 +66,7 @@ def test_json_report(dataset: Path, capsys: pytest.CaptureFixture[str]) -> None:
         "images",
         "textOnlyExamples",
         "remoteImages",
+        "remoteImagesSha256",
         "sha256",
         "errors",
         "warnings",

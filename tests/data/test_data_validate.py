@@ -59,6 +59,7 @@ def test_report_json_shape(tmp_path: Path) -> None:
         "images": 1,
         "textOnlyExamples": 3,
         "remoteImages": 0,
+        "remoteImagesSha256": None,
         "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
         "errors": [
             {

@@ -4,6 +4,7 @@ transition and every failure reason, without a cluster."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -28,6 +29,7 @@ from kubetune_operator.resources.dataset import decide as dataset
 from kubetune_operator.resources.finetunejob import decide as finetunejob
 from kubetune_operator.resources.modeldeployment import decide as modeldeployment
 from kubetune_operator.resources.modeldeployment.server import SPEC_HASH, deployment, plan
+from kubetune_operator.resources.platform import ModelStore, PodDefaults, with_output
 from kubetune_operator.resources.workloads import ServerPod
 from kubetune_operator.settings import Settings
 
@@ -314,7 +316,7 @@ def test_a_dpo_run_on_a_dataset_validated_for_sft_fails_at_once_with_no_job(
     assert named in message and "task sft" in message and "spec.task" in message
 
 
-def test_a_run_on_a_dataset_of_remote_images_fails_before_a_gpu_is_booked() -> None:
+def test_a_run_on_remote_images_no_digest_was_recorded_for_fails_before_a_gpu_is_booked() -> None:
     remote = dataset_in("Ready", "held")
     remote["status"]["remoteImages"] = 3
     decision = ftj_decide(
@@ -322,12 +324,32 @@ def test_a_run_on_a_dataset_of_remote_images_fails_before_a_gpu_is_booked() -> N
         datasets={"train": dataset_in("Ready"), "held": remote},
     )
     assert decision.actions == ()
-    assert status_of(decision)[:2] == ("Failed", "RemoteImagesNotSupported")
+    assert status_of(decision)[:2] == ("Failed", "RemoteImagesNotValidated")
     assert decision.status is not None
     assert (
         "validation Dataset 'held' names 3 images by http(s) URL"
         in (decision.status.fields["message"])
     )
+
+
+def test_a_run_on_remote_images_fetches_them_once_before_it_starts_and_checks_them() -> None:
+    train = dataset_in("Ready")
+    train["status"].update(remoteImages=3, remoteImagesSha256="d" * 64)
+    body = ftj_body(preflight={"enabled": False}, validation={"split": 0.2})
+    decision = ftj_decide(body, datasets={"train": train})
+    configmap, created = (a.body for a in decision.actions[1:])  # type: ignore[union-attr]
+    assert json.loads(configmap["data"]["job.json"])["remoteImages"] == "/data/remote-images"
+    pod = created["spec"]["template"]["spec"]
+    (step,) = [c for c in pod["initContainers"] if c["name"] == "images-train-data"]
+    args = step["command"]
+    assert args[:2] == ["kubetune", "fetch-images"]
+    assert args[args.index("--remote-sha256") + 1] == "d" * 64
+    assert args[args.index("--remote-out") + 1] == "/data/remote-images"
+    (trainer,) = pod["containers"]
+    fetched = [m for m in trainer["volumeMounts"] if m["name"] == "remote-images"]
+    assert fetched == [
+        {"name": "remote-images", "mountPath": "/data/remote-images", "readOnly": True}
+    ]
 
 
 def test_an_sft_run_trains_on_a_dpo_datasets_chosen_replies() -> None:
@@ -831,8 +853,8 @@ def test_a_refused_server_waits_for_its_spec_to_change() -> None:
 def test_a_server_serves_the_base_while_an_adapter_waits_for_or_refuses_its_run() -> None:
     body = md_body(adapters=[{"name": "a", "fineTuneJob": "run"}])
     missing = modeldeployment.decide(md_seen(body, finetunejobs={"run": None}), SETTINGS)
-    assert creates(missing) == ["Secret", "Service"]
-    assert [type(a) for a in missing.actions] == [Create, Apply, Create]
+    assert creates(missing) == ["Secret", "ServiceAccount", "Service"]
+    assert [type(a) for a in missing.actions] == [Create, Create, Apply, Create]
     assert adapters_of(missing) == [("a", 0, 0, "FineTuneJobNotFound")]
     failed_run = ftj_body({"phase": "Failed"}, baseModel=BASE)
     failed = modeldeployment.decide(
@@ -936,7 +958,7 @@ def test_a_run_that_attaches_joins_the_shared_server_under_its_output_name() -> 
 def test_a_server_is_made_then_updated_only_when_its_spec_changes() -> None:
     body = md_body()
     new = modeldeployment.decide(md_seen(body), SETTINGS)
-    assert [type(a) for a in new.actions] == [Create, Apply, Create]
+    assert [type(a) for a in new.actions] == [Create, Create, Apply, Create]
     assert status_of(new) == ("Progressing", "Progressing", False)
     current = available(body)
     serving = modeldeployment.decide(md_seen(body, deployment=current), SETTINGS)
@@ -944,7 +966,7 @@ def test_a_server_is_made_then_updated_only_when_its_spec_changes() -> None:
     assert serving.status is not None and serving.status.notice is not None
     current["metadata"]["annotations"][SPEC_HASH] = "stale"
     stale = modeldeployment.decide(md_seen(body, deployment=current), SETTINGS)
-    assert [type(a) for a in stale.actions] == [Create, Apply, Create]
+    assert [type(a) for a in stale.actions] == [Create, Create, Apply, Create]
     # While it is not available, the admin Secret its pods wait for is made again if gone.
     current = available(body)
     current["status"] = {"conditions": [{"type": "Progressing", "status": "True"}]}
@@ -1275,3 +1297,105 @@ def test_a_run_that_attaches_says_when_its_shared_server_is_missing_or_serves_an
     )
     same = {"metadata": {"name": "shared"}, "spec": {"baseModel": {"name": "org/model"}}}
     assert message(same) == "training finished"
+
+
+PLATFORM = replace(
+    SETTINGS,
+    model_store=ModelStore.parse("pvc://models/tuned"),
+    pod_defaults=PodDefaults(
+        image_pull_secrets=("registry",),
+        node_selector={"pool": "ml"},
+        tolerations=({"key": "ml", "operator": "Exists", "effect": "NoSchedule"},),
+        priority_class_name="batch",
+    ),
+    identity_annotations={"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/tune"},
+)
+
+
+def bare_ftj(**spec: Any) -> dict[str, Any]:
+    """A FineTuneJob of only the three fields a user must write."""
+    body = ftj_body(**spec)
+    del body["spec"]["outputModel"]
+    return body
+
+
+def platform_decide(body: dict[str, Any], settings: Settings, **seen: Any) -> Decision:
+    """decide as the handler calls it: the spec completed by the platform's defaults."""
+    spec = with_output(
+        FineTuneJobSpec.model_validate(body["spec"]), body["metadata"], settings.model_store
+    )
+    return finetunejob.decide(finetunejob.Observed(body, spec, NOW, **seen), settings)
+
+
+def test_a_run_without_output_storage_fails_naming_the_chart_value_when_there_is_no_store() -> None:
+    decision = platform_decide(bare_ftj(), SETTINGS, datasets={"train": dataset_in("Ready")})
+    assert decision.actions == ()
+    assert status_of(decision) == ("Failed", "NoOutputStorage", False)
+    assert (
+        decision.status is not None and "defaults.modelStore" in decision.status.fields["message"]
+    )
+
+
+def test_a_run_without_output_writes_to_the_platform_store_under_its_namespace_and_name() -> None:
+    body = bare_ftj(preflight={"enabled": False})
+    decision = platform_decide(body, PLATFORM, datasets={"train": dataset_in("Ready")})
+    assert creates(decision) == ["ServiceAccount", "ConfigMap", "Job"]
+    assert decision.status is not None
+    assert decision.status.fields["outputModel"] == {"uri": "pvc://models/tuned/team/run"}
+    pod = decision.actions[-1].body["spec"]["template"]["spec"]  # type: ignore[union-attr]
+    output = next(v for v in pod["volumes"] if v["name"] == "output")
+    assert output["persistentVolumeClaim"] == {"claimName": "models"}
+    account = decision.actions[0].body  # type: ignore[union-attr]
+    assert account["metadata"]["annotations"] == dict(PLATFORM.identity_annotations)
+
+
+def test_the_platform_s_pod_defaults_reach_every_pod_the_operator_makes() -> None:
+    datasets = {"train": dataset_in("Ready")}
+
+    def pod_of(workload: dict[str, Any]) -> dict[str, Any]:
+        spec: dict[str, Any] = workload["spec"]["template"]["spec"]
+        return spec
+
+    validation = dataset.decide(ds_seen(ds_body()), PLATFORM).actions[1].body  # type: ignore[union-attr]
+    preflight = platform_decide(bare_ftj(), PLATFORM, datasets=datasets).actions[-1].body  # type: ignore[union-attr]
+    training = (
+        platform_decide(
+            bare_ftj(preflight={"enabled": False}, resources={"nodeSelector": {"pool": "h100"}}),
+            PLATFORM,
+            datasets=datasets,
+        )
+        .actions[-1]
+        .body
+    )  # type: ignore[union-attr]
+    server = modeldeployment.decide(md_seen(md_body()), PLATFORM).actions[2].body  # type: ignore[union-attr]
+    for workload in (validation, preflight, training, server):
+        pod = pod_of(workload)
+        assert pod["imagePullSecrets"] == [{"name": "registry"}], workload["metadata"]["name"]
+        assert {"key": "ml", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+        assert pod["priorityClassName"] == "batch"
+        assert pod["serviceAccountName"] == "kubetune-trainer"
+    # A spec's own node selector wins key by key.
+    assert pod_of(training)["nodeSelector"] == {"pool": "h100"}
+    assert pod_of(validation)["nodeSelector"] == {"pool": "ml"}
+
+
+def test_a_server_rolls_when_the_platform_s_pod_defaults_change() -> None:
+    spec = ModelDeploymentSpec.model_validate(md_body()["spec"])
+    served = plan(md_body(), spec, [], SETTINGS.trainer_image)
+    plain, defaulted = deployment(served), deployment(served, PLATFORM.pod_defaults)
+    assert (
+        plain["metadata"]["annotations"][SPEC_HASH]
+        != defaulted["metadata"]["annotations"][SPEC_HASH]
+    )
+
+
+def test_an_evaluation_job_keeps_the_platform_s_placement_once_kueue_s_is_dropped() -> None:
+    spec = {"validation": {"split": 0.25}, "preflight": {"enabled": False}}
+    body = ftj_body({"phase": "Running"}, **spec)
+    decision = platform_decide(
+        body, PLATFORM, job=trained_job(**spec), pods=[finished_pod(SUMMARY)]
+    )
+    (created,) = [a.body for a in decision.actions if isinstance(a, Create)]
+    pod = created["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"pool": "ml"} and pod["priorityClassName"] == "batch"
+    assert pod["imagePullSecrets"] == [{"name": "registry"}]

@@ -794,9 +794,10 @@ def test_a_dataset_on_s3_is_fetched_by_an_init_container_with_the_secrets_creden
     assert ds["phase"] == "Ready", ds
     assert (ds["examples"], ds["images"]) == (4, 0), ds
     (pod,) = kubectl.get("pods", "-n", ns, "-l", "kubetune.io/dataset=s3-chat")["items"]
-    (fetch,) = pod["status"]["initContainerStatuses"]
-    assert fetch["name"] == "fetch-dataset"
+    fetch, images = pod["status"]["initContainerStatuses"]
+    assert (fetch["name"], images["name"]) == ("fetch-dataset", "images-dataset")
     assert fetch["state"]["terminated"]["exitCode"] == 0, fetch
+    assert images["state"]["terminated"]["exitCode"] == 0, images
     env = {e["name"]: e for e in pod["spec"]["initContainers"][0]["env"]}
     assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "s3-creds"
 

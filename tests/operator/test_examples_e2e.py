@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import example_storage
@@ -24,6 +23,12 @@ from operator_harness import Operator, wait_for
 pytestmark = [pytest.mark.apiserver, pytest.mark.training]
 
 EXAMPLES = ROOT / "examples"
+# What a platform team sets through the chart (`make dev-up` sets the same store), and a
+# pull secret that every pod the operator makes must name.
+PLATFORM_DEFAULTS = {
+    "KUBETUNE_DEFAULT_MODEL_STORE": "pvc://models/tuned",
+    "KUBETUNE_POD_DEFAULTS": '{"imagePullSecrets": [{"name": "registry"}]}',
+}
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +43,9 @@ def operator(
     example_storage.provide(
         kubelet.provide_claim(ns, "models"), kubelet.provide_claim(ns, "datasets")
     )
-    with restricted_operator(kubectl, ns, tmp_path_factory.mktemp("operator")) as op:
+    with restricted_operator(
+        kubectl, ns, tmp_path_factory.mktemp("operator"), PLATFORM_DEFAULTS
+    ) as op:
         yield op
 
 
@@ -67,16 +74,30 @@ def test_every_dataset_in_examples_becomes_ready(
 def test_every_finetunejob_in_examples_succeeds(
     kubectl: Kubectl, ns: str, operator: Operator, applied: None, kubelet: Any
 ) -> None:
-    for name in ("shapes-qwen", "captions-dpo"):
+    # The minimal run names no output: it goes to the platform's store.
+    for name, folder in (
+        ("shapes-qwen", "shapes-qwen"),
+        ("captions-dpo", "captions-dpo"),
+        ("shapes-quick", f"tuned/{ns}/shapes-quick"),
+    ):
         st = wait_phase(
             operator, kubectl, "ftj", ns, name, ("Succeeded", "Failed"), 600, f"{name} to train"
         )
         assert st["phase"] == "Succeeded", st
         # The DPO run is shorter than loggingSteps: its last step is logged all the same.
         assert st["metrics"]["trainLoss"] > 0, st
-        folder: Path = kubelet.pvc_dir(ns, "models") / name
-        assert (folder / "report.json").is_file()
+        assert st["outputModel"]["uri"] == f"pvc://models/{folder}"
+        assert (kubelet.pvc_dir(ns, "models") / folder / "report.json").is_file()
     assert status(kubectl, "ftj", ns, "shapes-qwen")["deployment"] == {"name": "qwen-vl"}
+    selector = "app.kubernetes.io/component in (training,preflight,dataset-validation)"
+    pods = kubectl.get("pods", "-n", ns, "-l", selector)["items"]
+    assert {p["metadata"]["labels"]["app.kubernetes.io/component"] for p in pods} == {
+        "training",
+        "preflight",
+        "dataset-validation",
+    }
+    for pod in pods:
+        assert pod["spec"]["imagePullSecrets"] == [{"name": "registry"}], pod["metadata"]["name"]
 
 
 def test_the_example_server_serves_the_attached_adapter_behind_its_key(
@@ -97,6 +118,8 @@ def test_the_example_server_serves_the_attached_adapter_behind_its_key(
     )
     pods = kubectl.get("pods", "-n", ns, "-l", "kubetune.io/modeldeployment=qwen-vl")["items"]
     (pod,) = [p for p in pods if pod_ready(p)]
+    assert pod["spec"]["imagePullSecrets"] == [{"name": "registry"}]
+    assert pod["spec"]["serviceAccountName"] == "kubetune-trainer"
     secret = kubectl.get("secret", "qwen-vl-api-key", "-n", ns)
     key = base64.b64decode(secret["data"]["apiKey"]).decode()
     base = f"http://{pod['status']['podIP']}:8000/v1"

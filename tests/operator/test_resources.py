@@ -246,14 +246,24 @@ def test_credentials_come_only_from_secret_references() -> None:
     assert _plan().config.checkpoint_uri is None  # a PVC keeps them itself
 
 
-def test_remote_datasets_are_fetched_by_an_init_container() -> None:
+def test_remote_datasets_are_fetched_by_an_init_container_and_their_images_beside_them() -> None:
     http = DatasetSpec.model_validate(
-        {"source": {"http": {"url": "https://example.com/train.jsonl"}}}
+        {"source": {"http": {"url": "https://example.com/sets/train.jsonl"}}, "imageRoot": "img"}
     )
     plan = tj.plan(_inputs(_ftj(), http), IMAGE)
     init = tj.training_job(plan)["spec"]["template"]["spec"]["initContainers"]
-    assert [c["command"][:2] for c in init] == [["kubetune", "fetch"]]
+    assert [c["command"][:2] for c in init] == [["kubetune", "fetch"], ["kubetune", "fetch-images"]]
     assert plan.config.dataset == "/data/train/data.jsonl"
+    # The images land beside the fetched file, which makes them its image root.
+    assert plan.config.image_root == "/data/train/images"
+    images = init[1]["command"]
+    assert images[images.index("--images-out") + 1] == "/data/train/images"
+    assert images[images.index("--image-root") + 1] == "img"
+    assert json.loads(images[images.index("--source") + 1]) == {
+        "http": {"url": "https://example.com/sets/train.jsonl"}
+    }
+    assert init[1]["volumeMounts"][0] == {"name": "train-data", "mountPath": "/data/train"}
+    assert "--remote-out" not in images
 
 
 def test_validation_job_runs_kubetune_validate_on_the_source() -> None:

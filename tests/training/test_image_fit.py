@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from PIL import Image
 
-from kubetune_trainer.training.images import fit_to_max_pixels, to_rgb
+from kubetune_trainer.contract.job import DatasetLimits, TrainingConfig, TrainValidation
+from kubetune_trainer.data import DatasetError
+from kubetune_trainer.training.images import (
+    ImageFitter,
+    fit_to_max_pixels,
+    run_image_rules,
+    to_rgb,
+)
 
 
 @pytest.mark.parametrize(
@@ -42,3 +51,29 @@ def test_transparent_pixels_become_white() -> None:
     assert to_rgb(palette).getpixel((0, 0)) == (255, 255, 255)
     opaque = Image.new("RGBA", (4, 4), (255, 0, 0, 255))
     assert to_rgb(opaque).getpixel((0, 0)) == (255, 0, 0)
+
+
+def test_each_file_s_images_are_opened_under_its_own_dataset_s_limits(tmp_path: Path) -> None:
+    """The training file's Dataset allows big images, the validation file's does not:
+    the collator's loader applies each, by the image root the record carries."""
+    train, held = tmp_path / "train", tmp_path / "held"
+    for folder in (train, held):
+        folder.mkdir()
+        Image.new("RGB", (64, 64), (200, 10, 10)).save(folder / "a.png")
+    size = (train / "a.png").stat().st_size
+    config = TrainingConfig(
+        base_model="m",
+        dataset=str(train / "d.jsonl"),
+        dataset_limits=DatasetLimits(max_image_bytes=size),
+        validation=TrainValidation(
+            dataset=str(held / "d.jsonl"), limits=DatasetLimits(max_image_bytes=size - 1)
+        ),
+        output_dir=str(tmp_path / "out"),
+    )
+    fitter = ImageFitter(3136, run_image_rules(config))
+    assert fitter("a.png", str(train), 1).size == (56, 56)
+    with pytest.raises(
+        DatasetError,
+        match=f"line 2: a.png: image is {size:,} bytes, more than the limit of {size - 1:,}",
+    ):
+        fitter("a.png", str(held), 2)

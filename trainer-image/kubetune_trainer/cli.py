@@ -1,5 +1,5 @@
 """`kubetune`: the trainer image's command (validate | convert | train | preflight |
-evaluate | fetch | install-guard).
+evaluate | fetch | fetch-images | install-guard).
 
 Each command group registers its own subcommands; the training ones import torch
 only when they run, so `kubetune validate` starts fast and works without torch.
@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from kubetune_trainer import transfer
+from kubetune_trainer import fetch_images, transfer
 from kubetune_trainer.data import commands as data_commands
 from kubetune_trainer.serving import commands as serving_commands
 from kubetune_trainer.training import commands as training_commands
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_commands.register(sub)
     training_commands.register(sub)
     transfer.register(sub)
+    fetch_images.register(sub)
     serving_commands.register(sub)
     return parser
 

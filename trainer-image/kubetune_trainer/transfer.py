@@ -27,7 +27,11 @@ class FetchError(Exception):
     pass
 
 
-def _atomic_target(out: Path) -> tuple[int, str]:
+class NotFound(FetchError):
+    """The source answered that there is no such object or file."""
+
+
+def atomic_target(out: Path) -> tuple[int, str]:
     # Write beside the target and rename, so that a failed fetch never leaves half a file.
     out.parent.mkdir(parents=True, exist_ok=True)
     return tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
@@ -85,7 +89,7 @@ def _download(
 ) -> None:
     """``url`` to the file ``out`` through the guarded fetcher (``data/remote.py``):
     public addresses only, at every redirect; one deadline; a size cap."""
-    fd, tmp = _atomic_target(out)
+    fd, tmp = atomic_target(out)
     try:
         with os.fdopen(fd, "wb") as f:
             remote.fetch_to(
@@ -94,7 +98,8 @@ def _download(
         os.replace(tmp, out)
     except (remote.RemoteError, OSError) as exc:
         Path(tmp).unlink(missing_ok=True)
-        raise FetchError(f"cannot download {what}: {exc}") from None
+        missing = isinstance(exc, remote.RemoteError) and exc.status == 404
+        raise (NotFound if missing else FetchError)(f"cannot download {what}: {exc}") from None
 
 
 def _s3_client() -> Any:
@@ -180,15 +185,23 @@ def delete_s3(uri: str) -> None:
             s3.delete_objects(Bucket=bucket, Delete={"Objects": keys[start : start + 1000]})
 
 
-def fetch_s3(uri: str, out: Path) -> None:
-    """An object to a file, or every object under a prefix (ending in '/') to a folder."""
+def fetch_s3(uri: str, out: Path, max_bytes: int = MAX_DOWNLOAD_BYTES) -> None:
+    """An object of at most ``max_bytes`` to a file, or every object under a prefix
+    (ending in '/') to a folder."""
     bucket, key = _split(uri)
     s3 = _s3_client()
     with _s3_errors(f"cannot download {uri}"):
         if not key.endswith("/") and key:
-            fd, tmp = _atomic_target(out)
+            size = _s3_size(s3, bucket, key, uri)
+            if size > max_bytes:
+                raise FetchError(f"{uri} is {size:,} bytes, more than {max_bytes:,}")
+            fd, tmp = atomic_target(out)
             os.close(fd)
-            s3.download_file(bucket, key, tmp)
+            try:
+                s3.download_file(bucket, key, tmp)
+            except Exception:
+                Path(tmp).unlink(missing_ok=True)
+                raise
             os.replace(tmp, out)
             return
         for name in _keys(s3, bucket, key):
@@ -202,6 +215,18 @@ def fetch_s3(uri: str, out: Path) -> None:
             s3.download_file(bucket, name, str(target))
 
 
+def _s3_size(s3: Any, bucket: str, key: str, uri: str) -> int:
+    from botocore.exceptions import ClientError
+
+    try:
+        size: int = s3.head_object(Bucket=bucket, Key=key)["ContentLength"]
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            raise NotFound(f"cannot download {uri}: there is no such bucket or key") from None
+        raise
+    return size
+
+
 def fetch(
     source: FetchSource,
     out: Path,
@@ -209,8 +234,9 @@ def fetch(
     timeout: float = DOWNLOAD_TIMEOUT_S,
     max_bytes: int = MAX_DOWNLOAD_BYTES,
 ) -> None:
-    """``timeout`` and ``max_bytes`` bound the http and hub downloads; S3 goes through
-    boto3, to the endpoint the Dataset names."""
+    """``timeout`` and ``max_bytes`` bound the http and hub downloads (``max_bytes`` an
+    S3 object's too); S3 goes through boto3, to the endpoint the Dataset names. A
+    missing object or file raises ``NotFound``."""
     if source.http is not None:
         fetch_http(source.http.url, out, timeout=timeout, max_bytes=max_bytes)
     elif source.hugging_face is not None:
@@ -219,7 +245,7 @@ def fetch(
             hub.repo, hub.file, hub.revision, out, timeout=timeout, max_bytes=max_bytes
         )
     elif source.s3 is not None:
-        fetch_s3(source.s3.uri, out)
+        fetch_s3(source.s3.uri, out, max_bytes)
 
 
 class SourceError(Exception):

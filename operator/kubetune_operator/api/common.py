@@ -69,8 +69,12 @@ class S3Location(CamelModel):
     endpoint: HttpUrl | None = Field(
         None, description="Endpoint of an S3-compatible store (MinIO, Ceph...). Default: AWS."
     )
-    secret_ref: SecretRef = Field(
-        description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and optionally AWS_REGION)."
+    secret_ref: SecretRef | None = Field(
+        None,
+        description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and optionally "
+        "AWS_REGION). Without one, the pods reach S3 with their own identity (the "
+        "kubetune-trainer ServiceAccount, which the platform annotates for IRSA or "
+        "Workload Identity).",
     )
 
 

@@ -156,7 +156,16 @@ class DatasetStatus(CamelModel):
     images: int | None = Field(None, ge=0, description="Image references in the file.")
     text_only_examples: int | None = Field(None, ge=0, description="Examples without images.")
     remote_images: int | None = Field(
-        None, ge=0, description="Images named by an http(s) URL (with limits.allowRemoteImages)."
+        None,
+        ge=0,
+        description="Images named by an http(s) URL (with limits.allowRemoteImages); each "
+        "run fetches them once before it starts.",
+    )
+    remote_images_sha256: str | None = Field(
+        None,
+        max_length=64,
+        description="One SHA-256 over the remote images' URLs and bytes as validation "
+        "fetched them; the fetch before a run checks that it brings the same.",
     )
     sha256: str | None = Field(None, max_length=64, description="SHA-256 of the validated file.")
     error_count: int | None = Field(

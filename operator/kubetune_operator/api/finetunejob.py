@@ -104,8 +104,16 @@ class OutputStorage(CamelModel):
 class OutputModel(CamelModel):
     """The tuned model."""
 
-    name: Name = Field(description="Name of the tuned model; the adapter's served name.")
-    storage: OutputStorage = Field(description="Where the output goes.")
+    name: Name | None = Field(
+        None,
+        description="Name of the tuned model; the adapter's served name. Default: the "
+        "FineTuneJob's name.",
+    )
+    storage: OutputStorage | None = Field(
+        None,
+        description="Where the output goes. Default: the cluster's model store (the chart "
+        "value defaults.modelStore), at <store>/<namespace>/<FineTuneJob name>.",
+    )
 
 
 class Deploy(CamelModel):
@@ -242,7 +250,12 @@ class FineTuneJobSpec(CamelModel):
     early_stopping: EarlyStopping | None = Field(
         None, description="Stop when the validation loss stops improving. Immutable."
     )
-    output_model: OutputModel = Field(description="Where the tuned model goes. Immutable.")
+    output_model: OutputModel = Field(
+        default_factory=OutputModel,
+        json_schema_extra={"default": {}},
+        description="Where the tuned model goes; optional where the cluster has a default "
+        "model store. Immutable.",
+    )
     resources: TrainingResources = Field(
         default_factory=TrainingResources,
         json_schema_extra={"default": {}},

@@ -35,6 +35,7 @@ from kubetune_operator.resources.finetunejob.decide import (
 )
 from kubetune_operator.resources.finetunejob.deploy import shared_server
 from kubetune_operator.resources.finetunejob.progress import parse_samples
+from kubetune_operator.resources.platform import with_output
 from kubetune_operator.resources.workloads import job_finished
 
 
@@ -51,7 +52,9 @@ def reconcile(
     with reconciling(ctx, FINE_TUNE_JOB, namespace, name, ftj) as live:
         if live is None:
             return
-        spec = FineTuneJobSpec.model_validate(live["spec"])
+        spec = with_output(
+            FineTuneJobSpec.model_validate(live["spec"]), live["metadata"], ctx.settings.model_store
+        )
         if job is not None and not owned_by(job, live["metadata"]["uid"]):
             job = None  # an event of a deleted namesake's Job: look for this one's own
         decision = reconcile_object(

@@ -157,9 +157,13 @@ def event(obj: Mapping[str, Any], type_: str, reason: str, message: str, now: st
     }
 
 
-def trainer_service_account(namespace: str) -> Manifest:
-    """The identity of validation and training pods: no API permissions are bound to it
-    and no token is mounted."""
+def trainer_service_account(
+    namespace: str, annotations: Mapping[str, str] | None = None
+) -> Manifest:
+    """The identity of validation, training and server pods: no API permissions are
+    bound to it and no token is mounted. ``annotations`` give it a cloud identity (IRSA's
+    eks.amazonaws.com/role-arn, GKE's iam.gke.io/gcp-service-account), through which
+    they reach S3 without a Secret; they are set when it is made."""
     return {
         "apiVersion": "v1",
         "kind": "ServiceAccount",
@@ -167,6 +171,7 @@ def trainer_service_account(namespace: str) -> Manifest:
             "name": TRAINER_SERVICE_ACCOUNT,
             "namespace": namespace,
             "labels": labels("trainer", namespace),
+            **({"annotations": dict(annotations)} if annotations else {}),
         },
         "automountServiceAccountToken": False,
     }

@@ -49,8 +49,9 @@ def of_dataset(spec: DatasetSpec) -> tuple[Reference, ...]:
 
 def of_finetunejob(spec: FineTuneJobSpec) -> tuple[Reference, ...]:
     """The claims of its base model and output (its Datasets are waited for as such)."""
+    storage = spec.output_model.storage
     return _model(spec.base_model, "spec.baseModel") + _claim(
-        spec.output_model.storage.pvc, "spec.outputModel.storage.pvc.claimName"
+        storage.pvc if storage is not None else None, "spec.outputModel.storage.pvc.claimName"
     )
 
 

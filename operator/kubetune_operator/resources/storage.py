@@ -13,6 +13,7 @@ from kubetune_operator.resources.common import Manifest, container_security_cont
 from kubetune_trainer.contract.fetch import FetchSource, HttpFile, HubFile, S3Object
 
 FETCHED_FILE = "data.jsonl"
+FETCHED_IMAGES = "images"
 
 
 @dataclass
@@ -54,15 +55,19 @@ def _secret_env(
 
 
 def s3_env(s3: S3Location) -> list[Manifest]:
-    env = _secret_env(
-        s3.secret_ref,
-        {
-            "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
-            "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
-            "AWS_REGION": "AWS_REGION",
-        },
-        optional=("AWS_REGION",),
-    )
+    """The keys from the location's Secret; without one, boto3 finds the pod's own
+    identity (a web identity token, a metadata server) by itself."""
+    env: list[Manifest] = []
+    if s3.secret_ref is not None:
+        env = _secret_env(
+            s3.secret_ref,
+            {
+                "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+                "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
+                "AWS_REGION": "AWS_REGION",
+            },
+            optional=("AWS_REGION",),
+        )
     if s3.endpoint:
         env.append({"name": "AWS_ENDPOINT_URL", "value": s3.endpoint})
     return env
@@ -71,12 +76,21 @@ def s3_env(s3: S3Location) -> list[Manifest]:
 def _fetch_container(
     name: str, image: str, source: FetchSource, out: str, mount: Manifest, env: list[Manifest]
 ) -> Manifest:
+    return _kubetune_step(
+        name, image, ["fetch", "--source", source.to_json(), "--out", out], [mount], env
+    )
+
+
+def _kubetune_step(
+    name: str, image: str, args: list[str], mounts: list[Manifest], env: list[Manifest]
+) -> Manifest:
+    """An init container running `kubetune` from the trainer image."""
     return {
         "name": name,
         "image": image,
-        "command": ["kubetune", "fetch", "--source", source.to_json(), "--out", out],
+        "command": ["kubetune", *args],
         "env": [{"name": "HOME", "value": "/tmp"}, *env],
-        "volumeMounts": [mount, {"name": "tmp", "mountPath": "/tmp"}],
+        "volumeMounts": [*mounts, {"name": "tmp", "mountPath": "/tmp"}],
         # `kubetune fetch` prints why it failed (no such key, access denied): that text
         # becomes the status message.
         "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -84,13 +98,75 @@ def _fetch_container(
     }
 
 
-def dataset_input(volume: str, spec: DatasetSpec, mount_path: str, image: str) -> Mounted:
-    """Mount (or fetch) a Dataset's JSONL file read-only at `mount_path`."""
+REMOTE_IMAGES = "/data/remote-images"
+"""Where a run's pods find its Datasets' http(s) images, fetched before it starts."""
+_REMOTE_VOLUME = "remote-images"
+
+
+def dataset_input(
+    volume: str,
+    spec: DatasetSpec,
+    mount_path: str,
+    image: str,
+    remote_images_sha256: str | None = None,
+) -> Mounted:
+    """Mount (or fetch) a Dataset's JSONL file read-only at `mount_path`. A file on S3,
+    http(s) or the hub is fetched into an emptyDir, and the images its lines name by
+    relative path are fetched from beside it (or from its imageRoot there) into
+    `images/`, its image root in the pod. With ``remote_images_sha256`` (for a run on a
+    Dataset whose lines name http(s) images: the digest its validation recorded),
+    those are fetched to REMOTE_IMAGES too; the pod mounts that folder once
+    (``remote_images_input``)."""
+    mounted, source, env = _dataset_file(volume, spec, mount_path, image)
+    args = [
+        "--data",
+        mounted.path,
+        "--limits",
+        spec.limits.model_dump_json(by_alias=True),
+        "--task",
+        spec.task,
+        "--format",
+        spec.format,
+    ]
+    mounts: list[Manifest] = []
+    if source is not None:
+        images = posixpath.join(mount_path, FETCHED_IMAGES)
+        args += ["--source", source.to_json(), "--images-out", images]
+        if spec.image_root is not None:
+            args += ["--image-root", spec.image_root]
+        mounts.append({"name": volume, "mountPath": mount_path})
+        mounted.image_root = images
+    else:
+        mounts += mounted.mounts
+    if remote_images_sha256 is not None:
+        args += ["--remote-out", REMOTE_IMAGES, "--remote-sha256", remote_images_sha256]
+        mounts.append({"name": _REMOTE_VOLUME, "mountPath": REMOTE_IMAGES})
+    if source is not None or remote_images_sha256 is not None:
+        mounted.init_containers.append(
+            _kubetune_step(f"images-{volume}", image, ["fetch-images", *args], mounts, env)
+        )
+    return mounted
+
+
+def remote_images_input() -> Mounted:
+    """The folder of a run's fetched http(s) images, read-only in its main container."""
+    return Mounted(
+        path=REMOTE_IMAGES,
+        volumes=[{"name": _REMOTE_VOLUME, "emptyDir": {}}],
+        mounts=[{"name": _REMOTE_VOLUME, "mountPath": REMOTE_IMAGES, "readOnly": True}],
+    )
+
+
+def _dataset_file(
+    volume: str, spec: DatasetSpec, mount_path: str, image: str
+) -> tuple[Mounted, FetchSource | None, list[Manifest]]:
+    """The JSONL file mounted or fetched; for a fetched one, its source and the
+    credentials' environment."""
     src = spec.source
     if src.pvc is not None:
         path = posixpath.join(mount_path, src.pvc.path)
         root = posixpath.join(mount_path, spec.image_root) if spec.image_root is not None else None
-        return Mounted(
+        mounted = Mounted(
             path=path,
             image_root=root,
             volumes=[
@@ -101,9 +177,10 @@ def dataset_input(volume: str, spec: DatasetSpec, mount_path: str, image: str) -
             ],
             mounts=[{"name": volume, "mountPath": mount_path, "readOnly": True}],
         )
+        return mounted, None, []
     if src.config_map is not None:
         cm = src.config_map
-        return Mounted(
+        mounted = Mounted(
             path=posixpath.join(mount_path, cm.key),
             image_root=posixpath.join(mount_path, spec.image_root) if spec.image_root else None,
             volumes=[
@@ -114,8 +191,7 @@ def dataset_input(volume: str, spec: DatasetSpec, mount_path: str, image: str) -
             ],
             mounts=[{"name": volume, "mountPath": mount_path, "readOnly": True}],
         )
-    # Remote sources are fetched by the trainer image into an emptyDir first; images
-    # they reference must then be URLs or embedded data: URIs.
+        return mounted, None, []
     env: list[Manifest] = []
     source: FetchSource
     if src.s3 is not None:
@@ -132,12 +208,13 @@ def dataset_input(volume: str, spec: DatasetSpec, mount_path: str, image: str) -
             env = _secret_env(hf.token_secret_ref, {"HF_TOKEN": "HF_TOKEN"})
     out = posixpath.join(mount_path, FETCHED_FILE)
     fetch_mount = {"name": volume, "mountPath": mount_path}
-    return Mounted(
+    mounted = Mounted(
         path=out,
         volumes=[{"name": volume, "emptyDir": {}}],
         mounts=[{"name": volume, "mountPath": mount_path, "readOnly": True}],
         init_containers=[_fetch_container(f"fetch-{volume}", image, source, out, fetch_mount, env)],
     )
+    return mounted, source, env
 
 
 def base_model_input(model: ModelRef, mount_path: str, image: str) -> Mounted:

@@ -11,6 +11,12 @@ from pydantic import Field, model_validator
 from kubetune_trainer.contract.base import CamelModel, S3Uri
 
 DEFAULT_REVISION = "main"
+TRUSTED_HOSTS_VARIABLE = "KUBETUNE_TRUSTED_HOSTS"
+"""Comma-separated ``host:port`` pairs that the one fetcher (``data/remote.py``) may
+reach whatever their addresses: the platform's own image or dataset servers on private
+networks. The operator sets it in every pod it makes from the chart's
+``defaults.trustedHosts``; a spec cannot. Every other rule stays: http(s) only, the
+deadline, the size cap, the checks at each redirect."""
 
 
 class HttpFile(CamelModel):

@@ -229,6 +229,14 @@ class TrainingConfig(CamelModel):
             "validation approved it by."
         ),
     )
+    remote_images: str | None = Field(
+        None,
+        description=(
+            "The folder that the step before the run fetched the http(s) images of both "
+            "files into (`kubetune fetch-images`): training reads them there and opens no "
+            "connection."
+        ),
+    )
     validation: TrainValidation | None = None
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     early_stopping: EarlyStopping | None = None

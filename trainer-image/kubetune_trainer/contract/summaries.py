@@ -234,6 +234,7 @@ class ValidationSummary(Outcome):
     images: int | None = None
     text_only_examples: int | None = None
     remote_images: int | None = None
+    remote_images_sha256: str | None = None
     sha256: str | None = None
     errors: list[LineProblem] = Field(default_factory=list)
     warnings: list[LineProblem] | None = None

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import binascii
 import errno
+import hashlib
 import io
 import os
 import re
@@ -28,7 +29,7 @@ import stat
 import struct
 import warnings
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Final
@@ -112,6 +113,9 @@ class ImageCheck:
     errors: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
     info: ImageInfo | None = None
+    sha256: str | None = None
+    """A downloaded image's digest (remote images only): what the fetch before a run
+    checks that it brings the same bytes."""
 
 
 # --- where the bytes are ---------------------------------------------------------
@@ -291,9 +295,28 @@ class _Source:
 
     open: Callable[[], BinaryIO]
     declared_mime: str | None = None
+    sha256: str | None = None
 
 
-def _locate(ref: ImageRef, root: Path, limits: DatasetLimits, *, lazy: bool) -> _Source:
+def fetched_name(url: str) -> str:
+    """The file a remote image is fetched to before a run, in the run's folder of them."""
+    return hashlib.sha256(url.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def remote_images_sha256(images: Mapping[str, str]) -> str:
+    """One digest of a file's remote images (URL -> the SHA-256 of its bytes): what
+    validation saw, against which the fetch before a run checks what it brought."""
+    digest = hashlib.sha256()
+    for url in sorted(images):
+        digest.update(f"{url}\t{images[url]}\n".encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()
+
+
+def _locate(
+    ref: ImageRef, root: Path, limits: DatasetLimits, *, lazy: bool, fetched: Path | None = None
+) -> _Source:
+    """Where ``ref``'s bytes are. A URL is downloaded, unless ``fetched`` names the
+    folder it was fetched to before the run (``fetched_name``)."""
     cap = limits.max_image_bytes
     kind = ref.kind
     if kind == "data":
@@ -302,12 +325,20 @@ def _locate(ref: ImageRef, root: Path, limits: DatasetLimits, *, lazy: bool) -> 
     if kind == "url":
         if not limits.allow_remote_images:
             raise ImageProblem("remote image URLs are not allowed (allowRemoteImages is off)")
+        if fetched is not None:
+            path = fetched / fetched_name(ref.source)
+            if not path.exists():
+                raise ImageProblem("the remote image was not fetched before the run")
+            return _file_source(path, cap)
         try:
             body = remote.fetch(ref.source, cap)
         except remote.RemoteImageError as exc:
             raise ImageProblem(f"remote image refused: {exc}") from None
-        return _Source(lambda: io.BytesIO(body))
-    path = resolve_image_path(ref.source, root)
+        return _Source(lambda: io.BytesIO(body), sha256=hashlib.sha256(body).hexdigest())
+    return _file_source(resolve_image_path(ref.source, root), cap)
+
+
+def _file_source(path: Path, cap: int) -> _Source:
     try:
         st = path.stat()
     except OSError as exc:
@@ -530,18 +561,28 @@ def check_image(
         return ImageCheck(errors=(str(exc),))
     except OSError as exc:  # unreadable file: permissions, I/O errors
         return ImageCheck(errors=(f"image file cannot be read: {exc.strerror or exc}",))
-    return ImageCheck(warnings=tuple(warns), info=info)
+    return ImageCheck(warnings=tuple(warns), info=info, sha256=source.sha256)
 
 
 def open_image(
-    ref: ImageRef, image_root: Path, limits: DatasetLimits | None = None, *, line: int = 0
+    ref: ImageRef,
+    image_root: Path,
+    limits: DatasetLimits | None = None,
+    *,
+    fetched: Path | None = None,
+    line: int = 0,
 ) -> Image.Image:
     """The image, decoded (``load()`` done) but not converted: under the same rules
     as validation (root confinement, size cap, remote rules, format, pixel and scan
-    caps). Raises ``DatasetError`` naming ``line``."""
+    caps). A remote image is read from ``fetched``, where the step before the run put
+    it: training opens no connection. Raises ``DatasetError`` naming ``line``."""
     limits = limits or DatasetLimits()
     try:
-        source = _locate(ref, _root_for(ref, image_root), limits, lazy=False)
+        if ref.kind == "url" and limits.allow_remote_images and fetched is None:
+            raise ImageProblem(
+                "remote images are read from where the run fetched them, and it fetched none"
+            )
+        source = _locate(ref, _root_for(ref, image_root), limits, lazy=False, fetched=fetched)
         with source.open() as fp:
             data = io.BytesIO(fp.read())
         im = _open_header(data)

@@ -27,7 +27,13 @@ from kubetune_trainer.contract.summaries import (
 )
 from kubetune_trainer.data.duplicates import DEFAULT_LIMIT, FingerprintTable
 from kubetune_trainer.data.example import ImageRef
-from kubetune_trainer.data.images import ImageCheck, check_image, describe, resolve_image_root
+from kubetune_trainer.data.images import (
+    ImageCheck,
+    check_image,
+    describe,
+    remote_images_sha256,
+    resolve_image_root,
+)
 from kubetune_trainer.data.jsonl import DEFAULT_BUDGET, LineBudget
 from kubetune_trainer.data.problems import FILE_LINE, Problem
 from kubetune_trainer.data.reader import Record, iter_records
@@ -50,8 +56,9 @@ class ValidationReport:
     examples: int
     images: int
     text_only_examples: int
-    # http(s) image URLs: a run cannot train on them yet (they are not fetched before it).
+    # http(s) image URLs, fetched again before a run, which checks them against the digest.
     remote_images: int
+    remote_images_sha256: str | None
     sha256: str
     errors: tuple[Problem, ...]
     warnings: tuple[Problem, ...]
@@ -90,6 +97,7 @@ class ValidationReport:
             images=self.images,
             text_only_examples=self.text_only_examples,
             remote_images=self.remote_images,
+            remote_images_sha256=self.remote_images_sha256,
             sha256=self.sha256,
             errors=[LineProblem(line=p.line, message=p.message) for p in self.errors],
             warnings=[LineProblem(line=p.line, message=p.message) for p in self.warnings],
@@ -125,6 +133,8 @@ class _Tally:
     images: int = 0
     text_only: int = 0
     remote_images: int = 0
+    # Each remote image's URL and the SHA-256 of the bytes it answered with.
+    remote: dict[str, str] = field(default_factory=dict)
     errors: list[Problem] = field(default_factory=list)
     warnings: list[Problem] = field(default_factory=list)
     error_count: int = 0
@@ -191,6 +201,7 @@ def validate_file(
         images=tally.images,
         text_only_examples=tally.text_only,
         remote_images=tally.remote_images,
+        remote_images_sha256=remote_images_sha256(tally.remote) if tally.remote else None,
         sha256=digest.hexdigest(),
         errors=tuple(tally.errors),
         warnings=tuple(tally.warnings),
@@ -203,7 +214,7 @@ def _check_record(
     record: Record,
     tally: _Tally,
     seen: FingerprintTable,
-    check: Callable[[ImageRef], ImageCheck],
+    check: Callable[[ImageRef, bytes | None], ImageCheck],
     max_images: int,
 ) -> None:
     example = record.example
@@ -222,8 +233,12 @@ def _check_record(
         return
     if len(images) > max_images:
         return  # already an error; checking (or fetching) them all would only cost time
+    payloads = record.payloads
     for label, ref in _labelled_images(images, rejected_images):
-        result = check(ref)
+        # An embedded image that reading the line already checked as base64 and decoded.
+        result = check(ref, payloads.get_bytes(ref.source) if payloads else None)
+        if result.sha256 is not None:
+            tally.remote[ref.source] = result.sha256
         for error in result.errors:
             tally.add(Problem(line, f"{label} ({describe(ref)}): {error}"))
         for warning in result.warnings:
@@ -241,7 +256,7 @@ def _labelled_images(
 
 def _image_checker(
     root: Path, limits: DatasetLimits, deep: bool
-) -> Callable[[ImageRef], ImageCheck]:
+) -> Callable[[ImageRef, bytes | None], ImageCheck]:
     """``check_image`` with the run's settings bound, and a small cache for paths and
     URLs (many examples share images; a URL is then fetched once). Data URIs and
     other long sources are not cached: each is its own image, and keys that size
@@ -251,7 +266,9 @@ def _image_checker(
     def cached(source: str) -> ImageCheck:
         return check_image(ImageRef(source), root, limits, deep=deep)
 
-    def check(ref: ImageRef) -> ImageCheck:
+    def check(ref: ImageRef, decoded: bytes | None) -> ImageCheck:
+        if decoded is not None:
+            return check_image(ref, root, limits, deep=deep, decoded=decoded)
         if ref.kind == "data" or len(ref.source) > _CACHED_SOURCE:
             return check_image(ref, root, limits, deep=deep)
         return cached(ref.source)

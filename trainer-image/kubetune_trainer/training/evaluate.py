@@ -17,6 +17,7 @@ from kubetune_trainer.data import read_examples
 from kubetune_trainer.data.example import Example
 from kubetune_trainer.training.collate import IGNORE_INDEX, ChatEncoder, SFTCollator
 from kubetune_trainer.training.config_mapping import Hardware
+from kubetune_trainer.training.images import ImageRules
 from kubetune_trainer.training.models import (
     is_multimodal,
     load_model,
@@ -194,7 +195,10 @@ def load_scorer(
     base_path: str | None = None,
     max_pixels: int,
     trust_remote_code: bool = False,
+    rules: ImageRules | None = None,
 ) -> Scorer:
+    """The model (with its base, where it has one) and an encoder that opens images
+    under ``rules`` (a run's, from its job.json)."""
     if adapter and base_path:
         raise ValueError("give either an adapter or a base model, not both")
     hardware = Hardware.detect()
@@ -220,7 +224,7 @@ def load_scorer(
         base, as_base = model, model.disable_adapter
     elif base_path:
         base = load(base_path).to(device).eval()
-    return Scorer(model, base, as_base, chat_encoder(processing, max_pixels), multimodal)
+    return Scorer(model, base, as_base, chat_encoder(processing, max_pixels, rules), multimodal)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from kubetune_trainer.training.evaluate import (
     with_references,
 )
 from kubetune_trainer.training.evaluate import score_examples as score_all
+from kubetune_trainer.training.images import run_image_rules
 from kubetune_trainer.training.inputs import JobError
 from kubetune_trainer.training.report import write_json, write_termination_log
 from kubetune_trainer.training.runner import split_data, verify_dataset
@@ -115,6 +116,7 @@ def evaluate_run(
         base_path=base,
         max_pixels=config.hyperparameters.max_pixels,
         trust_remote_code=config.trust_remote_code,
+        rules=run_image_rules(config),
     )
     evaluation = score_all(
         scorer,

@@ -8,12 +8,14 @@ import heapq
 import math
 import os
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
 from PIL import Image
 
+from kubetune_trainer.contract.job import DatasetLimits, TrainingConfig
 from kubetune_trainer.data import open_image
 from kubetune_trainer.data.example import ImageRef
 
@@ -138,15 +140,67 @@ class FittedImages:
 
 
 @dataclass(frozen=True)
+class ImageRules:
+    """What a run's images may be, as validation approved them: each data file's
+    Dataset limits, by the image root its records carry, and the folder its remote
+    images were fetched to before it started (``TrainingConfig.remoteImages``)."""
+
+    limits: Mapping[str, DatasetLimits] = field(default_factory=dict)
+    fetched: str | None = None
+
+    def limits_for(self, root: str) -> DatasetLimits:
+        return self.limits.get(root) or DatasetLimits()
+
+
+def image_root(root: str | None, dataset: str) -> Path:
+    """Where a data file's relative image paths resolve."""
+    # Not resolved here: the image-root guard must see a symlinked folder to refuse it.
+    return Path(root) if root else Path(dataset).absolute().parent
+
+
+def run_image_rules(config: TrainingConfig) -> ImageRules:
+    """The rules of the images of a run's training and validation files."""
+    files = [(image_root(config.image_root, config.dataset), config.dataset_limits)]
+    validation = config.validation
+    if validation is not None and validation.dataset is not None:
+        files.append((image_root(validation.image_root, validation.dataset), validation.limits))
+    return image_rules(files, config.remote_images)
+
+
+def image_rules(files: Sequence[tuple[Path, DatasetLimits]], fetched: str | None) -> ImageRules:
+    """The rules of a run that reads each (image root, limits) of ``files``. Two
+    Datasets with one image root (they share a folder) get the looser of their limits
+    there: each was validated under its own, and an image may serve both."""
+    limits: dict[str, DatasetLimits] = {}
+    for root, file_limits in files:
+        key = str(root)
+        known = limits.get(key)
+        limits[key] = (
+            file_limits
+            if known is None
+            else known.model_copy(
+                update={
+                    "max_image_bytes": max(known.max_image_bytes, file_limits.max_image_bytes),
+                    "allow_remote_images": known.allow_remote_images
+                    or file_limits.allow_remote_images,
+                }
+            )
+        )
+    return ImageRules(limits, fetched)
+
+
+@dataclass(frozen=True)
 class ImageFitter:
-    """Opens a dataset image under the dataset rules (root confinement, size, pixel and
-    scan caps, no remote URLs) and fits it to the pixel budget of its ``detail``
-    (``pixel_budget``): the collator's ImageLoader. Planning opens every image once,
-    and each epoch's batches open them again, so fitted images are kept
-    (``FittedImages``) and a run decodes each once while they fit in memory. A class,
-    not a closure, so that dataloader worker processes can receive it."""
+    """Opens a dataset image under its Dataset's rules (root confinement, size, pixel
+    and scan caps, remote images only where fetched before the run) and fits it to the
+    pixel budget of its ``detail`` (``pixel_budget``): the collator's ImageLoader.
+    Planning opens every image once, and each epoch's batches open them again, so
+    fitted images are kept (``FittedImages``) and a run decodes each once while they
+    fit in memory. A class, not a closure, so that dataloader worker processes can
+    receive it."""
 
     max_pixels: int
+    rules: ImageRules = field(default_factory=ImageRules)
     cache: FittedImages = field(default_factory=FittedImages, compare=False, repr=False)
 
     def __call__(self, source: str, root: str, line: int, detail: str | None = None) -> Image.Image:
@@ -156,6 +210,14 @@ class ImageFitter:
         fitted = self.cache.get(key)
         if fitted is None:
             started = time.perf_counter()
-            fitted = fit_to_max_pixels(open_image(ImageRef(source), Path(root), line=line), budget)
+            fetched = Path(self.rules.fetched) if self.rules.fetched else None
+            image = open_image(
+                ImageRef(source),
+                Path(root),
+                self.rules.limits_for(root),
+                fetched=fetched,
+                line=line,
+            )
+            fitted = fit_to_max_pixels(image, budget)
             self.cache.put(key, fitted, time.perf_counter() - started)
         return fitted

@@ -33,6 +33,7 @@ from kubetune_trainer.training.collate import (
     truncate_rows,
 )
 from kubetune_trainer.training.config_mapping import dpo_config, lora_config
+from kubetune_trainer.training.images import run_image_rules
 from kubetune_trainer.training.inputs import (
     DataStats,
     Plan,
@@ -222,7 +223,9 @@ class KubetuneDPOTrainer(ResumableCheckpoints, DPOTrainer):
 
 def build_trainer(inputs: TrainerInputs) -> tuple[DPOTrainer, DataStats]:
     config = inputs.config
-    encoder = chat_encoder(inputs.processing, config.hyperparameters.max_pixels)
+    encoder = chat_encoder(
+        inputs.processing, config.hyperparameters.max_pixels, run_image_rules(config)
+    )
     data = prepare_data(inputs, encoder, PLANNING)
 
     # With LoRA the reference is the model with its adapter switched off (TRL does that

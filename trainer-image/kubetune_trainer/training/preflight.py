@@ -27,6 +27,7 @@ from kubetune_trainer.contract.summaries import (
     PreflightSummary,
     dump,
 )
+from kubetune_trainer.training.images import run_image_rules
 from kubetune_trainer.training.inputs import JobError, Plan, Planning, plan_data
 from kubetune_trainer.training.models import is_multimodal, load_processing
 from kubetune_trainer.training.report import write_termination_log
@@ -111,7 +112,7 @@ def preflight(config: TrainingConfig, *, processes: int = 1) -> PreflightSummary
     planning = planning_of(config.method)
     verify_dataset(config)
     processing = load_processing(config.base_model, trust_remote_code=config.trust_remote_code)
-    encoder = chat_encoder(processing, config.hyperparameters.max_pixels)
+    encoder = chat_encoder(processing, config.hyperparameters.max_pixels, run_image_rules(config))
     train, train_root, validation, validation_root = split_data(config)
     planned = plan_data(
         config,

@@ -36,6 +36,7 @@ from kubetune_trainer.training.checkpoints import (
     restore_checkpoint,
 )
 from kubetune_trainer.training.config_mapping import Hardware, model_dtype
+from kubetune_trainer.training.images import image_root
 from kubetune_trainer.training.inputs import DataStats, JobError, TrainerInputs
 from kubetune_trainer.training.metrics import TrainMetrics
 from kubetune_trainer.training.models import is_multimodal, load_model, load_processing
@@ -88,11 +89,6 @@ def verify_dataset(config: TrainingConfig) -> None:
             0,
             f"dataset {config.dataset} has SHA-256 {actual}, not the validated {config.dataset_sha256}",
         )
-
-
-def image_root(root: str | None, dataset: str) -> Path:
-    # Not resolved here: the image-root guard must see a symlinked folder to refuse it.
-    return Path(root) if root else Path(dataset).absolute().parent
 
 
 def split_data(config: TrainingConfig) -> tuple[list[Any], Path, list[Any], Path]:

@@ -11,7 +11,7 @@ from trl import SFTTrainer
 from kubetune_trainer.training.checkpoints import ResumableCheckpoints
 from kubetune_trainer.training.collate import ChatEncoder, SFTCollator, learned_tokens, plan_row
 from kubetune_trainer.training.config_mapping import lora_config, sft_config
-from kubetune_trainer.training.images import ImageFitter
+from kubetune_trainer.training.images import ImageFitter, ImageRules, run_image_rules
 from kubetune_trainer.training.inputs import (
     DataStats,
     JobError,
@@ -40,9 +40,10 @@ class PreserveSkillsSFTTrainer(PreserveSkillsLoss, KubetuneSFTTrainer):
     """KubetuneSFTTrainer with the preserve-general-skills loss (preserve.py)."""
 
 
-def chat_encoder(processing: Any, max_pixels: int) -> ChatEncoder:
-    """The encoder of a run's chats; a JobError when the base model's chat template
-    cannot mark the assistant's turns (then no token could be given a label)."""
+def chat_encoder(processing: Any, max_pixels: int, rules: ImageRules | None = None) -> ChatEncoder:
+    """The encoder of a run's chats, opening images under ``rules``; a JobError when
+    the base model's chat template cannot mark the assistant's turns (then no token
+    could be given a label)."""
     try:
         chat_template = training_chat_template(processing)
     except ValueError as exc:
@@ -55,7 +56,7 @@ def chat_encoder(processing: Any, max_pixels: int) -> ChatEncoder:
     return ChatEncoder(
         processing=processing,
         chat_template=chat_template,
-        load_image=ImageFitter(max_pixels),
+        load_image=ImageFitter(max_pixels, rules or ImageRules()),
         multimodal=is_multimodal(processing),
         image_token_ids=image_token_ids(processing),
         pad_token_id=tokenizer_of(processing).pad_token_id or 0,
@@ -90,7 +91,9 @@ PLANNING = Planning(to_chat_record, plan_lengths, learned_tokens, "examples")
 
 def build_trainer(inputs: TrainerInputs) -> tuple[SFTTrainer, DataStats]:
     config = inputs.config
-    encoder = chat_encoder(inputs.processing, config.hyperparameters.max_pixels)
+    encoder = chat_encoder(
+        inputs.processing, config.hyperparameters.max_pixels, run_image_rules(config)
+    )
     data = prepare_data(inputs, encoder, PLANNING)
     arguments: dict[str, Any] = {
         "model": inputs.model,

@@ -87,14 +87,15 @@ def decide(seen: Observed, settings: Settings) -> Decision:
             )
         )
     if job_due(ds, job):
-        job = validation_job(ds, seen.spec, settings.trainer_image)
+        job = settings.pod_defaults.apply(validation_job(ds, seen.spec, settings.trainer_image))
         # Jobs of earlier generations validated a spec that no longer exists.
         stale = (
             Delete("Job", meta["namespace"], old["metadata"]["name"])
             for old in seen.earlier_jobs
             if old["metadata"]["name"] != name and owner_name(old, "Dataset") == meta["name"]
         )
-        actions = (Create(trainer_service_account(meta["namespace"])), Create(job), *stale)
+        account = trainer_service_account(meta["namespace"], settings.identity_annotations)
+        actions = (Create(account), Create(job), *stale)
     state = (
         job_state(job, seen.pods, seen.now, settings.start_grace, oom=VALIDATION_OOM)
         if job is not None

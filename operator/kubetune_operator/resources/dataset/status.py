@@ -46,6 +46,7 @@ def dataset_result(value: Mapping[str, Any]) -> Manifest | None:
         "images": images,
         "textOnlyExamples": summary.text_only_examples or 0,
         "remoteImages": summary.remote_images or 0,
+        "remoteImagesSha256": summary.remote_images_sha256,
         "sha256": summary.sha256,
         "errorCount": error_count,
         "warningCount": (
@@ -93,6 +94,7 @@ def dataset_status(
             images=None,
             textOnlyExamples=None,
             remoteImages=None,
+            remoteImagesSha256=None,
             sha256=None,
             errorCount=None,
             warningCount=None,

@@ -44,6 +44,7 @@ from kubetune_operator.resources.finetunejob.status import (
     status_from_job,
     task_mismatch,
 )
+from kubetune_operator.resources.platform import output_problem
 from kubetune_operator.resources.policy import NOT_ALLOWED, finetunejob_refusal, was_refused
 from kubetune_operator.resources.references import Reference, missing_message, missing_reason
 from kubetune_operator.resources.workloads import (
@@ -173,6 +174,9 @@ def decide(seen: Observed, settings: Settings) -> Decision:
         refusal = finetunejob_refusal(seen.spec, settings.policy)
         if refusal is not None:
             return _decision(seen, Verdict(JobPhase.FAILED, NOT_ALLOWED, refusal))
+        nowhere = output_problem(seen.spec)
+        if nowhere is not None:
+            return _decision(seen, Verdict(JobPhase.FAILED, "NoOutputStorage", nowhere))
     if seen.namesake is not None:
         return _decision(seen, _waiting_for_namesake(seen.namesake))
     if seen.job is None and status.get("phase") in FINISHED and not was_refused(ftj):
@@ -208,9 +212,13 @@ def decide(seen: Observed, settings: Settings) -> Decision:
                 ),
             )
         plan = _plan(seen, settings)
-        job = tj.training_job(plan)
+        job = settings.pod_defaults.apply(tj.training_job(plan))
         inputs = (
-            Create(trainer_service_account(plan.finetunejob["metadata"]["namespace"])),
+            Create(
+                trainer_service_account(
+                    plan.finetunejob["metadata"]["namespace"], settings.identity_annotations
+                )
+            ),
             Create(tj.config_map(plan)),
         )
         checked: Manifest = {}
@@ -223,6 +231,7 @@ def decide(seen: Observed, settings: Settings) -> Decision:
                 seen.preflight_pods,
                 seen.now,
                 settings.start_grace,
+                settings.pod_defaults,
             )
             if step.failed is not None:
                 verdict = Verdict(JobPhase.FAILED, "PreflightFailed", f"pre-flight: {step.failed}")
@@ -307,6 +316,7 @@ def _evaluate(
         seen.evaluation_pods,
         seen.now,
         settings.start_grace,
+        settings.pod_defaults,
     )
 
 
@@ -330,13 +340,20 @@ def _plan(seen: Observed, settings: Settings) -> tj.Plan:
     validation = None
     if seen.spec.validation is not None and seen.spec.validation.dataset is not None:
         validation = seen.datasets[seen.spec.validation.dataset.name]
+    train_status = train.get("status") or {}
     inputs = tj.Inputs(
         finetunejob=seen.finetunejob,
         spec=seen.spec,
         dataset=DatasetSpec.model_validate(train["spec"]),
-        dataset_sha256=(train.get("status") or {}).get("sha256"),
+        dataset_sha256=train_status.get("sha256"),
         validation_dataset=(
             DatasetSpec.model_validate(validation["spec"]) if validation is not None else None
+        ),
+        remote_images_sha256=train_status.get("remoteImagesSha256"),
+        validation_remote_images_sha256=(
+            (validation.get("status") or {}).get("remoteImagesSha256")
+            if validation is not None
+            else None
         ),
     )
     return tj.plan(inputs, settings.trainer_image)

@@ -18,6 +18,7 @@ from kubetune_operator.resources.common import (
     owned_by,
     owner_reference,
 )
+from kubetune_operator.resources.platform import output_name, output_storage
 from kubetune_operator.resources.policy import Policy, runtime_refusal
 
 
@@ -26,18 +27,18 @@ def model_deployment(ftj: Mapping[str, Any], spec: FineTuneJobSpec, deploy: Depl
     and owned by it: its adapter on the base model, or with full tuning its output as
     the model."""
     meta = ftj["metadata"]
-    out = spec.output_model
+    name = output_name(spec)
     served: dict[str, Any]
     if spec.tuning == "lora":
         served = {
             "baseModel": spec.base_model.model_dump(by_alias=True, exclude_none=True),
-            "adapters": [{"name": out.name, "fineTuneJob": meta["name"]}],
+            "adapters": [{"name": name, "fineTuneJob": meta["name"]}],
         }
     else:
-        source = out.storage.model_dump(by_alias=True, exclude_none=True)
+        source = output_storage(spec).model_dump(by_alias=True, exclude_none=True)
         served = {
             "baseModel": {
-                "name": out.name,
+                "name": name,
                 "source": source,
                 "trustRemoteCode": spec.base_model.trust_remote_code,
             }

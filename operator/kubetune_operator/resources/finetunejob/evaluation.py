@@ -28,6 +28,7 @@ from kubetune_operator.resources.finetunejob.training_job import (
     TRAINER_CONTAINER,
     run_job,
 )
+from kubetune_operator.resources.platform import PodDefaults
 from kubetune_operator.resources.workloads import EVALUATION_OOM
 from kubetune_trainer.contract.summaries import EvaluationSummary
 
@@ -54,11 +55,14 @@ def evaluating(ftj: Mapping[str, Any]) -> bool:
     return evaluation_phase(ftj) == EvaluationPhase.RUNNING
 
 
-def evaluation_job(ftj: Manifest, spec: FineTuneJobSpec, training: Manifest) -> Manifest:
+def evaluation_job(
+    ftj: Manifest, spec: FineTuneJobSpec, training: Manifest, pods: PodDefaults
+) -> Manifest:
     """The training Job's pod (its mounts, image, job.json and identity, so that the run
-    is scored on exactly what it trained with) as one pod that runs `kubetune evaluate`
-    on one GPU. Placement comes from the spec again: Kueue writes its flavor's into an
-    admitted Job's template, and admits this Job on its own."""
+        is scored on exactly what it trained with) as one pod that runs `kubetune evaluate`
+        on one GPU. Placement comes from the spec again: Kueue writes its flavor's into an
+        admitted Job's template, and admits this Job on its own; the platform's pod defaults
+    are applied again with it."""
     meta = ftj["metadata"]
     name = meta["name"]
     pod = copy.deepcopy(training["spec"]["template"]["spec"])
@@ -78,13 +82,15 @@ def evaluation_job(ftj: Manifest, spec: FineTuneJobSpec, training: Manifest) -> 
             ]
             container.pop("ports", None)
             container["resources"] = container_resources(one_gpu)
-    return run_job(
-        ftj,
-        spec,
-        "evaluation",
-        job_name(name),
-        {"backoffLimit": BACKOFF_LIMIT, "suspend": bool(spec.queue_name)},
-        pod,
+    return pods.apply(
+        run_job(
+            ftj,
+            spec,
+            "evaluation",
+            job_name(name),
+            {"backoffLimit": BACKOFF_LIMIT, "suspend": bool(spec.queue_name)},
+            pod,
+        )
     )
 
 
@@ -96,6 +102,7 @@ def evaluate(
     pods: Sequence[Manifest],
     now: str,
     start_grace: float,
+    pod_defaults: PodDefaults,
 ) -> tuple[tuple[Action, ...], tuple[Action, ...], Manifest]:
     """(actions, actions after the status write, status fields) for a run that has
     trained: start its evaluation Job, follow it, and report its figures."""
@@ -119,7 +126,7 @@ def evaluate(
                     EvaluationPhase.SKIPPED, "the training Job is gone: nothing to score it with"
                 ),
             )
-        created = evaluation_job(ftj, spec, training)
+        created = evaluation_job(ftj, spec, training, pod_defaults)
         return (
             (Create(created),),
             (),

@@ -24,6 +24,7 @@ from kubetune_operator.resources.finetunejob.training_job import (
     TRAINER_CONTAINER,
     run_job,
 )
+from kubetune_operator.resources.platform import PodDefaults
 from kubetune_operator.resources.workloads import PREFLIGHT_OOM
 from kubetune_trainer.contract.summaries import PreflightSummary
 
@@ -49,9 +50,12 @@ def needed(ftj: Mapping[str, Any], spec: FineTuneJobSpec) -> bool:
     return spec.preflight.enabled and preflight_phase(ftj) != PreflightPhase.SUCCEEDED
 
 
-def preflight_job(ftj: Manifest, spec: FineTuneJobSpec, training: Manifest) -> Manifest:
+def preflight_job(
+    ftj: Manifest, spec: FineTuneJobSpec, training: Manifest, pods: PodDefaults
+) -> Manifest:
     """The training Job's pod as one CPU pod that runs `kubetune preflight`, told how
-    many processes will share the batches (GPUs times nodes), which sets the steps."""
+    many processes will share the batches (GPUs times nodes), which sets the steps.
+    The platform's pod defaults are applied again after the GPU placement is gone."""
     pod = copy.deepcopy(training["spec"]["template"]["spec"])
     for key in GPU_PLACEMENT:
         pod.pop(key, None)
@@ -68,13 +72,15 @@ def preflight_job(ftj: Manifest, spec: FineTuneJobSpec, training: Manifest) -> M
             ]
             container.pop("ports", None)
             container["resources"] = copy.deepcopy(RESOURCES)
-    return run_job(
-        ftj,
-        spec,
-        "preflight",
-        job_name(ftj["metadata"]["name"]),
-        {"backoffLimit": BACKOFF_LIMIT, "suspend": bool(spec.queue_name)},
-        pod,
+    return pods.apply(
+        run_job(
+            ftj,
+            spec,
+            "preflight",
+            job_name(ftj["metadata"]["name"]),
+            {"backoffLimit": BACKOFF_LIMIT, "suspend": bool(spec.queue_name)},
+            pod,
+        )
     )
 
 
@@ -99,6 +105,7 @@ def preflight(
     pods: Sequence[Manifest],
     now: str,
     start_grace: float,
+    pod_defaults: PodDefaults,
 ) -> Step:
     """Start the pre-flight Job, follow it, and read its figures. ``training`` is the
     training Job the run will make once it passes."""
@@ -106,7 +113,7 @@ def preflight(
         if preflight_phase(ftj) == PreflightPhase.RUNNING:
             why = "the pre-flight Job was deleted before it finished"
             return Step((), (), _status(PreflightPhase.FAILED, why), failed=why)
-        created = preflight_job(ftj, spec, training)
+        created = preflight_job(ftj, spec, training, pod_defaults)
         return Step(
             (Create(created),),
             (),

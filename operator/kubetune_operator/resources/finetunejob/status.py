@@ -34,19 +34,19 @@ def task_mismatch(
 
 
 def remote_images_gate(ds: Mapping[str, Any] | None, role: str, name: str) -> Verdict | None:
-    """Why a run cannot train on a Ready Dataset whose lines name http(s) images. The
-    training pod opens no network connection for data (design.md's security rules),
-    and the step that would fetch them before it starts does not exist yet; failing
-    here, before a GPU is booked, beats failing on the GPU node."""
-    remote = ((ds or {}).get("status") or {}).get("remoteImages") or 0
-    if not remote:
+    """Why a run cannot train on a Ready Dataset whose lines name http(s) images: its
+    validation recorded no digest of them (it ran before kubetune fetched them for
+    runs), so a run could not check that it fetches what was validated."""
+    status = (ds or {}).get("status") or {}
+    remote = status.get("remoteImages") or 0
+    if not remote or status.get("remoteImagesSha256"):
         return None
     return Verdict(
         JobPhase.FAILED,
-        "RemoteImagesNotSupported",
-        f"{role} Dataset {name!r} names {remote} images by http(s) URL, which training "
-        "cannot read yet; embed them first (`kubetune convert --embed-images "
-        "--allow-remote-images`) or put them beside the file on its volume",
+        "RemoteImagesNotValidated",
+        f"{role} Dataset {name!r} names {remote} images by http(s) URL, but its validation "
+        "recorded no digest of them to check a run's copies against; validate it again "
+        "(delete and apply it)",
     )
 
 

@@ -30,11 +30,13 @@ from kubetune_operator.resources.common import (
     pod_security_context,
     scheduling,
 )
+from kubetune_operator.resources.platform import output_storage
 from kubetune_operator.resources.storage import (
     Mounted,
     base_model_input,
     dataset_input,
     output_location,
+    remote_images_input,
 )
 from kubetune_trainer.contract.job import FINAL_EXIT_CODES, TrainingConfig, TrainValidation
 from kubetune_trainer.contract.metrics import METRICS_PORT
@@ -80,6 +82,10 @@ class Inputs:
     dataset: DatasetSpec
     dataset_sha256: str | None
     validation_dataset: DatasetSpec | None = None
+    # The digests of each Dataset's http(s) images as validation fetched them; None
+    # where its lines name none.
+    remote_images_sha256: str | None = None
+    validation_remote_images_sha256: str | None = None
 
 
 def job_name(finetunejob: str) -> str:
@@ -107,21 +113,35 @@ def plan(inputs: Inputs, default_image: str) -> Plan:
     spec = inputs.spec
     image = spec.image or default_image
     mounted = Mounted(path=CONFIG_DIR)
-    train = dataset_input("train-data", inputs.dataset, TRAIN_DATA, image)
+    train = dataset_input(
+        "train-data", inputs.dataset, TRAIN_DATA, image, inputs.remote_images_sha256
+    )
     mounted.merge(train)
     validation: TrainValidation | None = None
     if spec.validation is not None and spec.validation.split is not None:
         validation = TrainValidation(split=spec.validation.split)
     elif spec.validation is not None and inputs.validation_dataset is not None:
-        val = dataset_input("validation-data", inputs.validation_dataset, VALIDATION_DATA, image)
+        val = dataset_input(
+            "validation-data",
+            inputs.validation_dataset,
+            VALIDATION_DATA,
+            image,
+            inputs.validation_remote_images_sha256,
+        )
         mounted.merge(val)
         validation = TrainValidation(
             dataset=val.path, image_root=val.image_root, limits=inputs.validation_dataset.limits
         )
+    remote_images: str | None = None
+    if inputs.remote_images_sha256 or inputs.validation_remote_images_sha256:
+        fetched = remote_images_input()
+        mounted.merge(fetched)
+        remote_images = fetched.path
     base = base_model_input(spec.base_model, BASE_MODEL, image)
     mounted.merge(base)
-    output, uri = output_location(spec.output_model.storage, OUTPUT)
-    s3 = spec.output_model.storage.s3
+    storage = output_storage(spec)
+    output, uri = output_location(storage, OUTPUT)
+    s3 = storage.s3
     mounted.merge(output)
     optional: dict[str, Any] = {}
     if spec.preserve_general_skills is not None:
@@ -135,6 +155,7 @@ def plan(inputs: Inputs, default_image: str) -> Plan:
         dataset_sha256=inputs.dataset_sha256,
         image_root=train.image_root,
         dataset_limits=inputs.dataset.limits,
+        remote_images=remote_images,
         validation=validation,
         hyperparameters=spec.hyperparameters,
         early_stopping=spec.early_stopping,

@@ -13,6 +13,7 @@ from kubetune_operator.api.finetunejob import FineTuneJobSpec, JobPhase
 from kubetune_operator.api.modeldeployment import ModelDeploymentSpec
 from kubetune_operator.resources.common import Manifest
 from kubetune_operator.resources.conditions import phase_of
+from kubetune_operator.resources.platform import ModelStore, output_problem, with_output
 
 
 @dataclass(frozen=True)
@@ -72,10 +73,12 @@ def resolve(
     spec: ModelDeploymentSpec,
     asked: Sequence[Wanted],
     finetunejobs: Mapping[str, Manifest | None],
+    store: ModelStore | None = None,
 ) -> list[Resolved]:
     """Each adapter asked for, in order: where its folder is and its rank, or why it
     cannot be served (its FineTuneJob has not succeeded, trained another base model or
-    all parameters, a rank above the server's maximum, a name already taken)."""
+    all parameters, a rank above the server's maximum, a name already taken). ``store``
+    is the platform's model store, where runs that name no output storage wrote."""
     resolved: list[Resolved] = []
     taken = {spec.base_model.name}
     for adapter in asked:
@@ -94,12 +97,14 @@ def resolve(
             resolved.append(ServedAdapter(adapter.name, adapter.pvc, adapter.s3, None))
         else:
             resolved.append(
-                _from_finetunejob(spec, adapter, finetunejobs.get(adapter.fine_tune_job))
+                _from_finetunejob(spec, adapter, finetunejobs.get(adapter.fine_tune_job), store)
             )
     return resolved
 
 
-def _from_finetunejob(spec: ModelDeploymentSpec, adapter: Wanted, ftj: Manifest | None) -> Resolved:
+def _from_finetunejob(
+    spec: ModelDeploymentSpec, adapter: Wanted, ftj: Manifest | None, store: ModelStore | None
+) -> Resolved:
     name = adapter.fine_tune_job
     if ftj is None:
         return Unservable(
@@ -116,7 +121,7 @@ def _from_finetunejob(spec: ModelDeploymentSpec, adapter: Wanted, ftj: Manifest 
             "WaitingForFineTuneJob",
             f"waiting for FineTuneJob '{name}' to succeed (now {phase or 'Pending'})",
         )
-    job = FineTuneJobSpec.model_validate(ftj["spec"])
+    job = with_output(FineTuneJobSpec.model_validate(ftj["spec"]), ftj["metadata"], store)
     if job.tuning != "lora":
         return Unservable(
             adapter.name,
@@ -140,6 +145,9 @@ def _from_finetunejob(spec: ModelDeploymentSpec, adapter: Wanted, ftj: Manifest 
             f"FineTuneJob '{name}' trained rank {rank}, above the server's maxLoraRank {limit}",
         )
     storage = job.output_model.storage
+    if storage is None:
+        # It succeeded under a default model store that the platform has since removed.
+        return Unservable(adapter.name, "NoOutputStorage", output_problem(job) or "")
     return ServedAdapter(adapter.name, storage.pvc, storage.s3, rank)
 
 

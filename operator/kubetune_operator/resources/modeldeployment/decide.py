@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from kubetune_operator.api.modeldeployment import DeploymentPhase, ModelDeploymentSpec
 from kubetune_operator.resources.actions import Action, Apply, Create, Decision
-from kubetune_operator.resources.common import Manifest, owned_by
+from kubetune_operator.resources.common import Manifest, owned_by, trainer_service_account
 from kubetune_operator.resources.conditions import Notice, StatusUpdate, Verdict, unobserved
 from kubetune_operator.resources.modeldeployment.adapters import resolve, served, wanted
 from kubetune_operator.resources.modeldeployment.loading import (
@@ -85,7 +85,7 @@ def decide(seen: Observed, settings: Settings) -> Decision:
             seen, Verdict(DeploymentPhase.FAILED, NOT_ALLOWED, refusal), {"message": refusal}
         )
     name = md["metadata"]["name"]
-    resolved = resolve(spec, wanted(spec, seen.attached), seen.finetunejobs)
+    resolved = resolve(spec, wanted(spec, seen.attached), seen.finetunejobs, settings.model_store)
     loading, states = plan_loading(resolved, seen.servers, seen.failures)
     fields: Manifest = {
         "adapters": [s.model_dump(by_alias=True, exclude_none=True) for s in states],
@@ -102,13 +102,18 @@ def decide(seen: Observed, settings: Settings) -> Decision:
             Verdict(DeploymentPhase.PENDING, "WaitingForCleanup", message),
             {**fields, "message": message},
         )
-    desired = deployment(plan(md, spec, served(resolved), settings.trainer_image))
+    desired = deployment(
+        plan(md, spec, served(resolved), settings.trainer_image), settings.pod_defaults
+    )
     serving, reason = serving_status(md, spec, current, seen.pods)
     actions: tuple[Action, ...] = ()
     current_hash = ((current or {}).get("metadata", {}).get("annotations") or {}).get(SPEC_HASH)
     if current_hash != desired["metadata"]["annotations"][SPEC_HASH]:
         actions = (
             Create(admin_secret(md, settings.admin_key)),
+            Create(
+                trainer_service_account(md["metadata"]["namespace"], settings.identity_annotations)
+            ),
             Apply(desired),
             Create(service(md)),
         )

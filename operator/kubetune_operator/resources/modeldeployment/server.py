@@ -15,6 +15,7 @@ from kubetune_operator.api.common import ModelSource
 from kubetune_operator.api.modeldeployment import ModelDeploymentSpec, Runtime
 from kubetune_operator.resources.common import (
     LABEL_MODELDEPLOYMENT,
+    TRAINER_SERVICE_ACCOUNT,
     Manifest,
     container_resources,
     container_security_context,
@@ -24,6 +25,7 @@ from kubetune_operator.resources.common import (
     scheduling,
 )
 from kubetune_operator.resources.modeldeployment.adapters import ServedAdapter
+from kubetune_operator.resources.platform import PodDefaults
 from kubetune_operator.resources.policy import reserved
 from kubetune_operator.resources.storage import Mounted, base_model_input, model_folder_input
 from kubetune_trainer.serving import guard
@@ -199,7 +201,9 @@ def _probe(path: str, period: int, failures: int) -> Manifest:
     }
 
 
-def deployment(serving: Serving) -> Manifest:
+def deployment(serving: Serving, pod_defaults: PodDefaults | None = None) -> Manifest:
+    """The server's Deployment, with the platform's pod defaults in its template (and
+    so in its spec hash: a change of them rolls the pods)."""
     md, spec, mounted = serving.modeldeployment, serving.spec, serving.mounted
     meta = md["metadata"]
     selector = {LABEL_MODELDEPLOYMENT: meta["name"]}
@@ -226,6 +230,8 @@ def deployment(serving: Serving) -> Manifest:
             }
         )
     pod_spec: Manifest = {
+        # The identity that reaches S3 without a Secret where the platform annotates it.
+        "serviceAccountName": TRAINER_SERVICE_ACCOUNT,
         "automountServiceAccountToken": False,
         "securityContext": pod_security_context(),
         "readinessGates": [{"conditionType": ADAPTERS_LOADED}],
@@ -303,6 +309,8 @@ def deployment(serving: Serving) -> Manifest:
             "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
         },
     }
+    if pod_defaults is not None:
+        body = pod_defaults.apply(body)
     body["metadata"]["annotations"] = {SPEC_HASH: spec_hash(body)}
     return body
 
