@@ -10,13 +10,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from kubetune_operator.api.modeldeployment import DEFAULT_VLLM_IMAGE
 from kubetune_operator.resources.platform import ModelStore, PodDefaults
 from kubetune_operator.resources.policy import Policy, repository_patterns
 from kubetune_operator.resources.workloads import START_GRACE_SECONDS
 from kubetune_trainer.contract.fetch import TRUSTED_HOSTS_VARIABLE
 
 DEFAULT_TRAINER_IMAGE = "ghcr.io/kubetune/trainer:0.1.0"
+DEFAULT_VLLM_IMAGE = "vllm/vllm-openai:v0.11.0"
 
 
 def default_policy() -> Policy:
@@ -32,6 +32,9 @@ class Settings:
     # The image of validation and training pods (and of the init containers that fetch
     # what a server pod loads) when a spec names none.
     trainer_image: str = DEFAULT_TRAINER_IMAGE
+    # The image of model servers whose runtime names none (the chart's
+    # defaults.serverImage).
+    server_image: str = DEFAULT_VLLM_IMAGE
     # How often every unfinished object is reconciled again, which also reads running
     # trainers' metrics into status and retries a reconcile that failed.
     resync_seconds: float = 15.0
@@ -61,6 +64,7 @@ class Settings:
 # Each setting's flag and environment variable.
 _SOURCES = {
     "trainer_image": ("--trainer-image", "KUBETUNE_TRAINER_IMAGE"),
+    "server_image": ("--server-image", "KUBETUNE_SERVER_IMAGE"),
     "resync_seconds": ("--resync-seconds", "KUBETUNE_RESYNC_SECONDS"),
     "scrape_timeout": ("--scrape-timeout", "KUBETUNE_SCRAPE_TIMEOUT"),
     "start_grace": ("--start-grace-seconds", "KUBETUNE_START_GRACE_SECONDS"),

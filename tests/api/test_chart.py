@@ -83,7 +83,8 @@ def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
 
 
 def operator_roles(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
-    """The operator's (Cluster)Roles, not the ones the chart adds to `edit` and `view`."""
+    """The operator's (Cluster)Roles or their bindings, not the ones the chart adds to
+    `edit` and `view` or the reader of the defaults ConfigMap."""
     return [
         d
         for d in by_kind(docs, kind)
@@ -125,7 +126,7 @@ def test_namespaced_install_gets_a_role_per_watched_namespace(
     roles = operator_roles(docs, "Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == sorted(watched)
     assert all(r["rules"] == RULES for r in roles)
-    bindings = by_kind(docs, "RoleBinding")
+    bindings = operator_roles(docs, "RoleBinding")
     assert sorted(b["metadata"]["namespace"] for b in bindings) == sorted(watched)
     (deploy,) = by_kind(docs, "Deployment")
     args = deploy["spec"]["template"]["spec"]["containers"][0]["args"]
@@ -191,7 +192,8 @@ def test_monitoring_finds_the_server_pods_the_operator_builds() -> None:
         "spec": {"baseModel": {"name": "org/model"}},
     }
     spec = ModelDeploymentSpec.model_validate(md["spec"])
-    pod = server.deployment(server.plan(md, spec, [], "trainer:test"))["spec"]["template"]
+    served = server.plan(md, spec, [], "trainer:test", "vllm:test")
+    pod = server.deployment(served)["spec"]["template"]
     assert servers["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
     (endpoint,) = servers["spec"]["podMetricsEndpoints"]
     ports = {p["name"] for p in pod["spec"]["containers"][0]["ports"]}
@@ -226,7 +228,9 @@ def test_the_dashboard_queries_only_metrics_that_exist() -> None:
 POLICY_VALUES = {
     "policy": {
         "trainerImages": ["ghcr.io/kubetune/trainer:*", "corp.io/ml/**"],
-        "serverImages": ["vllm/vllm-openai:*", "corp.io/vllm@*"],
+        # A platform on a mirror, which does not list vllm/vllm-openai (the chart's
+        # default server image): a runtime that names no image still passes admission.
+        "serverImages": ["corp.io/mirror/vllm-openai:*", "corp.io/vllm@*"],
         "serverFlags": ["--max-num-seqs", "--seed", "--enable-prefix-caching", "--dtype"],
     }
 }
@@ -332,7 +336,11 @@ ADMISSION_CASES: list[tuple[dict[str, Any], bool]] = [
     (_ftj("server-image", deploy={"enabled": True, "runtime": {"image": "evil/vllm:1"}}), True),
     (_ftj("trusting", deploy=TRUSTING), True),
     (_ftj("deployed", deploy={"enabled": True, "runtime": {"extraArgs": ["--seed=3"]}}), False),
+    (_ftj("deployed-sized", deploy={"enabled": True, "runtime": {"maxModelLen": 4096}}), False),
     (_mdep("defaults"), False),
+    (_mdep("sized", maxModelLen=4096), False),
+    (_mdep("null-image", image=None), False),
+    (_mdep("upstream", image="vllm/vllm-openai:v0.11.0"), True),
     (
         _mdep(
             "tuned", extraArgs=["--max-num-seqs", "8", "--enable-prefix-caching", "--dtype=half"]
@@ -431,9 +439,11 @@ def test_namespaces_the_operator_does_not_watch_are_not_policed(
 
 def test_the_platform_defaults_reach_the_operator_and_every_pod_it_makes(tmp_path: Path) -> None:
     toleration = {"key": "ml", "operator": "Exists", "effect": "NoSchedule"}
+    mirror = "mirror.corp/vllm/vllm-openai:v0.11.0"
     values = {
         "imagePullSecrets": [{"name": "regcred"}],
         "defaults": {
+            "serverImage": mirror,
             "modelStore": "s3://models/tuned",
             "modelStoreEndpoint": "http://minio.storage:9000",
             "serviceAccountAnnotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/t"},
@@ -445,6 +455,12 @@ def test_the_platform_defaults_reach_the_operator_and_every_pod_it_makes(tmp_pat
     (deploy,) = by_kind(docs, "Deployment")
     assert deploy["spec"]["template"]["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
     settings = operator_settings(docs)
+    assert settings.server_image == mirror
+    # The policy lists no mirror, and a spec that names no image runs it all the same.
+    md = {"baseModel": {"name": "org/model"}}
+    assert modeldeployment_refusal(ModelDeploymentSpec.model_validate(md), settings.policy) is None
+    named = ModelDeploymentSpec.model_validate({**md, "runtime": {"image": mirror}})
+    assert modeldeployment_refusal(named, settings.policy) is not None
     assert settings.model_store == ModelStore.parse(
         "s3://models/tuned", "http://minio.storage:9000"
     )
@@ -461,3 +477,4 @@ def test_the_platform_defaults_reach_the_operator_and_every_pod_it_makes(tmp_pat
     assert own.pod_defaults.image_pull_secrets == ("team-registry",)
     plain = operator_settings(render("kubetune-system"))
     assert plain.model_store is None and plain.pod_defaults == PodDefaults()
+    assert plain.server_image == Settings().server_image

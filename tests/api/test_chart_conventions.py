@@ -2,8 +2,8 @@
 labels on every object, names derived from the release (two releases installed side
 by side on the test API server), the operator pod's scheduling and security values,
 a ServiceAccount and RBAC of the installer's own, roles that extend Kubernetes' `edit`
-and `view`, CRDs that upgrade with the release and stay the generated ones, and a
-README whose table of values is current."""
+and `view`, the platform's defaults readable by every user, CRDs that upgrade with the
+release and stay the generated ones, and a README whose table of values is current."""
 
 from __future__ import annotations
 
@@ -72,6 +72,16 @@ def operator_pod(docs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def identity(doc: dict[str, Any]) -> tuple[str, str, str]:
     return doc["kind"], doc["metadata"].get("namespace", ""), doc["metadata"]["name"]
+
+
+def component(docs: list[dict[str, Any]], name: str, *kinds: str) -> list[dict[str, Any]]:
+    """The objects of those kinds that are the given part of the chart (its
+    app.kubernetes.io/component label)."""
+    return [
+        d
+        for d in docs
+        if d["kind"] in kinds and d["metadata"]["labels"]["app.kubernetes.io/component"] == name
+    ]
 
 
 # Labels and names ------------------------------------------------------------------------
@@ -144,7 +154,7 @@ def test_two_releases_of_one_name_render_no_common_object() -> None:
     # A Role lives in the watched namespace, where another release may watch too.
     watched = "--set", "watchNamespaces={shared}"
     roles = [
-        {identity(d) for d in render("kubetune", ns, *watched) if d["kind"].startswith("Role")}
+        {identity(d) for d in component(render("kubetune", ns, *watched), "operator", "Role")}
         for ns in ("team-a", "team-b")
     ]
     assert roles[0] and not roles[0] & roles[1]
@@ -232,7 +242,7 @@ def test_the_operator_can_run_as_a_service_account_of_the_installer_s() -> None:
         docs = render("kubetune", "kt", *values, *namespaced)
         assert not by_kind(docs, "ServiceAccount")
         assert operator_pod(docs)["spec"]["serviceAccountName"] == "ops-sa"
-        bindings = [d for d in docs if d["kind"] in ("ClusterRoleBinding", "RoleBinding")]
+        bindings = component(docs, "operator", "ClusterRoleBinding", "RoleBinding")
         assert bindings
         for binding in bindings:
             assert binding["subjects"] == [
@@ -327,6 +337,62 @@ def test_the_user_roles_extend_edit_admin_and_view(kubectl: Kubectl, tmp_path: P
             assert not can("vic", "create", plural), plural
     finally:
         kubectl.run("delete", "--ignore-not-found", "-f", str(path))
+
+
+def test_every_authenticated_user_may_read_the_defaults_and_no_other_config_map(
+    kubectl: Kubectl, tmp_path: Path
+) -> None:
+    """`kubectl kubetune` on a laptop, with no rights in the release namespace, finds the
+    platform's stores in `<fullname>-defaults` there, as clients find kube-public's
+    cluster-info; every other ConfigMap there stays closed to it."""
+    release = kubectl.new_namespace("platform")
+    stores = {
+        "defaults.modelStore": "s3://models/tuned",
+        "defaults.modelStoreEndpoint": "http://minio.storage:9000",
+        "defaults.datasetStore": "pvc://datasets/uploads",
+    }
+    values = [arg for key, value in stores.items() for arg in ("--set", f"{key}={value}")]
+    docs = render("kubetune", release, *values)
+    published = component(docs, "defaults", "ConfigMap", "Role", "RoleBinding")
+    assert {identity(d) for d in published} == {
+        ("ConfigMap", release, "kubetune-defaults"),
+        ("Role", release, "kubetune-defaults-reader"),
+        ("RoleBinding", release, "kubetune-defaults-reader"),
+    }
+    (policy,) = [
+        d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"] == "kubetune-policy"
+    ]
+    path = tmp_path / "defaults.yaml"
+    path.write_text(yaml.safe_dump_all([*published, policy]))
+    kubectl.run("apply", "-f", str(path))
+    engineer = ("--as", "eve", "--as-group", "system:authenticated")
+    anonymous = ("--as", "system:anonymous", "--as-group", "system:unauthenticated")
+
+    def can(who: tuple[str, ...], verb: str, what: str, namespace: str = release) -> bool:
+        proc = kubectl.run("auth", "can-i", verb, what, "-n", namespace, *who, check=False)
+        return proc.stdout.strip() == "yes"
+
+    assert can(engineer, "get", "configmaps/kubetune-defaults")
+    read = kubectl.run(
+        "get", "configmap", "kubetune-defaults", "-n", release, "-o", "json", *engineer
+    )
+    assert json.loads(read.stdout)["data"] == {
+        "modelStore": stores["defaults.modelStore"],
+        "modelStoreEndpoint": stores["defaults.modelStoreEndpoint"],
+        "datasetStore": stores["defaults.datasetStore"],
+    }
+    assert not can(engineer, "get", "configmaps/kubetune-policy")
+    assert not can(engineer, "list", "configmaps")
+    assert not can(engineer, "watch", "configmaps/kubetune-defaults")
+    assert not can(engineer, "update", "configmaps/kubetune-defaults")
+    assert not can(engineer, "get", "configmaps/kubetune-defaults", kubectl.new_namespace("other"))
+    assert not can(anonymous, "get", "configmaps/kubetune-defaults")
+
+    # Without rbac.create the ConfigMap is still there for a binding of the platform's own.
+    unbound = render("kubetune", release, "--set", "rbac.create=false")
+    assert {
+        identity(d) for d in component(unbound, "defaults", "ConfigMap", "Role", "RoleBinding")
+    } == {("ConfigMap", release, "kubetune-defaults")}
 
 
 # CRDs ------------------------------------------------------------------------------------
@@ -469,14 +535,14 @@ def test_two_releases_install_side_by_side(kubectl: Kubectl) -> None:
                 assert annotations["meta.helm.sh/release-namespace"] == ns, identity(doc)
                 assert live["metadata"]["labels"]["app.kubernetes.io/instance"] == "kubetune"
             account = operator_pod(docs)["spec"]["serviceAccountName"]
-            bindings = [d for d in docs if d["kind"] in ("ClusterRoleBinding", "RoleBinding")]
+            bindings = component(docs, "operator", "ClusterRoleBinding", "RoleBinding")
             assert bindings
             for binding in bindings:
                 assert binding["subjects"] == [
                     {"kind": "ServiceAccount", "name": account, "namespace": ns}
                 ]
             assert f"kubectl -n {ns} logs deploy/kubetune-operator -f" in notes[ns]
-        (role,) = [d for d in manifests[second] if d["kind"] == "Role"]
+        (role,) = component(manifests[second], "operator", "Role")
         assert role["metadata"]["namespace"] == team
 
         dataset = {

@@ -140,7 +140,9 @@ MODELDEPLOYMENT = {**meta("ModelDeployment", "serve"), "spec": {"baseModel": {"n
 def server_after(**status: Any) -> dict[str, Any]:
     """The ModelDeployment as its Deployment, with ``status``, shows it."""
     spec = ModelDeploymentSpec.model_validate(MODELDEPLOYMENT["spec"])
-    current = deployment(plan(MODELDEPLOYMENT, spec, [], SETTINGS.trainer_image))
+    current = deployment(
+        plan(MODELDEPLOYMENT, spec, [], SETTINGS.trainer_image, SETTINGS.server_image)
+    )
     current["status"] = status
     seen = modeldeployment.Observed(MODELDEPLOYMENT, spec, deployment=current)
     return written(MODELDEPLOYMENT, modeldeployment.decide(seen, SETTINGS))

@@ -780,7 +780,7 @@ def md_seen(body: dict[str, Any], **seen: Any) -> modeldeployment.Observed:
 
 def available(body: dict[str, Any]) -> dict[str, Any]:
     spec = ModelDeploymentSpec.model_validate(body["spec"])
-    current = deployment(plan(body, spec, [], SETTINGS.trainer_image))
+    current = deployment(plan(body, spec, [], SETTINGS.trainer_image, SETTINGS.server_image))
     current["status"] = {
         "readyReplicas": 1,
         "updatedReplicas": 1,
@@ -980,7 +980,7 @@ def test_a_namesake_s_deployment_is_waited_out_and_a_pod_in_trouble_says_why() -
     assert decision.actions == () and status_of(decision)[:2] == ("Pending", "WaitingForCleanup")
     body = md_body()
     spec = ModelDeploymentSpec.model_validate(body["spec"])
-    current = deployment(plan(body, spec, [], SETTINGS.trainer_image))
+    current = deployment(plan(body, spec, [], SETTINGS.trainer_image, SETTINGS.server_image))
     current["status"] = {"conditions": [{"type": "Progressing", "status": "True"}]}
     unschedulable = {
         "metadata": {"name": "serve-x", "creationTimestamp": NOW},
@@ -1381,12 +1381,41 @@ def test_the_platform_s_pod_defaults_reach_every_pod_the_operator_makes() -> Non
 
 def test_a_server_rolls_when_the_platform_s_pod_defaults_change() -> None:
     spec = ModelDeploymentSpec.model_validate(md_body()["spec"])
-    served = plan(md_body(), spec, [], SETTINGS.trainer_image)
+    served = plan(md_body(), spec, [], SETTINGS.trainer_image, SETTINGS.server_image)
     plain, defaulted = deployment(served), deployment(served, PLATFORM.pod_defaults)
     assert (
         plain["metadata"]["annotations"][SPEC_HASH]
         != defaulted["metadata"]["annotations"][SPEC_HASH]
     )
+
+
+def test_a_server_runs_the_platform_s_image_unless_its_spec_names_one() -> None:
+    """The platform moved its default to a mirror that its policy does not list: a
+    ModelDeployment, or a FineTuneJob's own server, that names no image runs the
+    mirror; one that names an image runs that, if the policy allows it."""
+    mirror = replace(SETTINGS, server_image="mirror.corp/ml/vllm-openai:v0.11.0")
+
+    def image(decision: Decision) -> str:
+        (apply,) = [a for a in decision.actions if isinstance(a, Apply)]
+        return str(apply.body["spec"]["template"]["spec"]["containers"][0]["image"])
+
+    assert image(modeldeployment.decide(md_seen(md_body()), mirror)) == mirror.server_image
+    own = md_body(runtime={"image": "vllm/vllm-openai:v0.12.0"})
+    assert image(modeldeployment.decide(md_seen(own), mirror)) == "vllm/vllm-openai:v0.12.0"
+    evil = md_body(runtime={"image": "evil/vllm:1"})
+    assert status_of(modeldeployment.decide(md_seen(evil), mirror))[1] == "NotAllowed"
+
+    # A run's own server: deploy names no image, so the ModelDeployment it makes gets
+    # the platform's when it is served.
+    done = job("ftj-1", "run-train", COMPLETE)
+    runtime = {"enabled": True, "runtime": {"maxModelLen": 4096}}
+    run = ftj_seen(
+        ftj_body({"phase": "Running"}, deploy=runtime), job=done, pods=[finished_pod(SUMMARY)]
+    )
+    (apply,) = finetunejob.decide(run, mirror).actions
+    assert isinstance(apply, Apply)
+    made = {**apply.body, "metadata": {**apply.body["metadata"], "uid": "md-2", "generation": 1}}
+    assert image(modeldeployment.decide(md_seen(made), mirror)) == mirror.server_image
 
 
 def test_an_evaluation_job_keeps_the_platform_s_placement_once_kueue_s_is_dropped() -> None:

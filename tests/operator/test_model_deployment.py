@@ -22,6 +22,7 @@ from kubetune_operator.resources.modeldeployment.adapters import (
 )
 
 IMAGE = "registry.local/kubetune/trainer:test"
+SERVER_IMAGE = "registry.local/vllm/vllm-openai:test"
 BASE = {
     "name": "Qwen/Qwen2.5-VL-3B-Instruct",
     "source": {"pvc": {"claimName": "models", "path": "qwen"}},
@@ -67,7 +68,7 @@ def resolved(
 
 
 def plan(body: dict[str, Any], adapters: list[ServedAdapter], image: str) -> serving.Serving:
-    return serving.plan(body, _spec(body), adapters, image)
+    return serving.plan(body, _spec(body), adapters, image, SERVER_IMAGE)
 
 
 def serving_status(
@@ -279,6 +280,15 @@ def test_the_spec_hash_follows_the_spec() -> None:
     assert one == again != two
 
 
+def test_the_server_image_is_the_spec_s_or_else_the_platform_s() -> None:
+    def image(body: dict[str, Any]) -> str:
+        pod = serving.deployment(plan(body, [], IMAGE))["spec"]["template"]["spec"]
+        return str(pod["containers"][0]["image"])
+
+    assert image(md()) == image(md(runtime={"maxModelLen": 4096})) == SERVER_IMAGE
+    assert image(md(runtime={"image": "corp.io/vllm:2"})) == "corp.io/vllm:2"
+
+
 def test_the_service_selects_the_server_pods() -> None:
     body = md()
     svc = serving.service(body)
@@ -432,6 +442,12 @@ def test_a_finetunejob_deploys_its_adapter_or_its_whole_model() -> None:
     chosen = Deploy.model_validate({"enabled": True, "runtime": {"maxPixels": 1024}})
     assert for_finetunejob(small, chosen)["spec"]["runtime"]["maxPixels"] == 1024
     assert lora["metadata"]["ownerReferences"][0]["uid"] == "ftj-uid"
+
+    # The server image only where deploy names one: otherwise the platform's default
+    # when the ModelDeployment is served, so that a new default reaches it too.
+    assert "image" not in lora["spec"]["runtime"]
+    named = Deploy.model_validate({"enabled": True, "runtime": {"image": "corp.io/vllm:2"}})
+    assert for_finetunejob(ftj(), named)["spec"]["runtime"]["image"] == "corp.io/vllm:2"
 
     full = for_finetunejob(ftj(tuning="full"), Deploy(enabled=True))
     spec = ModelDeploymentSpec.model_validate(full["spec"])

@@ -9,7 +9,7 @@ import re
 import pytest
 
 from kubetune_operator.resources.platform import ModelStore, PodDefaults
-from kubetune_operator.settings import Settings, add_arguments, from_arguments
+from kubetune_operator.settings import DEFAULT_VLLM_IMAGE, Settings, add_arguments, from_arguments
 
 
 def settings_from(env: dict[str, str]) -> Settings:
@@ -110,3 +110,13 @@ def test_the_chart_s_environment_sets_the_platform_defaults() -> None:
     assert plain.model_store is None and plain.pod_defaults == PodDefaults()
     with pytest.raises(ValueError, match="identity annotations must be a JSON object of strings"):
         settings_from({"KUBETUNE_IDENTITY_ANNOTATIONS": '{"a": 1}'})
+
+
+def test_the_default_server_image_comes_from_a_flag_or_the_chart_s_environment() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    env = {"KUBETUNE_SERVER_IMAGE": "mirror.corp/vllm/vllm-openai:v0.11.0"}
+    assert settings_from(env).server_image == "mirror.corp/vllm/vllm-openai:v0.11.0"
+    flagged = from_arguments(parser.parse_args(["--server-image", "mirror.corp/vllm:2"]), env)
+    assert flagged.server_image == "mirror.corp/vllm:2"
+    assert settings_from({}).server_image == DEFAULT_VLLM_IMAGE

@@ -149,7 +149,7 @@ def test_a_server_image_outside_the_list_is_named() -> None:
         "(allowed: vllm/vllm-openai:*)"
     )
     nothing = Policy(trainer_images=(), server_images=(), server_flags=())
-    assert modeldeployment_refusal(md(), nothing) == (
+    assert modeldeployment_refusal(md(image="vllm/vllm-openai:v0.11.0"), nothing) == (
         'spec.runtime.image "vllm/vllm-openai:v0.11.0" is not an allowed server image '
         "(allowed: none)"
     )
@@ -188,6 +188,15 @@ def test_a_finetunejob_s_image_then_its_server_are_checked() -> None:
     )
 
 
+def test_a_runtime_without_an_image_passes_whatever_the_list() -> None:
+    """It runs the platform's own default (defaults.serverImage), as a FineTuneJob
+    without spec.image runs its trainer image."""
+    nothing = Policy(trainer_images=(), server_images=(), server_flags=())
+    assert modeldeployment_refusal(md(), nothing) is None
+    assert modeldeployment_refusal(md(maxModelLen=4096), nothing) is None
+    assert finetunejob_refusal(ftj(deploy={"enabled": True, "runtime": {}}), nothing) is None
+
+
 def test_every_flag_the_operator_sets_is_reserved() -> None:
     """A flag the server builder sets that extraArgs could repeat would be overridden
     (extraArgs come last)."""
@@ -199,7 +208,7 @@ def test_every_flag_the_operator_sets_is_reserved() -> None:
         }
     )
     body = {"metadata": {"name": "m", "namespace": "team", "uid": "u"}}
-    args = server.plan(body, spec, [], "trainer:1").args
+    args = server.plan(body, spec, [], "trainer:1", "vllm:1").args
     flags = {a for a in args if a.startswith("-")}
     assert "--trust-remote-code" in flags and "--tensor-parallel-size" in flags
     assert flags <= RESERVED_FLAGS.keys()

@@ -76,6 +76,15 @@ the admission policies (their params).
 {{- printf "%s-policy" (include "kubetune.fullname" .) -}}
 {{- end -}}
 
+{{/*
+The ConfigMap of the platform's defaults that users may read (templates/defaults.yaml):
+its name is fixed by the release, so that clients find it from the release's name and
+namespace alone.
+*/}}
+{{- define "kubetune.defaultsName" -}}
+{{- printf "%s-defaults" (include "kubetune.fullname" .) -}}
+{{- end -}}
+
 {{- define "kubetune.adminKeySecret" -}}
 {{- .Values.adminKey.existingSecret | default (printf "%s-admin-key" (include "kubetune.fullname" .)) -}}
 {{- end -}}

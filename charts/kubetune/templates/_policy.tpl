@@ -36,11 +36,12 @@ spelling, and flags that no policy may allow.
 {{/*
 The variables of an admission policy that check a vLLM runtime, found in the variable
 `runtime` (empty where the spec has none) and named in messages by the path given: its
-image, then each element of its extraArgs that starts with '-' (a flag, with any
-`=value`; the others are values), which must be listed in the params' serverFlags and
-not be a reserved flag in any spelling vLLM reads (it takes `_` for `-`). Sets
-`runtimeRefusal`: the first refusal's message, as resources/policy.py runtime_refusal
-writes it, or ''.
+image where it names one (without one, a server runs defaults.serverImage, which the
+policy does not bind), then each element of its extraArgs that starts with '-' (a
+flag, with any `=value`; the others are values), which must be listed in the params'
+serverFlags and not be a reserved flag in any spelling vLLM reads (it takes `_` for
+`-`). Sets `runtimeRefusal`: the first refusal's message, as resources/policy.py
+runtime_refusal writes it, or ''.
 */}}
 {{- define "kubetune.runtimeVariables" -}}
 - name: serverImage

@@ -25,8 +25,6 @@ from kubetune_operator.api.common import (
 )
 from kubetune_trainer.contract.base import CamelModel
 
-DEFAULT_VLLM_IMAGE = "vllm/vllm-openai:v0.11.0"
-
 # The --max-lora-rank values vLLM accepts (vllm/config/lora.py MaxLoRARanks).
 LoraRank = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]
 DEFAULT_MAX_LORA_RANK: LoraRank = 64
@@ -42,7 +40,12 @@ class DeploymentPhase(StrEnum):
 class Runtime(CamelModel):
     """The vLLM OpenAI-compatible server."""
 
-    image: Image = Field(DEFAULT_VLLM_IMAGE, description="vLLM server image.")
+    image: Image | None = Field(
+        None,
+        description=(
+            "vLLM server image. Default: the platform's (the chart value defaults.serverImage)."
+        ),
+    )
     max_model_len: int | None = Field(None, ge=16, le=10_000_000, description="--max-model-len.")
     gpu_memory_utilization: float = Field(
         0.9,

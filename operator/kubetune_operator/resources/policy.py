@@ -172,10 +172,13 @@ def flag_refusal(arg: str, allowed: tuple[str, ...]) -> str | None:
 
 
 def runtime_refusal(runtime: Runtime | None, path: str, policy: Policy) -> str | None:
-    """The first thing the policy refuses in a vLLM runtime at ``path``, or None."""
+    """The first thing the policy refuses in a vLLM runtime at ``path``, or None. A
+    runtime that names no image gets the platform's own (the operator's server_image),
+    which the policy does not restrict, as a FineTuneJob without spec.image gets its
+    trainer image: a platform that moves the default to a mirror need not list it."""
     if runtime is None:
         return None
-    if not image_allowed(runtime.image, policy.server_images):
+    if runtime.image is not None and not image_allowed(runtime.image, policy.server_images):
         return (
             f'{path}.image "{runtime.image}" is not an allowed server image '
             f"(allowed: {_listing(policy.server_images)})"

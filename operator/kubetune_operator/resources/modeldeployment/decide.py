@@ -103,7 +103,8 @@ def decide(seen: Observed, settings: Settings) -> Decision:
             {**fields, "message": message},
         )
     desired = deployment(
-        plan(md, spec, served(resolved), settings.trainer_image), settings.pod_defaults
+        plan(md, spec, served(resolved), settings.trainer_image, settings.server_image),
+        settings.pod_defaults,
     )
     serving, reason = serving_status(md, spec, current, seen.pods)
     actions: tuple[Action, ...] = ()

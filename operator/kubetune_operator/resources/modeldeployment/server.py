@@ -56,6 +56,8 @@ class Serving:
     mounted: Mounted
     args: tuple[str, ...]
     trainer_image: str
+    # runtime.image, or the platform's default where the spec names none.
+    server_image: str
 
 
 def server_args(spec: ModelDeploymentSpec, model_path: str) -> list[str]:
@@ -107,12 +109,14 @@ def plan(
     spec: ModelDeploymentSpec,
     adapters: Sequence[ServedAdapter],
     fetch_image: str,
+    default_server_image: str,
 ) -> Serving:
-    """What the server pods load. Adapters are not in the pod template (the operator
-    loads them into each running pod), but their folders must be in the pod: each
-    PersistentVolumeClaim that holds the base model or an adapter is mounted whole, so
-    an adapter on a claim already mounted joins without a new pod; an adapter in S3 is
-    fetched by an init container, so adding one rolls the pods.
+    """What the server pods load, and the image that serves it (runtime.image, else the
+    platform's ``default_server_image``). Adapters are not in the pod template (the
+    operator loads them into each running pod), but their folders must be in the pod:
+    each PersistentVolumeClaim that holds the base model or an adapter is mounted whole,
+    so an adapter on a claim already mounted joins without a new pod; an adapter in S3
+    is fetched by an init container, so adding one rolls the pods.
 
     extraArgs come last, so that they win over vLLM's defaults; they can never carry a
     flag the operator sets (the decision refuses such a spec before it gets here)."""
@@ -157,7 +161,8 @@ def plan(
         guard.MIDDLEWARE,
         *extra,
     ]
-    return Serving(md, spec, tuple(adapters), mounted, tuple(args), fetch_image)
+    image = spec.runtime.image or default_server_image
+    return Serving(md, spec, tuple(adapters), mounted, tuple(args), fetch_image, image)
 
 
 def admin_secret_name(md: Mapping[str, Any]) -> str:
@@ -239,7 +244,7 @@ def deployment(serving: Serving, pod_defaults: PodDefaults | None = None) -> Man
         "containers": [
             {
                 "name": "vllm",
-                "image": spec.runtime.image,
+                "image": serving.server_image,
                 "command": ["vllm", "serve"],
                 "args": list(serving.args),
                 "env": [
