@@ -24,18 +24,24 @@ The kinds:
 
 Each is timed once, or with ``--repeat N`` in N rounds of all three, keeping the
 shortest time of each: on a machine shared with other work, the least disturbed.
+``--profile N`` then runs the command once more in this process under cProfile and
+prints its N costliest functions (own time) for each kind of data.
 
     .venv/bin/python bench/validate.py [--data photo|noise|both] [--size-mb N] [--repeat N]
+                                       [--profile N]
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
+import cProfile
 import hashlib
 import io
 import json
 import os
+import pstats
 import random
 import subprocess
 import sys
@@ -256,7 +262,26 @@ def startup(folder: Path) -> float:
         path.unlink()
 
 
-def measure(kind: Kind, folder: Path, size_mb: int, repeat: int) -> Result:
+def profile(path: Path, top: int) -> None:
+    """The command's own time by function, run in this process once it has run on a
+    small file (so without its imports and first-use costs)."""
+    from kubetune_trainer import cli
+
+    small = path.with_name("bench-profile-warm-up.jsonl")
+    with path.open("rb") as fp:
+        small.write_bytes(b"".join(fp.readline() for _ in range(3)))
+    profiler = cProfile.Profile()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            cli.main(["validate", str(small), "--json"])
+            profiler.runcall(cli.main, ["validate", str(path), "--json"])
+    finally:
+        small.unlink()
+    print(f"\nprofile of kubetune validate on {path.name} (cProfile, own time):")
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(top)
+
+
+def measure(kind: Kind, folder: Path, size_mb: int, repeat: int, top: int = 0) -> Result:
     path = folder / f"bench-{kind.name}.jsonl"
     print(f"writing {size_mb} MB of {kind.name} JSONL to {path} ...", flush=True)
     size, lines = write_dataset(path, kind.records(), size_mb)
@@ -279,6 +304,8 @@ def measure(kind: Kind, folder: Path, size_mb: int, repeat: int) -> Result:
         seconds, digest = timed(lambda: read_and_hash(path))
         floor_s = min(floor_s, seconds)
         assert digest == report["sha256"]
+    if top:
+        profile(path, top)
     return Result(kind, mb, ours_s, naive_s, floor_s, startup(folder))
 
 
@@ -295,6 +322,13 @@ def main() -> int:
     parser.add_argument(
         "--repeat", type=int, default=1, help="time each N times and keep the shortest"
     )
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also profile the command in this process and print its N costliest functions",
+    )
     args = parser.parse_args()
 
     kinds = list(KINDS.values()) if args.data == "both" else [KINDS[args.data]]
@@ -303,7 +337,9 @@ def main() -> int:
     results = []
     try:
         for kind in kinds:
-            results.append(measure(kind, folder, args.size_mb or kind.default_mb, args.repeat))
+            results.append(
+                measure(kind, folder, args.size_mb or kind.default_mb, args.repeat, args.profile)
+            )
     finally:
         if not args.keep:
             for kind in kinds:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from typing import Any
@@ -132,11 +133,38 @@ def _usage_error(command: str, message: str) -> int:
     return EXIT_USAGE
 
 
+_SPARE_HEAP = 16 << 20
+_SPARE_HEAP_FROM = 64 << 20  # file size; below it the saving is not worth loading ctypes
+
+
+def _keep_heap_spare(path: str) -> None:
+    """Ask glibc's malloc to keep 16 MiB spare at the top of its heap (``M_TOP_PAD``)
+    before a large file is validated.
+
+    Validation allocates and frees a few objects of hundreds of kilobytes per line (the
+    line, its data: URIs, their decoded bytes). With the default padding of 128 KiB,
+    malloc gives the top of its heap back to the system after most lines and takes it
+    again for the next: on 300 MB of embedded images, 40,000 page faults, a third of
+    the command's time in a VM. With the spare kept they were 1,500. Memory: the heap
+    keeps up to 16 MiB more than it needs. Elsewhere than glibc, nothing is done."""
+    try:
+        if os.path.getsize(path) < _SPARE_HEAP_FROM:
+            return
+        import ctypes
+
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    m_top_pad = -2  # malloc.h
+    mallopt(m_top_pad, _SPARE_HEAP)
+
+
 def run_validate(args: argparse.Namespace) -> int:
     try:
         limits = _limits(args)
     except ValidationError as exc:
         return _usage_error("validate", _first_pydantic_error(exc))
+    _keep_heap_spare(args.path)
     try:
         report = validate_file(
             args.path,

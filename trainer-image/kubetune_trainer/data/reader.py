@@ -8,22 +8,26 @@ Everything that goes wrong comes back as a line-numbered ``Problem``; only
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from kubetune_trainer.contract.job import DatasetLimits, Task
 from kubetune_trainer.data.example import Example
 from kubetune_trainer.data.formats import line_style, parse_record
 from kubetune_trainer.data.jsonl import (
     DEFAULT_BUDGET,
+    Embedded,
     Hasher,
     Line,
     LineBudget,
-    decode_line,
+    Lookout,
+    Shortened,
     decode_line_exact,
+    decode_whole,
     iter_lines,
     may_have_lost_digits,
+    restore,
 )
 from kubetune_trainer.data.problems import DatasetError, Problem
 from kubetune_trainer.data.rules import example_problems
@@ -37,6 +41,9 @@ class Record:
     example: Example
     fingerprint: int
     """A 64-bit hash of the line's bytes, to spot exact duplicate lines cheaply."""
+    embedded: dict[str, Embedded] = field(default_factory=dict)
+    """With ``iter_records(stand_ins=True)``: the data: URIs that the example's image
+    sources stand in for, by those sources, their payloads checked and decoded."""
 
 
 def iter_records(
@@ -47,29 +54,55 @@ def iter_records(
     budget: LineBudget = DEFAULT_BUDGET,
     digest: Hasher | None = None,
     style: str = "auto",
+    stand_ins: bool = False,
 ) -> Iterator[Record | Problem]:
     """Each line's problems, then its ``Record`` if it parsed into an example. A
     ``style`` other than "auto" makes a line written in the other style an error.
-    ``budget`` says which lines are too big to check in the memory there is."""
+    ``budget`` says which lines are too big to check in the memory there is.
+
+    ``stand_ins`` is validation's shortcut: the example of a line without a problem
+    may have short stand-ins as the sources of its embedded images, the data: URIs
+    they stand for in ``Record.embedded``, checked as base64 and decoded. Nothing but
+    the image checks may look at those sources."""
     limits = limits or DatasetLimits()
+    lookout = Lookout()
     for item in iter_lines(fp, budget=budget, digest=digest):
         if isinstance(item, Problem):
             yield item
         else:
             # A function of its own, so that one line's values are gone before the
             # next line is read: two at once could pass the memory budget.
-            yield from _read_line(item, limits, task, budget, style)
+            yield from _read_line(item, limits, task, budget, style, lookout, stand_ins)
 
 
 def _read_line(
-    item: Line, limits: DatasetLimits, task: Task | None, budget: LineBudget, style: str
+    item: Line,
+    limits: DatasetLimits,
+    task: Task | None,
+    budget: LineBudget,
+    style: str,
+    lookout: Lookout,
+    stand_ins: bool,
 ) -> Iterator[Record | Problem]:
     line = item.number
     too_costly = budget.problem(item.data)
     if too_costly is not None:
         yield Problem(line, too_costly)
         return
-    value, json_error = decode_line(item.data)
+    value: Any = None
+    shortened = lookout.shortened(item.data)
+    if shortened is not None:
+        if stand_ins:
+            record = _record_with_stand_ins(item, shortened, limits, task, style)
+            if record is not None:
+                yield record
+                return
+        # None only where it cannot: a line that holds a data: URI is not null.
+        value = restore(shortened, item.data)
+        del shortened  # its payloads' bytes: not kept while the line is checked
+    json_error = None
+    if value is None:
+        value, json_error = decode_whole(item.data)
     if json_error is not None:
         yield Problem(line, json_error)
         return
@@ -97,6 +130,38 @@ def _read_line(
         yield Problem(line, error)
     # hash() of bytes is SipHash, keyed per process: fine for an in-run set.
     yield Record(parsed.example, hash(item.data))
+
+
+def _record_with_stand_ins(
+    item: Line, shortened: Shortened, limits: DatasetLimits, task: Task | None, style: str
+) -> Record | None:
+    """The line's record with its long data: URIs as stand-ins (``decode_shortened``),
+    when the line reads without any problem; else None, and the line is read the
+    whole way, which finds the same and says what the problems are (a message could
+    quote a stand-in).
+
+    The stand-ins leave the example as the line's would be but for the strings of
+    its data: URIs, which nothing here looks into: a data: URI's text is read only by
+    the image check (given its bytes instead) and by the rule that a preference pair
+    with ``rejected_images`` differs from its chosen side (such a line goes the whole
+    way). And only there: each stand-in must be found as the source of one image."""
+    value, embedded, error = shortened
+    if error is not None:
+        return None
+    if style != "auto" and line_style(value) not in (None, style):
+        return None
+    parsed = parse_record(value, item.number)
+    example = parsed.example
+    if (
+        example is None
+        or parsed.warnings
+        or example.rejected_images is not None
+        or (example.extra and may_have_lost_digits(example.extra))
+        or sum(ref.source in embedded for ref in example.images) != len(embedded)
+        or example_problems(example, limits, task)
+    ):
+        return None
+    return Record(example, hash(item.data), embedded)
 
 
 def read_examples(

@@ -177,7 +177,13 @@ def validate_file(
     digest = hashlib.sha256()
     with path.open("rb") as fp:
         for item in iter_records(
-            fp, limits=limits, task=task, budget=budget, digest=digest, style=style
+            fp,
+            limits=limits,
+            task=task,
+            budget=budget,
+            digest=digest,
+            style=style,
+            stand_ins=True,
         ):
             if isinstance(item, Problem):
                 tally.add(item)
@@ -233,16 +239,20 @@ def _check_record(
         return
     if len(images) > max_images:
         return  # already an error; checking (or fetching) them all would only cost time
-    payloads = record.payloads
+    embedded = record.embedded
     for label, ref in _labelled_images(images, rejected_images):
-        # An embedded image that reading the line already checked as base64 and decoded.
-        result = check(ref, payloads.get_bytes(ref.source) if payloads else None)
+        # A stand-in for a data: URI that reading the line checked as base64 and decoded.
+        uri = embedded.get(ref.source) if embedded else None
+        result = check(ref, None if uri is None else uri.decoded)
         if result.sha256 is not None:
             tally.remote[ref.source] = result.sha256
+        if not (result.errors or result.warnings):
+            continue
+        name = describe(ref, None if uri is None else uri.length)
         for error in result.errors:
-            tally.add(Problem(line, f"{label} ({describe(ref)}): {error}"))
+            tally.add(Problem(line, f"{label} ({name}): {error}"))
         for warning in result.warnings:
-            tally.add(Problem(line, f"{label} ({describe(ref)}): {warning}", "warning"))
+            tally.add(Problem(line, f"{label} ({name}): {warning}", "warning"))
 
 
 def _labelled_images(
