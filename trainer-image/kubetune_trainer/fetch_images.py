@@ -33,7 +33,8 @@ from kubetune_trainer import transfer
 from kubetune_trainer.contract.fetch import FetchSource, HttpFile, HubFile, S3Object
 from kubetune_trainer.contract.job import DatasetLimits, Task
 from kubetune_trainer.data import remote
-from kubetune_trainer.data.images import fetched_name, remote_images_sha256
+from kubetune_trainer.data.example import ImageRef
+from kubetune_trainer.data.images import describe, fetched_name, remote_images_sha256
 from kubetune_trainer.data.reader import Record, iter_records
 
 PARALLEL = 8
@@ -137,7 +138,9 @@ def fetch_remote(urls: Iterable[str], out: Path, cap: int, expected: str | None)
             os.replace(tmp, target)
         except (remote.RemoteError, OSError) as exc:
             Path(tmp).unlink(missing_ok=True)
-            raise transfer.FetchError(f"cannot fetch remote image {_short(url)}: {exc}") from None
+            raise transfer.FetchError(
+                f"cannot fetch remote image {describe(ImageRef(url))}: {exc}"
+            ) from None
         return url, hashing.digest.hexdigest()
 
     with ThreadPoolExecutor(PARALLEL) as pool:
@@ -149,10 +152,6 @@ def fetch_remote(urls: Iterable[str], out: Path, cap: int, expected: str | None)
             "or delete and apply it) before training on it"
         )
     return len(digests)
-
-
-def _short(url: str, limit: int = 120) -> str:
-    return url if len(url) <= limit else url[: limit - 3] + "..."
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -212,7 +212,7 @@ def decide(seen: Observed, settings: Settings) -> Decision:
                 ),
             )
         plan = _plan(seen, settings)
-        job = settings.pod_defaults.apply(tj.training_job(plan))
+        job = tj.training_job(plan, settings.pod_defaults)
         inputs = (
             Create(
                 trainer_service_account(

@@ -82,15 +82,14 @@ def evaluation_job(
             ]
             container.pop("ports", None)
             container["resources"] = container_resources(one_gpu)
-    return pods.apply(
-        run_job(
-            ftj,
-            spec,
-            "evaluation",
-            job_name(name),
-            {"backoffLimit": BACKOFF_LIMIT, "suspend": bool(spec.queue_name)},
-            pod,
-        )
+    return run_job(
+        ftj,
+        spec,
+        "evaluation",
+        job_name(name),
+        {"backoffLimit": BACKOFF_LIMIT, "suspend": bool(spec.queue_name)},
+        pod,
+        pods,
     )
 
 

@@ -72,15 +72,14 @@ def preflight_job(
             ]
             container.pop("ports", None)
             container["resources"] = copy.deepcopy(RESOURCES)
-    return pods.apply(
-        run_job(
-            ftj,
-            spec,
-            "preflight",
-            job_name(ftj["metadata"]["name"]),
-            {"backoffLimit": BACKOFF_LIMIT, "suspend": bool(spec.queue_name)},
-            pod,
-        )
+    return run_job(
+        ftj,
+        spec,
+        "preflight",
+        job_name(ftj["metadata"]["name"]),
+        {"backoffLimit": BACKOFF_LIMIT, "suspend": bool(spec.queue_name)},
+        pod,
+        pods,
     )
 
 

@@ -30,7 +30,7 @@ from kubetune_operator.resources.common import (
     pod_security_context,
     scheduling,
 )
-from kubetune_operator.resources.platform import output_storage
+from kubetune_operator.resources.platform import PodDefaults, output_storage
 from kubetune_operator.resources.storage import (
     Mounted,
     base_model_input,
@@ -241,7 +241,7 @@ def rendezvous_service(plan: Plan) -> Manifest:
     }
 
 
-def training_job(plan: Plan) -> Manifest:
+def training_job(plan: Plan, pod_defaults: PodDefaults | None = None) -> Manifest:
     ftj = plan.finetunejob
     meta = ftj["metadata"]
     spec, mounted, image = plan.spec, plan.mounted, plan.image
@@ -316,6 +316,7 @@ def training_job(plan: Plan) -> Manifest:
             "suspend": bool(spec.queue_name) or spec.suspend,
         },
         pod_spec,
+        pod_defaults or PodDefaults(),
         # For a Prometheus that discovers pods by annotation; the chart's PodMonitor
         # finds them by label.
         annotations={
@@ -333,11 +334,12 @@ def run_job(
     name: str,
     job_spec: Manifest,
     pod_spec: Manifest,
+    pod_defaults: PodDefaults,
     annotations: Mapping[str, str] | None = None,
 ) -> Manifest:
-    """A Job of the run (its training or its evaluation): labelled and owned by the
-    FineTuneJob, with the pod failure policy; the queue's label only on the Job, where
-    Kueue looks for it."""
+    """A Job of the run (its pre-flight, training or evaluation): labelled and owned by
+    the FineTuneJob, with the pod failure policy and the platform's pod defaults; the
+    queue's label only on the Job, where Kueue looks for it."""
     meta = ftj["metadata"]
     extra = {LABEL_FINETUNEJOB: meta["name"]}
     if spec.queue_name:
@@ -346,18 +348,20 @@ def run_job(
     template: Manifest = {"labels": {k: v for k, v in job_labels.items() if k != LABEL_KUEUE_QUEUE}}
     if annotations:
         template["annotations"] = dict(annotations)
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {
-            "name": name,
-            "namespace": meta["namespace"],
-            "labels": job_labels,
-            "ownerReferences": [owner_reference(ftj)],
-        },
-        "spec": {
-            **job_spec,
-            "podFailurePolicy": POD_FAILURE_POLICY,
-            "template": {"metadata": template, "spec": pod_spec},
-        },
-    }
+    return pod_defaults.apply(
+        {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {
+                "name": name,
+                "namespace": meta["namespace"],
+                "labels": job_labels,
+                "ownerReferences": [owner_reference(ftj)],
+            },
+            "spec": {
+                **job_spec,
+                "podFailurePolicy": POD_FAILURE_POLICY,
+                "template": {"metadata": template, "spec": pod_spec},
+            },
+        }
+    )
