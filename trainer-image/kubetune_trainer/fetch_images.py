@@ -134,7 +134,7 @@ def fetch_remote(urls: Iterable[str], out: Path, cap: int, expected: str | None)
         try:
             with os.fdopen(fd, "wb") as fp:
                 hashing = _Hashing(fp)
-                remote.fetch_to(url, hashing, cap, timeout=REMOTE_TIMEOUT_S)  # type: ignore[arg-type]
+                remote.fetch_to(url, hashing, cap, timeout=REMOTE_TIMEOUT_S)
             os.replace(tmp, target)
         except (remote.RemoteError, OSError) as exc:
             Path(tmp).unlink(missing_ok=True)

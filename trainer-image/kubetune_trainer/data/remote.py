@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from io import BytesIO
-from typing import Any, BinaryIO
+from typing import Any, Protocol
 from urllib.parse import quote, urljoin, urlsplit
 
 from kubetune_trainer.contract.fetch import TRUSTED_HOSTS_VARIABLE
@@ -72,6 +72,12 @@ _READ_SIZE = 1 << 16
 # characters, non-ASCII) is percent-encoded, as browsers do, so that http.client can
 # send any path a dataset or a redirect names.
 _TARGET_SAFE = "/%:@!$&'()*+,;=?~[]"
+
+
+class Sink(Protocol):
+    """Where a body goes: a file, or anything else that takes bytes."""
+
+    def write(self, data: bytes, /) -> int: ...
 
 
 class RemoteError(Exception):
@@ -236,7 +242,7 @@ def fetch(
 
 def fetch_to(
     url: str,
-    out: BinaryIO,
+    out: Sink,
     max_bytes: int,
     *,
     timeout: float = DEFAULT_TIMEOUT_S,
@@ -273,7 +279,7 @@ def _get(
     target: _Target,
     addresses: list[IPAddress],
     headers: Mapping[str, str],
-    out: BinaryIO,
+    out: Sink,
     max_bytes: int,
     deadline: _Deadline,
 ) -> tuple[int, str | None]:
