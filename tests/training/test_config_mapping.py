@@ -157,3 +157,18 @@ def test_default_target_regex_leaves_the_vision_tower_alone(
 
     pattern = default_lora_targets(AutoModelForImageTextToText.from_pretrained(tiny_qwen2_5_vl))
     assert bool(re.fullmatch(pattern, name)) is matches
+
+
+def test_batches_are_grouped_by_planned_length_unless_switched_off() -> None:
+    preserve = config(preserveGeneralSkills={"enabled": True})
+    for sft in (
+        sft_config(config(), CPU, has_eval=True),
+        sft_config(preserve, CPU, has_eval=False),
+    ):
+        assert sft.train_sampling_strategy == "group_by_length"
+        assert sft.length_column_name == "keep"
+    dpo = dpo_config(config(method="dpo"), CPU, has_eval=True)
+    assert dpo.train_sampling_strategy == "group_by_length"
+    assert dpo.length_column_name == "longer_keep"
+    off = config(hyperparameters={"groupByLength": False})
+    assert sft_config(off, CPU, has_eval=True).train_sampling_strategy == "random"

@@ -83,6 +83,14 @@ class Hyperparameters(CamelModel):
     gradient_accumulation_steps: int = Field(
         1, ge=1, le=4096, description="Micro-steps accumulated into one optimizer step."
     )
+    group_by_length: bool = Field(
+        True,
+        description=(
+            "Batch together examples of similar length (image tokens included) so that less "
+            "padding is computed; the batches come in random order and each example is still "
+            "seen once per epoch. false: batches of examples drawn at random."
+        ),
+    )
     max_pixels: int = Field(
         401408,
         ge=784,

@@ -63,6 +63,8 @@ def training_arguments(config: TrainingConfig, hw: Hardware, *, has_eval: bool) 
         "warmup_steps": min(hp.warmup_ratio, _MAX_WARMUP_RATIO),
         "seed": hp.seed,
         "data_seed": hp.seed,
+        # Each method names the planned-length column to group by (sft_config, dpo_config).
+        "train_sampling_strategy": "group_by_length" if hp.group_by_length else "random",
         "logging_steps": hp.logging_steps,
         # Once per epoch here; every evalSteps/saveSteps as well comes from
         # callbacks.EvalSaveSchedule, since a strategy can name only one of the two.
@@ -103,6 +105,8 @@ def sft_config(config: TrainingConfig, hw: Hardware, *, has_eval: bool) -> SFTCo
         # Records are encoded, label-masked and truncated by collate.SFTCollator, so TRL's
         # own preparation (tokenizing, truncating, packing) stays off.
         dataset_kwargs={"skip_prepare_dataset": True},
+        # A record's kept tokens, image tokens included (sft.plan_example): its padded width.
+        length_column_name="keep",
         max_length=None,
         packing=False,
         assistant_only_loss=False,
@@ -117,6 +121,9 @@ def dpo_config(config: TrainingConfig, hw: Hardware, *, has_eval: bool) -> DPOCo
     return DPOConfig(
         **training_arguments(config, hw, has_eval=has_eval),
         beta=hp.beta,
+        # A pair's chats are padded together, so the longer one is the pair's width
+        # (preference.plan_pair).
+        length_column_name="longer_keep",
         loss_type=["sigmoid"],  # the DPO paper's loss
         # Pairs are encoded, masked to the final reply and truncated by
         # preference.PreferenceCollator; TRL's own truncation stays off.

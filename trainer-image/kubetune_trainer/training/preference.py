@@ -23,6 +23,7 @@ from trl import DPOTrainer
 
 from kubetune_trainer.data import DatasetError
 from kubetune_trainer.data.example import Example
+from kubetune_trainer.training.batching import LengthGroupedBatches
 from kubetune_trainer.training.checkpoints import ResumableCheckpoints
 from kubetune_trainer.training.collate import (
     IGNORE_INDEX,
@@ -170,6 +171,7 @@ def plan_pair(
         **record,
         "keep": keep,
         "rejected_keep": rejected_keep,
+        "longer_keep": max(keep, rejected_keep),
         "tokens": tokens,
         "rejected_tokens": rejected_tokens,
     }
@@ -211,9 +213,9 @@ PLANNING = Planning(
 )
 
 
-class KubetuneDPOTrainer(ResumableCheckpoints, DPOTrainer):
-    """TRL's DPOTrainer with checkpoints that resume correctly, on records that
-    PreferenceCollator encodes batch by batch."""
+class KubetuneDPOTrainer(ResumableCheckpoints, LengthGroupedBatches, DPOTrainer):
+    """TRL's DPOTrainer with checkpoints that resume correctly and batches of pairs of
+    similar lengths, on records that PreferenceCollator encodes batch by batch."""
 
     def _prepare_dataset(self, dataset: Any, *args: Any, **kwargs: Any) -> Any:
         # TRL would tokenize a text dataset up front into its own columns; the records

@@ -50,6 +50,8 @@ class PreferenceRecord(ChatRecord):
     rejected_images: list[str]
     rejected_keep: NotRequired[int]
     rejected_tokens: NotRequired[PlannedTokens]
+    # The larger of keep and rejected_keep: both chats are padded to one width.
+    longer_keep: NotRequired[int]
 
 
 def _content(turn: Turn, line: int, *, multimodal: bool) -> Any:

@@ -8,6 +8,7 @@ from typing import Any
 
 from trl import SFTTrainer
 
+from kubetune_trainer.training.batching import LengthGroupedBatches
 from kubetune_trainer.training.checkpoints import ResumableCheckpoints
 from kubetune_trainer.training.collate import ChatEncoder, SFTCollator, learned_tokens, plan_row
 from kubetune_trainer.training.config_mapping import lora_config, sft_config
@@ -32,8 +33,9 @@ from kubetune_trainer.training.preserve import PreserveSkillsLoss
 from kubetune_trainer.training.records import ChatRecord, to_chat_record
 
 
-class KubetuneSFTTrainer(ResumableCheckpoints, SFTTrainer):
-    """TRL's SFTTrainer with checkpoints that resume correctly."""
+class KubetuneSFTTrainer(ResumableCheckpoints, LengthGroupedBatches, SFTTrainer):
+    """TRL's SFTTrainer with checkpoints that resume correctly and batches of similar
+    lengths."""
 
 
 class PreserveSkillsSFTTrainer(PreserveSkillsLoss, KubetuneSFTTrainer):
