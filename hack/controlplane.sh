@@ -353,10 +353,11 @@ start_kcm() {
   # and ReplicaSets, TTL after finish, pod garbage collection, and the ones every
   # namespace needs; the node lifecycle controller, which lifts the not-ready taint a
   # new Node gets once its kubelet reports Ready; the PersistentVolume binder, which
-  # binds the claims the scheduler requires to the volumes the local kubelet offers.
+  # binds the claims the scheduler requires to the volumes the local kubelet offers;
+  # the endpoints controller, whose Endpoints the API server's service proxy follows.
   start_proc kube-controller-manager "${BIN_DIR}/kube-controller-manager" \
     --kubeconfig="${KUBECONFIG_PATH}" \
-    --controllers=garbage-collector-controller,namespace-controller,serviceaccount-controller,serviceaccount-token-controller,root-ca-certificate-publisher-controller,clusterrole-aggregation-controller,deployment-controller,replicaset-controller,job-controller,ttl-after-finished-controller,pod-garbage-collector-controller,node-lifecycle-controller,persistentvolume-binder-controller \
+    --controllers=garbage-collector-controller,namespace-controller,serviceaccount-controller,serviceaccount-token-controller,root-ca-certificate-publisher-controller,clusterrole-aggregation-controller,deployment-controller,replicaset-controller,job-controller,ttl-after-finished-controller,pod-garbage-collector-controller,node-lifecycle-controller,persistentvolume-binder-controller,endpoints-controller \
     --use-service-account-credentials=false \
     --leader-elect=false \
     --secure-port=0 \

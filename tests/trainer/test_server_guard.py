@@ -15,7 +15,11 @@ ADMIN, KEY = "admin-token", "user-key"
 
 
 def call(
-    path: str, token: str | None, env: dict[str, str], kind: str = "http"
+    path: str,
+    token: str | None,
+    env: dict[str, str],
+    kind: str = "http",
+    header: bytes = b"authorization",
 ) -> tuple[int, list[Any]]:
     """The status the client gets, and whether the app behind saw the request."""
     reached: list[Any] = []
@@ -31,7 +35,8 @@ def call(
     async def send(message: Any) -> None:
         sent.append(message)
 
-    headers = [(b"authorization", f"Bearer {token}".encode())] if token is not None else []
+    value = f"Bearer {token}" if header == b"authorization" else f"{token}"
+    headers = [(header, value.encode())] if token is not None else []
     with pytest.MonkeyPatch.context() as mp:
         for name, value in env.items():
             mp.setenv(name, value)
@@ -81,6 +86,14 @@ def test_with_an_api_key_every_other_route_needs_it(path: str) -> None:
     assert call(path, "wrong", WITH_KEY) == (401, [])
     assert call(path, KEY, WITH_KEY)[0] == 200
     assert call(path, ADMIN, WITH_KEY)[0] == 200
+
+
+def test_the_key_may_come_in_the_api_key_header() -> None:
+    """What a client behind the API server's service proxy sends (the proxy removes
+    Authorization)."""
+    assert call("/v1/chat/completions", KEY, WITH_KEY, header=b"api-key")[0] == 200
+    assert call("/v1/chat/completions", "wrong", WITH_KEY, header=b"API-Key") == (401, [])
+    assert call("/v1/load_lora_adapter", KEY, WITH_KEY, header=b"api-key") == (403, [])
 
 
 @pytest.mark.parametrize("path", ["/health", "/ping", "/metrics", "/version"])

@@ -45,13 +45,24 @@ def is_admin(path: str) -> bool:
     return path in ADMIN_PATHS or path.startswith(ADMIN_PREFIX)
 
 
+# The API server's service proxy authenticates its caller with Authorization and removes
+# it, so a client that comes through the proxy (`kubectl kubetune chat`) sends the key in
+# this header instead: the one Azure OpenAI's clients use.
+API_KEY_HEADER = b"api-key"
+
+
 def bearer(scope: Scope) -> str:
+    """The token the request carries: Authorization's Bearer token, else the api-key
+    header's."""
+    key = ""
     for name, value in scope.get("headers") or []:
         if name.lower() == b"authorization":
             text = value.decode("latin-1")
             scheme, _, token = text.partition(" ")
             return token.strip() if scheme.lower() == "bearer" else ""
-    return ""
+        if name.lower() == API_KEY_HEADER:
+            key = value.decode("latin-1").strip()
+    return key
 
 
 def verdict(path: str, token: str, admin: str, api_key: str) -> int:
