@@ -13,7 +13,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[operator,trainer,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[operator,trainer,cli,dev]'
 	touch $(STAMP)
 
 test: $(STAMP) controlplane serving
