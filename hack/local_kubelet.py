@@ -1,52 +1,40 @@
 """Local kubelet: runs the pods the scheduler binds to its node as local processes.
 
 Tests, ``make demo`` and ``make dev-up`` only; not shipped. The test control plane
-(hack/controlplane.sh) runs etcd, kube-apiserver, kube-controller-manager (the job,
-deployment, replicaset and garbage-collector controllers among others) and
+(hack/controlplane.sh) runs etcd, kube-apiserver, kube-controller-manager and
 kube-scheduler; with no container runtime here, this stands in for the one piece
 missing, the kubelet, and talks to the API server as one does::
 
     python hack/local_kubelet.py --kubeconfig K --state-dir D [--gpus 2]
     with LocalKubelet(kubeconfig, state_dir) as kubelet: ...
 
-Node ``NODE_NAME``: registered with allocatable CPU, memory, pods and ``nvidia.com/gpu``
-(2 by default), Ready, its Lease renewed every 10 s. Every Pod bound to it runs:
+Node ``NODE_NAME``: allocatable CPU, memory, pods and ``nvidia.com/gpu`` (2 by default),
+Ready, its Lease renewed. Every Pod bound to it runs:
 
-* Init containers one after the other, each to completion, then the first regular
-  container, each a local process of its ``command`` + ``args`` (``$(VAR)`` expanded)
-  with a virtualenv's bin directory first on PATH in place of its image: vLLM's images
-  (``vllm/...``) get the serving venv (hack/serving-venv.sh), on the CPU; the others
-  this Python's, so that ``kubetune`` is the project's; and with its own environment
-  (``env``, ``envFrom``, HOSTNAME, PATH and the host variables ``--pass-env`` names).
-  A missing ConfigMap or Secret keeps the Pod Pending (CreateContainerConfigError) and
-  is retried.
-* Volumes are folders under the state dir: ``persistentVolumeClaim`` ->
-  ``<state>/pvc/<namespace>/<claimName>/``; emptyDir per pod; configMap, secret,
-  downwardAPI and projected (service-account tokens through the TokenRequest API)
-  written per pod. Each process runs in a private mount namespace (``unshare
-  --mount``) where each volumeMount is bind-mounted onto its mountPath, read-only where
-  asked, and a per-container file onto ``terminationMessagePath``.
-* Network: each Pod gets its own address on loopback (127.0.0.0/8), reported as its
-  podIP. A Pod with ``hostname`` and ``subdomain`` (an Indexed Job's) gets one derived
-  from those names, so its peers' names resolve before they start: its hosts file
-  maps ``<hostname>.<subdomain>[.<namespace>.svc[.cluster.local]]`` of itself and of
-  every index of its Job. A server that binds all interfaces (0.0.0.0 or ::) binds its
+* Init containers one after the other, then the first regular container, each a local
+  process of its ``command`` + ``args`` with its env; in place of its image, a
+  virtualenv's bin directory goes first on PATH: vLLM's images (``vllm/...``) get the
+  serving venv (hack/serving-venv.sh), on the CPU; the others this Python's, so that
+  ``kubetune`` is the project's. A missing ConfigMap or Secret keeps the Pod Pending.
+* Volumes are folders under the state dir (a claim's: ``<state>/pvc/<namespace>/<claim>``),
+  bind-mounted onto their mountPaths in the process's private mount namespace
+  (``unshare --mount``), as is a per-container file onto ``terminationMessagePath``.
+* Network: each Pod gets its own address, reported as its podIP: in 198.18.0.0/16
+  (RFC 2544's benchmarking range, on no real network), which one route makes local
+  (``ip route replace local 198.18.0.0/16 dev lo table local``, CAP_NET_ADMIN), since
+  the API server's service proxy goes only to Endpoints, and those may not hold
+  loopback addresses; without that right, on loopback (127.1.0.0/16), where all but
+  the service proxy works. A Pod with ``hostname`` and ``subdomain`` (an Indexed
+  Job's) gets one derived from those names, so its peers' names resolve before they
+  start: its hosts file maps ``<hostname>.<subdomain>[.<namespace>.svc[.cluster.local]]``
+  of itself and of every index of its Job. A server that binds all interfaces (0.0.0.0 or ::) binds its
   Pod's address instead (a small LD_PRELOAD library, built with cc on start, rewrites
   such binds), so two Pods may both listen on :9090 as on a real node.
-* restartPolicy Always and OnFailure: a container that exits (OnFailure: fails) is
-  started again after the kubelet's back-off (10 s, doubling up to 5 min), waiting
-  CrashLoopBackOff meanwhile, with restartCount and lastState; Never: a failed
-  container fails the Pod.
-* Probes: startup, readiness and liveness probes of the regular container (httpGet,
-  tcpSocket; exec counts as passing). Ready follows the readiness probe; a startup or
-  liveness probe that keeps failing restarts the container.
-* Status as a kubelet writes it: phase, conditions (Ready waits for the readiness
-  gates; kept: those it does not own, such as the DisruptionTarget of an eviction or
-  a readiness gate's), container states, the termination message
-  (4096 bytes; with FallbackToLogsOnError the log's tail), OOMKilled for a SIGKILL it
-  did not send. A deleted Pod's processes get SIGTERM, then SIGKILL after its grace
-  period (at most 10 s); then the Pod is written terminal and deleted for good.
-  Events: Started, Killing, BackOff, Unhealthy.
+* Restarts (restartPolicy Always, OnFailure) after the kubelet's back-off; startup,
+  readiness and liveness probes (httpGet, tcpSocket; exec counts as passing); status
+  and Events as a kubelet writes them. A deleted Pod's processes get SIGTERM, then
+  SIGKILL after its grace period (at most 10 s); then the Pod is written terminal and
+  deleted for good.
 
 Limitations: processes run as the kubelet's user; security contexts and resources are
 admitted but not enforced. Only the first regular container runs (sidecars and other
@@ -78,12 +66,17 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
-from urllib.parse import urlencode
+
+# Every container starts through this file (INIT_COMMAND below), which has no use for
+# the kubernetes client, a second's import.
+if sys.argv[1:2] != ["_container-init"]:
+    from kubernetes import client, config, watch
+    from kubernetes.client import ApiException
 
 Obj = dict[str, Any]
 Key = tuple[str, str]  # (namespace, name)
@@ -98,6 +91,7 @@ DEFAULT_TERMINATION_PATH = "/dev/termination-log"
 DEFAULT_PASS_ENV = ("HOME", "LANG", "LC_ALL", "TZ", "TMPDIR")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 POD_IP_VARIABLE = "LOCAL_KUBELET_POD_IP"
+POD_NETWORK, LOOPBACK_POD_NETWORK = "198.18.0.0/16", "127.1.0.0/16"
 # The kubelet's limits for the termination message (pkg/kubelet/kuberuntime).
 MAX_MESSAGE_BYTES = 4096
 FALLBACK_LOG_LINES = 80
@@ -107,13 +101,16 @@ STOP_GRACE_SECONDS = 5.0
 START_ERROR_EXIT = 128  # what container runtimes report when exec fails
 SETUP_RETRY_SECONDS = 2.0
 ERROR_RETRY_SECONDS = 1.0
-LEASE_SECONDS = 10.0
+LEASE_SECONDS, NODE_LEASES = 10.0, "kube-node-lease"
 BACKOFF_SECONDS, MAX_BACKOFF_SECONDS = 10.0, 300.0
-WATCH_TIMEOUT_SECONDS = 300
+# The API server sends a watch a bookmark about every minute: more silence is a dead
+# connection.
+WATCH_READ_TIMEOUT_SECONDS = 330
 REQUEST_TIMEOUT_SECONDS = 30.0
 INIT_COMMAND = "_container-init"
 TERMINATION_FILE, START_ERROR_FILE = "termination-log", "start-error"
 POD_INITIALIZING = "PodInitializing"
+CONFIG_ERROR = "CreateContainerConfigError"
 MERGE_PATCH = "application/merge-patch+json"
 
 # Rewrites a bind to any address (0.0.0.0, ::) into one to the Pod's own address.
@@ -185,6 +182,22 @@ def back_off(restart_count: int) -> float:
     return min(BACKOFF_SECONDS * 2 ** max(restart_count - 1, 0), MAX_BACKOFF_SECONDS)
 
 
+def local_pod_network() -> str:
+    """The network Pods get addresses in: POD_NETWORK where this process may route it to
+    loopback, else LOOPBACK_POD_NETWORK."""
+    route = ["ip", "route", "replace", "local", POD_NETWORK, "dev", "lo", "table", "local"]
+    try:
+        subprocess.run(route, check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        log.warning(
+            "Pods get loopback addresses, which the service proxy does not reach: %s failed (%s)",
+            " ".join(route),
+            getattr(exc, "stderr", b"").decode().strip() or exc,
+        )
+        return LOOPBACK_POD_NETWORK
+    return POD_NETWORK
+
+
 def fixed_pod_ip(namespace: str, subdomain: str, hostname: str) -> str:
     """The address of a Pod named by hostname and subdomain, in 127.64.0.0/10: known
     before the Pod exists, as its DNS name would be on a cluster."""
@@ -206,15 +219,8 @@ def running_state(started_at: str) -> Obj:
 def terminated_state(
     exit_code: int, reason: str, message: str, started_at: str, finished_at: str
 ) -> Obj:
-    return {
-        "terminated": {
-            "exitCode": exit_code,
-            "reason": reason,
-            "message": message,
-            "startedAt": started_at,
-            "finishedAt": finished_at,
-        }
-    }
+    times = {"startedAt": started_at, "finishedAt": finished_at}
+    return {"terminated": {"exitCode": exit_code, "reason": reason, "message": message, **times}}
 
 
 def _exited_ok(state: Obj) -> bool:
@@ -280,14 +286,9 @@ def _pod_conditions(pod: Obj, report: Report, inits: Sequence[str], now: str) ->
     elif not incomplete or "waiting" not in report.state:
         initialized = ("True", "", "")
     else:
-        names = " ".join(incomplete)
-        initialized = (
-            "False",
-            "ContainersNotInitialized",
-            f"containers with incomplete status: [{names}]",
-        )
-    unready = ("False", "ContainersNotReady", f"containers with unready status: [{container}]")
-    ready = unready
+        message = f"containers with incomplete status: [{' '.join(incomplete)}]"
+        initialized = ("False", "ContainersNotInitialized", message)
+    ready = ("False", "ContainersNotReady", f"containers with unready status: [{container}]")
     if report.phase == "Succeeded":
         ready = ("False", "PodCompleted", "")
     elif "running" in report.state and report.ready:
@@ -300,11 +301,8 @@ def _pod_conditions(pod: Obj, report: Report, inits: Sequence[str], now: str) ->
         gates = [g["conditionType"] for g in pod["spec"].get("readinessGates") or []]
         closed = [g for g in gates if (previous.get(g) or {}).get("status") != "True"]
         if closed:
-            ready = (
-                "False",
-                "ReadinessGatesNotReady",
-                f'the status of pod readiness gate "{closed[0]}" is not "True"',
-            )
+            message = f'the status of pod readiness gate "{closed[0]}" is not "True"'
+            ready = ("False", "ReadinessGatesNotReady", message)
     terminal = report.phase in ("Succeeded", "Failed")
     wanted = [
         ("PodReadyToStartContainers", "False" if terminal else "True", "", ""),
@@ -318,15 +316,8 @@ def _pod_conditions(pod: Obj, report: Report, inits: Sequence[str], now: str) ->
         prev = previous.get(ctype) or {}
         # Keeping lastTransitionTime when nothing changed keeps the status idempotent.
         since = prev.get("lastTransitionTime") if prev.get("status") == status else None
-        conditions.append(
-            {
-                "type": ctype,
-                "status": status,
-                "reason": reason,
-                "message": message,
-                "lastTransitionTime": since or now,
-            }
-        )
+        fields = {"type": ctype, "status": status, "reason": reason, "message": message}
+        conditions.append({**fields, "lastTransitionTime": since or now})
     return conditions + [c for c in old if c.get("type") not in KUBELET_CONDITIONS]
 
 
@@ -487,7 +478,7 @@ def field_value(pod: Obj, path: str, pod_ip: str = HOST_IP) -> str:
     if path in ("metadata.labels", "metadata.annotations"):
         items = sorted((meta.get(path.split(".")[1]) or {}).items())
         return "\n".join(f"{k}={json.dumps(v)}" for k, v in items)
-    raise PodSetupError("CreateContainerConfigError", f"unsupported fieldRef {path!r}")
+    raise PodSetupError(CONFIG_ERROR, f"unsupported fieldRef {path!r}")
 
 
 def object_data(kind: str, obj: Obj) -> dict[str, bytes]:
@@ -498,17 +489,20 @@ def object_data(kind: str, obj: Obj) -> dict[str, bytes]:
     return data | {k: base64.b64decode(v) for k, v in (obj.get("binaryData") or {}).items()}
 
 
-def _key_ref(source: Kube, namespace: str, kind: str, ref: Obj) -> bytes | None:
-    obj = source.object(kind, namespace, ref["name"])
-    data = object_data(kind, obj) if obj is not None else None
-    if data is None or ref["key"] not in data:
-        if ref.get("optional"):
-            return None
-        missing = f'{kind.lower()} "{ref["name"]}" not found'
-        if data is not None:
-            missing = f"couldn't find key {ref['key']} in {kind} {namespace}/{ref['name']}"
-        raise PodSetupError("CreateContainerConfigError", missing)
-    return data[ref["key"]]
+def _referenced(source: Kube, namespace: str, kind: str, ref: Obj, reason: str) -> dict[str, bytes]:
+    """The data of the ConfigMap or Secret ``ref`` names; none of a missing optional one.
+    A key ``ref`` names that is not there is skipped where optional, as the kubelet does."""
+    name = ref.get("name") or ref.get("secretName", "")
+    obj = source.object(kind, namespace, name)
+    if obj is None and not ref.get("optional"):
+        raise PodSetupError(reason, f'{kind.lower()} "{name}" not found')
+    data = object_data(kind, obj or {})
+    keys = [i["key"] for i in ref.get("items") or []] + ([ref["key"]] if "key" in ref else [])
+    missing = [key for key in keys if key not in data]
+    if missing and not ref.get("optional"):
+        message = f"couldn't find key {missing[0]} in {kind} {namespace}/{name}"
+        raise PodSetupError(reason, message)
+    return data
 
 
 def container_env(pod: Obj, container: Obj, source: Kube, pod_ip: str = HOST_IP) -> dict[str, str]:
@@ -516,30 +510,23 @@ def container_env(pod: Obj, container: Obj, source: Kube, pod_ip: str = HOST_IP)
     namespace = pod["metadata"]["namespace"]
     env: dict[str, str] = {}
     for ref in container.get("envFrom") or []:
-        for kind, key in (("ConfigMap", "configMapRef"), ("Secret", "secretRef")):
-            if key not in ref:
-                continue
-            obj = source.object(kind, namespace, ref[key]["name"])
-            if obj is None and not ref[key].get("optional"):
-                message = f'{kind.lower()} "{ref[key]["name"]}" not found'
-                raise PodSetupError("CreateContainerConfigError", message)
-            for name, value in object_data(kind, obj or {}).items():
-                env[ref.get("prefix", "") + name] = value.decode()
+        kind, key = ("Secret", "secretRef") if "secretRef" in ref else ("ConfigMap", "configMapRef")
+        for name, value in _referenced(source, namespace, kind, ref[key], CONFIG_ERROR).items():
+            env[ref.get("prefix", "") + name] = value.decode()
     for var in container.get("env") or []:
         value_from = var.get("valueFrom")
         if value_from is None:
             env[var["name"]] = expand(var.get("value", ""), env)
         elif "fieldRef" in value_from:
             env[var["name"]] = field_value(pod, value_from["fieldRef"]["fieldPath"], pod_ip)
-        elif "configMapKeyRef" in value_from or "secretKeyRef" in value_from:
-            kind = "ConfigMap" if "configMapKeyRef" in value_from else "Secret"
-            ref = value_from["configMapKeyRef" if kind == "ConfigMap" else "secretKeyRef"]
-            found = _key_ref(source, namespace, kind, ref)
-            if found is not None:
-                env[var["name"]] = found.decode()
+        elif ref := value_from.get("configMapKeyRef") or value_from.get("secretKeyRef"):
+            kind = "Secret" if "secretKeyRef" in value_from else "ConfigMap"
+            data = _referenced(source, namespace, kind, ref, CONFIG_ERROR)
+            if ref["key"] in data:
+                env[var["name"]] = data[ref["key"]].decode()
         else:
             message = f"unsupported valueFrom {sorted(value_from)} for {var['name']}"
-            raise PodSetupError("CreateContainerConfigError", message)
+            raise PodSetupError(CONFIG_ERROR, message)
     return env
 
 
@@ -559,63 +546,38 @@ class Mount:
 Files = dict[str, tuple[bytes, int]]  # relative path -> (content, mode)
 
 
-def _object_files(source: Kube, namespace: str, kind: str, ref: Obj, mode: int) -> Files:
-    name = ref.get("name") or ref.get("secretName", "")
-    obj = source.object(kind, namespace, name)
-    if obj is None:
-        if ref.get("optional"):
-            return {}
-        raise PodSetupError("ContainerCreating", f'{kind.lower()} "{name}" not found')
-    data = object_data(kind, obj)
-    if ref.get("items") is None:
-        return {key: (value, mode) for key, value in data.items()}
-    files: Files = {}
-    for item in ref["items"]:
-        if item["key"] not in data:
-            message = f"{kind.lower()} {name} references non-existent key: {item['key']}"
-            raise PodSetupError("ContainerCreating", message)
-        files[item["path"]] = (data[item["key"]], item.get("mode", mode))
-    return files
-
-
-def _downward_files(pod: Obj, items: Sequence[Obj], mode: int, pod_ip: str) -> Files:
-    if any("fieldRef" not in item for item in items):
-        raise PodSetupError("ContainerCreating", "resourceFieldRef is not supported")
-    return {
-        item["path"]: (
-            field_value(pod, item["fieldRef"]["fieldPath"], pod_ip).encode(),
-            item.get("mode", mode),
-        )
-        for item in items
-    }
-
-
 def _volume_files(pod: Obj, volume: Obj, source: Kube, pod_ip: str) -> Files:
-    """The files of a configMap, secret, downwardAPI or projected volume."""
-    namespace = pod["metadata"]["namespace"]
-    for kind, key in (("ConfigMap", "configMap"), ("Secret", "secret")):
-        if key in volume:
-            mode = volume[key].get("defaultMode", 0o644)
-            return _object_files(source, namespace, kind, volume[key], mode)
-    if "downwardAPI" in volume:
-        ref = volume["downwardAPI"]
-        return _downward_files(pod, ref.get("items") or [], ref.get("defaultMode", 0o644), pod_ip)
-    if "projected" not in volume:
+    """The files of a projected volume, or of a configMap, secret or downwardAPI one,
+    which is a projected volume of that one source."""
+    if one := next((k for k in ("configMap", "secret", "downwardAPI") if k in volume), None):
+        projected = {**volume[one], "sources": [{one: volume[one]}]}  # with its defaultMode
+    elif "projected" in volume:
+        projected = volume["projected"]
+    else:
         kinds = sorted(set(volume) - {"name"})
         message = f'volume "{volume["name"]}": {kinds} volumes are not supported locally'
         raise PodSetupError("ContainerCreating", message)
-    mode = volume["projected"].get("defaultMode", 0o644)
+    mode = projected.get("defaultMode", 0o644)
     files: Files = {}
-    for item in volume["projected"].get("sources") or []:
-        if "serviceAccountToken" in item:
-            sat = item["serviceAccountToken"]
+    for item in projected.get("sources") or []:
+        if sat := item.get("serviceAccountToken"):
             token = source.token(pod, sat.get("audience"), sat.get("expirationSeconds", 3600))
             files[sat["path"]] = (token.encode(), mode)
         elif "downwardAPI" in item:
-            files |= _downward_files(pod, item["downwardAPI"].get("items") or [], mode, pod_ip)
+            for field_ in item["downwardAPI"].get("items") or []:
+                if "fieldRef" not in field_:
+                    raise PodSetupError("ContainerCreating", "resourceFieldRef is not supported")
+                value = field_value(pod, field_["fieldRef"]["fieldPath"], pod_ip).encode()
+                files[field_["path"]] = (value, field_.get("mode", mode))
         elif "configMap" in item or "secret" in item:
-            kind, key = ("ConfigMap", "configMap") if "configMap" in item else ("Secret", "secret")
-            files |= _object_files(source, namespace, kind, item[key], mode)
+            kind, ref = (
+                ("Secret", item["secret"]) if "secret" in item else ("ConfigMap", item["configMap"])
+            )
+            data = _referenced(source, pod["metadata"]["namespace"], kind, ref, "ContainerCreating")
+            items = ref.get("items") or [{"key": key, "path": key} for key in data]
+            files |= {
+                i["path"]: (data[i["key"]], i.get("mode", mode)) for i in items if i["key"] in data
+            }
         else:
             message = f"unsupported projected source {sorted(item)}"
             raise PodSetupError("ContainerCreating", message)
@@ -654,7 +616,7 @@ def container_mounts(
         sub = vm.get("subPath") or expand(vm.get("subPathExpr", ""), env)
         source = (volume.path / sub).resolve() if sub else volume.path
         if not source.is_relative_to(volume.path.resolve()):
-            raise PodSetupError("CreateContainerConfigError", f"subPath {sub!r} leaves its volume")
+            raise PodSetupError(CONFIG_ERROR, f"subPath {sub!r} leaves its volume")
         if sub and not source.exists():
             source.mkdir(parents=True)  # the kubelet creates missing subPath folders
         mounts.append(
@@ -746,142 +708,55 @@ def container_init(spec_json: str) -> NoReturn:
 # ----------------------------------------------------------------- API access ---
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, body: Obj) -> None:
-        self.status, self.body = status, body
-        self.message = str(body.get("message") or body.get("reason") or f"HTTP {status}")
-        super().__init__(f"{status}: {self.message}")
+def api_call(call: Callable[..., Any], *args: Any, ok: Sequence[int] = (), **kwargs: Any) -> Any:
+    """A kubernetes client call's response as the API server's JSON (the kubelet works
+    on plain dicts, and the client's typed models would drop fields they do not know);
+    None for an error status in ``ok``, such as a read's 404."""
+    try:
+        timeout = REQUEST_TIMEOUT_SECONDS
+        response = call(*args, _preload_content=False, _request_timeout=timeout, **kwargs)
+    except ApiException as exc:
+        if exc.status in ok:
+            return None
+        raise
+    return json.loads(response.data or b"{}")
 
 
-class WatchExpired(Exception):
-    """The watch's resourceVersion is too old (HTTP 410): list again."""
+def api_message(exc: ApiException) -> str:
+    try:
+        return str(json.loads(exc.body)["message"])
+    except (TypeError, ValueError, KeyError):
+        return f"{exc.status} {exc.reason}"
 
 
 class Kube:
-    """JSON in, JSON out access to the API server: the kubernetes client loads the
-    kubeconfig, and requests go through urllib3, since the kubelet works on plain dicts
-    (merge patches of status, watch streams it interrupts on shutdown)."""
+    """The API clients; ``object`` and ``token`` are what Pods' env and volumes read."""
 
     def __init__(self, kubeconfig: Path) -> None:
-        import urllib3
-        from kubernetes import client, config
-
-        cfg = client.Configuration()
-        config.load_kube_config(config_file=str(kubeconfig), client_configuration=cfg)
-        self._host = cfg.host
-        self._headers = {"Accept": "application/json", "User-Agent": "kubetune-local-kubelet"}
-        for setting in cfg.auth_settings().values():
-            if setting.get("in") == "header" and setting.get("value"):
-                self._headers[setting["key"]] = setting["value"]
-        self._pool = urllib3.PoolManager(
-            maxsize=8,
-            cert_reqs="CERT_REQUIRED" if cfg.verify_ssl else "CERT_NONE",
-            ca_certs=cfg.ssl_ca_cert,
-            cert_file=cfg.cert_file,
-            key_file=cfg.key_file,
-        )
-        self._timeout = urllib3.Timeout(total=REQUEST_TIMEOUT_SECONDS)
-        # The server ends each watch after WATCH_TIMEOUT_SECONDS; more silence is a dead
-        # connection.
-        self._watch_timeout = urllib3.Timeout(connect=10, read=WATCH_TIMEOUT_SECONDS + 30)
-        self._streams: set[Any] = set()
-        self._lock = threading.Lock()
-        self._closed = False
-
-    def request(
-        self,
-        method: str,
-        path: str,
-        body: Obj | None = None,
-        *,
-        query: dict[str, str] | None = None,
-        content_type: str = "application/json",
-    ) -> Obj:
-        response = self._pool.request(
-            method,
-            f"{self._host}{path}" + (f"?{urlencode(query)}" if query else ""),
-            body=json.dumps(body).encode() if body is not None else None,
-            headers={**self._headers, "Content-Type": content_type},
-            timeout=self._timeout,
-            retries=False,
-        )
-        payload = json.loads(response.data) if response.data else {}
-        if response.status >= 400:
-            raise ApiError(response.status, payload)
-        return dict(payload)
-
-    def get(self, path: str) -> Obj | None:
-        try:
-            return self.request("GET", path)
-        except ApiError as exc:
-            if exc.status == 404:
-                return None
-            raise
-
-    def stream(self, path: str, query: dict[str, str]) -> Iterator[Obj]:
-        """Watch events, one JSON object per line, until the server ends the watch or
-        ``close()`` shuts the connection down."""
-        response = self._pool.request(
-            "GET",
-            f"{self._host}{path}?{urlencode(query)}",
-            headers=self._headers,
-            preload_content=False,
-            timeout=self._watch_timeout,
-            retries=False,
-        )
-        with self._lock:
-            if self._closed:
-                response.release_conn()
-                return
-            self._streams.add(response)
-        try:
-            if response.status >= 400:
-                raise ApiError(response.status, json.loads(response.read() or b"{}"))
-            buffer = b""
-            for chunk in response.stream(amt=None):
-                buffer += chunk
-                *lines, buffer = buffer.split(b"\n")
-                yield from (json.loads(line) for line in lines if line.strip())
-        finally:
-            with self._lock:
-                self._streams.discard(response)
-            response.release_conn()
-
-    def close(self) -> None:
-        """Interrupt open watches; later requests still work (for final status writes)."""
-        with self._lock:
-            self._closed = True
-            streams = list(self._streams)
-        for response in streams:
-            response.shutdown()
+        api = config.new_client_from_config(str(kubeconfig))
+        self.core, self.batch = client.CoreV1Api(api), client.BatchV1Api(api)
+        self.leases = client.CoordinationV1Api(api)
 
     def object(self, kind: str, namespace: str, name: str) -> Obj | None:
         """A ConfigMap or Secret a Pod refers to, or None when it does not exist."""
-        return self.get(f"/api/v1/namespaces/{namespace}/{kind.lower()}s/{name}")
+        read = self.core.read_namespaced_config_map
+        if kind == "Secret":
+            read = self.core.read_namespaced_secret
+        return api_call(read, name, namespace, ok=(404,))
 
     def token(self, pod: Obj, audience: str | None, expiration: int) -> str:
         """A token of the Pod's ServiceAccount, bound to the Pod (TokenRequest API)."""
         meta = pod["metadata"]
         account = pod["spec"].get("serviceAccountName") or "default"
-        request = {
-            "apiVersion": "authentication.k8s.io/v1",
-            "kind": "TokenRequest",
-            "spec": {
-                "audiences": [audience] if audience else [],
-                "expirationSeconds": expiration,
-                "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", **_ref(meta)},
-            },
-        }
-        path = f"/api/v1/namespaces/{meta['namespace']}/serviceaccounts/{account}/token"
+        bound = {"apiVersion": "v1", "kind": "Pod", "name": meta["name"], "uid": meta["uid"]}
+        spec = {"audiences": [audience] if audience else [], "expirationSeconds": expiration}
+        request = {"spec": {**spec, "boundObjectRef": bound}}
+        create = self.core.create_namespaced_service_account_token
         try:
-            return str(self.request("POST", path, request)["status"]["token"])
-        except ApiError as exc:
-            message = f"service account token: {exc.message}"
+            return str(api_call(create, account, meta["namespace"], request)["status"]["token"])
+        except ApiException as exc:
+            message = f"service account token: {api_message(exc)}"
             raise PodSetupError("ContainerCreating", message) from exc
-
-
-def _ref(meta: Obj) -> Obj:
-    return {"name": meta["name"], "uid": meta["uid"]}
 
 
 def volume_claim(namespace: str, claim: str, folder: Path, size: str = "100Gi") -> list[Obj]:
@@ -937,10 +812,6 @@ def default_runtimes() -> list[ImageRuntime]:
     return [ImageRuntime("vllm/", serving, cpu)] if (serving / "bin" / "vllm").exists() else []
 
 
-def pod_path(namespace: str, name: str = "") -> str:
-    return f"/api/v1/namespaces/{namespace}/pods" + (f"/{name}" if name else "")
-
-
 # ------------------------------------------------------------------ kubelet ---
 
 
@@ -985,25 +856,15 @@ class WorkQueue:
 
 
 @dataclass(frozen=True)
-class Launch:
-    """How to start a container (``container_init`` does the mounting)."""
-
-    argv: list[str]
-    executable: str
-    env: dict[str, str]
-    mounts: list[Mount]
-    working_dir: str
-    keep: list[str]
-
-
-@dataclass(frozen=True)
 class Step:
     """One container of a Pod, in the order they run: each init container, then the
-    first regular one. ``launch`` None: it cannot start at all (``start_error``)."""
+    first regular one. How to start it: its environment, and what ``container_init``
+    does (mounts, working folder, exec); or why it cannot start at all."""
 
     container: Obj
     init: bool
-    launch: Launch | None
+    env: dict[str, str] = field(default_factory=dict)
+    spec: Obj = field(default_factory=dict)
     start_error: str = ""
 
     @property
@@ -1049,6 +910,10 @@ class ContainerRun:
     def file(self, name: str) -> Path:
         """A file of the current container's own (each has its own termination log)."""
         return self.pod_dir / "containers" / self.step.name / name
+
+    @property
+    def meta(self) -> Obj:
+        return {"namespace": self.key[0], "name": self.key[1], "uid": self.uid}
 
     def report(self) -> Report:
         """The Pod as it stands while this run goes on."""
@@ -1154,10 +1019,12 @@ class LocalKubelet:
         self._runs: dict[str, ContainerRun] = {}  # by Pod UID
         self._ips: dict[str, str] = {}  # by Pod UID
         self._next_ip = itertools.count(2)
+        self._pod_network = LOOPBACK_POD_NETWORK
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._kube: Kube | None = None
+        self._watcher = watch.Watch()
         self._shim = ""
 
     def pvc_dir(self, namespace: str, claim: str) -> Path:
@@ -1169,15 +1036,10 @@ class LocalKubelet:
         return the folder."""
         folder = self.pvc_dir(namespace, claim)
         folder.mkdir(parents=True, exist_ok=True)
-        for obj in volume_claim(namespace, claim, folder):
-            path = "/api/v1/persistentvolumes"
-            if obj["kind"] == "PersistentVolumeClaim":
-                path = f"/api/v1/namespaces/{namespace}/persistentvolumeclaims"
-            try:
-                self.kube.request("POST", path, obj)
-            except ApiError as exc:
-                if exc.status != 409:
-                    raise
+        volume, pvc = volume_claim(namespace, claim, folder)
+        api_call(self.kube.core.create_persistent_volume, volume, ok=(409,))
+        create = self.kube.core.create_namespaced_persistent_volume_claim
+        api_call(create, namespace, pvc, ok=(409,))
         return folder
 
     def log_path(self, namespace: str, pod: str, init_container: str | None = None) -> Path:
@@ -1196,6 +1058,7 @@ class LocalKubelet:
             raise RuntimeError("the local kubelet needs util-linux's `unshare`")
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._shim = self._build_shim()
+        self._pod_network = local_pod_network()
         self._kube = Kube(self._kubeconfig)
         self._register()
         listed = threading.Event()
@@ -1216,7 +1079,7 @@ class LocalKubelet:
         if self._kube is None or self._stopping.is_set():
             return
         self._stopping.set()
-        self._kube.close()
+        self._watcher.stop()  # interrupts the watch's read
         self._pods.close()
         for thread in self._threads:
             thread.join(timeout=REQUEST_TIMEOUT_SECONDS)
@@ -1254,76 +1117,38 @@ class LocalKubelet:
         return str(library)
 
     def _register(self) -> None:
+        labels = {"kubernetes.io/hostname": self.node, "kubernetes.io/os": "linux"}
         node = {
-            "apiVersion": "v1",
-            "kind": "Node",
-            "metadata": {
-                "name": self.node,
-                "labels": {
-                    "kubernetes.io/hostname": self.node,
-                    "kubernetes.io/os": "linux",
-                    "kubernetes.io/arch": "amd64",
-                },
-            },
+            "metadata": {"name": self.node, "labels": {**labels, "kubernetes.io/arch": "amd64"}}
         }
-        try:
-            self.kube.request("POST", "/api/v1/nodes", node)
-        except ApiError as exc:
-            if exc.status != 409:
-                raise
+        api_call(self.kube.core.create_node, node, ok=(409,))
         now = rfc3339(utc_now())
-        ready = {
-            "type": "Ready",
-            "status": "True",
-            "reason": "KubeletReady",
-            "message": "local kubelet is posting ready status",
-            "lastHeartbeatTime": now,
-            "lastTransitionTime": now,
-        }
+        ready = {"type": "Ready", "status": "True", "reason": "KubeletReady"}
+        ready |= {"message": "local kubelet is posting ready status"}
+        info = {"kubeletVersion": "local", "containerRuntimeVersion": "local://processes"}
         status = {
             "capacity": self._capacity,
             "allocatable": self._capacity,
-            "conditions": [ready],
+            "conditions": [{**ready, "lastHeartbeatTime": now, "lastTransitionTime": now}],
             "addresses": [
                 {"type": "InternalIP", "address": HOST_IP},
                 {"type": "Hostname", "address": self.node},
             ],
-            "nodeInfo": {
-                "kubeletVersion": "local",
-                "operatingSystem": "linux",
-                "architecture": "amd64",
-                "containerRuntimeVersion": "local://processes",
-            },
+            "nodeInfo": {**info, "operatingSystem": "linux", "architecture": "amd64"},
         }
-        self.kube.request(
-            "PATCH",
-            f"/api/v1/nodes/{self.node}/status",
-            {"status": status},
-            content_type=MERGE_PATCH,
-        )
+        patch = self.kube.core.patch_node_status
+        api_call(patch, self.node, {"status": status}, _content_type=MERGE_PATCH)
+        lease = {"metadata": {"name": self.node}, "spec": {"leaseDurationSeconds": 40}}
+        api_call(self.kube.leases.create_namespaced_lease, NODE_LEASES, lease, ok=(409,))
 
     def _renew_lease(self) -> None:
-        path = f"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{self.node}"
+        renew = self.kube.leases.patch_namespaced_lease
         while not self._stopping.is_set():
             stamp = utc_now().strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-            lease = {
-                "apiVersion": "coordination.k8s.io/v1",
-                "kind": "Lease",
-                "metadata": {"name": self.node, "namespace": "kube-node-lease"},
-                "spec": {
-                    "holderIdentity": self.node,
-                    "leaseDurationSeconds": 40,
-                    "renewTime": stamp,
-                },
-            }
+            lease = {"spec": {"holderIdentity": self.node, "renewTime": stamp}}
             try:
-                if self.kube.get(path) is None:
-                    self.kube.request("POST", path.rsplit("/", 1)[0], lease)
-                else:
-                    self.kube.request(
-                        "PATCH", path, {"spec": lease["spec"]}, content_type=MERGE_PATCH
-                    )
-            except ApiError as exc:
+                api_call(renew, self.node, NODE_LEASES, lease, _content_type=MERGE_PATCH)
+            except Exception as exc:
                 log.warning("lease: %s", exc)
             self._stopping.wait(LEASE_SECONDS)
 
@@ -1331,48 +1156,42 @@ class LocalKubelet:
 
     def _watch(self, listed: threading.Event) -> None:
         """List, then watch from the list's resourceVersion; list again when it expires."""
-        query = {"fieldSelector": f"spec.nodeName={self.node}"}
+        pods, selector = self.kube.core.list_pod_for_all_namespaces, f"spec.nodeName={self.node}"
         while not self._stopping.is_set():
             try:
-                listing = self.kube.request("GET", "/api/v1/pods", query=query)
-                for pod in listing.get("items") or []:
+                listing = api_call(pods, field_selector=selector)
+                for pod in listing["items"]:
                     self._pods.add((pod["metadata"]["namespace"], pod["metadata"]["name"]))
                 listed.set()
-                version = listing["metadata"]["resourceVersion"]
-                while not self._stopping.is_set():
-                    params = {
-                        **query,
-                        "watch": "true",
-                        "resourceVersion": version,
-                        "allowWatchBookmarks": "true",
-                        "timeoutSeconds": str(WATCH_TIMEOUT_SECONDS),
-                    }
-                    for event in self.kube.stream("/api/v1/pods", params):
-                        obj = event["object"]
-                        if event["type"] == "ERROR":
-                            if obj.get("code") == 410:
-                                raise WatchExpired
-                            raise ApiError(int(obj.get("code") or 500), obj)
-                        version = obj["metadata"]["resourceVersion"]
-                        if event["type"] != "BOOKMARK":
-                            self._pods.add((obj["metadata"]["namespace"], obj["metadata"]["name"]))
-            except WatchExpired:
-                continue
+                if self._stopping.is_set():  # stop() came too early to interrupt the watch
+                    return
+                # The client's Watch resumes where the last watch ended (bookmarks too),
+                # and raises 410 Gone when that is too old.
+                for event in self._watcher.stream(
+                    pods,
+                    field_selector=selector,
+                    resource_version=listing["metadata"]["resourceVersion"],
+                    allow_watch_bookmarks=True,
+                    _request_timeout=(REQUEST_TIMEOUT_SECONDS, WATCH_READ_TIMEOUT_SECONDS),
+                ):
+                    meta = event["raw_object"]["metadata"]
+                    if event["type"] != "BOOKMARK":
+                        self._pods.add((meta["namespace"], meta["name"]))
             except Exception as exc:
                 if self._stopping.is_set():
                     return
-                log.warning("watch of pods failed, retrying: %s", exc)
+                log.warning("watch of pods failed, listing again: %s", exc)
                 self._stopping.wait(ERROR_RETRY_SECONDS)
 
     def _work(self) -> None:
         while (key := self._pods.get()) is not None:
             try:
                 delay = self._sync(*key)
-            except ApiError as exc:
+            except ApiException as exc:
                 # 409: someone else wrote first; read again right away.
                 delay = 0.0 if exc.status == 409 else ERROR_RETRY_SECONDS
                 if exc.status != 409:
-                    log.warning("%s/%s: %s", *key, exc)
+                    log.warning("%s/%s: %s", *key, api_message(exc))
             except Exception:
                 if self._stopping.is_set():
                     return
@@ -1382,7 +1201,7 @@ class LocalKubelet:
                 self._pods.add(key, delay)
 
     def _sync(self, namespace: str, name: str) -> float | None:
-        pod = self.kube.get(pod_path(namespace, name))
+        pod = api_call(self.kube.core.read_namespaced_pod, name, namespace, ok=(404,))
         uid = pod["metadata"]["uid"] if pod is not None else None
         with self._lock:
             stale = [r for r in self._runs.values() if r.key == (namespace, name) and r.uid != uid]
@@ -1427,7 +1246,8 @@ class LocalKubelet:
                     ip = fixed_pod_ip(meta["namespace"], spec["subdomain"], spec["hostname"])
                 else:
                     n = next(self._next_ip)
-                    ip = f"127.1.{n // 250}.{n % 250 + 2}"
+                    prefix = ".".join(self._pod_network.split(".")[:2])
+                    ip = f"{prefix}.{n // 250}.{n % 250 + 2}"
                 self._ips[meta["uid"]] = ip
             return self._ips[meta["uid"]]
 
@@ -1480,7 +1300,7 @@ class LocalKubelet:
             run.last_state, run.backing_off, run.started, run.ready = ended, True, False, False
             run.restart_at = time.monotonic() + back_off(run.restart_count)
             message = f"Back-off restarting failed container {run.step.name}"
-            self._event(pod, "Warning", "BackOff", message)
+            self._event(pod["metadata"], "Warning", "BackOff", message)
             self._report(pod, run.report(), run.pod_ip)
             return back_off(run.restart_count)
         else:
@@ -1508,7 +1328,7 @@ class LocalKubelet:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         error_file = run.file(START_ERROR_FILE)
         error_file.parent.mkdir(parents=True, exist_ok=True)
-        if step.launch is None:
+        if step.start_error:
             error_file.write_text(step.start_error)
             with self._lock:
                 run.process, run.log_path, run.killed = None, log_path, False
@@ -1516,14 +1336,7 @@ class LocalKubelet:
                 run.exit_code = START_ERROR_EXIT
             self._pods.add(run.key)
             return
-        init_spec = {
-            "mounts": [vars(m) for m in step.launch.mounts],
-            "keep": step.launch.keep,
-            "workingDir": step.launch.working_dir,
-            "executable": step.launch.executable,
-            "argv": step.launch.argv,
-            "startErrorFile": str(error_file),
-        }
+        init_spec = {**step.spec, "startErrorFile": str(error_file)}
         work = run.pod_dir / "work"  # a mount cannot hide a process's cwd
         work.mkdir(parents=True, exist_ok=True)
         unshare = ["unshare", "--mount", "--propagation", "private", "--"]
@@ -1534,7 +1347,7 @@ class LocalKubelet:
         with log_path.open("ab") as log_file:
             process = subprocess.Popen(
                 [*unshare, *init, json.dumps(init_spec)],
-                env=step.launch.env,
+                env=step.env,
                 cwd=work,
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
@@ -1547,14 +1360,8 @@ class LocalKubelet:
             run.killed = False
         # Only the command: $(VAR) expansion may have put Secret values in the arguments.
         what = f"{'init container' if step.init else 'container'} {step.name}"
-        log.info(
-            "pod %s/%s: %s started %s (pid %d)",
-            namespace,
-            pod,
-            what,
-            step.launch.argv[0],
-            process.pid,
-        )
+        argv0, pid = step.spec["argv"][0], process.pid
+        log.info("pod %s/%s: %s started %s (pid %d)", namespace, pod, what, argv0, pid)
         threading.Thread(target=self._wait_for_exit, args=(run, process), daemon=True).start()
         if not step.init:
             threading.Thread(target=self._probe, args=(run, process), daemon=True).start()
@@ -1573,17 +1380,12 @@ class LocalKubelet:
         for position, container in enumerate(containers):
             init = position < len(containers) - 1
             try:
-                steps.append(
-                    Step(
-                        container,
-                        init,
-                        self._prepare(pod, container, pod_dir, volumes, hosts, pod_ip),
-                    )
-                )
+                env, spec = self._prepare(pod, container, pod_dir, volumes, hosts, pod_ip)
+                steps.append(Step(container, init, env, spec))
             except PodSetupError as exc:
                 raise PodSetupError(exc.reason, exc.message, position) from exc
             except StartError as exc:
-                steps.append(Step(container, init, None, str(exc)))
+                steps.append(Step(container, init, start_error=str(exc)))
         return steps
 
     def _hosts_file(self, pod: Obj, pod_dir: Path) -> Path | None:
@@ -1595,11 +1397,8 @@ class LocalKubelet:
             return None
         hostnames = [spec.get("hostname") or meta["name"]]
         job_name = (meta.get("labels") or {}).get(JOB_NAME_LABEL)
-        job = (
-            self.kube.get(f"/apis/batch/v1/namespaces/{meta['namespace']}/jobs/{job_name}")
-            if job_name
-            else None
-        )
+        read = self.kube.batch.read_namespaced_job
+        job = api_call(read, job_name, meta["namespace"], ok=(404,)) if job_name else None
         if job is not None and job["spec"].get("completionMode") == "Indexed":
             hostnames += [f"{job_name}-{i}" for i in range(int(job["spec"]["completions"]))]
         hosts = {h: fixed_pod_ip(meta["namespace"], subdomain, h) for h in hostnames}
@@ -1621,8 +1420,8 @@ class LocalKubelet:
         volumes: dict[str, Volume],
         hosts: Path | None,
         pod_ip: str,
-    ) -> Launch:
-        """Resolve the environment and the command, plan the mounts."""
+    ) -> tuple[dict[str, str], Obj]:
+        """The container's environment, and what ``container_init`` does for it."""
         env = container_env(pod, container, self.kube, pod_ip)
         argv = [expand(a, env) for a in [*container.get("command", []), *container.get("args", [])]]
         inherited = {k: os.environ[k] for k in self._pass_env if k in os.environ}
@@ -1660,8 +1459,14 @@ class LocalKubelet:
         ]
         if "/" not in argv[0]:
             needed.append(os.path.dirname(executable))  # found on the host's PATH
-        keep = paths_to_keep(mounts, needed)
-        return Launch(argv, executable, proc_env, mounts, container.get("workingDir", ""), keep)
+        spec = {
+            "mounts": [vars(m) for m in mounts],
+            "keep": paths_to_keep(mounts, needed),
+            "workingDir": container.get("workingDir", ""),
+            "executable": executable,
+            "argv": argv,
+        }
+        return proc_env, spec
 
     def _wait_for_exit(self, run: ContainerRun, process: subprocess.Popen[bytes]) -> None:
         returncode = process.wait()
@@ -1681,25 +1486,17 @@ class LocalKubelet:
     def _probe(self, run: ContainerRun, process: subprocess.Popen[bytes]) -> None:
         """Run the regular container's probes while ``process`` lives: the startup probe
         until it passes, then readiness and liveness, each on its own period."""
-        container = run.step.container
-        probes = {
-            kind: container.get(f"{kind}Probe") for kind in ("startup", "readiness", "liveness")
-        }
-        run.started = probes["startup"] is None
-        run.ready = run.started and probes["readiness"] is None
+        container, kinds = run.step.container, ("startup", "readiness", "liveness")
+        probes = {k: p for k in kinds if (p := container.get(f"{k}Probe")) is not None}
+        run.started = "startup" not in probes
+        run.ready = run.started and "readiness" not in probes
         failures = dict.fromkeys(probes, 0)
-        due = {
-            k: time.monotonic() + float((p or {}).get("initialDelaySeconds", 0))
-            for k, p in probes.items()
-        }
+        now = time.monotonic()
+        due = {k: now + float(p.get("initialDelaySeconds", 0)) for k, p in probes.items()}
         while process.poll() is None and not run.terminating and not self._stopping.wait(0.5):
             changed = False
             for kind, probe in probes.items():
-                if (
-                    probe is None
-                    or time.monotonic() < due[kind]
-                    or (kind != "startup") != run.started
-                ):
+                if time.monotonic() < due[kind] or (kind != "startup") != run.started:
                     continue
                 due[kind] = time.monotonic() + float(probe.get("periodSeconds", 10))
                 passed = probe_passes(probe, run.pod_ip, container)
@@ -1708,18 +1505,10 @@ class LocalKubelet:
                     run.ready, changed = passed, True
                 if kind == "startup" and passed:
                     run.started = changed = True
-                    run.ready = probes["readiness"] is None
-                if (
-                    not passed
-                    and failures[kind] >= int(probe.get("failureThreshold", 3))
-                    and kind != "readiness"
-                ):
-                    self._event(
-                        self.kube.get(pod_path(*run.key)) or {},
-                        "Warning",
-                        "Unhealthy",
-                        f"{kind.capitalize()} probe failed; container {run.step.name} will be restarted",
-                    )
+                    run.ready = "readiness" not in probes
+                if kind != "readiness" and failures[kind] >= int(probe.get("failureThreshold", 3)):
+                    message = f"{kind.capitalize()} probe failed; container {run.step.name} will be restarted"
+                    self._event(run.meta, "Warning", "Unhealthy", message)
                     with self._lock:
                         run.killed = True
                     _signal_group(run, signal.SIGKILL)
@@ -1736,37 +1525,21 @@ class LocalKubelet:
         # (409, read again) rather than drop a condition written since the Pod was read,
         # such as the DisruptionTarget an eviction adds.
         precondition = {"uid": meta["uid"], "resourceVersion": meta.get("resourceVersion")}
-        self.kube.request(
-            "PATCH",
-            pod_path(meta["namespace"], meta["name"]) + "/status",
-            {"metadata": prune(precondition), "status": desired},
-            content_type=MERGE_PATCH,
-        )
-        if "running" in report.state and "running" not in (
-            (current.get("containerStatuses") or [{}])[0].get("state") or {}
-        ):
-            self._event(
-                pod,
-                "Normal",
-                "Started",
-                f"Started container {pod['spec']['containers'][0]['name']}",
-            )
+        patch = {"metadata": prune(precondition), "status": desired}
+        write = self.kube.core.patch_namespaced_pod_status
+        api_call(write, meta["name"], meta["namespace"], patch, _content_type=MERGE_PATCH)
+        was = (current.get("containerStatuses") or [{}])[0].get("state") or {}
+        if "running" in report.state and "running" not in was:
+            message = f"Started container {pod['spec']['containers'][0]['name']}"
+            self._event(meta, "Normal", "Started", message)
 
-    def _event(self, pod: Obj, kind: str, reason: str, message: str) -> None:
-        meta = pod.get("metadata")
-        if not meta:
-            return
-        stamp = rfc3339(utc_now())
+    def _event(self, meta: Obj, kind: str, reason: str, message: str) -> None:
+        """An Event about the Pod of metadata ``meta``."""
+        stamp, namespace = rfc3339(utc_now()), meta["namespace"]
+        pod = {"apiVersion": "v1", "kind": "Pod", "namespace": namespace, "name": meta["name"]}
         event = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
-            "involvedObject": {
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "namespace": meta["namespace"],
-                **_ref(meta),
-            },
+            "metadata": {"generateName": f"{meta['name']}."},
+            "involvedObject": {**pod, "uid": meta["uid"]},
             "type": kind,
             "reason": reason,
             "message": message,
@@ -1776,9 +1549,9 @@ class LocalKubelet:
             "count": 1,
         }
         try:
-            self.kube.request("POST", f"/api/v1/namespaces/{meta['namespace']}/events", event)
-        except ApiError as exc:
-            log.warning("event %s on pod %s: %s", reason, meta["name"], exc)
+            api_call(self.kube.core.create_namespaced_event, namespace, event)
+        except ApiException as exc:
+            log.warning("event %s on pod %s: %s", reason, meta["name"], api_message(exc))
 
     def _terminate(self, run: ContainerRun, grace: float) -> None:
         """SIGTERM now, SIGKILL after ``grace`` seconds unless the process exited."""
@@ -1787,12 +1560,7 @@ class LocalKubelet:
                 return
             run.terminating = True
         log.info("pod %s/%s: terminating (grace %.0fs)", *run.key, grace)
-        self._event(
-            {"metadata": {"name": run.key[1], "namespace": run.key[0], "uid": run.uid}},
-            "Normal",
-            "Killing",
-            f"Stopping container {run.step.name}",
-        )
+        self._event(run.meta, "Normal", "Killing", f"Stopping container {run.step.name}")
         _signal_group(run, signal.SIGTERM)
         timer = threading.Timer(grace, self._kill, args=(run, run.process))
         timer.daemon = True
@@ -1818,11 +1586,8 @@ class LocalKubelet:
         if meta.get("deletionGracePeriodSeconds") == 0:
             return
         body = {"gracePeriodSeconds": 0, "preconditions": {"uid": meta["uid"]}}
-        try:
-            self.kube.request("DELETE", pod_path(meta["namespace"], meta["name"]), body)
-        except ApiError as exc:
-            if exc.status not in (404, 409):
-                raise
+        delete = self.kube.core.delete_namespaced_pod
+        api_call(delete, meta["name"], meta["namespace"], body=body, ok=(404, 409))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
