@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -236,7 +236,28 @@ def _fast_tokenizer(tok: Any, **special: str) -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=tok, **special)
 
 
-def _build_qwen2_5_vl(extra_words: Iterable[str]) -> tuple[Any, Any]:
+# The tiny vision tower: two blocks, the last with full attention as in the real model.
+VISION_SIZE: dict[str, Any] = {
+    "depth": 2,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_heads": 2,
+    "window_size": 56,
+    "fullatt_block_indexes": [1],
+}
+
+
+def _build_qwen2_5_vl(
+    extra_words: Iterable[str],
+    *,
+    language: dict[str, Any] = LANGUAGE_MODEL_SIZE,
+    vision: dict[str, Any] = VISION_SIZE,
+    vocab_size: int | None = None,
+    max_pixels: int = 112 * 112,
+) -> tuple[Any, Any]:
+    """The tiny Qwen2.5-VL, or with ``language``/``vision`` sizes (and a ``vocab_size``
+    above the tokenizer's, whose extra rows no text reaches but every logit pays for)
+    one of a real checkpoint's shape, as bench/train.py's realistic shape builds."""
     from transformers import (
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
@@ -263,7 +284,7 @@ def _build_qwen2_5_vl(extra_words: Iterable[str]) -> tuple[Any, Any]:
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in specials}
     # min/max pixels keep image token counts tiny: a 56x56 image is a 4x4 patch grid,
     # merged 2x2 into four tokens.
-    min_pixels, max_pixels = 28 * 28, 112 * 112
+    min_pixels = 28 * 28
     processor = Qwen2_5_VLProcessor(
         image_processor=Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels),
         tokenizer=tokenizer,
@@ -272,8 +293,7 @@ def _build_qwen2_5_vl(extra_words: Iterable[str]) -> tuple[Any, Any]:
     )
     config = Qwen2_5_VLConfig(
         text_config={
-            "vocab_size": len(tokenizer),
-            **LANGUAGE_MODEL_SIZE,
+            "vocab_size": vocab_size or len(tokenizer),
             # mrope sections split head_dim/2 = 16 rotary frequencies over (time, height,
             # width)
             "rope_parameters": {
@@ -281,21 +301,17 @@ def _build_qwen2_5_vl(extra_words: Iterable[str]) -> tuple[Any, Any]:
                 "rope_theta": 10000.0,
                 "mrope_section": [4, 6, 6],
             },
+            **language,
             "bos_token_id": None,
             "eos_token_id": ids["<|im_end|>"],
             "pad_token_id": ids["<|endoftext|>"],
         },
         vision_config={
-            "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "out_hidden_size": 64,
+            "out_hidden_size": language["hidden_size"],
             "patch_size": 14,
             "spatial_merge_size": 2,
             "temporal_patch_size": 2,
-            "window_size": 56,
-            "fullatt_block_indexes": [1],
+            **vision,
         },
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
@@ -393,10 +409,51 @@ def build(out: str | Path, family: str, *, seed: int = 0, extra_words: Iterable[
     """Build the tiny ``family`` model into ``out`` and return the folder."""
     if family not in _BUILDERS:
         raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    return _save(out, seed, lambda: _BUILDERS[family](extra_words))
+
+
+def build_qwen2_5_vl(
+    out: str | Path,
+    *,
+    language: dict[str, Any],
+    vision: dict[str, Any],
+    vocab_size: int,
+    max_pixels: int,
+    extra_words: Iterable[str] = (),
+    seed: int = 0,
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> Path:
+    """A Qwen2.5-VL of the given sizes (see _build_qwen2_5_vl) into ``out``, its random
+    weights made on ``device`` in ``dtype``: a 3B model's initialisation takes minutes on
+    a CPU and a second on a GPU."""
+    import torch
+
+    def make() -> tuple[Any, Any]:
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(getattr(torch, dtype))
+        try:
+            with torch.device(device):
+                model, processor = _build_qwen2_5_vl(
+                    extra_words,
+                    language=language,
+                    vision=vision,
+                    vocab_size=vocab_size,
+                    max_pixels=max_pixels,
+                )
+        finally:
+            torch.set_default_dtype(default)
+        model.config.dtype = dtype
+        return model, processor
+
+    return _save(out, seed, make)
+
+
+def _save(out: str | Path, seed: int, make: Callable[[], tuple[Any, Any]]) -> Path:
     import torch
 
     torch.manual_seed(seed)  # same seed, same weights: test caches and the demo stay reproducible
-    model, processing = _BUILDERS[family](extra_words)
+    model, processing = make()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.generation_config.eos_token_id = model.config.get_text_config().eos_token_id
