@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -260,3 +262,82 @@ def test_summary_file_carries_the_first_warnings_after_the_errors(tmp_path: Path
         "message": "'tools' is ignored: tool calling is not trained",
     }
     assert len(summary.read_bytes()) <= 4096
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--min-examples", "0"], "min_examples: Input should be greater than or equal to 1"),
+        (
+            ["--max-images-per-example", "10001"],
+            "max_images_per_example: Input should be less than or equal to 10000",
+        ),
+        (["--max-image-bytes", "0"], "max_image_bytes: Input should be greater than or equal to 1"),
+        (
+            ["--min-examples", "5", "--max-examples", "4"],
+            "Value error, minExamples must not exceed maxExamples",
+        ),
+    ],
+)
+def test_limits_out_of_bounds_are_usage_errors_worded_by_the_model(
+    flags: list[str],
+    message: str,
+    dataset: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert kubetune("validate", str(dataset), *flags) == 2
+    assert capsys.readouterr().err == f"kubetune validate: {message}\n"
+    if flags[0] == "--max-image-bytes":
+        out = tmp_path / "o.jsonl"
+        assert kubetune("convert", str(dataset), str(out), "--to", "placeholder", *flags) == 2
+        assert capsys.readouterr().err == f"kubetune convert: {message}\n"
+
+
+def test_a_missing_file_leaves_a_summary_saying_so(tmp_path: Path) -> None:
+    summary = tmp_path / "summary.json"
+    missing = tmp_path / "missing.jsonl"
+    assert kubetune("validate", str(missing), "--summary-file", str(summary)) == 2
+    assert json.loads(summary.read_text()) == {
+        "valid": False,
+        "error": f"{missing}: No such file or directory",
+    }
+
+
+def test_the_validation_job_command_imports_no_pydantic(dataset: Path, tmp_path: Path) -> None:
+    """The command as the operator's validation Job runs it, in a process of its own:
+    pydantic (a third to a half of its start-up, see contract/limits.py) is not imported,
+    and ending the process at once (cli._exit_at_once) loses none of its output."""
+    summary = tmp_path / "summary.json"
+    argv = [
+        *("validate", str(dataset), "--task", "sft", "--json", "--summary-file", str(summary)),
+        *("--min-examples", "1", "--max-examples", "100", "--max-images-per-example", "8"),
+        *("--max-image-bytes", "1000000", "--allow-remote-images"),
+    ]
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "kubetune_trainer.cli", *argv],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    imported = {
+        line.rsplit("|", 1)[1].strip()
+        for line in done.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    assert "kubetune_trainer.data.validate" in imported  # -X importtime did report
+    assert not {m for m in imported if m.split(".")[0] in ("pydantic", "pydantic_core")}
+    assert not imported & {"kubetune_trainer.contract.job", "kubetune_trainer.contract.summaries"}
+    report = json.loads(done.stdout)
+    assert report["valid"] is True and report["examples"] == 3
+    assert json.loads(summary.read_text()) == report
+
+    invalid = subprocess.run(
+        [sys.executable, "-m", "kubetune_trainer.cli", "validate", str(dataset), "--task", "dpo"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert invalid.returncode == 1
+    assert invalid.stdout.splitlines()[-1].startswith(f"{dataset}: INVALID: 3 examples")

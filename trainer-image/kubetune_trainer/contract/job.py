@@ -7,16 +7,19 @@ described once.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import Field, model_validator
 
 from kubetune_trainer.contract.base import CamelModel, S3Uri
+from kubetune_trainer.contract.limits import LIMITS, count_bounds_problem
+
+# Re-exported: defined in limits.py, which `kubetune validate` imports without pydantic.
+from kubetune_trainer.contract.limits import Task as Task
 from kubetune_trainer.contract.rules import APPLICABILITY, broken
 
 Method = Literal["sft", "dpo"]
 Tuning = Literal["lora", "full"]
-Task = Literal["sft", "dpo"]
 
 # Defaults a hosted service picks for a small VLM. LoRA and DPO settings have no
 # schema default because the CRD forbids them where they do not apply; the trainer
@@ -160,31 +163,31 @@ class EarlyStopping(CamelModel):
     )
 
 
+def _limit(name: str) -> Any:
+    limit = LIMITS[name]
+    bounds: dict[str, Any] = {"ge": limit.ge, "le": limit.le}
+    return Field(
+        limit.default,
+        description=limit.description,
+        **{key: value for key, value in bounds.items() if value is not None},
+    )
+
+
 class DatasetLimits(CamelModel):
     """Bounds a dataset must keep to be Ready."""
 
-    min_examples: int = Field(3, ge=1, description="Fewest examples accepted.")
-    max_examples: int = Field(3_000_000, ge=1, description="Most examples accepted.")
-    max_images_per_example: int = Field(
-        64, ge=0, le=10_000, description="Most images in one example."
-    )
-    max_image_bytes: int = Field(
-        10 * 1024 * 1024,
-        ge=1,
-        description="Largest encoded image, in bytes (files, downloads and data: URIs).",
-    )
-    allow_remote_images: bool = Field(
-        False,
-        description=(
-            "Allow http(s) image URLs. Even then, loopback, link-local, private and cloud "
-            "metadata addresses are refused."
-        ),
-    )
+    # Defaults, bounds and descriptions are in limits.LIMITS (see there why).
+    min_examples: int = _limit("min_examples")
+    max_examples: int = _limit("max_examples")
+    max_images_per_example: int = _limit("max_images_per_example")
+    max_image_bytes: int = _limit("max_image_bytes")
+    allow_remote_images: bool = _limit("allow_remote_images")
 
     @model_validator(mode="after")
     def _min_le_max(self) -> Self:
-        if self.min_examples > self.max_examples:
-            raise ValueError("minExamples must not exceed maxExamples")
+        problem = count_bounds_problem(self.min_examples, self.max_examples)
+        if problem:
+            raise ValueError(problem)
         return self
 
 

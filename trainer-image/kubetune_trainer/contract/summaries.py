@@ -4,10 +4,11 @@ termination message (Kubernetes keeps 4096 bytes of it).
 ``kubetune train`` writes a ``TrainingSummary`` (report.json is the same plus the loss
 curves), ``kubetune evaluate --config`` an ``EvaluationSummary``, ``kubetune preflight
 --config`` a ``PreflightSummary``, ``kubetune validate --summary-file`` a
-``ValidationSummary``. The writers use
-the models as they are, so a key cannot drift from what is defined here; the operator
-reads them with ``read_summary``, which ignores keys it does not know (a newer trainer
-image may add some).
+``ValidationSummary``. The writers use the models as they are, so a key cannot drift
+from what is defined here, except ``kubetune validate``, which writes the same JSON
+from its own report without importing pydantic (tests/data/test_data_report_shape.py
+holds the two together); the operator reads them with ``read_summary``, which ignores
+keys it does not know (a newer trainer image may add some).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from pydantic import BaseModel, Field, ValidationError
 from kubetune_trainer.contract import metrics
 from kubetune_trainer.contract.base import CamelModel
 
-TERMINATION_LIMIT = 4096
+# Re-exported: defined in limits.py, which `kubetune validate` imports without pydantic.
+from kubetune_trainer.contract.limits import TERMINATION_LIMIT as TERMINATION_LIMIT
 
 
 class Outcome(CamelModel):

@@ -11,23 +11,21 @@ import json
 import os
 import re
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
-
-from kubetune_trainer.contract.job import DatasetLimits
-from kubetune_trainer.contract.summaries import ValidationSummary, dump
+from kubetune_trainer.contract.limits import LIMITS, Limits, checked_limits
 from kubetune_trainer.data.convert import STYLES, convert_file
 from kubetune_trainer.data.jsonl import DEFAULT_MEMORY_LIMIT, LineBudget
 from kubetune_trainer.data.validate import validate_file
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
     """Add ``validate`` and ``convert`` to the `kubetune` command."""
-    defaults = DatasetLimits()
-
     validate = sub.add_parser(
         "validate",
         help="check a chat-JSONL dataset before any GPU is spent",
@@ -57,8 +55,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "--summary-file",
         help="also write a JSON summary under 4 KiB here (a container's termination message)",
     )
-    _add_limit_flags(validate, defaults, counts=True)
-    validate.set_defaults(func=run_validate)
+    _add_limit_flags(validate, counts=True)
+    # Nothing is left running or unwritten when it returns (see cli._exit_at_once).
+    validate.set_defaults(func=run_validate, exit_at_once=True)
 
     convert = sub.add_parser(
         "convert",
@@ -76,20 +75,20 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     convert.add_argument(
         "--image-root", help="where relative image paths resolve (default: the input's folder)"
     )
-    _add_limit_flags(convert, defaults, counts=False)
+    _add_limit_flags(convert, counts=False)
     convert.set_defaults(func=run_convert)
 
 
-def _add_limit_flags(
-    parser: argparse.ArgumentParser, defaults: DatasetLimits, *, counts: bool
-) -> None:
+def _add_limit_flags(parser: argparse.ArgumentParser, *, counts: bool) -> None:
     if counts:
-        parser.add_argument("--min-examples", type=int, default=defaults.min_examples)
-        parser.add_argument("--max-examples", type=int, default=defaults.max_examples)
+        parser.add_argument("--min-examples", type=int, default=LIMITS["min_examples"].default)
+        parser.add_argument("--max-examples", type=int, default=LIMITS["max_examples"].default)
         parser.add_argument(
-            "--max-images-per-example", type=int, default=defaults.max_images_per_example
+            "--max-images-per-example",
+            type=int,
+            default=LIMITS["max_images_per_example"].default,
         )
-    parser.add_argument("--max-image-bytes", type=int, default=defaults.max_image_bytes)
+    parser.add_argument("--max-image-bytes", type=int, default=LIMITS["max_image_bytes"].default)
     parser.add_argument(
         "--memory-limit",
         type=memory_size,
@@ -117,7 +116,11 @@ def memory_size(text: str) -> int:
     return int(match.group(1)) * _SUFFIXES[match.group(2) or ""]
 
 
-def _limits(args: argparse.Namespace) -> DatasetLimits:
+class _BadLimits(Exception):
+    """Flags that ``DatasetLimits`` refuses; the message is its first error."""
+
+
+def _limits(args: argparse.Namespace) -> Limits:
     given = {
         "min_examples": getattr(args, "min_examples", None),
         "max_examples": getattr(args, "max_examples", None),
@@ -125,7 +128,19 @@ def _limits(args: argparse.Namespace) -> DatasetLimits:
         "max_image_bytes": args.max_image_bytes,
         "allow_remote_images": args.allow_remote_images,
     }
-    return DatasetLimits(**{k: v for k, v in given.items() if v is not None})
+    given = {k: v for k, v in given.items() if v is not None}
+    limits = checked_limits(given)
+    if limits is not None:
+        return limits
+    # Only flags that might be wrong import pydantic (see contract/limits.py why not always).
+    from pydantic import ValidationError
+
+    from kubetune_trainer.contract.job import DatasetLimits
+
+    try:
+        return DatasetLimits(**given)
+    except ValidationError as exc:
+        raise _BadLimits(_first_pydantic_error(exc)) from None
 
 
 def _usage_error(command: str, message: str) -> int:
@@ -162,8 +177,8 @@ def _keep_heap_spare(path: str) -> None:
 def run_validate(args: argparse.Namespace) -> int:
     try:
         limits = _limits(args)
-    except ValidationError as exc:
-        return _usage_error("validate", _first_pydantic_error(exc))
+    except _BadLimits as exc:
+        return _usage_error("validate", str(exc))
     _keep_heap_spare(args.path)
     try:
         report = validate_file(
@@ -177,9 +192,14 @@ def run_validate(args: argparse.Namespace) -> int:
         )
     except OSError as exc:
         message = f"{exc.filename or args.path}: {exc.strerror or exc}"
-        _write_summary(args.summary_file, dump(ValidationSummary(valid=False, error=message)))
+        if args.summary_file is not None:
+            # A usage error, which may take the time to import pydantic.
+            from kubetune_trainer.contract.summaries import ValidationSummary, dump
+
+            _write_summary(args.summary_file, dump(ValidationSummary(valid=False, error=message)))
         return _usage_error("validate", message)
-    _write_summary(args.summary_file, report.summary())
+    if args.summary_file is not None:
+        _write_summary(args.summary_file, report.summary())
     if args.json:
         print(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
     else:
@@ -201,8 +221,8 @@ def _write_summary(path: str | None, summary: dict[str, Any]) -> None:
 def run_convert(args: argparse.Namespace) -> int:
     try:
         limits = _limits(args)
-    except ValidationError as exc:
-        return _usage_error("convert", _first_pydantic_error(exc))
+    except _BadLimits as exc:
+        return _usage_error("convert", str(exc))
     try:
         result = convert_file(
             args.input,

@@ -16,13 +16,12 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Final, Literal, get_args
 
-from kubetune_trainer.contract.job import DatasetLimits
+from kubetune_trainer.contract.limits import DEFAULT_LIMITS, Limits
 from kubetune_trainer.data.example import Example, ImageRef, Part, Turn
 from kubetune_trainer.data.formats import PLACEHOLDER
 from kubetune_trainer.data.images import image_bytes
@@ -105,7 +104,7 @@ def _content_part(part: Part) -> dict[str, Any]:
 # --- embedding -------------------------------------------------------------------
 
 
-def embed_example_images(example: Example, image_root: Path, limits: DatasetLimits) -> Example:
+def embed_example_images(example: Example, image_root: Path, limits: Limits) -> Example:
     """The example with file (and, where allowed, remote) images as ``data:`` URIs.
     Raises ``DatasetError`` for an image that breaks a rule."""
 
@@ -137,6 +136,8 @@ def embed_example_images(example: Example, image_root: Path, limits: DatasetLimi
 def atomic_output(path: str | Path) -> Iterator[BinaryIO]:
     """A binary file that becomes ``path`` only if the block finishes without an
     exception; otherwise it disappears and ``path`` is untouched."""
+    import tempfile  # here: `kubetune validate` imports this module, and never writes
+
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -158,7 +159,7 @@ def write_examples(
     style: Style,
     embed_images: bool = False,
     image_root: str | Path | None = None,
-    limits: DatasetLimits | None = None,
+    limits: Limits | None = None,
     budget: LineBudget | None = None,
 ) -> int:
     """Write examples as JSONL in ``style``, atomically; returns how many.
@@ -167,7 +168,7 @@ def write_examples(
     ``limits.allow_remote_images``) become ``data:`` URIs. With ``budget``, a line
     that a reader with that budget would refuse is a ``DatasetError``. A
     ``DatasetError`` leaves ``path`` as it was."""
-    limits = limits or DatasetLimits()
+    limits = limits or DEFAULT_LIMITS
     if embed_images and image_root is None:
         raise ValueError("embedding images needs the image_root that relative paths resolve under")
     # Not resolved here: the image-root guard (images.resolve_image_root) must see a
@@ -210,7 +211,7 @@ def convert_file(
     *,
     embed_images: bool = False,
     image_root: str | Path | None = None,
-    limits: DatasetLimits | None = None,
+    limits: Limits | None = None,
     budget: LineBudget = DEFAULT_BUDGET,
 ) -> ConvertResult:
     """Convert a dataset file. Every line is read so that all errors are reported;
@@ -218,7 +219,7 @@ def convert_file(
     and the lines written, so that the output can be validated with it. Raises
     ``OSError`` only for a file that cannot be read or written (a usage error)."""
     src = Path(src)
-    limits = limits or DatasetLimits()
+    limits = limits or DEFAULT_LIMITS
     root = Path(image_root if image_root is not None else src.parent).absolute()
     errors: list[Problem] = []
     warnings: list[Problem] = []

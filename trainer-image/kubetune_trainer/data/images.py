@@ -43,7 +43,7 @@ try:  # optional speed-up (SIMD base64); behaviour is the same without it
 except ImportError:  # pragma: no cover - exercised when pybase64 is absent
     pybase64 = None  # type: ignore[assignment]
 
-from kubetune_trainer.contract.job import DatasetLimits
+from kubetune_trainer.contract.limits import DEFAULT_LIMITS, Limits
 from kubetune_trainer.data.example import ImageRef
 from kubetune_trainer.data.problems import DatasetError
 
@@ -333,7 +333,7 @@ def remote_images_sha256(images: Mapping[str, str]) -> str:
 def _locate(
     ref: ImageRef,
     root: Path,
-    limits: DatasetLimits,
+    limits: Limits,
     *,
     lazy: bool,
     fetched: Path | None = None,
@@ -618,7 +618,7 @@ def _inspect(source: _Source, *, deep: bool) -> tuple[ImageInfo, list[str]]:
 def check_image(
     ref: ImageRef,
     image_root: Path,
-    limits: DatasetLimits,
+    limits: Limits,
     *,
     deep: bool = False,
     decoded: bytes | None = None,
@@ -641,7 +641,7 @@ def check_image(
 def open_image(
     ref: ImageRef,
     image_root: Path,
-    limits: DatasetLimits | None = None,
+    limits: Limits | None = None,
     *,
     fetched: Path | None = None,
     line: int = 0,
@@ -650,7 +650,7 @@ def open_image(
     as validation (root confinement, size cap, remote rules, format, pixel and scan
     caps). A remote image is read from ``fetched``, where the step before the run put
     it: training opens no connection. Raises ``DatasetError`` naming ``line``."""
-    limits = limits or DatasetLimits()
+    limits = limits or DEFAULT_LIMITS
     try:
         if ref.kind == "url" and limits.allow_remote_images and fetched is None:
             raise ImageProblem(
@@ -671,11 +671,11 @@ def open_image(
 
 
 def image_bytes(
-    ref: ImageRef, image_root: Path, limits: DatasetLimits | None = None, *, line: int = 0
+    ref: ImageRef, image_root: Path, limits: Limits | None = None, *, line: int = 0
 ) -> tuple[bytes, str]:
     """The encoded bytes of an image and their MIME type, under the validation rules
     (for ``convert --embed-images``). Raises ``DatasetError`` naming ``line``."""
-    limits = limits or DatasetLimits()
+    limits = limits or DEFAULT_LIMITS
     try:
         source = _locate(ref, _root_for(ref, image_root), limits, lazy=False)
         with source.open() as fp:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from kubetune_trainer.contract.job import DatasetLimits, Task
+from kubetune_trainer.contract.limits import DEFAULT_LIMITS, Limits, Task
 from kubetune_trainer.data.example import Example
 from kubetune_trainer.data.formats import line_style, parse_record
 from kubetune_trainer.data.jsonl import (
@@ -49,7 +49,7 @@ class Record:
 def iter_records(
     fp: BinaryIO,
     *,
-    limits: DatasetLimits | None = None,
+    limits: Limits | None = None,
     task: Task | None = None,
     budget: LineBudget = DEFAULT_BUDGET,
     digest: Hasher | None = None,
@@ -64,7 +64,7 @@ def iter_records(
     may have short stand-ins as the sources of its embedded images, the data: URIs
     they stand for in ``Record.embedded``, checked as base64 and decoded. Nothing but
     the image checks may look at those sources."""
-    limits = limits or DatasetLimits()
+    limits = limits or DEFAULT_LIMITS
     lookout = Lookout()
     for item in iter_lines(fp, budget=budget, digest=digest):
         if isinstance(item, Problem):
@@ -77,7 +77,7 @@ def iter_records(
 
 def _read_line(
     item: Line,
-    limits: DatasetLimits,
+    limits: Limits,
     task: Task | None,
     budget: LineBudget,
     style: str,
@@ -133,7 +133,7 @@ def _read_line(
 
 
 def _record_with_stand_ins(
-    item: Line, shortened: Shortened, limits: DatasetLimits, task: Task | None, style: str
+    item: Line, shortened: Shortened, limits: Limits, task: Task | None, style: str
 ) -> Record | None:
     """The line's record with its long data: URIs as stand-ins (``decode_shortened``),
     when the line reads without any problem; else None, and the line is read the
@@ -165,7 +165,7 @@ def _record_with_stand_ins(
 
 
 def read_examples(
-    path: str | Path, limits: DatasetLimits | None = None, budget: LineBudget = DEFAULT_BUDGET
+    path: str | Path, limits: Limits | None = None, budget: LineBudget = DEFAULT_BUDGET
 ) -> Iterator[Example]:
     """Every example of a JSONL file, in any supported format (mixed is fine), with
     ``Example.line`` set. Raises ``DatasetError`` at the first invalid line: the

@@ -6,13 +6,11 @@ the shape of each line.
 
 from __future__ import annotations
 
-from kubetune_trainer.contract.job import DatasetLimits, Task
+from kubetune_trainer.contract.limits import Limits, Task
 from kubetune_trainer.data.example import Example
 
 
-def example_problems(
-    example: Example, limits: DatasetLimits, task: Task | None = None
-) -> list[str]:
+def example_problems(example: Example, limits: Limits, task: Task | None = None) -> list[str]:
     """Why this example cannot be trained on; empty when it can.
 
     ``task=None`` checks only what every task needs (the trainer's reader uses it)."""
@@ -61,7 +59,7 @@ def _blank(text: str) -> bool:
     return not text or text.isspace()
 
 
-def count_problem(examples: int, limits: DatasetLimits) -> str | None:
+def count_problem(examples: int, limits: Limits) -> str | None:
     """Whether the number of examples is within [minExamples, maxExamples]."""
     if examples < limits.min_examples:
         return (

@@ -14,17 +14,11 @@ import functools
 import hashlib
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from kubetune_trainer.contract.job import DatasetLimits, Task
-from kubetune_trainer.contract.summaries import (
-    TERMINATION_LIMIT,
-    LineProblem,
-    ValidationSummary,
-    dump,
-)
+from kubetune_trainer.contract.limits import DEFAULT_LIMITS, TERMINATION_LIMIT, Limits, Task
 from kubetune_trainer.data.duplicates import DEFAULT_LIMIT, FingerprintTable
 from kubetune_trainer.data.example import ImageRef
 from kubetune_trainer.data.images import (
@@ -65,24 +59,24 @@ class ValidationReport:
     error_count: int
     warning_count: int
 
+    # The report is ``contract.summaries.ValidationSummary`` as ``dump`` writes it, made
+    # here from this dataclass's fields (the same names) so that the command does not
+    # import pydantic (see contract/limits.py why). The operator reads it with that
+    # model; tests/data/test_data_report_shape.py holds the two to the same JSON.
+
     def to_json(self) -> dict[str, Any]:
         """The ``--json`` report (camelCase, as the Dataset status spells it)."""
-        return dump(self._report())
+        return self._report()
 
     def summary(self, max_bytes: int = TERMINATION_LIMIT, max_each: int = 20) -> dict[str, Any]:
         """The report cut to fit a container termination message: the counts and as
         many of the first errors, then of the first warnings, as fit (warnings go
         first when something must)."""
         report = self._report()
-        errors = [
-            LineProblem(line=e.line, message=e.message[:512]) for e in report.errors[:max_each]
-        ]
-        warnings = [
-            LineProblem(line=w.line, message=w.message[:256])
-            for w in (report.warnings or [])[:max_each]
-        ]
+        errors = [_line_problem(e.line, e.message[:512]) for e in self.errors[:max_each]]
+        warnings = [_line_problem(w.line, w.message[:256]) for w in self.warnings[:max_each]]
         while True:
-            cut = dump(report.model_copy(update={"errors": errors, "warnings": warnings}))
+            cut = {**report, "errors": errors, "warnings": warnings}
             if len(json.dumps(cut).encode()) <= max_bytes or not (errors or warnings):
                 return cut
             if warnings:
@@ -90,22 +84,16 @@ class ValidationReport:
             else:
                 errors = errors[:-1]
 
-    def _report(self) -> ValidationSummary:
-        return ValidationSummary(
-            valid=self.valid,
-            examples=self.examples,
-            images=self.images,
-            text_only_examples=self.text_only_examples,
-            remote_images=self.remote_images,
-            remote_images_sha256=self.remote_images_sha256,
-            sha256=self.sha256,
-            errors=[LineProblem(line=p.line, message=p.message) for p in self.errors],
-            warnings=[LineProblem(line=p.line, message=p.message) for p in self.warnings],
-            error_count=self.error_count,
-            warning_count=self.warning_count,
-            truncated_errors=self.error_count - len(self.errors),
-            truncated_warnings=self.warning_count - len(self.warnings),
-        )
+    def _report(self) -> dict[str, Any]:
+        report: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("errors", "warnings"):
+                value = [_line_problem(p.line, p.message) for p in value]
+            report[_camel(f.name)] = value
+        report["truncatedErrors"] = self.error_count - len(self.errors)
+        report["truncatedWarnings"] = self.warning_count - len(self.warnings)
+        return report
 
     def plain_lines(self, name: str) -> Iterator[str]:
         """The plain output: ``line N: message`` per problem in line order, then a summary."""
@@ -123,6 +111,16 @@ class ValidationReport:
             f"{self.images:,} images, {self.error_count:,} errors, {self.warning_count:,} warnings; "
             f"sha256 {self.sha256}"
         )
+
+
+def _line_problem(line: int, message: str) -> dict[str, Any]:
+    return {"line": line, "message": message}
+
+
+def _camel(name: str) -> str:
+    """``pydantic.alias_generators.to_camel`` for the snake_case names of this module."""
+    first, *rest = name.split("_")
+    return first + "".join(word.capitalize() for word in rest)
 
 
 @dataclass
@@ -160,7 +158,7 @@ def validate_file(
     *,
     task: Task = "sft",
     image_root: str | Path | None = None,
-    limits: DatasetLimits | None = None,
+    limits: Limits | None = None,
     deep: bool = False,
     budget: LineBudget = DEFAULT_BUDGET,
     style: str = "auto",
@@ -169,7 +167,7 @@ def validate_file(
     missing file or image root raises (``OSError``), which is a usage error.
     ``budget`` keeps the memory one line takes within what the process may use."""
     path = Path(path)
-    limits = limits or DatasetLimits()
+    limits = limits or DEFAULT_LIMITS
     root = resolve_image_root(image_root if image_root is not None else path.parent)
     check = _image_checker(root, limits, deep)
     tally = _Tally()
@@ -265,7 +263,7 @@ def _labelled_images(
 
 
 def _image_checker(
-    root: Path, limits: DatasetLimits, deep: bool
+    root: Path, limits: Limits, deep: bool
 ) -> Callable[[ImageRef, bytes | None], ImageCheck]:
     """``check_image`` with the run's settings bound, and a small cache for paths and
     URLs (many examples share images; a URL is then fetched once). Data URIs and
