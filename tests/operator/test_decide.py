@@ -3,11 +3,14 @@ transition and every failure reason, without a cluster."""
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import replace
 from typing import Any
 
+import hypothesis
 import pytest
+from hypothesis import strategies as st
 
 from kubetune_operator.api.dataset import DatasetSpec
 from kubetune_operator.api.finetunejob import FineTuneJobSpec
@@ -1428,3 +1431,390 @@ def test_an_evaluation_job_keeps_the_platform_s_placement_once_kueue_s_is_droppe
     pod = created["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == {"pool": "ml"} and pod["priorityClassName"] == "batch"
     assert pod["imagePullSecrets"] == [{"name": "registry"}]
+
+
+# A run between pods: its phase only moves forward ---------------------------------------
+#
+# The job controller counts a pod's end only after the kubelet reports it, and with
+# Kubernetes 1.31+ it adds SuccessCriteriaMet or FailureTarget before Complete or Failed,
+# so a reconcile can see the trainer's pod ended, or gone, while its Job is unfinished.
+
+PROGRESS = {"step": 30, "totalSteps": 120, "epoch": 0.75, "percent": 25, "etaSeconds": 90}
+LOSSES = {"trainLoss": 1.25, "evalLoss": 1.5, "bestEvalLoss": 1.4, "bestStep": 20}
+RUNNING = {
+    "phase": "Running",
+    "message": "training",
+    "jobName": "run-train",
+    "startTime": TEN_MINUTES_AGO,
+    "progress": PROGRESS,
+    "metrics": LOSSES,
+    "observedGeneration": 1,
+    "conditions": [
+        {
+            "type": "Ready",
+            "status": "Unknown",
+            "reason": "Training",
+            "lastTransitionTime": TEN_MINUTES_AGO,
+        }
+    ],
+}
+# What the trainer serves while it loads the model, before it has counted its steps: its
+# step gauges and best step start at 0, the losses are NaN (left out by parse_samples).
+LOADING = {"kubetune_train_step": 0.0, "kubetune_train_total_steps": 0.0, "kubetune_best_step": 0.0}
+
+
+def train_job(active: int, conditions: list[dict[str, str]] | None = None, **status: Any) -> Any:
+    body = job("ftj-1", "run-train", conditions)
+    body["status"] |= {"active": active, **status}
+    return body
+
+
+def trainer_pod(
+    name: str,
+    phase: str,
+    state: dict[str, Any],
+    created: str = A_MINUTE_AGO,
+    conditions: list[dict[str, str]] | None = None,
+) -> dict[str, Any]:
+    body = pod(phase, state, created)
+    body["metadata"]["name"] = name
+    if conditions:
+        body["status"]["conditions"] = conditions
+    return body
+
+
+def exited(code: int, message: str = "") -> dict[str, Any]:
+    return {
+        "terminated": {
+            "exitCode": code,
+            "reason": "Completed" if code == 0 else "Error",
+            "message": message,
+        }
+    }
+
+
+EVICTED = [
+    {
+        "type": "DisruptionTarget",
+        "status": "True",
+        "reason": "EvictionByEvictionAPI",
+        "message": "Eviction API: evicting",
+    }
+]
+SUCCESS_MET = [{"type": "SuccessCriteriaMet", "status": "True", "reason": "CompletionsReached"}]
+FAILURE_TARGET = [
+    {
+        "type": "FailureTarget",
+        "status": "True",
+        "reason": "PodFailurePolicy",
+        "message": "Container trainer for pod team/p failed with exit code 3 matching FailJob rule",
+    }
+]
+
+
+def written(status: dict[str, Any], decision: Decision) -> dict[str, Any]:
+    """The FineTuneJob's status once the decision's status write lands: a merge patch."""
+
+    def merge(old: Any, new: Any) -> Any:
+        if not isinstance(old, dict) or not isinstance(new, dict):
+            return new
+        out = dict(old)
+        for key, value in new.items():
+            if value is None:
+                out.pop(key, None)
+            else:
+                out[key] = merge(out.get(key), value)
+        return out
+
+    if decision.status is None:
+        return status
+    body = ftj_body(status)
+    patch = status_patch(body, decision.status, NOW)
+    return status if patch is None else merge(status, patch)
+
+
+@pytest.mark.parametrize(
+    ("training", "pods", "reason", "says"),
+    [
+        # The trainer succeeded; the job controller has not looked yet.
+        (
+            train_job(1),
+            [trainer_pod("p", "Succeeded", exited(0, SUMMARY))],
+            "TrainerExited",
+            "training finished",
+        ),
+        # It has counted the pod, and the Job meets its success criteria; Complete is next.
+        (
+            train_job(0, SUCCESS_MET, succeeded=1),
+            [trainer_pod("p", "Succeeded", exited(0))],
+            "TrainerExited",
+            "the trainer exited",
+        ),
+        # A crash: the Job retries it (a new pod after a back-off) or fails.
+        (
+            train_job(0, failed=1),
+            [trainer_pod("p", "Failed", exited(1, "Traceback ..."))],
+            "TrainerExited",
+            "exited with code 1",
+        ),
+        # A final exit code: the pod failure policy fails the Job; Failed is next.
+        (
+            train_job(0, FAILURE_TARGET, failed=1),
+            [trainer_pod("p", "Failed", exited(3))],
+            "JobFailing",
+            "matching FailJob rule",
+        ),
+        # Evicted (a drain, a preemption): replaced without using up a retry.
+        (
+            train_job(1),
+            [trainer_pod("p", "Failed", exited(137), conditions=EVICTED)],
+            "PodDisrupted",
+            "Eviction API",
+        ),
+        # The evicted pod is gone and its replacement waits for a node.
+        (
+            train_job(1),
+            [trainer_pod("p2", "Pending", {"waiting": {"reason": "ContainerCreating"}}, NOW)],
+            "Restarting",
+            "start again",
+        ),
+        # Gone, and nothing in its place yet.
+        (train_job(0), [], "Restarting", "start again"),
+    ],
+)
+def test_a_run_that_trained_stays_running_while_its_job_has_no_trainer_and_is_unfinished(
+    training: dict[str, Any], pods: list[dict[str, Any]], reason: str, says: str
+) -> None:
+    decision = ftj_decide(ftj_body(RUNNING), job=training, pods=pods, samples=None)
+    assert status_of(decision) == ("Running", reason, None)
+    assert decision.actions == () and decision.after_status == ()
+    assert decision.status is not None and says in decision.status.fields["message"]
+    after = written(RUNNING, decision)
+    assert (after["progress"], after["metrics"]) == (PROGRESS, LOSSES)
+
+
+def test_a_run_that_never_ran_still_waits_for_its_pod_as_pending() -> None:
+    fresh = ftj_body({"phase": "Pending", "jobName": "run-train", "observedGeneration": 1})
+    decision = ftj_decide(fresh, job=train_job(0), pods=[])
+    assert status_of(decision) == ("Pending", "PodPending", None)
+
+
+def test_the_job_s_own_terminal_condition_settles_a_run_that_stayed_running() -> None:
+    pods = [trainer_pod("p", "Succeeded", exited(0, SUMMARY))]
+    between = ftj_decide(ftj_body(RUNNING), job=train_job(0, SUCCESS_MET, succeeded=1), pods=pods)
+    assert status_of(between)[0] == "Running"
+    done = ftj_decide(
+        ftj_body(written(RUNNING, between)),
+        job=train_job(0, [*SUCCESS_MET, *COMPLETE], succeeded=1),
+        pods=pods,
+    )
+    assert status_of(done) == ("Succeeded", "Completed", True)
+    assert done.status is not None and done.status.fields["progress"]["step"] == 40
+
+    summary = '{"ok": false, "phase": "Failed", "message": "the dataset changed"}'
+    failed_pod = [trainer_pod("p", "Failed", exited(3, summary))]
+    failing = ftj_decide(
+        ftj_body(RUNNING), job=train_job(0, FAILURE_TARGET, failed=1), pods=failed_pod
+    )
+    assert status_of(failing)[0] == "Running"
+    failed = train_job(0, [*FAILURE_TARGET, {**FAILED[0], "reason": "PodFailurePolicy"}], failed=1)
+    decision = ftj_decide(ftj_body(written(RUNNING, failing)), job=failed, pods=failed_pod)
+    assert status_of(decision) == ("Failed", "PodFailurePolicy", False)
+    assert decision.status is not None
+    assert decision.status.fields["message"] == "the dataset changed"
+
+
+def test_a_replacement_pod_that_cannot_start_keeps_the_run_running_then_fails_it() -> None:
+    young = trainer_pod(
+        "p2", "Pending", missing_secret(A_MINUTE_AGO)["status"]["containerStatuses"][0]["state"]
+    )
+    waiting = ftj_decide(ftj_body(RUNNING), job=train_job(1), pods=[young])
+    assert status_of(waiting) == ("Running", "CreateContainerConfigError", None)
+    old = missing_secret(TEN_MINUTES_AGO)
+    given_up = ftj_decide(ftj_body(RUNNING), job=train_job(1), pods=[old])
+    assert status_of(given_up) == ("Failed", "CreateContainerConfigError", False)
+    assert given_up.after_status == (Delete("Job", "team", "run-train"),)
+
+
+def test_a_run_kueue_evicts_after_it_trained_stays_running_and_says_it_is_queued_again() -> None:
+    reason = "Preempted to accommodate a higher priority Workload"
+    evicted = workload(type="Evicted", status="True", reason="Preempted", message=reason)
+    held = job("ftj-1", "run-train", suspend=True)
+    decision = ftj_decide(ftj_body(RUNNING, queueName="gpus"), job=held, pods=[], workload=evicted)
+    assert status_of(decision) == ("Running", "Requeued", None)
+    assert decision.status is not None
+    assert decision.status.fields["message"].startswith("queued again in 'gpus'; " + reason)
+    # Suspended by its own spec, it says so: a spec change may move a phase back.
+    suspended = ftj_decide(
+        ftj_body(RUNNING, queueName="gpus", suspend=True), job=held, workload=evicted
+    )
+    assert status_of(suspended)[0] == "Suspended"
+
+
+def test_a_trainer_that_has_not_counted_its_steps_leaves_recorded_progress_alone() -> None:
+    running = train_job(1)
+    pods = [trainer_pod("p2", "Running", {"running": {}})]
+    decision = ftj_decide(ftj_body(RUNNING), job=running, pods=pods, samples=LOADING)
+    assert status_of(decision) == ("Running", "Training", None)
+    assert decision.status is not None
+    assert "progress" not in decision.status.fields and "metrics" not in decision.status.fields
+    after = written(RUNNING, decision)
+    assert (after["progress"], after["metrics"]) == (PROGRESS, LOSSES)
+    # Resumed from a checkpoint, it counts again from there: that is its progress.
+    resumed = {
+        **LOADING,
+        "kubetune_train_step": 24.0,
+        "kubetune_train_total_steps": 120.0,
+        "kubetune_best_eval_loss": 1.4,
+        "kubetune_best_step": 20.0,
+    }
+    decision = ftj_decide(ftj_body(RUNNING), job=running, pods=pods, samples=resumed)
+    assert decision.status is not None
+    assert decision.status.fields["progress"]["step"] == 24
+    assert decision.status.fields["metrics"] == {"bestEvalLoss": 1.4, "bestStep": 20}
+
+
+# What a single-node training Job and its pods go through under the real job controller
+# (backoffLimit 3, the pod failure policy: exit 3 fails the Job, a DisruptionTarget pod is
+# replaced without using up a retry) and, for a queued run, Kueue; each item is one state of
+# the cluster (the Job's suspend, its status, its pods, the trainer's gauges, the Workload).
+World = tuple[bool, dict[str, Any], list[dict[str, Any]], dict[str, float] | None, Any]
+OUTCOMES = ("ok", "crash", "final", "evicted", "requeued")
+
+
+def counting(step: int) -> dict[str, float]:
+    return {
+        "kubetune_train_step": float(step),
+        "kubetune_train_total_steps": 120.0,
+        "kubetune_train_loss": 2.0 - step / 100,
+        "kubetune_best_step": 0.0,
+    }
+
+
+@st.composite
+def histories(draw: st.DrawFn) -> tuple[bool, list[World], str]:
+    """A run's history from its Job's creation to its end, and how it ended."""
+    queued = draw(st.booleans())
+    status: dict[str, Any] = {
+        "active": 0,
+        "failed": 0,
+        "conditions": [],
+        "startTime": TEN_MINUTES_AGO,
+    }
+    worlds: list[World] = []
+    pods: list[dict[str, Any]] = []
+    waiting = workload(type="QuotaReserved", status="False", reason="Pending", message="no quota")
+
+    def now(
+        suspended: bool = False, samples: dict[str, float] | None = None, wl: Any = None
+    ) -> None:
+        worlds.append((suspended, copy.deepcopy(status), copy.deepcopy(pods), samples, wl))
+
+    def condition(type_: str, reason: str) -> None:
+        status["conditions"].append(
+            {"type": type_, "status": "True", "reason": reason, "lastTransitionTime": NOW}
+        )
+
+    admitted = not queued
+    for attempt in range(8):
+        if not admitted:
+            now(suspended=True, wl=waiting)
+            admitted = True
+        name = f"p{attempt}"
+        created = f"2026-01-01T00:09:{attempt:02d}Z"
+        pods.append(
+            trainer_pod(name, "Pending", {"waiting": {"reason": "ContainerCreating"}}, created)
+        )
+        if draw(st.booleans()):
+            now()  # the pod exists before the job controller counts it
+        status["active"] = 1
+        now()
+        pods[-1]["status"]["phase"] = "Running"
+        pods[-1]["status"]["containerStatuses"] = [{"state": {"running": {}}}]
+        now()
+        now(samples=LOADING)
+        for step in sorted(draw(st.sets(st.integers(1, 119), max_size=3))):
+            now(samples=counting(step))
+        outcome = draw(st.sampled_from(OUTCOMES if queued else OUTCOMES[:4]))
+        if outcome == "requeued":
+            # Kueue evicts the Workload and suspends the Job; the job controller deletes
+            # its pods.
+            pods.clear()
+            status["active"] = 0
+            evicted = workload(
+                type="Evicted", status="True", reason="Preempted", message="preempted"
+            )
+            now(suspended=True, wl=evicted)
+            admitted = False
+            continue
+        code = {"ok": 0, "crash": 1, "final": 3, "evicted": 137}[outcome]
+        message = SUMMARY if outcome == "ok" else ""
+        pods[-1] = trainer_pod(
+            name,
+            "Succeeded" if code == 0 else "Failed",
+            exited(code, message),
+            created,
+            EVICTED if outcome == "evicted" else None,
+        )
+        now()  # the kubelet has reported the end; the Job says nothing yet
+        status["active"] = 0
+        if outcome == "ok":
+            status["succeeded"] = 1
+            condition("SuccessCriteriaMet", "CompletionsReached")
+            now()
+            condition("Complete", "CompletionsReached")
+            now()
+            return queued, worlds, "Succeeded"
+        if outcome == "evicted":
+            if draw(st.booleans()):
+                now()
+            pods.pop()  # an evicted pod is deleted
+            now()
+            continue
+        status["failed"] += 1
+        if outcome == "crash" and status["failed"] <= 3:
+            now()  # the back-off before the next pod
+            continue
+        reason = "PodFailurePolicy" if outcome == "final" else "BackoffLimitExceeded"
+        now()
+        condition("FailureTarget", reason)
+        now()
+        condition("Failed", reason)
+        now()
+        return queued, worlds, "Failed"
+    return queued, worlds, "Running"
+
+
+RANK = {"Pending": 0, "Queued": 0, "Running": 1, "Succeeded": 2, "Failed": 2}
+
+
+@hypothesis.settings(max_examples=150, deadline=None)
+@hypothesis.given(histories(), st.data())
+def test_a_run_s_phase_never_moves_back_over_what_the_job_controller_can_show(
+    history: tuple[bool, list[World], str], data: st.DataObject
+) -> None:
+    """Reconciles at any of those moments (each sees its pods as they are, and the Job as
+    they are or as a stale watch event shows it) move the phase forward only, and keep
+    the progress once counted; the last one, seeing it all, says how the run ended."""
+    queued, worlds, ending = history
+    spec: dict[str, Any] = {"queueName": "gpus"} if queued else {}
+    status: dict[str, Any] = {"phase": "Pending", "jobName": "run-train", "observedGeneration": 1}
+    phases = [status["phase"]]
+    for i, (_, _, pods, samples, wl) in enumerate(worlds):
+        last = i == len(worlds) - 1
+        if not last and not data.draw(st.booleans(), label=f"reconcile {i}"):
+            continue
+        lag = 0 if last else data.draw(st.integers(0, min(i, 2)), label=f"lag {i}")
+        seen_suspended, seen_status = worlds[i - lag][:2]
+        training = job("ftj-1", "run-train", suspend=seen_suspended)
+        training["status"] = copy.deepcopy(seen_status)
+        decision = ftj_decide(
+            ftj_body(status, **spec), job=training, pods=pods, samples=samples, workload=wl
+        )
+        counted = bool((status.get("progress") or {}).get("totalSteps"))
+        status = written(status, decision)
+        phases.append(status["phase"])
+        assert RANK[phases[-1]] >= RANK[phases[-2]], phases
+        if counted:
+            assert status["progress"]["totalSteps"] > 0, status["progress"]
+    assert status["phase"] == ending, phases

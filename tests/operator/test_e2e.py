@@ -10,9 +10,10 @@ import http.server
 import json
 import math
 import re
+import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,8 +73,83 @@ def operator(
         yield op
 
 
+# A run's phases in the order they move; a run never goes back (design.md's status
+# contract, which kubectl wait, kstatus and Argo CD's health read by).
+PHASE_ORDER = {"Pending": 0, "WaitingForDataset": 0, "Queued": 0, "Running": 1}
+
+
+class StatusWatch:
+    """Every status a FineTuneJob takes from now until stop(), from a watch: the window
+    in which a run could go back (its pod ended, its Job not yet finished) lasts a
+    moment, which polling misses."""
+
+    def __init__(self, kubectl: Kubectl, ns: str, name: str) -> None:
+        watch = ["get", "ftj", "-n", ns, "--field-selector", f"metadata.name={name}"]
+        self.proc = subprocess.Popen(
+            ["kubectl", "--kubeconfig", str(kubectl.kubeconfig), *watch, "--watch", "-o", "json"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        # Read as it comes: kubectl blocks, mid-object, once the pipe's buffer is full.
+        self.chunks: list[str] = []
+        stdout = self.proc.stdout
+        assert stdout is not None
+        self.reader = threading.Thread(
+            target=lambda: self.chunks.extend(iter(lambda: stdout.read(4096), "")), daemon=True
+        )
+        self.reader.start()
+
+    def stop(self) -> list[dict[str, Any]]:
+        time.sleep(1)  # the last write's event
+        self.close()
+        self.proc.wait(timeout=10)
+        self.reader.join(timeout=10)
+        decoder, text, seen = json.JSONDecoder(), "".join(self.chunks).strip(), []
+        while text:
+            obj, end = decoder.raw_decode(text)
+            seen.append(obj.get("status") or {})
+            text = text[end:].strip()
+        return seen
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+
+
+@pytest.fixture
+def watch_status(kubectl: Kubectl, ns: str) -> Iterator[Callable[[str], StatusWatch]]:
+    """Starts a StatusWatch of a FineTuneJob; each ends with the test, failed or not."""
+    started: list[StatusWatch] = []
+
+    def start(name: str) -> StatusWatch:
+        started.append(StatusWatch(kubectl, ns, name))
+        return started[-1]
+
+    yield start
+    for watch in started:
+        watch.close()
+        watch.proc.wait(timeout=10)
+
+
+def assert_moved_forward(seen: list[dict[str, Any]], ending: str) -> None:
+    """The phases only moved forward to ``ending``, and progress once counted was never
+    reset."""
+    phases = [st["phase"] for st in seen if st.get("phase")]
+    assert phases and phases[-1] == ending, phases
+    ranks = [PHASE_ORDER.get(phase, 2) for phase in phases]
+    assert ranks == sorted(ranks), phases
+    counted = [i for i, st in enumerate(seen) if (st.get("progress") or {}).get("totalSteps")]
+    for st in seen[counted[0] :] if counted else []:
+        assert (st.get("progress") or {}).get("totalSteps"), (phases, st.get("progress"))
+
+
 def test_dataset_and_finetunejob_train_a_tiny_vlm(
-    kubectl: Kubectl, ns: str, operator: Operator, state_dir: Path
+    kubectl: Kubectl,
+    ns: str,
+    operator: Operator,
+    state_dir: Path,
+    watch_status: Callable[[str], StatusWatch],
 ) -> None:
     kubectl.apply(dataset("shapes", "shapes/train.jsonl"), "-n", ns)
     # Enough steps that the trainer runs for several scrape intervals.
@@ -92,6 +168,7 @@ def test_dataset_and_finetunejob_train_a_tiny_vlm(
         preflight={},
         evaluation={},
     )
+    watch = watch_status("shapes")
     kubectl.apply(run, "-n", ns)
     ds = wait_phase(
         operator, kubectl, "kds", ns, "shapes", ("Ready", "Invalid", "Failed"), 120, "the Dataset"
@@ -114,6 +191,7 @@ def test_dataset_and_finetunejob_train_a_tiny_vlm(
         finished, 900, "the FineTuneJob to finish", interval=0.5, on_timeout=operator.tail
     )
     assert final["phase"] == "Succeeded", final
+    assert_moved_forward(watch.stop(), "Succeeded")
     assert seen_running, "no progress was seen while the trainer ran"
     assert kstatus(running[0])["status"] == "InProgress"
     assert 0 < seen_running[0]["progress"]["percent"] <= 100
@@ -926,14 +1004,16 @@ def test_a_failed_runs_lingering_job_is_deleted_when_the_operator_starts(
 
 
 def test_a_run_that_cannot_succeed_as_written_is_not_retried(
-    kubectl: Kubectl, ns: str, operator: Operator
+    kubectl: Kubectl, ns: str, operator: Operator, watch_status: Callable[[str], StatusWatch]
 ) -> None:
     """No example of the dataset fits maxContextLength: the trainer exits 3, and the
     Job's podFailurePolicy fails it after that one pod instead of booking a GPU for
     three more tries."""
     hyperparameters = {"epochs": 1, "batchSize": 2, "maxContextLength": 16, "maxPixels": 3136}
+    watch = watch_status("too-long")
     kubectl.apply(finetunejob("too-long", "shapes", hyperparameters=hyperparameters), "-n", ns)
     failed = wait_phase(operator, kubectl, "ftj", ns, "too-long", ("Failed",), 180, "Failed")
+    assert_moved_forward(watch.stop(), "Failed")
     assert "maxContextLength=16" in failed["message"], failed
     job = kubectl.get("job", "too-long-train", "-n", ns)
     assert job["status"].get("failed") == 1, job["status"]
@@ -942,7 +1022,11 @@ def test_a_run_that_cannot_succeed_as_written_is_not_retried(
 
 
 def test_a_preempted_training_pod_is_replaced_without_a_retry_and_resumes(
-    kubectl: Kubectl, ns: str, operator: Operator, state_dir: Path
+    kubectl: Kubectl,
+    ns: str,
+    operator: Operator,
+    state_dir: Path,
+    watch_status: Callable[[str], StatusWatch],
 ) -> None:
     """An eviction (a drain, a preemption) mid-training: the replacement pod resumes
     from the last epoch's checkpoint, and the Job does not count the evicted pod
@@ -954,6 +1038,7 @@ def test_a_preempted_training_pod_is_replaced_without_a_retry_and_resumes(
         "loggingSteps": 4,
         "maxPixels": 3136,
     }
+    watch = watch_status("evicted")
     kubectl.apply(finetunejob("evicted", "shapes", hyperparameters=hyperparameters), "-n", ns)
 
     def past_first_checkpoint() -> bool:
@@ -967,6 +1052,8 @@ def test_a_preempted_training_pod_is_replaced_without_a_retry_and_resumes(
         operator, kubectl, "ftj", ns, "evicted", ("Succeeded", "Failed"), 600, "the run"
     )
     assert final["phase"] == "Succeeded", final
+    # Waiting for its replacement pod, it stayed Running and kept its progress.
+    assert_moved_forward(watch.stop(), "Succeeded")
     job = kubectl.get("job", "evicted-train", "-n", ns)
     assert not job["status"].get("failed"), job["status"]
     report = json.loads((pvc_dir(state_dir, ns, "models") / "out/evicted/report.json").read_text())

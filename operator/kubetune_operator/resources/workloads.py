@@ -43,7 +43,7 @@ def summary_of(pod: Mapping[str, Any] | None) -> Manifest | None:
     """The JSON object a kubetune container left as its termination message (a
     summary of the contract's), or None when it left none (for example the log tail
     that FallbackToLogsOnError puts there after a crash)."""
-    text = _terminated(pod).get("message")
+    text = terminated(pod).get("message")
     try:
         value = json.loads(text) if text else None
     except ValueError:
@@ -68,19 +68,20 @@ class JobState:
     stop_job: bool = False
 
 
-def _condition(job: Mapping[str, Any], type_: str) -> Mapping[str, Any] | None:
-    for c in job.get("status", {}).get("conditions") or []:
+def condition(obj: Mapping[str, Any], type_: str) -> Mapping[str, Any] | None:
+    """The object's (a Job's or a pod's) condition of that type, when it is True."""
+    for c in obj.get("status", {}).get("conditions") or []:
         if c.get("type") == type_ and c.get("status") == "True":
             return c
     return None
 
 
 def job_complete(job: Mapping[str, Any]) -> bool:
-    return _condition(job, "Complete") is not None
+    return condition(job, "Complete") is not None
 
 
 def job_finished(job: Mapping[str, Any]) -> bool:
-    return job_complete(job) or _condition(job, "Failed") is not None
+    return job_complete(job) or condition(job, "Failed") is not None
 
 
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
@@ -106,7 +107,8 @@ def lead_pod(pods: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
     return newest_pod(first or pods)
 
 
-def _terminated(pod: Mapping[str, Any] | None) -> Mapping[str, Any]:
+def terminated(pod: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """The terminated state of the pod's first container that has ended, or {}."""
     for cs in (pod or {}).get("status", {}).get("containerStatuses") or []:
         if "terminated" in (cs.get("state") or {}):
             return cs["state"]["terminated"]
@@ -181,7 +183,7 @@ def _failure_message(
             f"{name} exited with code {term['exitCode']} before the main container"
             f"{_tail(term.get('message'))}"
         )
-    term = _terminated(pod)
+    term = terminated(pod)
     outcome = read_summary(Outcome, summary_of(pod))
     if term.get("reason") == "OOMKilled":
         return "OOMKilled", oom
@@ -251,9 +253,9 @@ def job_state(
             "training finished",
             summary_of(pod),
             start_time=start,
-            completion_time=end or _terminated(pod).get("finishedAt"),
+            completion_time=end or terminated(pod).get("finishedAt"),
         )
-    failed = _condition(job, "Failed")
+    failed = condition(job, "Failed")
     if failed:
         # Whichever node failed says why; the others were only stopped.
         culprit = newest_pod([p for p in pods if p.get("status", {}).get("phase") == "Failed"])

@@ -39,6 +39,8 @@ from kubetune_operator.resources.finetunejob.progress import (
     progress_from_samples,
 )
 from kubetune_operator.resources.finetunejob.status import (
+    WAITING_TO_TRAIN,
+    between_trainers,
     dataset_gate,
     remote_images_gate,
     status_from_job,
@@ -282,6 +284,10 @@ def _following(
         **created,
         "jobName": job["metadata"]["name"],
     }
+    reason = state.reason or state.phase
+    if fields["phase"] in WAITING_TO_TRAIN and phase_of(seen.finetunejob) == JobPhase.RUNNING:
+        reason, message = between_trainers(seen.spec, state, job, seen.pods, seen.workload)
+        fields |= {"phase": JobPhase.RUNNING, "message": message}
     if state.phase == RunPhase.RUNNING:
         fields |= _gauges(seen.samples)
     after: tuple[Action, ...] = ()
@@ -298,7 +304,7 @@ def _following(
         after = (Delete("Job", job["metadata"]["namespace"], job["metadata"]["name"]),)
     return _decision(
         seen,
-        Verdict(fields["phase"], state.reason or state.phase, fields["message"]),
+        Verdict(fields["phase"], reason, fields["message"]),
         fields,
         actions,
         after,
@@ -321,13 +327,13 @@ def _evaluate(
 
 
 def _gauges(samples: Mapping[str, float] | None) -> Manifest:
-    """Progress and losses from the trainer's gauges, where it answered."""
-    if not samples:
+    """Progress and losses from the trainer's gauges, once it has counted its steps.
+    Before that (a pod that loads the model, a replacement that has not resumed yet)
+    its step gauges read 0 of 0: taking them would wipe the progress status holds."""
+    if not samples or (progress := progress_from_samples(samples)) is None:
         return {}
-    progress, metrics = progress_from_samples(samples), metrics_from_samples(samples)
-    fields: Manifest = {}
-    if progress is not None:
-        fields["progress"] = progress.model_dump(by_alias=True, exclude_none=True)
+    metrics = metrics_from_samples(samples)
+    fields: Manifest = {"progress": progress.model_dump(by_alias=True, exclude_none=True)}
     if metrics is not None:
         fields["metrics"] = metrics.model_dump(by_alias=True, exclude_none=True)
     return fields

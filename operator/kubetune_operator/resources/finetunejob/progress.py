@@ -34,17 +34,18 @@ def _int(value: float | None) -> int | None:
 
 
 def progress_from_samples(samples: Mapping[str, float]) -> Progress | None:
+    """Progress once the trainer has counted its steps: until then its step gauges
+    read 0 of 0, which is no progress to report."""
     step = _int(samples.get(gauges.TRAIN_STEP.name))
     total = _int(samples.get(gauges.TRAIN_TOTAL_STEPS.name))
-    if step is None and total is None:
+    if step is None or not total:
         return None
-    percent = min(100, int(100 * step / total)) if step is not None and total else None
     epoch = samples.get(gauges.EPOCH.name)
     return Progress(
         step=step,
         total_steps=total,
         epoch=None if epoch is None else round(epoch, 2),
-        percent=percent,
+        percent=min(100, int(100 * step / total)),
         eta_seconds=_int(samples.get(gauges.ETA_SECONDS.name)),
     )
 
@@ -71,4 +72,8 @@ def final_metrics(summary: TrainingFigures) -> TrainingMetrics | None:
 
 
 def metrics_from_samples(samples: Mapping[str, float]) -> TrainingMetrics | None:
-    return status_metrics({name: samples.get(g.name) for name, g in FIGURE_GAUGES.items()})
+    values = {name: samples.get(g.name) for name, g in FIGURE_GAUGES.items()}
+    if values.get("best_eval_loss") is None:
+        # The best-step gauge reads 0 until the first evaluation: no step of a best loss.
+        values["best_step"] = None
+    return status_metrics(values)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kubetune_operator.api.dataset import DatasetPhase
@@ -10,8 +10,21 @@ from kubetune_operator.api.finetunejob import FINISHED, FineTuneJobSpec, JobPhas
 from kubetune_operator.resources.common import Manifest
 from kubetune_operator.resources.conditions import Verdict, settled
 from kubetune_operator.resources.finetunejob.progress import final_metrics
-from kubetune_operator.resources.workloads import JobState
-from kubetune_trainer.contract.summaries import TrainingSummary, read_summary
+from kubetune_operator.resources.workloads import (
+    START_FAILURES,
+    JobState,
+    RunPhase,
+    condition,
+    lead_pod,
+    summary_of,
+    terminated,
+)
+from kubetune_trainer.contract.summaries import Outcome, TrainingSummary, read_summary
+
+# The phases in which a run waits to train. Once it has been Running it never shows
+# one of them again (phases only move forward): while it waits again (a retry, an
+# eviction, Kueue's preemption) it stays Running, and Ready's reason says why.
+WAITING_TO_TRAIN = frozenset({JobPhase.PENDING, JobPhase.QUEUED})
 
 
 def task_mismatch(
@@ -126,3 +139,49 @@ def status_from_job(
             )
             status["progress"] = done.model_dump(by_alias=True, exclude_none=True)
     return status
+
+
+def between_trainers(
+    spec: FineTuneJobSpec,
+    state: JobState,
+    job: Mapping[str, Any],
+    pods: Sequence[Mapping[str, Any]],
+    workload: Mapping[str, Any] | None = None,
+) -> tuple[str, str]:
+    """Ready's reason and the message of a run that has been Running, whose unfinished
+    Job has no trainer running now. Mostly a moment: the kubelet reports the pod's end
+    before the job controller counts it, and that controller adds SuccessCriteriaMet or
+    FailureTarget before Complete or Failed. Longer while a pod is replaced (a retry,
+    an eviction) or Kueue has taken the Job back into its queue."""
+    if state.phase == RunPhase.SUSPENDED:
+        why = kueue_reason(workload) or "waiting for Kueue to admit the Job again"
+        return "Requeued", (
+            f"queued again in {spec.queue_name!r}; {why}; once admitted, the trainer "
+            "resumes from its last checkpoint, if any"
+        )
+    if state.reason in START_FAILURES:
+        return state.reason, state.message
+    failing = condition(job, "FailureTarget")
+    if failing is not None:
+        why = failing.get("message") or failing.get("reason") or "failed"
+        return "JobFailing", f"the Job is failing ({why}); the job controller is finishing it"
+    pod = lead_pod(pods)
+    phase = ((pod or {}).get("status") or {}).get("phase")
+    disrupted = condition(pod, "DisruptionTarget") if pod is not None else None
+    if disrupted is not None:
+        why = disrupted.get("message") or disrupted.get("reason") or "disrupted"
+        return "PodDisrupted", (
+            f"the training pod was stopped ({why}); waiting for its replacement, which "
+            "resumes from the last checkpoint, if any"
+        )
+    if phase not in ("Succeeded", "Failed"):
+        return "Restarting", "waiting for the training pod to start again"
+    code = terminated(pod).get("exitCode")
+    if phase == "Succeeded":
+        said = read_summary(Outcome, summary_of(pod))
+        head = "training finished" if said is not None and said.ok else "the trainer exited"
+        return "TrainerExited", f"{head}; the job controller is completing the Job"
+    exit_ = f" with code {code}" if code is not None else ""
+    return "TrainerExited", (
+        f"the trainer exited{exit_}; the job controller retries it or fails the Job"
+    )
