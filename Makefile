@@ -21,7 +21,7 @@ test: $(STAMP) controlplane serving
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check operator trainer-image
+	$(BIN)/ruff format --check operator trainer-image cli
 	$(BIN)/mypy
 
 crds: $(STAMP)
