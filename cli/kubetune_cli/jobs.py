@@ -66,6 +66,7 @@ from kubetune_operator.api.finetunejob import (
 )
 from kubetune_operator.resources.conditions import settled
 from kubetune_operator.resources.finetunejob.evaluation import evaluating
+from kubetune_operator.resources.workloads import TRAINING
 from kubetune_trainer.contract.job import EarlyStopping, Hyperparameters, PreserveGeneralSkills
 from kubetune_trainer.contract.rules import RULES, broken
 
@@ -499,7 +500,11 @@ def state_line(job: Mapping[str, Any]) -> str:
     evaluation = status.get("evaluation") or {}
     if evaluation.get("phase"):
         parts.append(f"evaluation {evaluation['phase']}")
-    if not progress and status.get("message"):
+    ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+    # With progress the message only repeats it, unless the run is between trainers
+    # (the job controller finishing the Job, a pod being replaced, Kueue requeueing it).
+    between = ready.get("reason") not in (None, TRAINING) and status.get("phase") == "Running"
+    if status.get("message") and (not progress or between):
         parts.append(status["message"])
     return " | ".join(parts)
 

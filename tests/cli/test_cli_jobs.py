@@ -390,3 +390,20 @@ def test_on_a_terminal_follow_draws_a_bar_of_steps_with_the_losses_and_eta() -> 
     assert jobs.state_line(run("Queued", message="admitted by no queue yet")) == (
         "Queued | admitted by no queue yet"
     )
+
+
+def test_a_running_line_says_why_a_run_waits_between_trainers_and_not_while_it_trains() -> None:
+    progress = {"step": 3, "totalSteps": 12}
+
+    def ready(reason: str) -> list[dict[str, str]]:
+        return [{"type": "Ready", "status": "False", "reason": reason}]
+
+    training = run("Running", progress=progress, message="step 3/12", conditions=ready("Training"))
+    assert "step 3/12" not in jobs.state_line(training).split(" | ")[2:]
+    requeued = run(
+        "Running",
+        progress=progress,
+        message="queued again in 'gpus'; waiting for Kueue",
+        conditions=ready("Requeued"),
+    )
+    assert jobs.state_line(requeued).endswith("| queued again in 'gpus'; waiting for Kueue")

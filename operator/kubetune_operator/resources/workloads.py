@@ -51,6 +51,11 @@ def summary_of(pod: Mapping[str, Any] | None) -> Manifest | None:
     return value if isinstance(value, dict) else None
 
 
+# Ready's reason while a trainer runs; a Running run with any other reason is between
+# trainers (finetunejob.status.between_trainers), and clients show why.
+TRAINING = "Training"
+
+
 @dataclass(frozen=True)
 class JobState:
     """Where a batch/v1 Job and its newest pod stand."""
@@ -280,7 +285,7 @@ def job_state(
     if pod is not None and pod.get("status", {}).get("phase") == "Running":
         return JobState(
             RunPhase.RUNNING,
-            "Training",
+            TRAINING,
             "training",
             pod_ip=pod["status"].get("podIP"),
             metrics_port=_metrics_port(pod),
