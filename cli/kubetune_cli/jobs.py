@@ -500,7 +500,9 @@ def state_line(job: Mapping[str, Any]) -> str:
     evaluation = status.get("evaluation") or {}
     if evaluation.get("phase"):
         parts.append(f"evaluation {evaluation['phase']}")
-    ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+    ready: Mapping[str, Any] = next(
+        (c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {}
+    )
     # With progress the message only repeats it, unless the run is between trainers
     # (the job controller finishing the Job, a pod being replaced, Kueue requeueing it).
     between = ready.get("reason") not in (None, TRAINING) and status.get("phase") == "Running"
