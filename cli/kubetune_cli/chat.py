@@ -29,14 +29,14 @@ import yaml
 from kubetune_cli.context import COMMAND_OPTIONS, Context
 from kubetune_cli.output import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CommandError, api_message, error
 from kubetune_operator.api.common import GROUP, VERSION
-from kubetune_operator.api.modeldeployment import MODEL_DEPLOYMENT
+from kubetune_operator.api.modeldeployment import API_KEY_SECRET_KEY, MODEL_DEPLOYMENT
+from kubetune_trainer.serving import guard
 
 Manifest = dict[str, Any]
 
 API_KEY_VARIABLE = "KUBETUNE_API_KEY"
-API_KEY_HEADER = "api-key"
+API_KEY_HEADER = guard.API_KEY_HEADER.decode()
 POLL_SECONDS = 2.0
-API_KEY_SECRET_KEY = "apiKey"  # the key of the Secret that auth.apiKeySecretRef names
 
 EXAMPLES = """\
 examples:

@@ -118,14 +118,20 @@ class Adapter(CamelModel):
     )
 
 
+# The key of the Secret that auth.apiKeySecretRef names.
+API_KEY_SECRET_KEY = "apiKey"
+
+
 class ServerAuth(CamelModel):
     """Who may use the server."""
 
     api_key_secret_ref: SecretRef | None = Field(
         None,
         description=(
-            "A Secret whose key apiKey is the API key clients must send (Authorization: "
-            "Bearer KEY) on every route but /health, /ping, /metrics and /version."
+            f"A Secret whose key {API_KEY_SECRET_KEY} is the API key clients must send "
+            "(Authorization: Bearer KEY, or an api-key header, which is how it passes the "
+            "API server's service proxy) on every route but /health, /ping, /metrics and "
+            "/version."
         ),
     )
 

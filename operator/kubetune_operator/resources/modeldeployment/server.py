@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubetune_operator.api.common import ModelSource
-from kubetune_operator.api.modeldeployment import ModelDeploymentSpec, Runtime
+from kubetune_operator.api.modeldeployment import API_KEY_SECRET_KEY, ModelDeploymentSpec, Runtime
 from kubetune_operator.resources.common import (
     LABEL_MODELDEPLOYMENT,
     TRAINER_SERVICE_ACCOUNT,
@@ -37,7 +37,6 @@ FETCHED_ADAPTERS = "/models/adapters"
 # The guard module's folder, filled by an init container from the trainer image.
 GUARD_FOLDER = "/opt/kubetune"
 ADMIN_TOKEN_KEY = "token"
-API_KEY_KEY = "apiKey"
 # The pod condition the operator sets once it has loaded the adapters into the pod: a
 # readiness gate, so the Service sends no request to a pod that lacks them.
 ADAPTERS_LOADED = "kubetune.io/adapters-loaded"
@@ -231,7 +230,7 @@ def deployment(serving: Serving, pod_defaults: PodDefaults | None = None) -> Man
         auth_env.append(
             {
                 "name": guard.API_KEY_VARIABLE,
-                "valueFrom": {"secretKeyRef": {"name": api_key.name, "key": API_KEY_KEY}},
+                "valueFrom": {"secretKeyRef": {"name": api_key.name, "key": API_KEY_SECRET_KEY}},
             }
         )
     pod_spec: Manifest = {
