@@ -510,9 +510,6 @@ def run(args: argparse.Namespace, context: Context) -> int:
         except CommandError as exc:
             error(f"{exc} (namespace {ns!r})")
             return exc.code
-        except ApiException as exc:
-            error(api_message(exc))
-            return EXIT_FAILED
         if args.dry_run == "client":
             if context.output == "table":
                 print(f"{resource} {_verb(existing, manifest)} (dry run)")
