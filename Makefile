@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint crds controlplane serving controlplane-up controlplane-down dev-up dev-down demo clean
+.PHONY: setup test lint crds dashboard controlplane serving controlplane-up controlplane-down dev-up dev-down demo clean
 
 setup: $(STAMP)
 
@@ -27,12 +27,18 @@ lint: $(STAMP)
 crds: $(STAMP)
 	$(BIN)/python -m kubetune_operator.api.crds crds charts/kubetune/files/crds
 
-# etcd, kube-apiserver, kube-controller-manager, kube-scheduler, Kueue and the small Go
-# programs the tests run (gopher-lua for Argo CD health checks, kstatus), built from Go
-# modules once (minutes; each step says what it builds), then reused.
+# The chart's Grafana dashboard, generated from typed code (hack/grafana_dashboard.py).
+dashboard: $(STAMP)
+	$(BIN)/python hack/grafana_dashboard.py charts/kubetune/files/grafana-dashboard.json
+
+# etcd, kube-apiserver, kube-controller-manager, kube-scheduler, Kueue, Prometheus with
+# promtool and the small Go programs the tests run (gopher-lua for Argo CD health checks,
+# kstatus), built from Go modules once (minutes; each step says what it builds), then
+# reused.
 controlplane:
 	hack/controlplane.sh build
 	hack/kueue.sh build
+	hack/prometheus.sh build
 	hack/gotools.sh build argocd-health
 	hack/gotools.sh build kstatus
 
