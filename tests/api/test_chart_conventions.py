@@ -39,6 +39,7 @@ STANDARD_LABELS = {
 EVERYTHING = (
     *("--set", "monitoring.podMonitor.enabled=true"),
     *("--set", "monitoring.grafanaDashboard.enabled=true"),
+    *("--set", "monitoring.prometheusRule.enabled=true"),
 )
 PLURALS = sorted(info.plural for info in ALL)
 

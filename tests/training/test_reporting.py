@@ -1,4 +1,4 @@
-"""What a run reports: Prometheus gauges, log lines, report.json, the termination
+"""What a run reports: Prometheus metrics, log lines, report.json, the termination
 message, and which checkpoint a restart resumes from."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from kubetune_trainer.contract.metrics import GAUGES
+from kubetune_trainer.contract import metrics as contract
 from kubetune_trainer.contract.summaries import TERMINATION_LIMIT
-from kubetune_trainer.training.callbacks import EvalSaveSchedule, Telemetry
+from kubetune_trainer.training.callbacks import EvalSaveSchedule, Telemetry, consecutive_rises
 from kubetune_trainer.training.checkpoints import latest_checkpoint
 from kubetune_trainer.training.metrics import TrainMetrics
 from kubetune_trainer.training.report import (
@@ -25,7 +25,7 @@ from kubetune_trainer.training.report import (
     write_termination_log,
 )
 
-REQUIRED_GAUGES = (
+REQUIRED_METRICS = (
     "kubetune_train_loss",
     "kubetune_eval_loss",
     "kubetune_learning_rate",
@@ -33,6 +33,8 @@ REQUIRED_GAUGES = (
     "kubetune_train_total_steps",
     "kubetune_epoch",
     "kubetune_train_tokens_per_second",
+    "kubetune_train_tokens_total",
+    "kubetune_eval_loss_consecutive_rises",
 )
 
 
@@ -42,9 +44,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def scrape(port: int) -> dict[str, float]:
+def scrape(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
+        return str(response.read().decode())
+
+
+def samples(text: str) -> dict[str, float]:
     return {
         name: float(value)
         for name, value in (
@@ -53,22 +58,45 @@ def scrape(port: int) -> dict[str, float]:
     }
 
 
-def test_metrics_are_served_and_unknown_losses_are_nan() -> None:
+def values_of(metrics: TrainMetrics) -> dict[str, float]:
+    return {s.name: s.value for m in metrics.registry.collect() for s in m.samples}
+
+
+def test_metrics_are_served_and_unknown_figures_are_absent() -> None:
+    assert set(REQUIRED_METRICS) <= set(contract.METRICS)
+    unset = {
+        name
+        for name, m in contract.METRICS.items()
+        if isinstance(m, contract.Gauge) and m.absent_until_set
+    }
     metrics = TrainMetrics()
     port = free_port()
     stop = metrics.serve(port)
     try:
-        values = scrape(port)
-        assert set(REQUIRED_GAUGES) <= set(values) == set(GAUGES)
-        assert math.isnan(values["kubetune_eval_loss"])
+        text = scrape(port)
+        # No value yet is no sample at all (a NaN would read as a diverged loss), and
+        # no HELP or TYPE line either.
+        assert set(samples(text)) == (set(contract.METRICS) - unset) | {
+            "kubetune_train_tokens_created"
+        }
+        assert "kubetune_eval_loss" not in text and "NaN" not in text
+        assert "# TYPE kubetune_train_tokens_total counter" in text
         metrics.update({"kubetune_train_step": 3, "kubetune_eval_loss": 1.5})
-        values = scrape(port)
-        assert (values["kubetune_train_step"], values["kubetune_eval_loss"]) == (3, 1.5)
+        metrics.update({"kubetune_eval_loss": 1.25})
+        metrics.count({"kubetune_train_tokens_total": 100})
+        metrics.count({"kubetune_train_tokens_total": 50})
+        values = samples(scrape(port))
+        assert (values["kubetune_train_step"], values["kubetune_eval_loss"]) == (3, 1.25)
+        assert values["kubetune_train_tokens_total"] == 150
+        assert "kubetune_train_loss" not in values
+        # A NaN once set is the loss's own.
+        metrics.update({"kubetune_train_loss": math.nan})
+        assert math.isnan(samples(scrape(port))["kubetune_train_loss"])
     finally:
         stop()
 
 
-def test_telemetry_logs_a_line_and_updates_gauges_per_logging_step(
+def test_telemetry_logs_a_line_and_updates_metrics_per_logging_step(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     metrics = TrainMetrics()
@@ -80,6 +108,7 @@ def test_telemetry_logs_a_line_and_updates_gauges_per_logging_step(
     control = TrainerControl()
     with caplog.at_level(logging.INFO, logger="kubetune.train"):
         telemetry.on_train_begin(args, state, control)
+        assert "kubetune_eval_loss_consecutive_rises" not in values_of(metrics)
         state.global_step, state.epoch = 10, 0.5
         telemetry.on_log(args, state, control, logs={"eval_loss": 2.0})
         telemetry.on_log(
@@ -95,16 +124,65 @@ def test_telemetry_logs_a_line_and_updates_gauges_per_logging_step(
         "eta",
     ):
         assert part in line
-    values = {m.name: m.samples[0].value for m in metrics.registry.collect()}
+    values = values_of(metrics)
     assert values["kubetune_train_step"] == 10
     assert values["kubetune_train_total_steps"] == 100
     assert values["kubetune_train_loss"] == 2.5
     assert values["kubetune_eval_loss"] == values["kubetune_best_eval_loss"] == 2.0
     assert values["kubetune_best_step"] == 10
+    assert values["kubetune_eval_loss_consecutive_rises"] == 0
     assert values["kubetune_learning_rate"] == 1e-4
     assert values["kubetune_train_tokens_per_second"] > 0
+    assert values["kubetune_train_tokens_total"] == 800
     assert values["kubetune_train_samples_per_second"] > 0
     assert values["kubetune_eta_seconds"] >= 0
+
+    # TRL's num_tokens is a running total: the counter adds what each interval added.
+    state.global_step = 20
+    telemetry.on_log(args, state, control, logs={"eval_loss": 2.1})
+    telemetry.on_log(args, state, control, logs={"loss": 2.4, "num_tokens": 1500.0})
+    values = values_of(metrics)
+    assert values["kubetune_train_tokens_total"] == 1500
+    assert values["kubetune_eval_loss_consecutive_rises"] == 1
+    assert values["kubetune_best_eval_loss"] == 2.0
+
+
+@pytest.mark.parametrize(
+    ("losses", "rises"),
+    [
+        ([], 0),
+        ([1.0], 0),
+        ([1.0, 1.1], 1),
+        ([1.0, 1.1, 1.2, 1.3], 3),
+        ([1.3, 1.0, 1.1, 1.2], 2),
+        ([1.0, 1.1, 1.2, 1.15], 0),  # fell once: the count starts again
+        ([1.0, 1.1, 1.1], 0),  # level is not a rise
+        ([1.0, 1.1, math.nan], 0),
+        ([math.nan, 1.0], 0),
+    ],
+)
+def test_consecutive_rises_counts_back_from_the_latest_evaluation(
+    losses: list[float], rises: int
+) -> None:
+    assert consecutive_rises(losses) == rises
+
+
+def test_a_resumed_run_counts_rises_from_its_earlier_evaluations() -> None:
+    metrics = TrainMetrics()
+    telemetry = Telemetry(metrics)
+    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to="none")
+    history = [
+        {"step": 5, "eval_loss": 1.0},
+        {"step": 5, "loss": 1.2},
+        {"step": 10, "eval_loss": 1.1},
+    ]
+    state = TrainerState(max_steps=40, global_step=10, epoch=1.0, log_history=history)
+    state.best_metric, state.best_global_step = 1.0, 5
+    telemetry.on_train_begin(args, state, TrainerControl())
+    assert values_of(metrics)["kubetune_eval_loss_consecutive_rises"] == 1
+    state.global_step = 15
+    telemetry.on_log(args, state, TrainerControl(), logs={"eval_loss": 1.2})
+    assert values_of(metrics)["kubetune_eval_loss_consecutive_rises"] == 2
 
 
 def test_schedule_adds_step_evaluations_and_checkpoints() -> None:

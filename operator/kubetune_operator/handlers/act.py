@@ -15,7 +15,7 @@ from kubetune_operator.api.common import CrdInfo
 from kubetune_operator.api.modeldeployment import MODEL_DEPLOYMENT
 from kubetune_operator.handlers.context import Context, now
 from kubetune_operator.kube import Api
-from kubetune_operator.observability import PHASES, RECONCILE_SECONDS
+from kubetune_operator.observability import PHASES, RECONCILE_ERRORS, RECONCILE_SECONDS
 from kubetune_operator.resources.actions import (
     Action,
     Activate,
@@ -56,11 +56,14 @@ def plain(body: Mapping[str, Any]) -> Manifest:
 def reconciling(
     ctx: Context, crd: CrdInfo, namespace: str, name: str, body: Manifest | None = None
 ) -> Iterator[Manifest | None]:
-    """Hold the object's reconcile lock and time the reconcile; yields the object to
-    reconcile (see live_object)."""
+    """Hold the object's reconcile lock, time the reconcile and count it if it ends in
+    an exception (which goes on up, for kopf or the next resync to retry); yields the
+    object to reconcile (see live_object). Every reconcile of every kind runs in here,
+    so each failed one is counted once, however many API calls it retried."""
     with (
         ctx.locks.hold(crd.kind, namespace, name),
         RECONCILE_SECONDS.labels(crd.kind).time(),
+        RECONCILE_ERRORS.labels(crd.kind).count_exceptions(),
     ):
         yield live_object(ctx, crd, namespace, name, body)
 

@@ -1,5 +1,7 @@
-"""The trainer's Prometheus gauges and where they are served: the operator scrapes them
-into FineTuneJob status while a run goes on, and Grafana charts them."""
+"""The trainer's Prometheus metrics and where they are served: the operator scrapes them
+into FineTuneJob status while a run goes on, Grafana charts them and the chart's alert
+rules watch them. Each metric's name, help and type (gauge or counter) are said here
+once; training.metrics makes them prometheus_client's."""
 
 from __future__ import annotations
 
@@ -12,8 +14,20 @@ METRICS_PORT = 9090
 class Gauge:
     name: str
     help: str
-    # Without a value until the first logging step or evaluation: NaN, not a misleading 0.
-    nan_until_set: bool = False
+    # Without a value until the first logging step or evaluation: left out of the
+    # exposition until then, neither a misleading 0 nor a NaN, which would read as a
+    # diverged loss (an alert fires on a NaN train loss).
+    absent_until_set: bool = False
+
+
+@dataclass(frozen=True)
+class Counter:
+    """A running total (the name ends in ``_total``, as Prometheus reserves for
+    counters): it only goes up, and starts again from 0 when the process does, which
+    ``rate()`` and ``increase()`` allow for."""
+
+    name: str
+    help: str
 
 
 TRAIN_LOSS = Gauge(
@@ -36,8 +50,9 @@ TOKENS_PER_SECOND = Gauge(
 SAMPLES_PER_SECOND = Gauge(
     "kubetune_train_samples_per_second", "Training examples per second, all workers."
 )
-TOKENS_TOTAL = Gauge(
-    "kubetune_train_tokens_total", "Training tokens processed by this process's run so far."
+TOKENS_TOTAL = Counter(
+    "kubetune_train_tokens_total",
+    "Training tokens (padding excluded) processed so far by this process's run, all workers.",
 )
 ETA_SECONDS = Gauge("kubetune_eta_seconds", "Estimated seconds until the last step.", True)
 TRAIN_REWARD_MARGIN = Gauge(
@@ -75,10 +90,16 @@ EVAL_KL = Gauge(
     "the latest evaluation.",
     True,
 )
+EVAL_LOSS_RISES = Gauge(
+    "kubetune_eval_loss_consecutive_rises",
+    "Evaluations in a row, up to the latest, whose validation loss rose above the one "
+    "before; 0 after one that did not.",
+    True,
+)
 
-GAUGES: dict[str, Gauge] = {
-    gauge.name: gauge
-    for gauge in (
+METRICS: dict[str, Gauge | Counter] = {
+    metric.name: metric
+    for metric in (
         TRAIN_LOSS,
         EVAL_LOSS,
         BEST_EVAL_LOSS,
@@ -98,5 +119,6 @@ GAUGES: dict[str, Gauge] = {
         EVAL_PREFERENCE_ACCURACY,
         TRAIN_KL,
         EVAL_KL,
+        EVAL_LOSS_RISES,
     )
 }

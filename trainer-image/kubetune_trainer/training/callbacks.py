@@ -1,18 +1,18 @@
 """TrainerCallbacks: the evaluation/checkpoint schedule and the run's telemetry (log
-lines and Prometheus gauges)."""
+lines and Prometheus metrics)."""
 
 from __future__ import annotations
 
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from kubetune_trainer.contract import metrics as gauges
+from kubetune_trainer.contract import metrics as contract
 from kubetune_trainer.training.metrics import EVAL_LOG_GAUGES, LOG_EXTRAS, LOG_GAUGES, TrainMetrics
 
 log = logging.getLogger("kubetune.train")
@@ -105,9 +105,20 @@ def _extras(logs: dict[str, float], prefix: str = "") -> str:
     )
 
 
+def consecutive_rises(losses: Sequence[float]) -> int:
+    """How many evaluations in a row, up to the latest, had a higher loss than the one
+    before them: 0 when the latest did not rise (or is the first, or is NaN)."""
+    rises = 0
+    for i in range(len(losses) - 1, 0, -1):
+        if not losses[i] > losses[i - 1]:
+            break
+        rises += 1
+    return rises
+
+
 class Telemetry(TrainerCallback):
     """One log line per logging step (step/total, epoch, loss, eval loss, learning rate,
-    throughput, ETA) and the Prometheus gauges, updated at the same moments. Only the
+    throughput, ETA) and the Prometheus metrics, updated at the same moments. Only the
     main process reports; ``metrics`` is None where nothing is served."""
 
     def __init__(self, metrics: TrainMetrics | None) -> None:
@@ -115,6 +126,8 @@ class Telemetry(TrainerCallback):
         self.eval_loss: float | None = None
         self.best_eval_loss: float | None = None
         self.best_step: int | None = None
+        # Every evaluation's loss, a resumed run's earlier ones included, for the rises.
+        self.eval_losses: list[float] = []
         self.eval_values: dict[str, float] = {}  # method-specific gauges of the latest evaluation
         self._samples_per_step = 1
         self._start_time = 0.0
@@ -132,6 +145,7 @@ class Telemetry(TrainerCallback):
         self._start_time, self._start_step = now, state.global_step
         self.start_epoch = state.epoch or 0.0
         self._last = (now, state.global_step, 0.0)
+        self.eval_losses = [e["eval_loss"] for e in state.log_history if "eval_loss" in e]
         if state.best_metric is not None:  # resumed
             self.best_eval_loss = state.best_metric
             self.best_step = state.best_global_step
@@ -159,6 +173,7 @@ class Telemetry(TrainerCallback):
         now = time.monotonic()
         if "eval_loss" in logs:
             self.eval_loss = logs["eval_loss"]
+            self.eval_losses.append(self.eval_loss)
             if self.best_eval_loss is None or self.eval_loss < self.best_eval_loss:
                 self.best_eval_loss = self.eval_loss
                 self.best_step = state.global_step
@@ -179,13 +194,14 @@ class Telemetry(TrainerCallback):
             return
         last_time, last_step, last_tokens = self._last
         elapsed = max(now - last_time, 1e-9)
+        # TRL's running total since this process began, gathered from all workers.
         tokens = logs.get("num_tokens", last_tokens)
+        new_tokens = tokens - last_tokens
         values = {
-            gauges.SAMPLES_PER_SECOND.name: (state.global_step - last_step)
+            contract.SAMPLES_PER_SECOND.name: (state.global_step - last_step)
             * self._samples_per_step
             / elapsed,
-            gauges.TOKENS_PER_SECOND.name: (tokens - last_tokens) / elapsed,
-            gauges.TOKENS_TOTAL.name: tokens,
+            contract.TOKENS_PER_SECOND.name: new_tokens / elapsed,
             **{gauge: logs[key] for key, gauge in LOG_GAUGES.items() if key in logs},
         }
         self._last = (now, state.global_step, tokens)
@@ -199,26 +215,30 @@ class Telemetry(TrainerCallback):
             _extras(logs),
             _fmt(self.eval_loss, ".4f"),
             _fmt(logs.get("learning_rate"), ".2e"),
-            values[gauges.TOKENS_PER_SECOND.name],
+            values[contract.TOKENS_PER_SECOND.name],
             "-" if eta is None else timedelta(seconds=round(eta)),
         )
         self._publish(state, values)
+        if self.metrics is not None:
+            self.metrics.count({contract.TOKENS_TOTAL.name: new_tokens})
 
     def _publish(self, state: TrainerState, values: dict[str, float]) -> None:
         if self.metrics is None:
             return
         progress = {
-            gauges.TRAIN_STEP.name: float(state.global_step),
-            gauges.TRAIN_TOTAL_STEPS.name: float(state.max_steps),
-            gauges.EPOCH.name: float(state.epoch or 0.0),
+            contract.TRAIN_STEP.name: float(state.global_step),
+            contract.TRAIN_TOTAL_STEPS.name: float(state.max_steps),
+            contract.EPOCH.name: float(state.epoch or 0.0),
         }
         if self.eval_loss is not None:
-            progress[gauges.EVAL_LOSS.name] = self.eval_loss
+            progress[contract.EVAL_LOSS.name] = self.eval_loss
+        if self.eval_losses:
+            progress[contract.EVAL_LOSS_RISES.name] = float(consecutive_rises(self.eval_losses))
         if self.best_eval_loss is not None:
-            progress[gauges.BEST_EVAL_LOSS.name] = self.best_eval_loss
+            progress[contract.BEST_EVAL_LOSS.name] = self.best_eval_loss
         if self.best_step is not None:
-            progress[gauges.BEST_STEP.name] = float(self.best_step)
+            progress[contract.BEST_STEP.name] = float(self.best_step)
         eta = self.eta_seconds(state, time.monotonic())
         if eta is not None:
-            progress[gauges.ETA_SECONDS.name] = eta
+            progress[contract.ETA_SECONDS.name] = eta
         self.metrics.update({**progress, **self.eval_values, **values})

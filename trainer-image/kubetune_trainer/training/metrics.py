@@ -1,34 +1,33 @@
 """The trainer's Prometheus metrics, served on metricsPort for the operator to scrape.
 
 Each run has its own registry (not prometheus_client's global one), so a process that
-trains twice, as the tests do, starts from fresh gauges.
+trains twice, as the tests do, starts from fresh metrics.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
-from kubetune_trainer.contract import metrics as gauges
-from kubetune_trainer.contract.metrics import GAUGES
+from kubetune_trainer.contract import metrics as contract
 
 # Training log entries (as transformers and TRL name them) that go straight to a gauge.
 # Each method adds its own (DPO: reward margin, preference accuracy; preserve-skills: KL).
 LOG_GAUGES: dict[str, str] = {
-    "loss": gauges.TRAIN_LOSS.name,
-    "learning_rate": gauges.LEARNING_RATE.name,
-    "grad_norm": gauges.GRAD_NORM.name,
-    "rewards/margins": gauges.TRAIN_REWARD_MARGIN.name,
-    "rewards/accuracies": gauges.TRAIN_PREFERENCE_ACCURACY.name,
-    "kl": gauges.TRAIN_KL.name,
+    "loss": contract.TRAIN_LOSS.name,
+    "learning_rate": contract.LEARNING_RATE.name,
+    "grad_norm": contract.GRAD_NORM.name,
+    "rewards/margins": contract.TRAIN_REWARD_MARGIN.name,
+    "rewards/accuracies": contract.TRAIN_PREFERENCE_ACCURACY.name,
+    "kl": contract.TRAIN_KL.name,
 }
 
 # The same for evaluation log entries (eval_loss has gauges of its own: latest and best).
 EVAL_LOG_GAUGES: dict[str, str] = {
-    "eval_rewards/margins": gauges.EVAL_REWARD_MARGIN.name,
-    "eval_rewards/accuracies": gauges.EVAL_PREFERENCE_ACCURACY.name,
-    "eval_kl": gauges.EVAL_KL.name,
+    "eval_rewards/margins": contract.EVAL_REWARD_MARGIN.name,
+    "eval_rewards/accuracies": contract.EVAL_PREFERENCE_ACCURACY.name,
+    "eval_kl": contract.EVAL_KL.name,
 }
 
 # Method-specific log entries that also go into the log lines, with their short names.
@@ -42,16 +41,31 @@ LOG_EXTRAS: dict[str, str] = {
 class TrainMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self._gauges = {
-            name: Gauge(name, spec.help, registry=self.registry) for name, spec in GAUGES.items()
-        }
-        for name, spec in GAUGES.items():
-            if spec.nan_until_set:
-                self._gauges[name].set(float("nan"))
+        self._gauges: dict[str, Gauge] = {}
+        self._counters: dict[str, Counter] = {}
+        # Gauges that join the registry (and the exposition) when first set.
+        self._unset: set[str] = set()
+        for name, spec in contract.METRICS.items():
+            if isinstance(spec, contract.Counter):
+                self._counters[name] = Counter(name, spec.help, registry=self.registry)
+            elif spec.absent_until_set:
+                self._gauges[name] = Gauge(name, spec.help, registry=None)
+                self._unset.add(name)
+            else:
+                self._gauges[name] = Gauge(name, spec.help, registry=self.registry)
 
     def update(self, values: Mapping[str, float]) -> None:
+        """Set gauges."""
         for name, value in values.items():
             self._gauges[name].set(value)
+            if name in self._unset:
+                self._unset.discard(name)
+                self.registry.register(self._gauges[name])
+
+    def count(self, increments: Mapping[str, float]) -> None:
+        """Add to counters."""
+        for name, amount in increments.items():
+            self._counters[name].inc(amount)
 
     def serve(self, port: int) -> Callable[[], None]:
         """Serve /metrics on ``port`` (all interfaces, as the pod's scrape needs) and

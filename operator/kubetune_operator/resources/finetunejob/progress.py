@@ -17,12 +17,15 @@ FIGURE_GAUGES = figure_gauges()
 
 
 def parse_samples(text: str) -> dict[str, float]:
-    """The kubetune_ samples without labels, by name. Unparseable text gives {}."""
+    """The kubetune_ samples without labels, by name. Unparseable text gives {}. A NaN
+    or infinite sample (a loss that diverged: the trainer leaves out what it has no
+    value for yet) is left out too, for status is JSON, which has neither; the chart's
+    alert rules report it."""
     out: dict[str, float] = {}
     try:
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
-                if sample.name.startswith("kubetune_") and not math.isnan(sample.value):
+                if sample.name.startswith("kubetune_") and math.isfinite(sample.value):
                     out.setdefault(sample.name, sample.value)
     except ValueError:
         return {}
