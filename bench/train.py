@@ -426,8 +426,10 @@ def main() -> None:
 
     lora = job["tuning"] == "lora"
     print(f"{title}; CPU threads {os.cpu_count()}; median of {args.repeat}")
+    # The first column fits the longest run name (a --without switch's).
+    width = max(17, *(len(label) for _, label in names.values()))
     header = (
-        f"{'':17s} {'tokens/s':>9s} {'samples/s':>9s} {'padding':>7s} {'peak RSS':>9s}"
+        f"{'':{width}s} {'tokens/s':>9s} {'samples/s':>9s} {'padding':>7s} {'peak RSS':>9s}"
         f" {'peak GPU':>9s} {'MFU':>6s} {'train loss':>10s} {'eval loss':>9s}"
     )
     print(header)
@@ -457,7 +459,7 @@ def main() -> None:
         gpu = m["peakGpuBytes"]
         mfu = f"{m['mfu']:.1%}" if args.gpu else ""
         print(
-            f"{names[kind][1]:17s} {m['tokensPerSecond']:9.0f} {m['samplesPerSecond']:9.2f}"
+            f"{names[kind][1]:{width}s} {m['tokensPerSecond']:9.0f} {m['samplesPerSecond']:9.2f}"
             f" {m['padding']:7.1%} {m['peakBytes'] / 2**20:5.0f} MiB"
             f" {'' if math.isnan(gpu) else f'{gpu / 2**30:5.1f} GiB':>9s}"
             f" {mfu:>6s} {m['trainLoss']:10.4f}"

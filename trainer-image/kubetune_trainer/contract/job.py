@@ -94,6 +94,15 @@ class Hyperparameters(CamelModel):
             "seen once per epoch. false: batches of examples drawn at random."
         ),
     )
+    score_trained_tokens_only: bool = Field(
+        True,
+        description=(
+            "SFT: run the LM head only at the positions whose next token is trained (the "
+            "assistant's), not at image, prompt and padding positions; the loss and its "
+            "gradients are the same. false: TRL's loss, which off Triton GPUs scores every "
+            "position."
+        ),
+    )
     max_pixels: int = Field(
         401408,
         ge=784,

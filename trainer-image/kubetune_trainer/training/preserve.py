@@ -9,8 +9,9 @@ on the same inputs, images included.
 Written by hand on top of TRL's SFTTrainer: TRL has distillation trainers (GKD and
 distillation) but they generate on-policy and take a separate teacher model, and the
 SFTTrainer's fused LM head returns log-probabilities of the labels only, not the
-logits over the vocabulary that a KL needs. So the loss here runs the model's ordinary
-forward (logits) and computes both terms itself. With LoRA the base is the same model
+logits over the vocabulary that a KL needs. So the loss here asks the model for its
+logits at the assistant tokens only (trained_positions.py: the LM head runs on those
+positions alone, for the tuned model and for the base) and computes both terms itself. With LoRA the base is the same model
 with the adapter switched off (no second copy); with full tuning, a frozen copy.
 
 ``PreserveSkillsLoss`` is a mixin: sft.py puts it ahead of its own SFT trainer to make
@@ -28,7 +29,10 @@ import torch.nn.functional as F
 from peft import PeftModel
 from trl import SFTTrainer
 
-from kubetune_trainer.training.collate import IGNORE_INDEX
+from kubetune_trainer.training.trained_positions import (
+    TRAINED_POSITIONS,
+    trained_positions_forward,
+)
 
 
 def distillation_kl(
@@ -90,17 +94,23 @@ class PreserveSkillsLoss(SFTTrainer):
         mode = "train" if self.model.training else "eval"
         labels = inputs["labels"]
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        model_inputs["use_cache"] = False
-        outputs = model(**model_inputs)  # no fused_lm_head: the full logits
-        mask = labels[:, 1:] != IGNORE_INDEX
-        logits = outputs.logits[:, :-1][mask]
-        targets = labels[:, 1:][mask]
+        # The logits at the trained positions only (trained_positions.py): both terms
+        # are over those tokens alone.
+        ask = {"labels": labels, TRAINED_POSITIONS: "logits"}
+        outputs = model(**model_inputs, **ask)
+        logits, targets = outputs.logits, outputs.targets
         with torch.no_grad(), self._base_context(model):
-            base = self.base_model if self.base_model is not None else model
-            base_logits = base(**model_inputs).logits[:, :-1][mask]
+            if self.base_model is not None:
+                base = self.accelerator.unwrap_model(self.base_model)
+                base_outputs = trained_positions_forward(base, labels, "logits", **model_inputs)
+            else:
+                base_outputs = model(**model_inputs, **ask)
+            base_logits = base_outputs.logits
+            assert base_logits is not None
 
-        tokens = mask.sum() if num_items_in_batch is None else num_items_in_batch
+        tokens = targets.numel() if num_items_in_batch is None else num_items_in_batch
         tokens = torch.as_tensor(tokens, device=logits.device).clamp(min=1)
+        targets = targets.to(logits.device)
         ce = F.cross_entropy(logits.float(), targets, reduction="sum") / tokens
         kl = distillation_kl(logits, base_logits, self.temperature)
         kl_mean = kl.sum() / tokens
@@ -111,7 +121,9 @@ class PreserveSkillsLoss(SFTTrainer):
             loss = loss * self.accelerator.num_processes
 
         with torch.no_grad():
-            n = self.accelerator.gather_for_metrics(mask.sum()).sum()
+            n = self.accelerator.gather_for_metrics(
+                torch.as_tensor(targets.numel(), device=logits.device)
+            ).sum()
             kl_sum = self.accelerator.gather_for_metrics(kl.detach().sum()).sum()
             correct = self.accelerator.gather_for_metrics(
                 (logits.argmax(-1) == targets).sum()
@@ -124,4 +136,7 @@ class PreserveSkillsLoss(SFTTrainer):
                 seen = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum()
                 self._total_train_tokens += int(seen.item()) // self._tp_size
             self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
-        return (loss, outputs) if return_outputs else loss
+        if return_outputs:
+            with torch.no_grad():
+                return loss, model(**model_inputs)
+        return loss

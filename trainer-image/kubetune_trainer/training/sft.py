@@ -1,5 +1,6 @@
 """Supervised fine-tuning: chat records with planned lengths, the collator and TRL's
-SFTTrainer, with preserve.py's loss when the job preserves general skills."""
+SFTTrainer with the LM head at the trained positions only (trained_positions.py), with
+preserve.py's loss when the job preserves general skills."""
 
 from __future__ import annotations
 
@@ -31,11 +32,14 @@ from kubetune_trainer.training.models import (
 )
 from kubetune_trainer.training.preserve import PreserveSkillsLoss
 from kubetune_trainer.training.records import ChatRecord, to_chat_record
+from kubetune_trainer.training.trained_positions import TrainedPositionsLoss
 
 
-class KubetuneSFTTrainer(ResumableCheckpoints, LengthGroupedBatches, SFTTrainer):
-    """TRL's SFTTrainer with checkpoints that resume correctly and batches of similar
-    lengths."""
+class KubetuneSFTTrainer(
+    TrainedPositionsLoss, ResumableCheckpoints, LengthGroupedBatches, SFTTrainer
+):
+    """TRL's SFTTrainer with the LM head at the trained positions only, checkpoints
+    that resume correctly and batches of similar lengths."""
 
 
 class PreserveSkillsSFTTrainer(PreserveSkillsLoss, KubetuneSFTTrainer):
@@ -106,6 +110,7 @@ def build_trainer(inputs: TrainerInputs) -> tuple[SFTTrainer, DataStats]:
         "processing_class": inputs.processing,
         "peft_config": lora_config(config, default_lora_targets(inputs.model)),
         "callbacks": list(inputs.callbacks),
+        "trained_positions_only": config.hyperparameters.score_trained_tokens_only,
     }
     preserve = config.preserve_general_skills
     if preserve.enabled and preserve.lambda_ > 0:

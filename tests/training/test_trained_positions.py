@@ -1,0 +1,289 @@
+"""hyperparameters.scoreTrainedTokensOnly: the LM head at the trained positions only
+(training/trained_positions.py). On fixed padded batches, with images, prompt tokens
+and padding, its loss is the model's own (transformers' ForCausalLMLoss, with and
+without num_items_in_batch) and so are the gradients of the trained parameters, full
+and LoRA; through the trainer it is TRL's loss with TRL's logged figures; a row or a
+batch without trained tokens behaves as TRL's loss does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from PIL import Image
+from training.support import JobFactory
+
+from kubetune_trainer.data.example import Example, ImageRef, Turn
+from kubetune_trainer.training import trained_positions
+from kubetune_trainer.training.collate import SFTCollator
+from kubetune_trainer.training.config_mapping import Hardware
+from kubetune_trainer.training.inputs import TrainerInputs
+from kubetune_trainer.training.models import (
+    default_lora_targets,
+    is_multimodal,
+    load_model,
+    load_processing,
+)
+from kubetune_trainer.training.records import to_chat_record
+from kubetune_trainer.training.runner import load_builder, split_data
+from kubetune_trainer.training.sft import chat_encoder, plan_lengths
+from kubetune_trainer.training.trained_positions import (
+    TRAINED_POSITIONS,
+    LinearCrossEntropy,
+    add_trained_positions_head,
+    patch_target,
+)
+
+pytestmark = pytest.mark.training
+
+WORDS = ("red", "green", "blue", "square", "circle", "bar", "small", "large", "the", "shape")
+
+
+@pytest.fixture(params=["qwen2_5_vl", "llava", "qwen2"])
+def model_folder(request: pytest.FixtureRequest) -> Path:
+    folder: Path = request.getfixturevalue(f"tiny_{request.param}")
+    return folder
+
+
+def chat(line: int, words: int, image: str | None = None) -> Example:
+    prompt: tuple[Any, ...] = ("describe this " * line,)
+    if image:
+        prompt = (ImageRef(image), *prompt)
+    said = " ".join(WORDS[(line * 7 + i) % len(WORDS)] for i in range(words))
+    return Example(turns=(Turn("user", prompt), Turn("assistant", (said,))), line=line)
+
+
+def fixed_batch(folder: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
+    """Three chats padded to the longest: on a VLM two with images of different sizes;
+    prompt tokens (never trained) and padding in every row but the longest."""
+    processing = load_processing(str(folder), trust_remote_code=False)
+    multimodal = is_multimodal(processing)
+    Image.new("RGB", (56, 56), (200, 0, 0)).save(tmp_path / "small.png")
+    Image.new("RGB", (112, 84), (0, 0, 200)).save(tmp_path / "large.png")
+    examples = [
+        chat(1, 3, "small.png" if multimodal else None),
+        chat(2, 40),
+        chat(3, 9, "large.png" if multimodal else None),
+    ]
+    encoder = chat_encoder(processing, max_pixels=112 * 112)
+    records = [to_chat_record(e, tmp_path, multimodal=multimodal) for e in examples]
+    batch: dict[str, torch.Tensor] = SFTCollator(encoder)(
+        plan_lengths(encoder, records, max_length=4096).kept
+    )
+    labels, mask = batch["labels"], batch["attention_mask"]
+    assert (mask == 0).any() and ((labels == -100) & (mask == 1)).any()
+    return batch
+
+
+def loaded(folder: Path, tuning: str) -> Any:
+    processing = load_processing(str(folder), trust_remote_code=False)
+    model = load_model(
+        str(folder),
+        multimodal=is_multimodal(processing),
+        trust_remote_code=False,
+        dtype="float32",
+    )
+    if tuning == "lora":
+        # Random B (not PEFT's zeros), so that both adapter matrices get gradients.
+        config = LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=default_lora_targets(model),
+            init_lora_weights=False,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, config)
+    model.eval()  # no dropout: both passes must see the same network
+    add_trained_positions_head(patch_target(model))
+    return model
+
+
+def gradients(model: Any, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    # Parameters the loss does not reach (LLaVA's last vision layer) have none.
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads
+    return grads
+
+
+def ours(model: Any, batch: dict[str, torch.Tensor], items: int | None) -> torch.Tensor:
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    out = model(**inputs, labels=batch["labels"], **{TRAINED_POSITIONS: "loss"})
+    assert int(out.tokens) == int((batch["labels"][:, 1:] != -100).sum())
+    return out.nll_sum / (out.tokens if items is None else items)
+
+
+@pytest.mark.parametrize("tuning", ["full", "lora"])
+def test_the_loss_and_gradients_are_the_model_s_own(
+    model_folder: Path, tuning: str, tmp_path: Path
+) -> None:
+    batch = fixed_batch(model_folder, tmp_path)
+    model = loaded(model_folder, tuning)
+    trained = int((batch["labels"][:, 1:] != -100).sum())
+    for items in (None, trained + 5):
+        extra = {} if items is None else {"num_items_in_batch": torch.tensor(items)}
+        theirs = model(**batch, **extra).loss
+        expected = gradients(model, theirs)
+        loss = ours(model, batch, items)
+        torch.testing.assert_close(loss, theirs, rtol=1e-5, atol=1e-6)
+        got = gradients(model, loss)
+        assert got.keys() == expected.keys()
+        for name, grad in expected.items():
+            torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_an_all_ignored_row_adds_nothing_and_a_batch_without_trained_tokens_is_zero(
+    tiny_qwen2_5_vl: Path, tmp_path: Path
+) -> None:
+    batch = fixed_batch(tiny_qwen2_5_vl, tmp_path)
+    model = loaded(tiny_qwen2_5_vl, "lora")
+    # One row with nothing trained (as an example truncated before its answer).
+    one_ignored = {**batch, "labels": batch["labels"].clone()}
+    one_ignored["labels"][0] = -100
+    theirs = model(**one_ignored).loss
+    torch.testing.assert_close(ours(model, one_ignored, None), theirs, rtol=1e-5, atol=1e-6)
+
+    # No trained token at all: transformers' mean is 0 / 0 (NaN) and its sum over
+    # num_items_in_batch 0; ours, like TRL's loss, clamps the count, so a finite zero
+    # that backward still runs through, with zero gradients.
+    none = {**batch, "labels": torch.full_like(batch["labels"], -100)}
+    assert torch.isnan(model(**none).loss)
+    with_items = model(**none, num_items_in_batch=torch.tensor(7)).loss
+    assert with_items.item() == 0.0
+    out = model(
+        **{k: v for k, v in none.items() if k != "labels"},
+        labels=none["labels"],
+        **{TRAINED_POSITIONS: "loss"},
+    )
+    assert int(out.tokens) == 0
+    loss = out.nll_sum / out.tokens.clamp(min=1)
+    assert loss.item() == 0.0
+    assert all(g.abs().max() == 0 for g in gradients(model, loss).values())
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_fused_head_in_chunks_is_linear_then_cross_entropy(
+    bias: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks of 3 rows (of 10): the sum, argmax hits and entropy, and the gradients of
+    the rows, the weight and the bias, as autograd through F.linear and cross_entropy."""
+    monkeypatch.setattr(trained_positions, "CHUNK_ELEMENTS", 3 * 50)
+    torch.manual_seed(0)
+    hidden = torch.randn(10, 16, requires_grad=True)
+    head = torch.nn.Linear(16, 50, bias=bias)
+    targets = torch.randint(0, 50, (10,))
+
+    logits = head(hidden)
+    expected = F.cross_entropy(logits, targets, reduction="sum")
+    (2.5 * expected).backward()
+    want = [hidden.grad, head.weight.grad, head.bias.grad if bias else None]
+    hidden.grad = None
+    head.zero_grad(set_to_none=True)
+
+    out = trained_positions.head_loss(head, hidden, targets)
+    assert out.nll_sum is not None and out.entropy_sum is not None
+    torch.testing.assert_close(out.nll_sum, expected)
+    assert int(out.correct) == int((logits.argmax(-1) == targets).sum())
+    logps = F.log_softmax(logits.detach(), -1)
+    torch.testing.assert_close(out.entropy_sum, -(logps.exp() * logps).sum())
+    (2.5 * out.nll_sum).backward()
+    got = [hidden.grad, head.weight.grad, head.bias.grad if bias else None]
+    for g, w in zip(got, want, strict=True):
+        if w is not None:
+            torch.testing.assert_close(g, w)
+
+    # Without gradients (evaluation) the same figures, and no gradient work.
+    with torch.no_grad():
+        nll, correct, _ = LinearCrossEntropy.apply(
+            hidden, head.weight, head.bias, targets, torch.float32
+        )
+    torch.testing.assert_close(nll, expected.detach())
+    assert int(correct) == int(out.correct)
+
+
+def build(config: Any) -> Any:
+    """The SFT trainer for ``config`` as the runner builds it, without training."""
+    processing = load_processing(config.base_model, trust_remote_code=False)
+    train_examples, train_root, validation, validation_root = split_data(config)
+    model = load_model(
+        config.base_model,
+        multimodal=is_multimodal(processing),
+        trust_remote_code=False,
+        dtype="float32",
+    )
+    trainer, _ = load_builder(config.method)(
+        TrainerInputs(
+            config=config,
+            hardware=Hardware(cuda=False, bf16=False),
+            model=model,
+            processing=processing,
+            train=train_examples,
+            train_root=train_root,
+            validation=validation,
+            validation_root=validation_root,
+            callbacks=[],
+        )
+    )
+    return trainer
+
+
+@pytest.mark.parametrize("tuning", ["full", "lora"])
+def test_through_the_trainer_it_is_trl_s_loss_with_trl_s_figures(
+    tiny_qwen2_5_vl: Path,
+    shapes_task: Any,
+    job: JobFactory,
+    tuning: str,
+    tmp_path: Path,
+) -> None:
+    """The switch on (the default) and off (TRL's own loss, which on a CPU scores every
+    position): the same loss, gradients, token accuracy, entropy and token count."""
+    batch = fixed_batch(tiny_qwen2_5_vl, tmp_path)
+    trained = int((batch["labels"][:, 1:] != -100).sum())
+    results = []
+    for on in (True, False):
+        trainer = build(
+            job(
+                tiny_qwen2_5_vl,
+                shapes_task.train,
+                tuning=tuning,
+                hyperparameters={
+                    "scoreTrainedTokensOnly": on,
+                    **({"loraDropout": 0.0} if tuning == "lora" else {}),
+                },
+            )
+        )
+        assert trainer.trained_positions_only is on
+        assert trainer._trained_positions_apply() is on
+        model = trainer.model
+        model.train()
+        torch.manual_seed(0)
+        # LoRA: the same adapter weights in both runs, and B not zero.
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                torch.nn.init.normal_(p, std=0.02)
+        loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(trained))
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        figures = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+        results.append((loss.detach(), grads, figures))
+    (loss_on, grads_on, figures_on), (loss_off, grads_off, figures_off) = results
+    torch.testing.assert_close(loss_on, loss_off, rtol=1e-5, atol=1e-6)
+    for name, grad in grads_off.items():
+        torch.testing.assert_close(grads_on[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert (
+        figures_on.keys()
+        == figures_off.keys()
+        >= {
+            "mean_token_accuracy",
+            "entropy",
+            "num_tokens",
+        }
+    )
+    for key, value in figures_off.items():
+        assert figures_on[key] == pytest.approx(value, rel=1e-4), key
