@@ -354,10 +354,12 @@ start_kcm() {
   # namespace needs; the node lifecycle controller, which lifts the not-ready taint a
   # new Node gets once its kubelet reports Ready; the PersistentVolume binder, which
   # binds the claims the scheduler requires to the volumes the local kubelet offers;
-  # the endpoints controller, whose Endpoints the API server's service proxy follows.
+  # the endpoints controller, whose Endpoints the API server's service proxy follows;
+  # the resource quota controller, without which the API server's quota admission finds
+  # no usage in a ResourceQuota's status and admits everything.
   start_proc kube-controller-manager "${BIN_DIR}/kube-controller-manager" \
     --kubeconfig="${KUBECONFIG_PATH}" \
-    --controllers=garbage-collector-controller,namespace-controller,serviceaccount-controller,serviceaccount-token-controller,root-ca-certificate-publisher-controller,clusterrole-aggregation-controller,deployment-controller,replicaset-controller,job-controller,ttl-after-finished-controller,pod-garbage-collector-controller,node-lifecycle-controller,persistentvolume-binder-controller,endpoints-controller \
+    --controllers=garbage-collector-controller,namespace-controller,serviceaccount-controller,serviceaccount-token-controller,root-ca-certificate-publisher-controller,clusterrole-aggregation-controller,deployment-controller,replicaset-controller,job-controller,ttl-after-finished-controller,pod-garbage-collector-controller,node-lifecycle-controller,persistentvolume-binder-controller,endpoints-controller,resourcequota-controller \
     --use-service-account-credentials=false \
     --leader-elect=false \
     --secure-port=0 \
