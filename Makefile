@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint crds dashboard controlplane serving controlplane-up controlplane-down dev-up dev-down demo clean
+.PHONY: setup test lint crds dashboard controlplane prometheus serving controlplane-up controlplane-down dev-up dev-down demo clean
 
 setup: $(STAMP)
 
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[operator,trainer,cli,dev]'
 	touch $(STAMP)
 
-test: $(STAMP) controlplane serving
+test: $(STAMP) controlplane prometheus serving
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
@@ -31,16 +31,19 @@ crds: $(STAMP)
 dashboard: $(STAMP)
 	$(BIN)/python hack/grafana_dashboard.py charts/kubetune/files/grafana-dashboard.json
 
-# etcd, kube-apiserver, kube-controller-manager, kube-scheduler, Kueue, Prometheus with
-# promtool and the small Go programs the tests run (gopher-lua for Argo CD health checks,
-# kstatus), built from Go modules once (minutes; each step says what it builds), then
-# reused.
+# etcd, kube-apiserver, kube-controller-manager, kube-scheduler, Kueue and the small Go
+# programs the tests run (gopher-lua for Argo CD health checks, kstatus), built from Go
+# modules once (minutes; each step says what it builds), then reused.
 controlplane:
 	hack/controlplane.sh build
 	hack/kueue.sh build
-	hack/prometheus.sh build
 	hack/gotools.sh build argocd-health
 	hack/gotools.sh build kstatus
+
+# Prometheus and promtool for the monitoring tests, built from Go modules once (about
+# 5 minutes cold), then reused; `make demo` does not need them.
+prometheus:
+	hack/prometheus.sh build
 
 # vLLM's CPU build in .venv-serving, which the local kubelet runs model servers with
 # (minutes and about 6 GB once, then reused).
