@@ -163,3 +163,34 @@ def count_opens(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
 
     monkeypatch.setattr(images, "open_image", counting)
     return opened
+
+
+def build_trainer(config: TrainingConfig) -> Any:
+    """The method's trainer for ``config``, as the runner builds it, without training."""
+    from kubetune_trainer.training.config_mapping import Hardware
+    from kubetune_trainer.training.inputs import TrainerInputs
+    from kubetune_trainer.training.models import is_multimodal, load_model, load_processing
+    from kubetune_trainer.training.runner import load_builder, split_data
+
+    processing = load_processing(config.base_model, trust_remote_code=False)
+    train_examples, train_root, validation, validation_root = split_data(config)
+    model = load_model(
+        config.base_model,
+        multimodal=is_multimodal(processing),
+        trust_remote_code=False,
+        dtype="float32",
+    )
+    trainer, _ = load_builder(config.method)(
+        TrainerInputs(
+            config=config,
+            hardware=Hardware(cuda=False, bf16=False),
+            model=model,
+            processing=processing,
+            train=train_examples,
+            train_root=train_root,
+            validation=validation,
+            validation_root=validation_root,
+            callbacks=[],
+        )
+    )
+    return trainer

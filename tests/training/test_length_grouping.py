@@ -18,19 +18,15 @@ import pytest
 import torch
 from PIL import Image
 from torch.utils.data import RandomSampler, SequentialSampler
-from training.support import WORDS, JobFactory, train
+from training.support import WORDS, JobFactory, build_trainer, train
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from kubetune_trainer.contract.job import TrainingConfig
 from kubetune_trainer.data.example import Example, ImageRef, Turn
 from kubetune_trainer.training.batching import SeededLengthGroupedSampler
 from kubetune_trainer.training.collate import SFTCollator
-from kubetune_trainer.training.config_mapping import Hardware
-from kubetune_trainer.training.inputs import TrainerInputs
 from kubetune_trainer.training.models import is_multimodal, load_model, load_processing
 from kubetune_trainer.training.records import to_chat_record
-from kubetune_trainer.training.runner import load_builder, split_data
 from kubetune_trainer.training.sft import chat_encoder, plan_lengths
 
 pytestmark = pytest.mark.training
@@ -61,32 +57,6 @@ def write_spread_dataset(
         lines.append(line)
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return path
-
-
-def build(config: TrainingConfig) -> Trainer:
-    """The method's trainer for ``config``, as the runner builds it, without training."""
-    processing = load_processing(config.base_model, trust_remote_code=False)
-    train_examples, train_root, validation, validation_root = split_data(config)
-    model = load_model(
-        config.base_model,
-        multimodal=is_multimodal(processing),
-        trust_remote_code=False,
-        dtype="float32",
-    )
-    trainer, _ = load_builder(config.method)(
-        TrainerInputs(
-            config=config,
-            hardware=Hardware(cuda=False, bf16=False),
-            model=model,
-            processing=processing,
-            train=train_examples,
-            train_root=train_root,
-            validation=validation,
-            validation_root=validation_root,
-            callbacks=[],
-        )
-    )
-    return trainer
 
 
 @pytest.fixture
@@ -186,8 +156,8 @@ def test_grouped_batches_carry_far_less_padding_than_random_ones_and_off_is_rand
 ) -> None:
     data = write_spread_dataset(tmp_path / "train.jsonl", 240, seed=2)
     hyperparameters = {"batchSize": 4}
-    grouped = build(job(tiny_qwen2, data, hyperparameters=hyperparameters))
-    at_random = build(
+    grouped = build_trainer(job(tiny_qwen2, data, hyperparameters=hyperparameters))
+    at_random = build_trainer(
         job(tiny_qwen2, data, hyperparameters={**hyperparameters, "groupByLength": False})
     )
 
@@ -234,7 +204,7 @@ def test_evaluation_batches_keep_the_dataset_s_order_with_grouping_on(
 ) -> None:
     data = write_spread_dataset(tmp_path / "train.jsonl", 12, seed=4)
     held_out = write_spread_dataset(tmp_path / "held_out.jsonl", 14, seed=5)
-    trainer = build(
+    trainer = build_trainer(
         job(
             tiny_qwen2,
             data,
@@ -258,7 +228,7 @@ def test_dpo_groups_pairs_by_their_longer_chat(
     tiny_qwen2: Path, job: JobFactory, tmp_path: Path
 ) -> None:
     data = write_spread_dataset(tmp_path / "train.jsonl", 16, seed=6, pairs=True)
-    trainer = build(job(tiny_qwen2, data, method="dpo", hyperparameters={"batchSize": 4}))
+    trainer = build_trainer(job(tiny_qwen2, data, method="dpo", hyperparameters={"batchSize": 4}))
     sampler = trainer._get_train_sampler()
     assert isinstance(sampler, SeededLengthGroupedSampler)
     chosen, rejected = trainer.train_dataset["keep"], trainer.train_dataset["rejected_keep"]

@@ -15,13 +15,11 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from PIL import Image
-from training.support import JobFactory
+from training.support import JobFactory, build_trainer
 
 from kubetune_trainer.data.example import Example, ImageRef, Turn
 from kubetune_trainer.training import trained_positions
 from kubetune_trainer.training.collate import SFTCollator
-from kubetune_trainer.training.config_mapping import Hardware
-from kubetune_trainer.training.inputs import TrainerInputs
 from kubetune_trainer.training.models import (
     default_lora_targets,
     is_multimodal,
@@ -29,7 +27,6 @@ from kubetune_trainer.training.models import (
     load_processing,
 )
 from kubetune_trainer.training.records import to_chat_record
-from kubetune_trainer.training.runner import load_builder, split_data
 from kubetune_trainer.training.sft import chat_encoder, plan_lengths
 from kubetune_trainer.training.trained_positions import (
     TRAINED_POSITIONS,
@@ -206,32 +203,6 @@ def test_the_fused_head_in_chunks_is_linear_then_cross_entropy(
     assert int(correct) == int(out.correct)
 
 
-def build(config: Any) -> Any:
-    """The SFT trainer for ``config`` as the runner builds it, without training."""
-    processing = load_processing(config.base_model, trust_remote_code=False)
-    train_examples, train_root, validation, validation_root = split_data(config)
-    model = load_model(
-        config.base_model,
-        multimodal=is_multimodal(processing),
-        trust_remote_code=False,
-        dtype="float32",
-    )
-    trainer, _ = load_builder(config.method)(
-        TrainerInputs(
-            config=config,
-            hardware=Hardware(cuda=False, bf16=False),
-            model=model,
-            processing=processing,
-            train=train_examples,
-            train_root=train_root,
-            validation=validation,
-            validation_root=validation_root,
-            callbacks=[],
-        )
-    )
-    return trainer
-
-
 @pytest.mark.parametrize("tuning", ["full", "lora"])
 def test_through_the_trainer_it_is_trl_s_loss_with_trl_s_figures(
     tiny_qwen2_5_vl: Path,
@@ -246,7 +217,7 @@ def test_through_the_trainer_it_is_trl_s_loss_with_trl_s_figures(
     trained = int((batch["labels"][:, 1:] != -100).sum())
     results = []
     for on in (True, False):
-        trainer = build(
+        trainer = build_trainer(
             job(
                 tiny_qwen2_5_vl,
                 shapes_task.train,
