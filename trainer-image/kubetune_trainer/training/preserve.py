@@ -27,10 +27,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from peft import PeftModel
-from trl import SFTTrainer
 
 from kubetune_trainer.training.trained_positions import (
     TRAINED_POSITIONS,
+    TrainedPositionsLoss,
+    TrainedPositionsOutput,
     trained_positions_forward,
 )
 
@@ -45,12 +46,13 @@ def distillation_kl(
     return (base_logps.exp() * (base_logps - logps)).sum(dim=-1)
 
 
-class PreserveSkillsLoss(SFTTrainer):
+class PreserveSkillsLoss(TrainedPositionsLoss):
     """SFT plus ``kl_weight`` x T^2 x KL to the frozen base on the assistant tokens.
     Logs ``kl`` (the mean per-token KL at temperature T) beside the loss.
 
-    Its base is SFTTrainer, whose state the loss uses, so that it type-checks; it goes
-    first among the bases of the trainer it is mixed into."""
+    Its base is TrainedPositionsLoss, whose patched forward gives it the logits at the
+    trained positions and whose token figures it logs; it goes first among the bases of
+    the trainer it is mixed into."""
 
     # The Trainer types its model as optional, but it is set before any loss is computed.
     model: Any
@@ -125,18 +127,10 @@ class PreserveSkillsLoss(SFTTrainer):
                 torch.as_tensor(targets.numel(), device=logits.device)
             ).sum()
             kl_sum = self.accelerator.gather_for_metrics(kl.detach().sum()).sum()
-            correct = self.accelerator.gather_for_metrics(
-                (logits.argmax(-1) == targets).sum()
-            ).sum()
             self._metrics[mode]["kl"].append((kl_sum / n).item() if n > 0 else 0.0)
-            self._metrics[mode]["mean_token_accuracy"].append(
-                (correct / n).item() if n > 0 else 0.0
+            figures = TrainedPositionsOutput(
+                tokens=torch.as_tensor(targets.numel(), device=logits.device),
+                correct=(logits.argmax(-1) == targets).sum(),
             )
-            if mode == "train":
-                seen = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum()
-                self._total_train_tokens += int(seen.item()) // self._tp_size
-            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
-        if return_outputs:
-            with torch.no_grad():
-                return loss, model(**model_inputs)
-        return loss
+        self.log_token_figures(mode, figures, inputs)
+        return (loss, outputs) if return_outputs else loss

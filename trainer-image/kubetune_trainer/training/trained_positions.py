@@ -264,7 +264,7 @@ class TrainedPositionsLoss(SFTTrainer):
 
     def __init__(self, *args: Any, trained_positions_only: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # Always patched: preserve.py's loss goes through it either way.
+        # Always patched: preserve.py's loss, a subclass, goes through it either way.
         add_trained_positions_head(patch_target(self.model))
         self.trained_positions_only = trained_positions_only
 
@@ -305,10 +305,9 @@ class TrainedPositionsLoss(SFTTrainer):
             # DDP averages the gradients across ranks.
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
         self.log_token_figures(mode, outputs, inputs)
-        if return_outputs:
-            with torch.no_grad():
-                return loss, model(**model_inputs)
-        return loss
+        # The Trainer's evaluation reads only the loss (it keeps outputs as predictions
+        # for compute_metrics alone, which SFT has none of): no second forward for them.
+        return (loss, outputs) if return_outputs else loss
 
     def log_token_figures(
         self, mode: str, outputs: TrainedPositionsOutput, inputs: dict[str, Any]
