@@ -149,7 +149,7 @@ def training(dashboard: builders.Dashboard) -> builders.Dashboard:
                 "Time left", "Estimated from the steps done so far.", metrics.ETA_SECONDS.name, "s"
             )
         )
-        .with_panel(figure("Epoch", "Epochs done, fractional.", metrics.EPOCH.name, ""))
+        .with_panel(figure("Epoch", metrics.EPOCH.help, metrics.EPOCH.name, ""))
         .with_panel(
             graph(
                 "Training loss",
@@ -170,7 +170,7 @@ def training(dashboard: builders.Dashboard) -> builders.Dashboard:
         .with_panel(
             graph(
                 "Throughput",
-                "Training tokens (padding excluded) per second, all workers.",
+                metrics.TOKENS_PER_SECOND.help,
                 [(of_run(metrics.TOKENS_PER_SECOND.name), "{{finetunejob}}")],
                 unit="short",
             )
@@ -178,7 +178,7 @@ def training(dashboard: builders.Dashboard) -> builders.Dashboard:
         .with_panel(
             graph(
                 "Samples per second",
-                "Training examples per second, all workers.",
+                metrics.SAMPLES_PER_SECOND.help,
                 [(of_run(metrics.SAMPLES_PER_SECOND.name), "{{finetunejob}}")],
                 unit="short",
             )

@@ -21,7 +21,14 @@ from typing import Any
 
 import prometheus
 import pytest
-from e2e_support import RESTRICTED, dataset, finetunejob, provide_storage, restricted_operator
+from e2e_support import (
+    RESTRICTED,
+    dataset,
+    finetunejob,
+    provide_storage,
+    restricted_operator,
+    wait_phase,
+)
 from kube import Kubectl
 from monitoring.dashboard_queries import RATE_INTERVAL, panel_queries, panels_by_row
 from operator_harness import Operator, wait_for
@@ -160,12 +167,8 @@ def runs(
         ns,
     )
     for name in ("sft", "dpo"):
-        final = wait_for(
-            lambda name=name: finished(kubectl, ns, name),
-            900,
-            f"the FineTuneJob {name} to finish",
-            interval=1,
-            on_timeout=operator.tail,
+        final = wait_phase(
+            operator, kubectl, "ftj", ns, name, ("Succeeded", "Failed"), 900, f"{name} to finish"
         )
         assert final["phase"] == "Succeeded", (name, final)
     discovery.stop()
@@ -198,11 +201,6 @@ def runs(
         on_timeout=operator.tail,
     )
     yield Window(start, time.time()), discovery
-
-
-def finished(kubectl: Kubectl, ns: str, name: str) -> dict[str, Any] | None:
-    st: dict[str, Any] = kubectl.get("ftj", name, "-n", ns).get("status") or {}
-    return st if st.get("phase") in ("Succeeded", "Failed") else None
 
 
 # Which run each row's panels are asked about: a panel that only makes sense for some
