@@ -31,3 +31,10 @@ def job(tmp_path: Path) -> JobFactory:
         )
 
     return make
+
+
+@pytest.fixture(params=["qwen2_5_vl", "llava", "qwen2"])
+def model_folder(request: pytest.FixtureRequest) -> Path:
+    """Each tiny model family in turn: Qwen2.5-VL, LLaVA, and the Qwen2 causal LM."""
+    folder: Path = request.getfixturevalue(f"tiny_{request.param}")
+    return folder

@@ -87,6 +87,14 @@ def test_hardware_decides_precision_and_checkpointing() -> None:
     assert model_dtype(config(tuning="lora"), GPU) == "bfloat16"
     assert model_dtype(config(tuning="full"), GPU) == "float32"
     assert model_dtype(config(tuning="lora"), CPU) == "float32"
+    # activationCheckpointing set either way overrides the hardware's default.
+    for hardware in (CPU, GPU):
+        for on in (True, False):
+            chosen = config(hyperparameters={"activationCheckpointing": on})
+            assert (
+                training_arguments(chosen, hardware, has_eval=False)["activation_checkpointing"]
+                is on
+            )
 
 
 def test_sft_config_leaves_masking_and_truncation_to_the_collator() -> None:

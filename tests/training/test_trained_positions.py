@@ -13,99 +13,12 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model
-from PIL import Image
-from training.support import JobFactory, build_trainer
+from training.support import JobFactory, build_trainer, fixed_batch, gradients, loaded
 
-from kubetune_trainer.data.example import Example, ImageRef, Turn
 from kubetune_trainer.training import trained_positions
-from kubetune_trainer.training.collate import SFTCollator
-from kubetune_trainer.training.models import (
-    default_lora_targets,
-    is_multimodal,
-    load_model,
-    load_processing,
-)
-from kubetune_trainer.training.records import to_chat_record
-from kubetune_trainer.training.sft import chat_encoder, plan_lengths
-from kubetune_trainer.training.trained_positions import (
-    TRAINED_POSITIONS,
-    LinearCrossEntropy,
-    add_trained_positions_head,
-    patch_target,
-)
+from kubetune_trainer.training.trained_positions import TRAINED_POSITIONS, LinearCrossEntropy
 
 pytestmark = pytest.mark.training
-
-WORDS = ("red", "green", "blue", "square", "circle", "bar", "small", "large", "the", "shape")
-
-
-@pytest.fixture(params=["qwen2_5_vl", "llava", "qwen2"])
-def model_folder(request: pytest.FixtureRequest) -> Path:
-    folder: Path = request.getfixturevalue(f"tiny_{request.param}")
-    return folder
-
-
-def chat(line: int, words: int, image: str | None = None) -> Example:
-    prompt: tuple[Any, ...] = ("describe this " * line,)
-    if image:
-        prompt = (ImageRef(image), *prompt)
-    said = " ".join(WORDS[(line * 7 + i) % len(WORDS)] for i in range(words))
-    return Example(turns=(Turn("user", prompt), Turn("assistant", (said,))), line=line)
-
-
-def fixed_batch(folder: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
-    """Three chats padded to the longest: on a VLM two with images of different sizes;
-    prompt tokens (never trained) and padding in every row but the longest."""
-    processing = load_processing(str(folder), trust_remote_code=False)
-    multimodal = is_multimodal(processing)
-    Image.new("RGB", (56, 56), (200, 0, 0)).save(tmp_path / "small.png")
-    Image.new("RGB", (112, 84), (0, 0, 200)).save(tmp_path / "large.png")
-    examples = [
-        chat(1, 3, "small.png" if multimodal else None),
-        chat(2, 40),
-        chat(3, 9, "large.png" if multimodal else None),
-    ]
-    encoder = chat_encoder(processing, max_pixels=112 * 112)
-    records = [to_chat_record(e, tmp_path, multimodal=multimodal) for e in examples]
-    batch: dict[str, torch.Tensor] = SFTCollator(encoder)(
-        plan_lengths(encoder, records, max_length=4096).kept
-    )
-    labels, mask = batch["labels"], batch["attention_mask"]
-    assert (mask == 0).any() and ((labels == -100) & (mask == 1)).any()
-    return batch
-
-
-def loaded(folder: Path, tuning: str) -> Any:
-    processing = load_processing(str(folder), trust_remote_code=False)
-    model = load_model(
-        str(folder),
-        multimodal=is_multimodal(processing),
-        trust_remote_code=False,
-        dtype="float32",
-    )
-    if tuning == "lora":
-        # Random B (not PEFT's zeros), so that both adapter matrices get gradients.
-        config = LoraConfig(
-            r=4,
-            lora_alpha=8,
-            target_modules=default_lora_targets(model),
-            init_lora_weights=False,
-            task_type="CAUSAL_LM",
-        )
-        model = get_peft_model(model, config)
-    model.eval()  # no dropout: both passes must see the same network
-    add_trained_positions_head(patch_target(model))
-    return model
-
-
-def gradients(model: Any, loss: torch.Tensor) -> dict[str, torch.Tensor]:
-    model.zero_grad(set_to_none=True)
-    loss.backward()
-    # Parameters the loss does not reach (LLaVA's last vision layer) have none.
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    assert grads
-    return grads
 
 
 def ours(model: Any, batch: dict[str, torch.Tensor], items: int | None) -> torch.Tensor:

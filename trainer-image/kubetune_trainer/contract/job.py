@@ -103,6 +103,24 @@ class Hyperparameters(CamelModel):
             "position."
         ),
     )
+    padding_free: bool = Field(
+        True,
+        description=(
+            "SFT with scoreTrainedTokensOnly: run each batch as one row of its examples laid "
+            "end to end, each with its own positions and attention, so that no padding is "
+            "computed; the loss and its gradients are the same. Applies to the model families "
+            "it is tested on (Qwen2.5-VL, LLaVA, Qwen2, Llama) with sdpa attention; others "
+            "train padded. false: padded batches."
+        ),
+    )
+    activation_checkpointing: bool | None = Field(
+        None,
+        description=(
+            "Recompute activations in the backward pass instead of keeping them: far less "
+            "GPU memory for long examples and large batches, at about a third more compute. "
+            "Default: on on GPUs, off on CPUs."
+        ),
+    )
     max_pixels: int = Field(
         401408,
         ge=784,

@@ -84,7 +84,9 @@ def training_arguments(config: TrainingConfig, hw: Hardware, *, has_eval: bool) 
         "fp16": False,
         # On a GPU activation memory bounds the batch size; on a CPU, which only trains
         # small models, recomputing activations would just make it slower.
-        "activation_checkpointing": hw.cuda,
+        "activation_checkpointing": (
+            hw.cuda if hp.activation_checkpointing is None else hp.activation_checkpointing
+        ),
         # Images are decoded and resized in the collator: workers keep a GPU fed.
         "dataloader_num_workers": 2 if hw.cuda else 0,
         # Otherwise they are started again for every epoch and evaluation (bench/gpu.py

@@ -30,6 +30,7 @@ from kubetune_trainer.training.models import (
     tokenizer_of,
     training_chat_template,
 )
+from kubetune_trainer.training.padding_free import enable_padding_free
 from kubetune_trainer.training.preserve import PreserveSkillsLoss
 from kubetune_trainer.training.records import ChatRecord, to_chat_record
 from kubetune_trainer.training.trained_positions import TrainedPositionsLoss
@@ -101,6 +102,9 @@ def build_trainer(inputs: TrainerInputs) -> tuple[SFTTrainer, DataStats]:
         inputs.processing, config.hyperparameters.max_pixels, run_image_rules(config)
     )
     data = prepare_data(inputs, encoder, PLANNING)
+    hyperparameters = config.hyperparameters
+    if hyperparameters.padding_free and hyperparameters.score_trained_tokens_only:
+        enable_padding_free(inputs.model)
     arguments: dict[str, Any] = {
         "model": inputs.model,
         "args": sft_config(config, inputs.hardware, has_eval=data.validation is not None),
@@ -110,7 +114,7 @@ def build_trainer(inputs: TrainerInputs) -> tuple[SFTTrainer, DataStats]:
         "processing_class": inputs.processing,
         "peft_config": lora_config(config, default_lora_targets(inputs.model)),
         "callbacks": list(inputs.callbacks),
-        "trained_positions_only": config.hyperparameters.score_trained_tokens_only,
+        "trained_positions_only": hyperparameters.score_trained_tokens_only,
     }
     preserve = config.preserve_general_skills
     if preserve.enabled and preserve.lambda_ > 0:

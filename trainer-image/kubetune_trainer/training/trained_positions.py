@@ -43,6 +43,7 @@ from transformers.utils import ModelOutput
 from trl import SFTTrainer
 
 from kubetune_trainer.training.collate import IGNORE_INDEX
+from kubetune_trainer.training.padding_free import is_packed, pack
 
 # The keyword the patched forward answers to, with what it should return: "loss" (the
 # summed cross-entropy and the logged figures) or "logits" (the logits at the trained
@@ -204,18 +205,28 @@ def trained_positions_forward(
     adapters) on ``inputs``, its LM head at the trained positions of ``labels`` only:
     ``what`` "loss" gives head_loss's figures, "logits" those positions' logits and
     targets. A model whose logits are not the head's plain output runs its own forward
-    and has its logits gathered."""
+    and has its logits gathered. A model switched to packed attention (padding_free.py)
+    runs the batch packed into one row."""
     inputs["use_cache"] = False
     mask = trained_mask(labels)
     targets = labels[:, 1:][mask]
+    rows = None
+    if is_packed(model) and "attention_mask" in inputs:
+        inputs, flat_index = pack(model, inputs)
+        rows = flat_index[:, :-1][mask.to(flat_index.device)]
+
+    def at_trained(states: torch.Tensor) -> torch.Tensor:
+        if rows is not None:
+            return states[0, rows.to(states.device)]
+        return states[:, :-1][mask.to(states.device)]
+
     if not plain_logits(model):
-        logits = model(**inputs).logits[:, :-1][mask.to(model.device)]
+        logits = at_trained(model(**inputs).logits)
         if what == "logits":
             return TrainedPositionsOutput(logits=logits, targets=targets)
         return head_loss(torch.nn.Identity(), logits, targets)  # already the logits
-    hidden = model.base_model(**inputs).last_hidden_state[:, :-1]
+    hidden = at_trained(model.base_model(**inputs).last_hidden_state)
     head = model.get_output_embeddings()
-    hidden = hidden[mask.to(hidden.device)]
     if what == "logits":
         return TrainedPositionsOutput(logits=head(hidden), targets=targets)
     return head_loss(head, hidden, targets)
