@@ -16,7 +16,7 @@ a shared machine single figures swing with whatever else runs).
 Printed per run, measured the same way in both children by one TrainerCallback
 (Meter): trained (non-padding) tokens per second and samples per second over the
 training time (the Trainer's loop, evaluations left out), the share of padding in
-the model's training inputs, the child's peak RSS (and peak GPU memory), the final
+the positions the language model computes (none with paddingFree), the child's peak RSS (and peak GPU memory), the final
 train loss (the Trainer's mean over the run) and the last eval loss. On a GPU also
 the model FLOPs utilisation against the bf16 peak (--peak-tflops).
 
@@ -77,8 +77,10 @@ def run_child(argv: list[str], env: dict[str, str]) -> int:
 
 def meter() -> Any:
     """A TrainerCallback that counts what the model is given while it trains (a forward
-    pre-hook: the same count whichever collator built the batch) and times the training
-    loop without its evaluations."""
+    pre-hook: the same count whichever collator built the batch), the positions its
+    language model computes (a pre-hook on the token embedding: the padded batch's, or
+    a padding-free batch's real tokens only), and times the training loop without its
+    evaluations."""
     import torch
     from transformers import TrainerCallback
 
@@ -99,14 +101,18 @@ def meter() -> Any:
             ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
             self.figures["samples"] += ids.shape[0]
             self.figures["tokens"] += int(mask.sum())
-            self.figures["paddedTokens"] += ids.numel()
             grid = kwargs.get("image_grid_thw")
             if grid is not None:
                 self.figures["imagePatches"] += int(grid.prod(dim=-1).sum())
 
+        def count_positions(self, module: Any, args: Any) -> None:
+            if module.training:
+                self.figures["paddedTokens"] += args[0].numel()
+
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             model = kwargs["model"]
             model.register_forward_pre_hook(self.count, with_kwargs=True)
+            model.get_input_embeddings().register_forward_pre_hook(self.count_positions)
             parameters = dict(model.named_parameters())
             self.figures["visionParameters"] = sum(
                 p.numel() for name, p in parameters.items() if ".visual." in name
