@@ -284,3 +284,11 @@ def gradients(model: Any, loss: torch.Tensor) -> dict[str, torch.Tensor]:
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     assert grads
     return grads
+
+
+def assert_same_gradients(
+    got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], *, atol: float
+) -> None:
+    assert got.keys() == expected.keys()
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=atol, msg=name)

@@ -18,11 +18,10 @@ import pytest
 import torch
 from PIL import Image
 from torch.utils.data import RandomSampler, SequentialSampler
-from training.support import WORDS, JobFactory, build_trainer, train
+from training.support import WORDS, JobFactory, build_trainer, chat, train
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from kubetune_trainer.data.example import Example, ImageRef, Turn
 from kubetune_trainer.training.batching import SeededLengthGroupedSampler
 from kubetune_trainer.training.collate import SFTCollator
 from kubetune_trainer.training.models import is_multimodal, load_model, load_processing
@@ -236,17 +235,7 @@ def test_dpo_groups_pairs_by_their_longer_chat(
     assert sampler.lengths != chosen  # some rejected replies are the longer ones
 
 
-def chat(line: int, words: int, image: str | None = None) -> Example:
-    prompt: tuple[Any, ...] = (ImageRef(image), "What is it?") if image else ("What is it?",)
-    return Example(
-        turns=(
-            Turn("user", prompt),
-            Turn("assistant", (" ".join(WORDS[i % len(WORDS)] for i in range(words)),)),
-        ),
-        line=line,
-    )
-
-
+# The VLM whose images of two sizes show in image_grid_thw, and the text-only LM.
 @pytest.fixture(params=["qwen2_5_vl", "qwen2"])
 def model_folder(request: pytest.FixtureRequest) -> Path:
     folder: Path = request.getfixturevalue(f"tiny_{request.param}")

@@ -11,7 +11,14 @@ from typing import Any
 
 import pytest
 import torch
-from training.support import JobFactory, build_trainer, fixed_batch, gradients, loaded
+from training.support import (
+    JobFactory,
+    assert_same_gradients,
+    build_trainer,
+    fixed_batch,
+    gradients,
+    loaded,
+)
 
 from kubetune_trainer.training import padding_free
 from kubetune_trainer.training.padding_free import (
@@ -75,10 +82,7 @@ def test_a_packed_batch_has_the_padded_batch_s_loss_and_gradients(
     calls = attention_calls(monkeypatch)
     loss = loss_of(model, batch, items)
     torch.testing.assert_close(loss, padded, rtol=1e-5, atol=1e-6)
-    got = gradients(model, loss)
-    assert got.keys() == expected.keys()
-    for name, grad in expected.items():
-        torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert_same_gradients(gradients(model, loss), expected, atol=1e-5)
 
     # The language model's attention ran on each example alone, never on the packed
     # row (the rest, a vision tower's windows, unpacked and unmasked).
