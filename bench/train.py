@@ -16,9 +16,10 @@ a shared machine single figures swing with whatever else runs).
 Printed per run, measured the same way in both children by one TrainerCallback
 (Meter): trained (non-padding) tokens per second and samples per second over the
 training time (the Trainer's loop, evaluations left out), the share of padding in
-the positions the language model computes (none with paddingFree), the child's peak RSS (and peak GPU memory), the final
-train loss (the Trainer's mean over the run) and the last eval loss. On a GPU also
-the model FLOPs utilisation against the bf16 peak (--peak-tflops).
+the positions the language model computes (none with paddingFree), the child's peak
+RSS (and peak GPU memory), the final train loss (the Trainer's mean over the run) and
+the last eval loss. On a GPU also the model FLOPs utilisation against the bf16 peak
+(--peak-tflops).
 
 The plain script is what a TRL user writes for a VLM: the PIL images in a datasets
 column, TRL's own vision collator with assistant-only loss, no checkpoints. kubetune

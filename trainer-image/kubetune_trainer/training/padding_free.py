@@ -35,6 +35,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from kubetune_trainer.training.collate import SEQUENCE_KEYS
+
 log = logging.getLogger("kubetune.train")
 
 PACKED_ATTENTION = "kubetune_packed"
@@ -143,8 +145,8 @@ def pack(model: Any, inputs: dict[str, Any]) -> tuple[dict[str, Any], torch.Tens
     positions = mask.long().cumsum(1) - 1
     text_positions = positions[mask][None]
     packed = {k: v for k, v in inputs.items() if k != "attention_mask"}
-    for key in ("input_ids", "token_type_ids", "mm_token_type_ids", "inputs_embeds"):
-        if inputs.get(key) is not None:
+    for key in SEQUENCE_KEYS:
+        if key != "attention_mask" and inputs.get(key) is not None:
             packed[key] = inputs[key][mask][None]
     rope = getattr(model.base_model, "compute_3d_position_ids", None)
     if rope is not None:
