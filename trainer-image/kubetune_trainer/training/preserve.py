@@ -110,17 +110,11 @@ class PreserveSkillsLoss(TrainedPositionsLoss):
             base_logits = base_outputs.logits
             assert base_logits is not None
 
-        tokens = targets.numel() if num_items_in_batch is None else num_items_in_batch
-        tokens = torch.as_tensor(tokens, device=logits.device).clamp(min=1)
         targets = targets.to(logits.device)
-        ce = F.cross_entropy(logits.float(), targets, reduction="sum") / tokens
+        ce_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
         kl = distillation_kl(logits, base_logits, self.temperature)
-        kl_mean = kl.sum() / tokens
-        loss = ce + self.kl_weight * self.temperature**2 * kl_mean
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            # As TRL's SFTTrainer: num_items_in_batch counts every rank's tokens and DDP
-            # averages the gradients across ranks.
-            loss = loss * self.accelerator.num_processes
+        total = ce_sum + self.kl_weight * self.temperature**2 * kl.sum()
+        loss = self.per_token(total, targets.numel(), num_items_in_batch)
 
         with torch.no_grad():
             n = self.accelerator.gather_for_metrics(

@@ -278,16 +278,26 @@ class TrainedPositionsLoss(SFTTrainer):
         # Always patched: preserve.py's loss, a subclass, goes through it either way.
         add_trained_positions_head(patch_target(self.model))
         self.trained_positions_only = trained_positions_only
+        if not self._sequence_parallel():
+            # The loss is computed here (or in TRL's compute_loss), not by the model, and
+            # divided by the Trainer's count of trained tokens across the accumulated
+            # micro-batches: have the Trainer count them, whatever the model says of its
+            # own loss. Qwen2.5-VL and other VLMs say they take no count; then each
+            # micro-batch's mean would weigh the same however many tokens it holds.
+            self.model_accepts_loss_kwargs = True
+
+    def _sequence_parallel(self) -> bool:
+        parallelism = getattr(self.accelerator, "parallelism_config", None)
+        return parallelism is not None and bool(getattr(parallelism, "sp_enabled", False))
 
     def _trained_positions_apply(self) -> bool:
-        parallelism = getattr(self.accelerator, "parallelism_config", None)
         return (
             self.trained_positions_only
             and self.compute_loss_func is None
             and self.label_smoother is None
             and getattr(self.args, "loss_type", "nll") == "nll"
             and not self.aux_loss_enabled
-            and not (parallelism is not None and getattr(parallelism, "sp_enabled", False))
+            and not self._sequence_parallel()
         )
 
     def compute_loss(
@@ -302,23 +312,31 @@ class TrainedPositionsLoss(SFTTrainer):
         mode = "train" if self.model.training else "eval"
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         outputs = model(**model_inputs, labels=inputs["labels"], **{TRAINED_POSITIONS: "loss"})
-        tokens = outputs.tokens if num_items_in_batch is None else num_items_in_batch
-        # As transformers' ForCausalLMLoss (sum / num_items_in_batch, else the mean over
-        # trained tokens), clamped as TRL's loss is: a batch without a trained token
-        # gives a zero that backward still runs through, not 0 / 0.
-        loss = outputs.nll_sum / torch.as_tensor(tokens, device=outputs.nll_sum.device).clamp(min=1)
+        loss = self.per_token(outputs.nll_sum, outputs.tokens, num_items_in_batch)
+        self.log_token_figures(mode, outputs, inputs)
+        # The Trainer's evaluation reads only the loss (it keeps outputs as predictions
+        # for compute_metrics alone, which SFT has none of): no second forward for them.
+        return (loss, outputs) if return_outputs else loss
+
+    def per_token(self, total: torch.Tensor, tokens: Any, num_items_in_batch: Any) -> torch.Tensor:
+        """A loss summed over this batch's ``tokens`` trained tokens, made per token as
+        transformers' ForCausalLMLoss and Trainer.compute_loss make it: divided by
+        ``num_items_in_batch`` (every accumulated micro-batch's tokens, every rank's
+        when averaged across devices) where the Trainer counts it, and then the Trainer
+        does not divide by the accumulation steps; else by the batch's own tokens.
+        Clamped as TRL's loss is: a batch without a trained token gives a zero that
+        backward still runs through, not 0 / 0."""
+        count = tokens if num_items_in_batch is None else num_items_in_batch
+        loss = total / torch.as_tensor(count, device=total.device).clamp(min=1)
         if (
             self.args.average_tokens_across_devices
             and self.model_accepts_loss_kwargs
             and num_items_in_batch is not None
         ):
-            # As Trainer.compute_loss: num_items_in_batch counts every rank's tokens and
-            # DDP averages the gradients across ranks.
+            # num_items_in_batch counts every rank's tokens and DDP averages the
+            # gradients across ranks.
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
-        self.log_token_figures(mode, outputs, inputs)
-        # The Trainer's evaluation reads only the loss (it keeps outputs as predictions
-        # for compute_metrics alone, which SFT has none of): no second forward for them.
-        return (loss, outputs) if return_outputs else loss
+        return loss
 
     def log_token_figures(
         self, mode: str, outputs: TrainedPositionsOutput, inputs: dict[str, Any]
