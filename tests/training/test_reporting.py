@@ -167,7 +167,7 @@ def test_consecutive_rises_counts_back_from_the_latest_evaluation(
     assert consecutive_rises(losses) == rises
 
 
-def test_a_resumed_run_counts_rises_from_its_earlier_evaluations() -> None:
+def test_a_resumed_run_reports_and_counts_rises_from_its_earlier_evaluations() -> None:
     metrics = TrainMetrics()
     telemetry = Telemetry(metrics)
     args = TrainingArguments(output_dir="unused", use_cpu=True, report_to="none")
@@ -179,7 +179,11 @@ def test_a_resumed_run_counts_rises_from_its_earlier_evaluations() -> None:
     state = TrainerState(max_steps=40, global_step=10, epoch=1.0, log_history=history)
     state.best_metric, state.best_global_step = 1.0, 5
     telemetry.on_train_begin(args, state, TrainerControl())
-    assert values_of(metrics)["kubetune_eval_loss_consecutive_rises"] == 1
+    values = values_of(metrics)
+    assert values["kubetune_eval_loss_consecutive_rises"] == 1
+    # The latest loss so far, not none until the resumed run evaluates.
+    assert values["kubetune_eval_loss"] == 1.1
+    assert values["kubetune_best_eval_loss"] == 1.0
     state.global_step = 15
     telemetry.on_log(args, state, TrainerControl(), logs={"eval_loss": 1.2})
     assert values_of(metrics)["kubetune_eval_loss_consecutive_rises"] == 2

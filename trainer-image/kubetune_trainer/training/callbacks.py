@@ -123,10 +123,9 @@ class Telemetry(TrainerCallback):
 
     def __init__(self, metrics: TrainMetrics | None) -> None:
         self.metrics = metrics
-        self.eval_loss: float | None = None
         self.best_eval_loss: float | None = None
         self.best_step: int | None = None
-        # Every evaluation's loss, a resumed run's earlier ones included, for the rises.
+        # Every evaluation's loss, a resumed run's earlier ones included.
         self.eval_losses: list[float] = []
         self.eval_values: dict[str, float] = {}  # method-specific gauges of the latest evaluation
         self._samples_per_step = 1
@@ -134,6 +133,11 @@ class Telemetry(TrainerCallback):
         self._start_step = 0
         self.start_epoch = 0.0  # where this process began: past 0 when resumed
         self._last: tuple[float, int, float] = (0.0, 0, 0.0)  # time, step, tokens
+
+    @property
+    def eval_loss(self) -> float | None:
+        """The latest evaluation's loss: a resumed run's from before, until it evaluates."""
+        return self.eval_losses[-1] if self.eval_losses else None
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -172,10 +176,10 @@ class Telemetry(TrainerCallback):
             return
         now = time.monotonic()
         if "eval_loss" in logs:
-            self.eval_loss = logs["eval_loss"]
-            self.eval_losses.append(self.eval_loss)
-            if self.best_eval_loss is None or self.eval_loss < self.best_eval_loss:
-                self.best_eval_loss = self.eval_loss
+            eval_loss = logs["eval_loss"]
+            self.eval_losses.append(eval_loss)
+            if self.best_eval_loss is None or eval_loss < self.best_eval_loss:
+                self.best_eval_loss = eval_loss
                 self.best_step = state.global_step
             self.eval_values = {
                 gauge: logs[key] for key, gauge in EVAL_LOG_GAUGES.items() if key in logs
@@ -185,7 +189,7 @@ class Telemetry(TrainerCallback):
                 state.global_step,
                 state.max_steps,
                 state.epoch or 0.0,
-                self.eval_loss,
+                eval_loss,
                 self.best_eval_loss,
                 _extras(logs, "eval_"),
             )
