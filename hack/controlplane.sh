@@ -33,6 +33,8 @@ die() { echo "controlplane: error: $*" >&2; exit 1; }
 
 # shellcheck source-path=SCRIPTDIR source=go-build.sh
 source "${HACK_DIR}/go-build.sh"
+# shellcheck source-path=SCRIPTDIR source=processes.sh
+source "${HACK_DIR}/processes.sh"
 
 # Hash of everything that determines the binaries; stored next to them.
 inputs_hash() {
@@ -62,34 +64,15 @@ kube_ldflags() {
   echo "${f}"
 }
 
-cmd_build() {
-  if binaries_present; then
-    local b; for b in "${BINARIES[@]}"; do echo "${BIN_DIR}/${b}"; done
-    return 0
-  fi
-  if ! command -v go >/dev/null 2>&1; then
-    echo "controlplane: 'go' is not installed and no cached binaries exist in ${BIN_DIR}; install Go >= 1.24 (see hack/README.md)" >&2
-    exit 3
-  fi
-  mkdir -p "${BIN_DIR}"
-  # Serialise concurrent builds (make controlplane, pytest fixtures, ...).
-  exec 8> "${CACHE_DIR}/build.lock"
-  flock 8
-  if binaries_present; then
-    exec 8>&-
-    local b; for b in "${BINARIES[@]}"; do echo "${BIN_DIR}/${b}"; done
-    return 0
-  fi
+build_binaries() {
   rm -f "${BIN_DIR}/.inputs"
-  go_env
-  local t0 t
+  local t0 t b i=0
   t0=$(date +%s)
   log "building etcd ${ETCD_VERSION} (first the Go modules are downloaded: minutes, once) ..."
   t=$(date +%s)
   (cd "${HACK_DIR}/etcd" && go build -ldflags="-s -w" -o "${BIN_DIR}/etcd.tmp" . 2>&1) | count_downloads controlplane 100
   mv "${BIN_DIR}/etcd.tmp" "${BIN_DIR}/etcd"
   log "etcd built in $(( $(date +%s) - t ))s"
-  local b i=0
   for b in "${KUBE_BINARIES[@]}"; do
     i=$(( i + 1 ))
     log "building ${b} ${K8S_VERSION} (${i} of ${#KUBE_BINARIES[@]}; a few minutes each when cold) ..."
@@ -100,9 +83,13 @@ cmd_build() {
     log "${b} built in $(( $(date +%s) - t ))s"
   done
   inputs_hash > "${BIN_DIR}/.inputs"
-  exec 8>&-
   log "build done in $(( $(date +%s) - t0 ))s"
-  for b in "${BINARIES[@]}"; do echo "${BIN_DIR}/${b}"; done
+}
+
+cmd_build() {
+  mkdir -p "${BIN_DIR}"
+  go_build_once "${CACHE_DIR}/build.lock" binaries_present build_binaries etcd kube
+  local b; for b in "${BINARIES[@]}"; do echo "${BIN_DIR}/${b}"; done
 }
 
 # ---------------------------------------------------------------- run dir ---
@@ -115,26 +102,6 @@ resolve_run_dir() {
 }
 
 export_line() { echo "export KUBECONFIG=${KUBECONFIG_PATH}"; }
-
-# pid_of NAME: prints the pid if the process is alive and belongs to RUN_DIR.
-pid_of() {
-  local f="${RUN_DIR}/$1.pid" pid
-  [[ -f "${f}" ]] || return 1
-  pid="$(cat "${f}")"
-  [[ "${pid}" =~ ^[0-9]+$ ]] || return 1
-  [[ -r "/proc/${pid}/cmdline" ]] || return 1
-  tr '\0' ' ' < "/proc/${pid}/cmdline" | grep -qF -- "${RUN_DIR}/" || return 1
-  echo "${pid}"
-}
-
-# Liveness of a process this run just started. Unlike pid_of, no cmdline check: right
-# after the fork, before exec, the child still shows this script's cmdline.
-alive() {
-  local pid
-  pid="$(cat "${RUN_DIR}/$1.pid" 2>/dev/null)" || return 1
-  [[ "${pid}" =~ ^[0-9]+$ ]] && kill -0 "${pid}" 2>/dev/null \
-    && [[ "$(awk '{print $3}' "/proc/${pid}/stat" 2>/dev/null)" != "Z" ]]
-}
 
 api_port() { sed -n 's/^API_PORT=//p' "${RUN_DIR}/ports.env" 2>/dev/null; }
 
@@ -152,20 +119,6 @@ is_running() {
     pid_of kube-scheduler >/dev/null || return 1
   fi
   readyz_ok
-}
-
-# ------------------------------------------------------------------ ports ---
-free_ports() { # free_ports N -> N distinct free loopback TCP ports, one per line
-  python3 - "$1" <<'PY'
-import socket, sys
-socks = []
-for _ in range(int(sys.argv[1])):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    socks.append(s)
-for s in socks:
-    print(s.getsockname()[1])
-PY
 }
 
 # ------------------------------------------------------------------- certs ---
@@ -220,41 +173,9 @@ KCFG
 }
 
 # --------------------------------------------------------------- processes ---
-start_proc() { # start_proc NAME BINARY ARGS...
-  local name="$1"; shift
-  # 9>&-: do not leak the run-dir lock into long-running children.
-  "$@" > "${RUN_DIR}/${name}.log" 2>&1 < /dev/null 8>&- 9>&- &
-  echo $! > "${RUN_DIR}/${name}.pid"
-}
-
-tail_log() { # tail_log NAME
-  if [[ -f "${RUN_DIR}/$1.log" ]]; then
-    echo "---- last lines of ${RUN_DIR}/$1.log ----" >&2
-    tail -n 30 "${RUN_DIR}/$1.log" >&2
-    echo "----" >&2
-  fi
-}
-
 stop_all() { # stop everything recorded in RUN_DIR (reverse start order)
-  local name pid pids=() i
-  for name in kube-scheduler kube-controller-manager kube-apiserver etcd; do
-    if pid="$(pid_of "${name}")"; then
-      kill -TERM "${pid}" 2>/dev/null || true
-      pids+=("${pid}")
-    fi
-  done
-  for pid in "${pids[@]}"; do
-    for (( i = 0; i < 100; i++ )); do
-      [[ -d "/proc/${pid}" ]] || break
-      # a zombie child of ours counts as gone
-      [[ "$(awk '{print $3}' "/proc/${pid}/stat" 2>/dev/null)" == "Z" ]] && break
-      sleep 0.1
-    done
-    kill -KILL "${pid}" 2>/dev/null || true
-  done
-  if pid="$(cat "${RUN_DIR}/watchdog.pid" 2>/dev/null)" && [[ "${pid}" =~ ^[0-9]+$ && "${pid}" != "${WATCHDOG_SELF:-}" ]]; then
-    tr '\0' ' ' < "/proc/${pid}/cmdline" 2>/dev/null | grep -qF "controlplane.sh" && kill -TERM "${pid}" 2>/dev/null || true
-  fi
+  stop_procs kube-scheduler kube-controller-manager kube-apiserver etcd
+  stop_watchdog controlplane.sh
 }
 
 wait_ready() {
@@ -376,17 +297,9 @@ start_kcm() {
   done
 }
 
-start_watchdog() { # stop the plane when process $1 exits
-  local watch="$1"
-  [[ "${watch}" =~ ^[0-9]+$ ]] || die "KUBETUNE_CP_WATCH_PID must be a pid, got '${watch}'"
-  nohup "${HACK_DIR}/controlplane.sh" _watchdog "${watch}" > /dev/null 2>&1 < /dev/null 9>&- &
-  echo $! > "${RUN_DIR}/watchdog.pid"
-}
-
-cmd_watchdog() {
-  local watch="$1"
+cmd_watchdog() { # stop the plane when process $1 exits
   WATCHDOG_SELF="$$"
-  while kill -0 "${watch}" 2>/dev/null; do sleep 2; done
+  wait_for_exit "$1"
   if [[ -d "${RUN_DIR}" ]]; then
     stop_all
     rm -rf "${RUN_DIR}"
@@ -425,7 +338,7 @@ cmd_up() {
     log "control plane failed to start; logs kept in ${RUN_DIR}"
     exit 1
   fi
-  [[ -n "${KUBETUNE_CP_WATCH_PID:-}" ]] && start_watchdog "${KUBETUNE_CP_WATCH_PID}"
+  [[ -n "${KUBETUNE_CP_WATCH_PID:-}" ]] && start_watchdog "${KUBETUNE_CP_WATCH_PID}" "${HACK_DIR}/controlplane.sh"
   log "ready in $(awk -v a="${t0}" -v b="${EPOCHREALTIME/,/.}" 'BEGIN { printf "%.1f", b - a }')s: kube-apiserver https://127.0.0.1:$(api_port) (run dir ${RUN_DIR})"
   export_line
 }
@@ -439,15 +352,7 @@ cmd_restart_kcm() {
   exec 9> "${RUN_DIR}.lock"
   flock 9
   readyz_ok || die "no running control plane in ${RUN_DIR}"
-  local pid i
-  if pid="$(pid_of kube-controller-manager)"; then
-    kill -TERM "${pid}" 2>/dev/null || true
-    for (( i = 0; i < 100; i++ )); do
-      [[ -d "/proc/${pid}" && "$(awk '{print $3}' "/proc/${pid}/stat" 2>/dev/null)" != "Z" ]] || break
-      sleep 0.1
-    done
-    kill -KILL "${pid}" 2>/dev/null || true
-  fi
+  stop_procs kube-controller-manager
   start_kcm "$(api_port)" || die "kube-controller-manager failed to restart"
   log "kube-controller-manager restarted"
 }

@@ -25,28 +25,23 @@ inputs_hash() { # inputs_hash TOOL
   (cd "${HACK_DIR}/$1" && cat go.mod go.sum ./*.go) | sha256sum | cut -c1-16
 }
 
+tool_present() { [[ -x "${BIN}" ]]; }
+
+build_tool() {
+  local t
+  log "building ${TOOL} (hack/${TOOL}; a minute or two when the Go caches are cold) ..."
+  t=$(date +%s)
+  (cd "${HACK_DIR}/${TOOL}" && go build -ldflags="-s -w" -o "${BIN}.tmp" . 2>&1) | count_downloads gotools 10
+  mv "${BIN}.tmp" "${BIN}"
+  log "${TOOL} built in $(( $(date +%s) - t ))s"
+}
+
 cmd_build() { # cmd_build TOOL
-  local tool="$1" bin t
-  bin="${CACHE_DIR}/${tool}-$(inputs_hash "${tool}")/${tool}"
-  if [[ -x "${bin}" ]]; then echo "${bin}"; return 0; fi
-  if ! command -v go >/dev/null 2>&1; then
-    log "'go' is not installed and no cached ${tool} exists in ${CACHE_DIR}; install Go >= 1.23 (see hack/README.md)"
-    exit 3
-  fi
-  mkdir -p "$(dirname "${bin}")"
-  # Serialise concurrent first uses (parallel test sessions).
-  exec 8> "${CACHE_DIR}/${tool}-build.lock"
-  flock 8
-  if [[ ! -x "${bin}" ]]; then
-    go_env
-    log "building ${tool} (hack/${tool}; a minute or two when the Go caches are cold) ..."
-    t=$(date +%s)
-    (cd "${HACK_DIR}/${tool}" && go build -ldflags="-s -w" -o "${bin}.tmp" . 2>&1) | count_downloads gotools 10
-    mv "${bin}.tmp" "${bin}"
-    log "${tool} built in $(( $(date +%s) - t ))s"
-  fi
-  exec 8>&-
-  echo "${bin}"
+  TOOL="$1"
+  BIN="${CACHE_DIR}/${TOOL}-$(inputs_hash "${TOOL}")/${TOOL}"
+  mkdir -p "$(dirname "${BIN}")"
+  go_build_once "${CACHE_DIR}/${TOOL}-build.lock" tool_present build_tool "${TOOL}"
+  echo "${BIN}"
 }
 
 main() {

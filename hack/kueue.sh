@@ -37,6 +37,8 @@ die() { echo "kueue: error: $*" >&2; exit 1; }
 
 # shellcheck source-path=SCRIPTDIR source=go-build.sh
 source "${HACK_DIR}/go-build.sh"
+# shellcheck source-path=SCRIPTDIR source=processes.sh
+source "${HACK_DIR}/processes.sh"
 
 # Hash of everything that determines the binary; stored next to it.
 inputs_hash() {
@@ -61,18 +63,8 @@ module_dir() {
   echo "${dir}"
 }
 
-cmd_build() {
-  if binary_present; then echo "${BIN}"; return 0; fi
-  if ! command -v go >/dev/null 2>&1; then
-    echo "kueue: 'go' is not installed and no cached binary exists in ${BIN_DIR}; install Go >= 1.25 (see hack/README.md)" >&2
-    exit 3
-  fi
-  mkdir -p "${BIN_DIR}"
-  exec 8> "${CACHE_DIR}/kueue-build.lock"
-  flock 8
-  if binary_present; then exec 8>&-; echo "${BIN}"; return 0; fi
+build_binary() {
   rm -f "${BIN_DIR}/.inputs"
-  go_env
   # The same -X flags as Kueue's Makefile (LD_FLAGS); the build date is the
   # release's commit time from the module proxy, so the binary is reproducible.
   local info date ldflags t
@@ -84,8 +76,12 @@ cmd_build() {
   (cd "${HACK_DIR}/kueue" && go build -ldflags="${ldflags}" -o "${BIN}.tmp" . 2>&1) | count_downloads kueue 100
   mv "${BIN}.tmp" "${BIN}"
   inputs_hash > "${BIN_DIR}/.inputs"
-  exec 8>&-
   log "kueue built in $(( $(date +%s) - t ))s"
+}
+
+cmd_build() {
+  mkdir -p "${BIN_DIR}"
+  go_build_once "${CACHE_DIR}/kueue-build.lock" binary_present build_binary kueue
   echo "${BIN}"
 }
 
@@ -132,25 +128,6 @@ export_line() { echo "export KUBETUNE_KUEUE_DIR=${RUN_DIR}"; }
 # kc ARGS...: kubectl against the plane Kueue serves (KCFG).
 kc() { kubectl --kubeconfig="${KCFG}" --request-timeout=20s "$@"; }
 
-# pid_of: the manager's pid if it is alive and belongs to RUN_DIR.
-pid_of() {
-  local f="${RUN_DIR}/kueue.pid" pid
-  [[ -f "${f}" ]] || return 1
-  pid="$(cat "${f}")"
-  [[ "${pid}" =~ ^[0-9]+$ && -r "/proc/${pid}/cmdline" ]] || return 1
-  tr '\0' ' ' < "/proc/${pid}/cmdline" | grep -qF -- "${RUN_DIR}/" || return 1
-  echo "${pid}"
-}
-
-# alive: liveness of the manager this run just started (no cmdline check: right
-# after the fork the child still shows this script's cmdline).
-alive() {
-  local pid
-  pid="$(cat "${RUN_DIR}/kueue.pid" 2>/dev/null)" || return 1
-  [[ "${pid}" =~ ^[0-9]+$ ]] && kill -0 "${pid}" 2>/dev/null \
-    && [[ "$(awk '{print $3}' "/proc/${pid}/stat" 2>/dev/null)" != "Z" ]]
-}
-
 port_of() { sed -n "s/^$1=//p" "${RUN_DIR}/ports.env" 2>/dev/null; }
 
 # readyz_ok: Kueue's readiness probe, which passes once its webhook server listens.
@@ -162,28 +139,7 @@ readyz_ok() {
 
 is_running() {
   [[ -f "${RUN_DIR}/kubeconfig.path" && "$(cat "${RUN_DIR}/kubeconfig.path")" == "${KCFG}" ]] \
-    && pid_of >/dev/null && readyz_ok
-}
-
-free_ports() { # free_ports N -> N distinct free loopback TCP ports, one per line
-  python3 - "$1" <<'PY'
-import socket, sys
-socks = []
-for _ in range(int(sys.argv[1])):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    socks.append(s)
-for s in socks:
-    print(s.getsockname()[1])
-PY
-}
-
-tail_log() {
-  if [[ -f "${RUN_DIR}/kueue.log" ]]; then
-    echo "---- last lines of ${RUN_DIR}/kueue.log ----" >&2
-    tail -n 30 "${RUN_DIR}/kueue.log" >&2
-    echo "----" >&2
-  fi
+    && pid_of kueue >/dev/null && readyz_ok
 }
 
 # ------------------------------------------------------------------ certs ---
@@ -437,20 +393,8 @@ remove_webhooks() {
 }
 
 stop_manager() {
-  local pid i
-  if pid="$(pid_of)"; then
-    kill -TERM "${pid}" 2>/dev/null || true
-    for (( i = 0; i < 100; i++ )); do
-      [[ -d "/proc/${pid}" && "$(awk '{print $3}' "/proc/${pid}/stat" 2>/dev/null)" != "Z" ]] || break
-      sleep 0.1
-    done
-    kill -KILL "${pid}" 2>/dev/null || true
-  fi
-  if pid="$(cat "${RUN_DIR}/watchdog.pid" 2>/dev/null)" && [[ "${pid}" =~ ^[0-9]+$ && "${pid}" != "${WATCHDOG_SELF:-}" ]]; then
-    if tr '\0' ' ' < "/proc/${pid}/cmdline" 2>/dev/null | grep -qF "kueue.sh"; then
-      kill -TERM "${pid}" 2>/dev/null || true
-    fi
-  fi
+  stop_procs kueue
+  stop_watchdog kueue.sh
 }
 
 start_manager() {
@@ -478,16 +422,13 @@ start_manager() {
   # RBAC: the manager uses the plane's admin kubeconfig (O=system:masters), so
   # Kueue's ClusterRoles are not installed or exercised here. Fine for tests;
   # a real install binds kueue-manager-role to its ServiceAccount.
-  # 8>&- 9>&-: do not leak lock fds into the long-running child.
-  "${BIN}" --config="${RUN_DIR}/config.yaml" --kubeconfig="${KCFG}" \
-    --zap-log-level=2 --zap-encoder=console \
-    > "${RUN_DIR}/kueue.log" 2>&1 < /dev/null 7>&- 8>&- 9>&- &
-  echo $! > "${RUN_DIR}/kueue.pid"
+  start_proc kueue "${BIN}" --config="${RUN_DIR}/config.yaml" --kubeconfig="${KCFG}" \
+    --zap-log-level=2 --zap-encoder=console
 
   local deadline=$(( $(date +%s) + READY_TIMEOUT ))
   until readyz_ok; do
-    alive || { log "kueue exited during startup"; tail_log; return 1; }
-    (( $(date +%s) < deadline )) || { log "kueue not ready within ${READY_TIMEOUT}s (http://127.0.0.1:${health_port}/readyz)"; tail_log; return 1; }
+    alive kueue || { log "kueue exited during startup"; tail_log kueue; return 1; }
+    (( $(date +%s) < deadline )) || { log "kueue not ready within ${READY_TIMEOUT}s (http://127.0.0.1:${health_port}/readyz)"; tail_log kueue; return 1; }
     sleep 0.3
   done
 
@@ -497,23 +438,15 @@ start_manager() {
   # its calls reach Kueue.
   PROBE_ERR=""
   until probe_webhooks; do
-    alive || { log "kueue exited while its webhooks were being registered"; tail_log; return 1; }
-    (( $(date +%s) < deadline )) || { log "Kueue's webhooks do not answer as expected within ${READY_TIMEOUT}s: ${PROBE_ERR}"; tail_log; return 1; }
+    alive kueue || { log "kueue exited while its webhooks were being registered"; tail_log kueue; return 1; }
+    (( $(date +%s) < deadline )) || { log "Kueue's webhooks do not answer as expected within ${READY_TIMEOUT}s: ${PROBE_ERR}"; tail_log kueue; return 1; }
     sleep 0.3
   done
 }
 
-start_watchdog() { # run `down` when process $1 exits
-  local watch="$1"
-  [[ "${watch}" =~ ^[0-9]+$ ]] || die "KUBETUNE_KUEUE_WATCH_PID must be a pid, got '${watch}'"
-  KUBETUNE_KUEUE_DIR="${RUN_DIR}" nohup "${HACK_DIR}/kueue.sh" _watchdog "${watch}" > /dev/null 2>&1 < /dev/null 7>&- 8>&- 9>&- &
-  echo $! > "${RUN_DIR}/watchdog.pid"
-}
-
-cmd_watchdog() {
-  local watch="$1"
+cmd_watchdog() { # run `down` when process $1 exits
   WATCHDOG_SELF="$$"
-  while kill -0 "${watch}" 2>/dev/null; do sleep 2; done
+  wait_for_exit "$1"
   [[ -d "${RUN_DIR}" ]] || return 0
   exec 9> "${RUN_DIR}.lock"
   flock 9
@@ -561,7 +494,7 @@ cmd_up() {
     log "kueue failed to start; logs kept in ${RUN_DIR}"
     exit 1
   fi
-  [[ -n "${KUBETUNE_KUEUE_WATCH_PID:-}" ]] && start_watchdog "${KUBETUNE_KUEUE_WATCH_PID}"
+  [[ -n "${KUBETUNE_KUEUE_WATCH_PID:-}" ]] && start_watchdog "${KUBETUNE_KUEUE_WATCH_PID}" env KUBETUNE_KUEUE_DIR="${RUN_DIR}" "${HACK_DIR}/kueue.sh"
   log "ready in $(awk -v a="${t0}" -v b="${EPOCHREALTIME/,/.}" 'BEGIN { printf "%.1f", b - a }')s: kueue ${KUEUE_VERSION}, webhooks https://127.0.0.1:$(port_of WEBHOOK_PORT) (run dir ${RUN_DIR})"
   export_line
 }
@@ -585,7 +518,7 @@ cmd_down() {
 
 cmd_env() {
   resolve_run_dir
-  if pid_of >/dev/null && readyz_ok; then
+  if pid_of kueue >/dev/null && readyz_ok; then
     export_line
   else
     echo "kueue: no running kueue in ${RUN_DIR}" >&2

@@ -42,18 +42,8 @@ binaries_present() {
     && "$(cat "${BIN_DIR}/.inputs")" == "$(inputs_hash)" ]]
 }
 
-cmd_build() {
-  if binaries_present; then echo "${BIN_DIR}"; return 0; fi
-  if ! command -v go >/dev/null 2>&1; then
-    log "'go' is not installed and no cached binaries exist in ${BIN_DIR}; install Go >= 1.26 (see hack/README.md)"
-    exit 3
-  fi
-  mkdir -p "${BIN_DIR}"
-  exec 8> "${CACHE_DIR}/prometheus-build.lock"
-  flock 8
-  if binaries_present; then exec 8>&-; echo "${BIN_DIR}"; return 0; fi
+build_binaries() {
   rm -f "${BIN_DIR}/.inputs"
-  go_env
   # The version flags of Prometheus's .promu.yml, so `prometheus --version` and the
   # build_info metric tell the truth.
   # Module v0.MNN.P is Prometheus M.NN.P.
@@ -70,8 +60,12 @@ cmd_build() {
   mv "${BIN_DIR}.tmp/prometheus" "${BIN_DIR}.tmp/promtool" "${BIN_DIR}/"
   rmdir "${BIN_DIR}.tmp"
   inputs_hash > "${BIN_DIR}/.inputs"
-  exec 8>&-
   log "prometheus and promtool built in $(( $(date +%s) - t ))s"
+}
+
+cmd_build() {
+  mkdir -p "${BIN_DIR}"
+  go_build_once "${CACHE_DIR}/prometheus-build.lock" binaries_present build_binaries prometheus
   echo "${BIN_DIR}"
 }
 
