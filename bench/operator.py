@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests")]
 
 import controlplane  # noqa: E402
+from hack_scripts import NoGo  # noqa: E402
 from kube import Kubectl  # noqa: E402
 from kubernetes import client, config  # noqa: E402
 from operator_harness import free_port  # noqa: E402
@@ -181,8 +182,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--count", type=int, default=500)
     args = parser.parse_args()
-    if controlplane.ensure_binaries() is not True:
-        print("no control plane binaries (see hack/README.md)", file=sys.stderr)
+    try:
+        controlplane.build_binaries()
+    except NoGo as exc:
+        print(f"{exc}: run `make controlplane` first (see hack/README.md)", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)

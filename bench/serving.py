@@ -34,6 +34,7 @@ from e2e_support import (  # noqa: E402
     shape_image,
     status,
 )
+from hack_scripts import NoGo  # noqa: E402
 from kube import Kubectl  # noqa: E402
 from local_kubelet import LocalKubelet  # noqa: E402
 from operator_harness import wait_for  # noqa: E402
@@ -77,8 +78,10 @@ def measure(kubectl: Kubectl, name: str, deploy: dict[str, Any], server: str) ->
 
 
 def main() -> int:
-    if controlplane.ensure_binaries() is not True:
-        print("no control-plane binaries: run `make controlplane` first", file=sys.stderr)
+    try:
+        controlplane.build_binaries()
+    except NoGo as exc:
+        print(f"{exc}: run `make controlplane` first (see hack/README.md)", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         work = Path(tmp)

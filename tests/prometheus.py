@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import time
 import urllib.error
@@ -27,12 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
+import hack_scripts
 from operator_harness import free_port
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = REPO_ROOT / "hack" / "prometheus.sh"
-EXIT_NO_GO = 3  # hack/prometheus.sh: go missing and no cached binaries
 # Often enough that a run of a minute leaves dozens of samples, and rate() over a few
 # seconds has at least two of them.
 SCRAPE_INTERVAL = "1s"
@@ -41,17 +37,7 @@ SCRAPE_INTERVAL = "1s"
 def bin_dir() -> Path:
     """The directory holding ``prometheus`` and ``promtool``, built on first use (a cold
     build takes minutes). Skips without Go, and fails instead under CI=true."""
-    proc = subprocess.run(
-        [str(SCRIPT), "build"], capture_output=True, text=True, timeout=3600, check=False
-    )
-    if proc.returncode == 0:
-        return Path(proc.stdout.strip().splitlines()[-1])
-    tail = "\n".join(proc.stderr.strip().splitlines()[-20:])
-    if proc.returncode != EXIT_NO_GO:
-        raise RuntimeError(f"hack/prometheus.sh build failed (exit {proc.returncode}):\n{tail}")
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(f"CI requires the real Prometheus: {tail}", pytrace=False)
-    pytest.skip(tail)
+    return hack_scripts.require("the real Prometheus", lambda: hack_scripts.build("prometheus.sh"))
 
 
 def promtool() -> Path:
@@ -187,9 +173,7 @@ class Prometheus:
 def answered(series: Sequence[Mapping[str, Any]]) -> bool:
     """Whether a range query's answer holds a number: a panel that would draw
     something. NaN alone (a quantile of no requests) draws nothing."""
-    return any(
-        math.isfinite(float(value)) for one in series for _, value in one.get("values", [])
-    )
+    return any(math.isfinite(float(value)) for one in series for _, value in one.get("values", []))
 
 
 @contextmanager
