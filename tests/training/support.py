@@ -14,8 +14,10 @@ from typing import Any
 
 import pytest
 import torch
+from accelerate.data_loader import BatchSamplerShard
 from peft import LoraConfig, get_peft_model
 from PIL import Image
+from torch.utils.data import BatchSampler, Sampler
 from transformers import PreTrainedModel, TrainerCallback
 
 from kubetune_trainer.contract.job import TrainingConfig
@@ -292,3 +294,28 @@ def assert_same_gradients(
     assert got.keys() == expected.keys()
     for name, grad in expected.items():
         torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=atol, msg=name)
+
+
+# -- data parallelism, simulated ------------------------------------------------------
+
+Deal = list[list[list[int]]]  # per process, its micro-batches in order
+
+
+def deal_out(sampler: Callable[[], Sampler[int]], batch_size: int, processes: int) -> Deal:
+    """Each process's micro-batches, as accelerate deals a sampler's batches out to the
+    processes of a data-parallel run (BatchSamplerShard). Each process makes its sampler
+    after seeding torch alike: accelerate synchronises the processes' RNGs at each
+    epoch's start, so samplers that draw from them agree on the order too."""
+    deal = []
+    for rank in range(processes):
+        torch.manual_seed(0)
+        batches = BatchSampler(sampler(), batch_size, drop_last=False)
+        deal.append(list(BatchSamplerShard(batches, processes, rank)))
+    return deal
+
+
+def waiting(deal: Deal, cost: Callable[[list[int]], float]) -> float:
+    """The share of process time spent waiting, at each step's gradient sync, for the
+    step's slowest process, a micro-batch taking ``cost(batch)``."""
+    steps = list(zip(*([cost(batch) for batch in rank] for rank in deal), strict=False))
+    return 1 - sum(map(sum, steps)) / sum(len(s) * max(s) for s in steps)

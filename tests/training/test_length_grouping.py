@@ -18,7 +18,15 @@ import pytest
 import torch
 from PIL import Image
 from torch.utils.data import RandomSampler, SequentialSampler
-from training.support import WORDS, JobFactory, build_trainer, chat, train
+from training.support import (
+    WORDS,
+    JobFactory,
+    build_trainer,
+    chat,
+    deal_out,
+    train,
+    waiting,
+)
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
@@ -169,6 +177,31 @@ def test_grouped_batches_carry_far_less_padding_than_random_ones_and_off_is_rand
     spread = padding_fraction(at_random)
     assert spread > 0.3  # the lengths really are spread
     assert padding_fraction(grouped) < spread / 3
+
+
+def test_a_group_is_one_step_of_every_process_so_none_waits_long(
+    tiny_qwen2: Path, job: JobFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = write_spread_dataset(tmp_path / "train.jsonl", 400, seed=4)
+    trainer = build_trainer(job(tiny_qwen2, data, hyperparameters={"batchSize": 2}))
+    monkeypatch.setattr(type(trainer.args), "world_size", property(lambda _: 4))
+    sampler = trainer._get_train_sampler()
+    assert isinstance(sampler, SeededLengthGroupedSampler)
+    assert sampler.batch_size == 2 * 4
+    order = list(sampler)
+    groups = [sorted(order[i : i + 8]) for i in range(0, len(order), 8)]
+    deal = deal_out(lambda: sampler, 2, 4)
+    steps = [sorted(i for rank in deal for i in rank[step]) for step in range(len(groups))]
+    assert steps == groups
+
+    def tokens(batch: list[int]) -> int:
+        return sum(sampler.lengths[i] for i in batch)
+
+    # A group per process's step, dealt out the same way: each step's processes get
+    # groups from anywhere in the length order.
+    apart = deal_out(lambda: SeededLengthGroupedSampler(2, sampler.lengths, seed=0), 2, 4)
+    assert waiting(apart, tokens) > 0.3
+    assert waiting(deal, tokens) < waiting(apart, tokens) / 3
 
 
 def test_groups_are_shuffled_whole_with_the_longest_first_and_a_short_one_last() -> None:

@@ -87,9 +87,16 @@ class LengthGroupedBatches:
         sampler = super()._get_train_sampler(train_dataset)  # type: ignore[misc]
         if type(sampler) is LengthGroupedSampler:
             # transformers has read the lengths from the column that args names and sized
-            # the groups to one optimizer step (batch size x gradient accumulation).
+            # the groups to one process's optimizer step (batch size x gradient
+            # accumulation). A group here is one step of every process: accelerate deals
+            # the batches out to the processes in turn, so all of a step's micro-batches
+            # then hold neighbouring lengths and no process waits long for another at the
+            # step's gradient sync (with a group each, they would wait for the longest
+            # of several random groups).
             seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-            return SeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, seed)
+            return SeededLengthGroupedSampler(
+                sampler.batch_size * self.args.world_size, sampler.lengths, seed
+            )
         return sampler
 
     def _get_eval_sampler(self, eval_dataset: Any) -> Sampler[int] | None:
