@@ -19,7 +19,9 @@ The samplers: a random order (plain TRL's default), transformers' group_by_lengt
 (LengthGroupedSampler), transformers' batch_rebalance (BatchRebalanceSampler, which
 varies the micro-batch size to balance cost), kubetune's grouping with one group per
 process's step (what kubetune did before 2026-12-01), and kubetune's grouping now, one
-group per step of every process.
+group per step of every process: for padded batches the step's examples in length
+order, for padding-free ones (kubetune's SFT default) dealt out to micro-batches of
+about even tokens.
 """
 
 from __future__ import annotations
@@ -108,9 +110,17 @@ def samplers(
         ),
     )
     yield (
-        "kubetune, a group per step (now)",
+        "kubetune, a group per step, padded (now)",
         lambda: deal_out(
             lambda: SeededLengthGroupedSampler(step, lengths, SEED), batch_size, processes
+        ),
+    )
+    yield (
+        "kubetune, a group per step, padding-free (now)",
+        lambda: deal_out(
+            lambda: SeededLengthGroupedSampler(step, lengths, SEED, micro_batch=batch_size),
+            batch_size,
+            processes,
         ),
     )
 
@@ -135,7 +145,7 @@ def main() -> None:
         "per process, one epoch"
     )
     for processes in args.processes:
-        print(f"\n{processes} processes{'':28s} waiting: padding-free  padded   padding")
+        print(f"\n{processes} processes{'':36s} waiting: padding-free  padded   padding")
         figures = {}
         for name, make in samplers(lengths, args.batch_size, processes):
             deal = make()
@@ -147,12 +157,13 @@ def main() -> None:
                 padding(deal, lengths),
             )
             free, padded, pad = figures[name]
-            print(f"  {name:40s} {free:17.1%} {padded:8.1%} {pad:9.1%}")
-        now = figures["kubetune, a group per step (now)"]
+            print(f"  {name:48s} {free:17.1%} {padded:8.1%} {pad:9.1%}")
+        free = figures["kubetune, a group per step, padding-free (now)"][0]
+        padded = figures["kubetune, a group per step, padded (now)"][1]
         base = figures["random order (plain TRL)"]
         print(
-            f"{processes} processes: waiting padding-free {now[0]:.1%} against plain TRL's "
-            f"{base[0]:.1%}, padded {now[1]:.1%} against {base[1]:.1%}"
+            f"{processes} processes: waiting padding-free {free:.1%} against plain TRL's "
+            f"{base[0]:.1%}, padded {padded:.1%} against {base[1]:.1%}"
         )
 
 

@@ -204,6 +204,47 @@ def test_a_group_is_one_step_of_every_process_so_none_waits_long(
     assert waiting(deal, tokens) < waiting(apart, tokens) / 3
 
 
+def test_padding_free_steps_are_dealt_to_micro_batches_of_about_even_tokens() -> None:
+    rng = random.Random(3)
+    lengths = [int(rng.lognormvariate(5.0, 1.0)) + 1 for _ in range(403)]
+    grouped = SeededLengthGroupedSampler(16, lengths, seed=5)
+    balanced = SeededLengthGroupedSampler(16, lengths, seed=5, micro_batch=4)
+    order, plain = list(balanced), list(grouped)
+    assert sorted(order) == list(range(403))
+    # The same steps, each with its examples dealt out anew; the longest still first.
+    steps = [sorted(order[i : i + 16]) for i in range(0, 403, 16)]
+    assert steps == [sorted(plain[i : i + 16]) for i in range(0, 403, 16)]
+    assert order[0] == max(range(403), key=lengths.__getitem__)
+
+    def spread(order: list[int]) -> float:
+        """The mean over whole steps of (most - fewest) / most tokens of a micro-batch."""
+        shares = []
+        for start in range(0, 400 - 15, 16):
+            tokens = [
+                sum(lengths[i] for i in order[b : b + 4]) for b in range(start, start + 16, 4)
+            ]
+            shares.append((max(tokens) - min(tokens)) / max(tokens))
+        return sum(shares) / len(shares)
+
+    assert spread(plain) > 0.2
+    assert spread(order) < spread(plain) / 4
+
+
+def test_only_padding_free_batches_are_balanced_by_tokens(
+    tiny_qwen2: Path, job: JobFactory, tmp_path: Path
+) -> None:
+    data = write_spread_dataset(tmp_path / "train.jsonl", 40, seed=2)
+
+    def micro_batch(**hyperparameters: Any) -> int | None:
+        config = job(tiny_qwen2, data, hyperparameters={"batchSize": 4, **hyperparameters})
+        sampler = build_trainer(config)._get_train_sampler()
+        assert isinstance(sampler, SeededLengthGroupedSampler)
+        return sampler.micro_batch
+
+    assert micro_batch() == 4
+    assert micro_batch(paddingFree=False) is None
+
+
 def test_groups_are_shuffled_whole_with_the_longest_first_and_a_short_one_last() -> None:
     rng = random.Random(3)
     lengths = [int(rng.paretovariate(0.8)) for _ in range(403)]

@@ -32,12 +32,21 @@ from transformers.trainer_utils import has_length
 
 class SeededLengthGroupedSampler(LengthGroupedSampler):
     """LengthGroupedSampler whose order in each epoch is a function of (seed, epoch),
-    with its groups of ``batch_size`` (one optimizer step) in random order."""
+    with its groups of ``batch_size`` (one optimizer step) in random order.
 
-    def __init__(self, batch_size: int, lengths: list[int], seed: int) -> None:
+    With ``micro_batch``, for padding-free batches, whose cost is their tokens rather
+    than their size times their longest example: each whole group's examples are dealt
+    out to its micro-batches of that size from the longest down, in snake order, so
+    that the micro-batches, and so the processes at each step, get about as many
+    tokens each."""
+
+    def __init__(
+        self, batch_size: int, lengths: list[int], seed: int, micro_batch: int | None = None
+    ) -> None:
         super().__init__(batch_size, lengths=lengths)
         self.seed = seed
         self.epoch = 0
+        self.micro_batch = micro_batch
 
     @property
     def mega_batch_mult(self) -> int:
@@ -69,7 +78,21 @@ class SeededLengthGroupedSampler(LengthGroupedSampler):
             (1 + torch.randperm(whole - 1, generator=generator)).tolist() if whole > 1 else []
         )
         order = [0, *shuffled, *range(max(whole, 1), len(groups))]
+        if self.micro_batch:
+            groups = [self._balanced(g) if len(g) == size else g for g in groups]
         return iter([i for g in order for i in groups[g]])
+
+    def _balanced(self, group: list[int]) -> list[int]:
+        """The group as micro-batches of ``micro_batch`` examples with about even token
+        counts: the longest first, each round of dealing in the other direction."""
+        assert self.micro_batch
+        count = len(group) // self.micro_batch
+        batches: list[list[int]] = [[] for _ in range(count)]
+        longest_first = sorted(group, key=lambda i: -self.lengths[i])
+        for k, index in enumerate(longest_first):
+            turn, seat = divmod(k, count)
+            batches[seat if turn % 2 == 0 else count - 1 - seat].append(index)
+        return [i for batch in batches for i in batch]
 
 
 class LengthGroupedBatches:
@@ -83,6 +106,12 @@ class LengthGroupedBatches:
 
     args: Any
 
+    def __init__(self, *args: Any, packed_batches: bool = False, **kwargs: Any) -> None:
+        """``packed_batches``: the model runs padding-free (padding_free.py), so a
+        micro-batch costs its tokens, and a step's micro-batches are balanced by them."""
+        super().__init__(*args, **kwargs)
+        self.packed_batches = packed_batches
+
     def _get_train_sampler(self, train_dataset: Any = None) -> Sampler[int] | None:
         sampler = super()._get_train_sampler(train_dataset)  # type: ignore[misc]
         if type(sampler) is LengthGroupedSampler:
@@ -95,7 +124,10 @@ class LengthGroupedBatches:
             # of several random groups).
             seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
             return SeededLengthGroupedSampler(
-                sampler.batch_size * self.args.world_size, sampler.lengths, seed
+                sampler.batch_size * self.args.world_size,
+                sampler.lengths,
+                seed,
+                micro_batch=self.args.per_device_train_batch_size if self.packed_batches else None,
             )
         return sampler
 

@@ -103,8 +103,11 @@ def build_trainer(inputs: TrainerInputs) -> tuple[SFTTrainer, DataStats]:
     )
     data = prepare_data(inputs, encoder, PLANNING)
     hyperparameters = config.hyperparameters
-    if hyperparameters.padding_free and hyperparameters.score_trained_tokens_only:
-        enable_padding_free(inputs.model)
+    packed = (
+        hyperparameters.padding_free
+        and hyperparameters.score_trained_tokens_only
+        and enable_padding_free(inputs.model)
+    )
     arguments: dict[str, Any] = {
         "model": inputs.model,
         "args": sft_config(config, inputs.hardware, has_eval=data.validation is not None),
@@ -115,6 +118,7 @@ def build_trainer(inputs: TrainerInputs) -> tuple[SFTTrainer, DataStats]:
         "peft_config": lora_config(config, default_lora_targets(inputs.model)),
         "callbacks": list(inputs.callbacks),
         "trained_positions_only": hyperparameters.score_trained_tokens_only,
+        "packed_batches": packed,
     }
     preserve = config.preserve_general_skills
     if preserve.enabled and preserve.lambda_ > 0:
